@@ -1,0 +1,5 @@
+"""Custom Keras layers of keras_seltransfer (all registered for saving)."""
+
+from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
+
+__all__ = ["ImagePreprocessing"]

@@ -1,0 +1,31 @@
+"""Backbones, classification heads and model transformations."""
+
+from keras_seltransfer.models.backbones import FEATURES_LAYER
+from keras_seltransfer.models.backbones import available_backbones
+from keras_seltransfer.models.backbones import cut_backbone
+from keras_seltransfer.models.backbones import is_backbone_path
+from keras_seltransfer.models.backbones import is_builtin_backbone
+from keras_seltransfer.models.backbones import load_backbone
+from keras_seltransfer.models.backbones import reinitialize
+from keras_seltransfer.models.backbones import small_cnn
+from keras_seltransfer.models.backbones import with_dtype_policy
+from keras_seltransfer.models.classifier import BATCHNORM_MODES
+from keras_seltransfer.models.classifier import build_classifier
+from keras_seltransfer.models.classifier import iter_layers
+from keras_seltransfer.models.classifier import set_batchnorm_mode
+
+__all__ = [
+    "BATCHNORM_MODES",
+    "FEATURES_LAYER",
+    "available_backbones",
+    "build_classifier",
+    "cut_backbone",
+    "is_backbone_path",
+    "is_builtin_backbone",
+    "iter_layers",
+    "load_backbone",
+    "reinitialize",
+    "set_batchnorm_mode",
+    "small_cnn",
+    "with_dtype_policy",
+]

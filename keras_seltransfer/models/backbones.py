@@ -1,0 +1,341 @@
+"""Backbones: built-in CPU-sized CNNs, keras.applications, saved `.keras` files.
+
+Every backbone returned here maps raw images (float pixel values in [0, 255],
+channels last) to a pooled feature vector `[batch, features]`, with the
+backbone's own input normalisation inside the model (`ImagePreprocessing`), so
+the same raw pixels serve training, evaluation and the exported SavedModel.
+"""
+
+import os
+import re
+
+import keras
+
+from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
+
+# Layer name at which models saved by the `pretrain` app are cut.
+FEATURES_LAYER = "features"
+
+# keras.applications constructors by normalised name, with the input
+# normalisation each one was trained with.
+_APPLICATIONS = {
+    "resnet50": ("ResNet50", "caffe"),
+    "resnet101": ("ResNet101", "caffe"),
+    "resnet152": ("ResNet152", "caffe"),
+    "resnet50v2": ("ResNet50V2", "tf"),
+    "resnet101v2": ("ResNet101V2", "tf"),
+    "resnet152v2": ("ResNet152V2", "tf"),
+    "vgg16": ("VGG16", "caffe"),
+    "vgg19": ("VGG19", "caffe"),
+    "mobilenet": ("MobileNet", "tf"),
+    "mobilenetv2": ("MobileNetV2", "tf"),
+    "mobilenetv3small": ("MobileNetV3Small", "none"),
+    "mobilenetv3large": ("MobileNetV3Large", "none"),
+    "densenet121": ("DenseNet121", "torch"),
+    "densenet169": ("DenseNet169", "torch"),
+    "densenet201": ("DenseNet201", "torch"),
+    "inceptionv3": ("InceptionV3", "tf"),
+    "xception": ("Xception", "tf"),
+    "efficientnetb0": ("EfficientNetB0", "none"),
+    "efficientnetb1": ("EfficientNetB1", "none"),
+    "efficientnetb2": ("EfficientNetB2", "none"),
+    "efficientnetb3": ("EfficientNetB3", "none"),
+    "efficientnetv2b0": ("EfficientNetV2B0", "none"),
+    "efficientnetv2s": ("EfficientNetV2S", "none"),
+    "convnexttiny": ("ConvNeXtTiny", "none"),
+}
+
+
+def _normalise_name(name):
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def small_cnn(input_shape=(64, 64, 1), widths=(32, 64, 128, 128), name="small_cnn"):
+    """The built-in CPU-sized backbone: conv-BN-ReLU blocks with max pooling.
+
+    Each block is a 3x3 convolution (no bias), batch normalisation and ReLU;
+    all blocks but the last end with a 2x2 max pool; global average pooling
+    gives the feature vector (layer `"features"`). With the default widths
+    and one input channel it has about 241k parameters and trains at tens of
+    steps per second on two CPU cores at 64x64. Being fully convolutional it
+    accepts any input size, so a backbone pretrained at one size transfers
+    to another.
+
+    Args:
+        input_shape: `(height, width, channels)` of the raw images.
+        widths: output channels of each block.
+        name: model name.
+
+    Returns:
+        A functional `keras.Model` from raw images in [0, 255] to
+        `[batch, widths[-1]]` features.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(
+            "`input_shape` must be (height, width, channels). "
+            f"Received: input_shape={input_shape}"
+        )
+    if not widths or any(int(w) <= 0 for w in widths):
+        raise ValueError(
+            f"`widths` must be a non-empty list of positive ints. Received: widths={widths}"
+        )
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = ImagePreprocessing("rescale", name="preprocess")(inputs)
+    for i, width in enumerate(widths, start=1):
+        x = keras.layers.Conv2D(
+            int(width), 3, padding="same", use_bias=False, name=f"block{i}_conv"
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"block{i}_relu")(x)
+        if i < len(widths):
+            x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    outputs = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+BUILTIN_BACKBONES = {"small_cnn": small_cnn}
+_BUILTIN_BY_KEY = {_normalise_name(k): v for k, v in BUILTIN_BACKBONES.items()}
+
+
+def available_backbones():
+    """Names accepted by `load_backbone` besides `.keras` paths."""
+    return sorted(BUILTIN_BACKBONES) + sorted(v[0] for v in _APPLICATIONS.values())
+
+
+def _single(tensors):
+    # A one-element input list makes `model.input` a list; unwrap it.
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def is_backbone_path(spec):
+    """Whether a backbone spec names a saved model file rather than a name."""
+    spec = os.fspath(spec)
+    return spec.endswith(".keras") or os.sep in spec
+
+
+def is_builtin_backbone(spec):
+    """Whether a backbone spec names one of the built-in backbones."""
+    return _normalise_name(os.fspath(spec)) in _BUILTIN_BY_KEY
+
+
+def cut_backbone(model, layer_name, pooling="avg"):
+    """Cuts `model` at `layer_name` and returns the trunk up to that layer.
+
+    Args:
+        model: a functional `keras.Model`.
+        layer_name: name of the layer whose output becomes the features.
+        pooling: `"avg"` or `"max"` global pooling added when the layer's
+            output is a feature map, or `None` to keep the map.
+
+    Returns:
+        A `keras.Model` sharing layers (and weights) with `model`.
+
+    Raises:
+        ValueError: if the layer does not exist or pooling is unknown.
+    """
+    names = [layer.name for layer in model.layers]
+    if layer_name not in names:
+        shown = ", ".join(names[-12:])
+        raise ValueError(
+            f"Model {model.name!r} has no layer named {layer_name!r}; its last "
+            f"layers are: {shown}. Received: layer_name={layer_name!r}"
+        )
+    if pooling not in ("avg", "max", None):
+        raise ValueError(
+            f"`pooling` must be 'avg', 'max' or None. Received: pooling={pooling!r}"
+        )
+    outputs = model.get_layer(layer_name).output
+    if pooling and len(outputs.shape) == 4:
+        pool = (
+            keras.layers.GlobalAveragePooling2D
+            if pooling == "avg"
+            else keras.layers.GlobalMaxPooling2D
+        )
+        outputs = pool(name=f"{layer_name}_{pooling}pool")(outputs)
+    return keras.Model(_single(model.inputs), outputs, name=f"{model.name}_trunk")
+
+
+def _resize_input(model, input_shape):
+    """Rebuilds a fully-convolutional model for another input size."""
+    clone = keras.models.clone_model(
+        model, input_tensors=keras.Input(shape=tuple(input_shape), name="image")
+    )
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def with_dtype_policy(model, policy, keep_float32=None):
+    """Returns a copy of `model` whose layers compute in `policy`.
+
+    Models loaded from `.keras` files keep the dtype policy they were saved
+    with, so a global mixed-precision policy does not reach them; this clones
+    every layer with the new policy and copies the weights. The layers that
+    produce the model's outputs (classification heads) stay in float32 so
+    the softmax and the loss stay numerically safe.
+
+    Args:
+        model: a functional model.
+        policy: a dtype policy name such as `"mixed_bfloat16"`.
+        keep_float32: names of layers to leave in float32; defaults to the
+            layers producing the model's outputs.
+    """
+    if keep_float32 is None:
+        keep_float32 = {
+            layer.name
+            for layer in model.layers
+            if any(layer.output is out for out in model.outputs)
+        }
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer) and layer.name not in keep_float32:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def load_backbone(spec, input_shape, weights=None, cut_layer=None):
+    """Returns a backbone from a name or a saved `.keras` file.
+
+    Args:
+        spec: one of
+            - a built-in name (`"small_cnn"`);
+            - a `keras.applications` name, any case or punctuation
+              (`"ResNet50"`, `"mobilenet_v2"`); built without its top and
+              with global average pooling;
+            - a path to a `.keras` model (for example one written by the
+              `pretrain` app), loaded in safe mode. It is cut at
+              `cut_layer`, or at its `"features"` layer when it has one.
+        input_shape: `(height, width, channels)` of the raw input images. A
+            saved model built for another size is rebuilt for this one
+            (fully convolutional models only). `channels` may be None for a
+            saved model (its own count) or an application (3).
+        weights: for built-in and application backbones: `None` (random
+            initialisation), `"imagenet"` (applications only; needs
+            internet on first use) or a path to a weights file.
+        cut_layer: layer name to cut a saved or application model at.
+
+    Returns:
+        A functional `keras.Model` from raw images in [0, 255] to
+        `[batch, features]`.
+
+    Raises:
+        FileNotFoundError: if a path is given and does not exist.
+        ValueError: for an unknown name or an incompatible input shape.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(
+            "`input_shape` must be (height, width, channels). "
+            f"Received: input_shape={input_shape}"
+        )
+    input_shape = tuple(None if d is None else int(d) for d in input_shape)
+    spec = os.fspath(spec)
+    if is_backbone_path(spec):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(
+                f"Backbone file not found: {spec!r}. Expected a `.keras` file "
+                "(for example one written by `python -m apps.pretrain`)."
+            )
+        if weights is not None:
+            raise ValueError(
+                "`weights` applies to named backbones only; a `.keras` file "
+                f"carries its own. Received: weights={weights!r}"
+            )
+        model = keras.saving.load_model(spec, compile=False, safe_mode=True)
+        layer_names = [layer.name for layer in model.layers]
+        if cut_layer is None and FEATURES_LAYER in layer_names:
+            cut_layer = FEATURES_LAYER
+        if cut_layer is not None:
+            model = cut_backbone(model, cut_layer)
+        elif len(model.outputs) != 1 or len(model.outputs[0].shape) not in (2, 4):
+            raise ValueError(
+                f"Cannot tell where to cut the model in {spec!r}: pass "
+                "`cut_layer` naming the layer whose output are the features."
+            )
+        elif len(model.outputs[0].shape) == 4:
+            model = cut_backbone(model, model.layers[-1].name)
+        saved_shape = tuple(model.inputs[0].shape[1:])
+        if input_shape[-1] is None:
+            input_shape = input_shape[:2] + saved_shape[-1:]
+        if saved_shape != input_shape:
+            if saved_shape[-1] != input_shape[-1]:
+                raise ValueError(
+                    f"The backbone in {spec!r} takes {saved_shape[-1]}-channel "
+                    f"images but input_shape asks for {input_shape[-1]}. "
+                    f"Received: input_shape={input_shape}"
+                )
+            try:
+                model = _resize_input(model, input_shape)
+            except Exception as e:
+                raise ValueError(
+                    f"The backbone in {spec!r} was built for inputs "
+                    f"{saved_shape} and cannot be rebuilt for {input_shape}: {e}"
+                ) from e
+        return model
+
+    key = _normalise_name(spec)
+    if input_shape[-1] is None:
+        if key not in _APPLICATIONS:
+            raise ValueError(
+                f"The channel count of backbone {spec!r} must be given. "
+                f"Received: input_shape={input_shape}"
+            )
+        input_shape = input_shape[:2] + (3,)
+    if key in _BUILTIN_BY_KEY:
+        if cut_layer is not None:
+            raise ValueError(
+                f"`cut_layer` is not used with built-in backbones. Received: cut_layer={cut_layer!r}"
+            )
+        if weights == "imagenet":
+            raise ValueError(
+                f"Built-in backbone {spec!r} has no ImageNet weights: pretrain "
+                "it with `python -m apps.pretrain` and pass the `.keras` file. "
+                f"Received: weights={weights!r}"
+            )
+        model = _BUILTIN_BY_KEY[key](input_shape=input_shape)
+        if weights is not None:
+            model.load_weights(weights)
+        return model
+
+    if key in _APPLICATIONS:
+        constructor_name, mode = _APPLICATIONS[key]
+        constructor = getattr(keras.applications, constructor_name)
+        inputs = keras.Input(shape=input_shape, name="image")
+        x = ImagePreprocessing(mode, name="preprocess")(inputs)
+        # MobileNetV3, EfficientNet and ConvNeXt keep their built-in
+        # preprocessing (mode "none"): they take [0, 255] inputs.
+        try:
+            app = constructor(
+                include_top=False,
+                weights=weights,
+                input_tensor=x,
+                pooling=None if cut_layer else "avg",
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"keras.applications.{constructor_name} cannot be built for "
+                f"input_shape={input_shape}: {e}"
+            ) from e
+        model = keras.Model(inputs, app.output, name=_normalise_name(constructor_name))
+        if cut_layer is not None:
+            model = cut_backbone(model, cut_layer)
+        return model
+
+    raise ValueError(
+        "Unknown backbone. Expected a path to a `.keras` file or one of: "
+        f"{', '.join(available_backbones())}. Received: spec={spec!r}"
+    )
+
+
+def reinitialize(model, seed=None):
+    """Returns a copy of `model` with the same architecture and fresh weights.
+
+    Used for the "from scratch" rows: the same network as the pretrained
+    backbone, with every weight drawn again from its layer's initializer.
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    return keras.models.clone_model(model)

@@ -1,0 +1,13 @@
+"""Small shared helpers (atomic file writes)."""
+
+from keras_seltransfer.utils.io import atomic_directory
+from keras_seltransfer.utils.io import atomic_write_bytes
+from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import save_model_atomic
+
+__all__ = [
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_model_atomic",
+]

@@ -1,0 +1,135 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_seltransfer.models import backbones
+from keras_seltransfer.models import build_classifier
+
+
+def test_small_cnn_shape_and_parameter_count():
+    model = backbones.small_cnn((64, 64, 1))
+    assert tuple(model.output.shape) == (None, 128)
+    # 3x3 convs 1->32->64->128->128 without bias, plus 4 params per BN channel.
+    convs = 9 * (1 * 32 + 32 * 64 + 64 * 128 + 128 * 128)
+    bn = 4 * (32 + 64 + 128 + 128)
+    assert model.count_params() == convs + bn == 241312
+    assert model.get_layer("features") is model.layers[-1]
+
+
+def test_small_cnn_rescales_raw_pixels():
+    model = backbones.small_cnn((8, 8, 1), widths=(2,))
+    pre = model.get_layer("preprocess")
+    x = np.full((1, 8, 8, 1), 255.0, "float32")
+    np.testing.assert_allclose(pre(x), np.ones_like(x))
+
+
+def test_small_cnn_bad_arguments():
+    with pytest.raises(ValueError, match="input_shape"):
+        backbones.small_cnn((64, 64))
+    with pytest.raises(ValueError, match="widths"):
+        backbones.small_cnn((8, 8, 1), widths=(4, 0))
+
+
+def _saved_classifier(tmp_path, size=16):
+    backbone = backbones.small_cnn((size, size, 1), widths=(4, 8))
+    model = build_classifier(backbone, 3, head_name="source_head")
+    path = str(tmp_path / "pre.keras")
+    model.save(path)
+    return model, path
+
+
+def test_load_saved_model_cuts_at_features_and_keeps_weights(tmp_path):
+    model, path = _saved_classifier(tmp_path)
+    backbone = backbones.load_backbone(path, (16, 16, None))
+    assert tuple(backbone.output.shape) == (None, 8)
+    assert tuple(backbone.input.shape) == (None, 16, 16, 1)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype("float32")
+    expected = keras.Model(model.input, model.get_layer("features").output)(x)
+    np.testing.assert_allclose(backbone(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_load_saved_model_at_another_size_reuses_weights(tmp_path):
+    model, path = _saved_classifier(tmp_path, size=16)
+    backbone = backbones.load_backbone(path, (24, 24, 1))
+    assert tuple(backbone.input.shape) == (None, 24, 24, 1)
+    original = model.get_layer("block1_conv").get_weights()[0]
+    np.testing.assert_array_equal(backbone.get_layer("block1_conv").get_weights()[0], original)
+
+
+def test_load_saved_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Backbone file not found"):
+        backbones.load_backbone(str(tmp_path / "missing.keras"), (16, 16, 1))
+    _, path = _saved_classifier(tmp_path)
+    with pytest.raises(ValueError, match="takes 1-channel images"):
+        backbones.load_backbone(path, (16, 16, 3))
+    with pytest.raises(ValueError, match="has no layer named 'nope'"):
+        backbones.load_backbone(path, (16, 16, 1), cut_layer="nope")
+    with pytest.raises(ValueError, match="`weights` applies to named backbones"):
+        backbones.load_backbone(path, (16, 16, 1), weights="imagenet")
+
+
+def test_unsafe_lambda_model_is_refused(tmp_path):
+    inputs = keras.Input((4, 4, 1))
+    outputs = keras.layers.Lambda(lambda t: t * 2, name="features")(inputs)
+    path = str(tmp_path / "lambda.keras")
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ValueError, match="(?i)unsafe|safe_mode"):
+        backbones.load_backbone(path, (4, 4, 1))
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "mobilenet_v2", "resnet50"])
+def test_keras_applications_without_weights(name):
+    backbone = backbones.load_backbone(name, (32, 32, None))
+    assert tuple(backbone.input.shape) == (None, 32, 32, 3)
+    assert len(backbone.output.shape) == 2
+    # The preprocessing layer and the application's layers form one flat graph.
+    assert backbone.get_layer("preprocess") is not None
+    assert not any(isinstance(layer, keras.Model) for layer in backbone.layers)
+
+
+def test_unknown_backbone_lists_names():
+    with pytest.raises(ValueError, match="Unknown backbone.*small_cnn.*ResNet50"):
+        backbones.load_backbone("resnet9000", (32, 32, 3))
+
+
+def test_builtin_needs_channels_and_refuses_imagenet():
+    with pytest.raises(ValueError, match="channel count"):
+        backbones.load_backbone("small_cnn", (32, 32, None))
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        backbones.load_backbone("small_cnn", (32, 32, 1), weights="imagenet")
+
+
+def test_reinitialize_changes_weights_not_architecture():
+    model = backbones.small_cnn((16, 16, 1), widths=(4, 8))
+    fresh = backbones.reinitialize(model, seed=3)
+    assert [l.name for l in fresh.layers] == [l.name for l in model.layers]
+    a = model.get_layer("block2_conv").get_weights()[0]
+    b = fresh.get_layer("block2_conv").get_weights()[0]
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_with_dtype_policy_keeps_head_float32(tmp_path):
+    model, _ = _saved_classifier(tmp_path)
+    mixed = backbones.with_dtype_policy(model, "mixed_bfloat16")
+    assert mixed.get_layer("block1_conv").compute_dtype == "bfloat16"
+    assert mixed.get_layer("source_head").compute_dtype == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype("float32")
+    np.testing.assert_allclose(mixed(x), model(x), atol=0.05)
+
+
+def test_cut_backbone_pools_feature_maps():
+    model = backbones.small_cnn((16, 16, 1), widths=(4, 8))
+    trunk = backbones.cut_backbone(model, "block1_relu")
+    assert tuple(trunk.output.shape) == (None, 4)
+    trunk = backbones.cut_backbone(model, "block1_relu", pooling=None)
+    assert tuple(trunk.output.shape) == (None, 16, 16, 4)
+    with pytest.raises(ValueError, match="pooling"):
+        backbones.cut_backbone(model, "block1_relu", pooling="min")
+
+
+def test_is_backbone_path():
+    assert backbones.is_backbone_path("a/b.keras")
+    assert backbones.is_backbone_path(os.path.join("dir", "model"))
+    assert not backbones.is_backbone_path("ResNet50")

@@ -1,0 +1,49 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_seltransfer.utils import atomic_directory
+from keras_seltransfer.utils import atomic_write_text
+from keras_seltransfer.utils import save_model_atomic
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "f.txt"
+    atomic_write_text(path, "one")
+    atomic_write_text(path, "two")
+    assert path.read_text() == "two"
+    assert os.listdir(path.parent) == ["f.txt"]
+
+
+def test_atomic_directory_keeps_old_output_when_writer_fails(tmp_path):
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        open(os.path.join(tmp, "a"), "w").write("good")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            open(os.path.join(tmp, "a"), "w").write("half")
+            raise RuntimeError("crash mid-write")
+    assert (out / "a").read_text() == "good"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_directory_refuses_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="Refusing to overwrite"):
+        with atomic_directory(tmp_path / "out", overwrite=False):
+            pass
+
+
+def test_save_model_atomic(tmp_path):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    path = str(tmp_path / "m.keras")
+    save_model_atomic(model, path)
+    loaded = keras.saving.load_model(path)
+    x = np.ones((1, 3), "float32")
+    np.testing.assert_allclose(loaded(x), model(x))
+    assert os.listdir(tmp_path) == ["m.keras"]
+    with pytest.raises(ValueError, match=".keras"):
+        save_model_atomic(model, str(tmp_path / "m.h5"))
