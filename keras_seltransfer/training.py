@@ -315,6 +315,8 @@ def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=No
         validation_data=val_ds,
         callbacks=callbacks,
         class_weight=class_weight,
+        # The pipeline shuffles, seeded, before repeating.
+        shuffle=False,
         verbose=config.verbose,
     )
     return history

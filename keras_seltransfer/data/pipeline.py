@@ -1,0 +1,372 @@
+"""tf.data input pipelines for `ImageSource`s, plain and distributed.
+
+The pipeline follows the tf.data performance guide:
+
+    from_tensor_slices -> shard -> map(decode, convert, resize) -> cache
+    -> shuffle -> repeat -> map(augment) -> batch -> prefetch
+
+Expensive, deterministic work (decoding, resizing) happens once, before the
+in-memory cache; cheap random work (flips) happens after it, so every epoch
+sees fresh augmentation. Images come out as float32 *raw pixel values* in
+`[0, 255]`: models carry their own rescaling layers, so the exported model
+serves on the same raw pixels.
+"""
+
+import functools
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from keras_seltransfer.data.sources import ImageSource
+
+AUGMENTATIONS = ("none", "flip", "flip_ud")
+
+# ITU-R 601-2 luma, as PIL's `convert("L")`. The weights sum to exactly 1, so
+# grey -> RGB -> grey is the identity.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"Expected `{name}` to be a positive int. Received: {name}={value!r}")
+    return int(value)
+
+
+def _image_size_pair(image_size):
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        pair = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        pair = tuple(image_size)
+    else:
+        pair = None
+    if pair is None or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair
+    ):
+        raise ValueError(
+            "Expected `image_size` to be a positive int or a pair (height, width) "
+            f"of positive ints. Received: image_size={image_size!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _convert_channels(image, source_channels, channels):
+    """Converts a float image with a known channel count to `channels`.
+
+    Grey becomes RGB by repetition, RGB becomes grey by luma, and alpha is
+    dropped (or, for RGBA output, added as opaque).
+    """
+    if source_channels == channels:
+        return image
+    if channels == 1:
+        if source_channels == 2:
+            return image[..., :1]
+        return tf.reduce_sum(image[..., :3] * tf.constant(_LUMA, image.dtype), -1, keepdims=True)
+    if source_channels in (1, 2):
+        rgb = tf.concat([image[..., :1]] * 3, axis=-1)
+    else:
+        rgb = image[..., :3]
+    if channels == 3:
+        return rgb
+    if source_channels in (2, 4):
+        alpha = image[..., -1:]
+    else:
+        alpha = tf.fill(tf.shape(image[..., :1]), tf.constant(255, image.dtype))
+    return tf.concat([rgb, alpha], axis=-1)
+
+
+def _convert_decoded(image, channels):
+    """Converts a decoded image whose channel count is only known at run time.
+
+    `tf.io.decode_image(channels=0)` gives 1 to 4 channels depending on the
+    file (grey+alpha PNGs give 2, 32-bit BMPs 4), so the conversion switches
+    on the run-time count.
+    """
+
+    def branch(count):
+        return _convert_channels(tf.ensure_shape(image, [None, None, count]), count, channels)
+
+    converted = tf.switch_case(
+        tf.shape(image)[-1] - 1,
+        [functools.partial(branch, count) for count in (1, 2, 3, 4)],
+    )
+    return tf.ensure_shape(converted, [None, None, channels])
+
+
+def _resize(image, height, width):
+    static_height, static_width = image.shape[0], image.shape[1]
+    if static_height is not None and static_width is not None:
+        if (static_height, static_width) == (height, width):
+            return image
+        return tf.image.resize(image, (height, width), method="bilinear", antialias=True)
+    shape = tf.shape(image)
+    # Files at the target size keep their exact pixels; only others resize.
+    resized = tf.cond(
+        tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width)),
+        lambda: image,
+        lambda: tf.image.resize(image, (height, width), method="bilinear", antialias=True),
+    )
+    return tf.ensure_shape(resized, [height, width, image.shape[-1]])
+
+
+def _prepare_fn(source, height, width, channels):
+    """Returns the map function from a slice of the source to a float image."""
+
+    def finish(image):
+        image = _resize(image, height, width)
+        # Antialiased bilinear weights are convex, but float rounding can
+        # step a hair outside the pixel range.
+        return tf.clip_by_value(image, 0.0, 255.0)
+
+    if source.in_memory:
+
+        def prepare(image, label):
+            image = _convert_channels(tf.cast(image, tf.float32), source.channels, channels)
+            return finish(image), label
+
+    else:
+
+        def prepare(path, label):
+            # channels=0 because decode_image rejects channels=1 for BMP and
+            # GIF and channels=4 for JPEG and GIF; converting afterwards with
+            # the same ops as in-memory sources also keeps one grey formula.
+            image = tf.io.decode_image(
+                tf.io.read_file(path), channels=0, expand_animations=False
+            )
+            image.set_shape([None, None, None])
+            image = _convert_decoded(tf.cast(image, tf.float32), channels)
+            return finish(image), label
+
+    return prepare
+
+
+def _augment_fn(augment, seed, pipeline_id):
+    """Returns a map function applying `augment`, keyed on the element index."""
+    base = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, 0], tf.int64), pipeline_id
+    )
+
+    def apply(index, element):
+        image, label = element
+        key = tf.random.experimental.stateless_fold_in(base, index)
+        keys = tf.random.experimental.stateless_split(key, 2)
+        image = tf.image.stateless_random_flip_left_right(image, seed=keys[0])
+        if augment == "flip_ud":
+            image = tf.image.stateless_random_flip_up_down(image, seed=keys[1])
+        return image, label
+
+    return apply
+
+
+def make_dataset(
+    source,
+    image_size,
+    batch_size,
+    *,
+    training=False,
+    channels=None,
+    augment="flip",
+    seed=None,
+    repeat=False,
+    cache=True,
+    drop_remainder=False,
+    input_context=None,
+    shuffle_buffer=None,
+):
+    """Builds a batched `tf.data.Dataset` of `(images, labels)` from a source.
+
+    Images are float32 of shape `[batch, height, width, channels]` holding
+    raw pixel values in `[0, 255]` (not normalised: models include their own
+    rescaling); labels are int32 of shape `[batch]`. Images not already at
+    `image_size` are resized with antialiased bilinear interpolation; images
+    already at that size keep their exact pixel values.
+
+    On-disk sources are read with `tf.io.read_file` and decoded with
+    `tf.io.decode_image(channels=0, expand_animations=False)`; the decoded
+    channels are then converted with the same operations as in-memory
+    images: grey to RGB by repetition, RGB to grey with the ITU-R 601-2 luma
+    weights (as PIL's `convert("L")`), alpha dropped.
+
+    When `training` is True the examples are shuffled (with `seed`, a new
+    order every epoch) and augmented. The augmentation uses stateless random
+    ops keyed on `seed` and the element's position in the stream, so two
+    pipelines with the same seed produce identical batches. (`Dataset.shuffle`
+    also mixes in TensorFlow's global seed, which `keras.utils.set_random_seed`
+    sets: keep that fixed too to reproduce an order across processes.)
+    With `repeat=False`, positions restart every epoch but the shuffle
+    gives each position a different image.
+
+    Args:
+        source: an `ImageSource`.
+        image_size: int or `(height, width)` of the output images.
+        batch_size: examples per batch (per replica, under a strategy).
+        training: shuffle and augment when True.
+        channels: None (keep `source.channels`), 1 or 3.
+        augment: augmentation when training: None or `"none"`, `"flip"`
+            (random left-right flips) or `"flip_ud"` (random left-right and
+            up-down flips, for data without a canonical orientation).
+        seed: int seed of the shuffle and the augmentation. None draws one
+            from NumPy's global generator, so `keras.utils.set_random_seed`
+            still makes runs reproducible.
+        repeat: repeat the data indefinitely (use with `steps_per_epoch`).
+        cache: keep decoded, resized images in memory after the first epoch.
+        drop_remainder: drop the last partial batch.
+        input_context: a `tf.distribute.InputContext`; with several input
+            pipelines, each keeps the shard `input_pipeline_id` of the
+            examples.
+        shuffle_buffer: shuffle buffer size. Defaults to the number of
+            examples (a full shuffle; the buffer holds references to the
+            cached images).
+
+    Returns:
+        A `tf.data.Dataset`.
+
+    Raises:
+        ValueError: for an empty source or an invalid argument.
+
+    Example:
+
+    >>> source = from_numpy(np.zeros((10, 28, 28), np.uint8), np.arange(10) % 2)
+    >>> ds = make_dataset(source, 32, batch_size=4, channels=3)
+    >>> ds.element_spec[0].shape
+    TensorShape([None, 32, 32, 3])
+    """
+    if not isinstance(source, ImageSource):
+        raise ValueError(
+            f"Expected `source` to be an ImageSource. Received: source={type(source).__name__}"
+        )
+    if len(source) == 0:
+        raise ValueError(f"Expected a non-empty source. Received: source={source!r}")
+    height, width = _image_size_pair(image_size)
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"Expected `channels` to be None, 1 or 3. Received: channels={channels!r}")
+    channels = source.channels if channels is None else int(channels)
+    augment = "none" if augment is None else augment
+    if augment not in AUGMENTATIONS:
+        raise ValueError(
+            f"Expected `augment` to be None or one of {AUGMENTATIONS}. "
+            f"Received: augment={augment!r}"
+        )
+    if seed is None:
+        seed = int(np.random.randint(0, 2**31 - 1))
+    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"Expected `seed` to be None or an int. Received: seed={seed!r}")
+    if shuffle_buffer is not None:
+        shuffle_buffer = _check_positive_int(shuffle_buffer, "shuffle_buffer")
+
+    labels = source.labels.astype(np.int32)
+    items = source.images if source.in_memory else source.paths
+    dataset = tf.data.Dataset.from_tensor_slices((items, labels))
+
+    pipeline_id, num_examples = 0, len(source)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        pipeline_id = input_context.input_pipeline_id
+        num_pipelines = input_context.num_input_pipelines
+        dataset = dataset.shard(num_pipelines, pipeline_id)
+        num_examples = len(range(pipeline_id, len(source), num_pipelines))
+
+    dataset = dataset.map(
+        _prepare_fn(source, height, width, channels), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    if cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(
+            shuffle_buffer or max(num_examples, 1), seed=seed, reshuffle_each_iteration=True
+        )
+    if repeat:
+        dataset = dataset.repeat()
+    if training and augment != "none":
+        dataset = dataset.enumerate().map(
+            _augment_fn(augment, seed, pipeline_id), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def distributed_dataset(strategy, source, global_batch_size, image_size, **kwargs):
+    """Builds a per-replica input pipeline for a `tf.distribute` strategy.
+
+    Calls `strategy.distribute_datasets_from_function` with a function that
+    builds `make_dataset(source, image_size, per_replica_batch, ...,
+    input_context=ctx)` for each input pipeline, so every replica gets
+    batches of `global_batch_size / num_replicas_in_sync` examples and, with
+    several input pipelines (multi-worker), each reads its own shard.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+        source: an `ImageSource`.
+        global_batch_size: examples per step over all replicas; must be
+            divisible by `strategy.num_replicas_in_sync`.
+        image_size: int or `(height, width)`.
+        **kwargs: other `make_dataset` keyword arguments (not `batch_size`
+            or `input_context`, which this sets).
+
+    Returns:
+        A `tf.distribute.DistributedDataset`.
+
+    Raises:
+        ValueError: if `global_batch_size` is not a positive multiple of the
+            replica count, or `kwargs` sets `batch_size` or `input_context`.
+
+    Example:
+
+    >>> strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # doctest: +SKIP
+    >>> ds = distributed_dataset(  # doctest: +SKIP
+    ...     strategy, source, 64, 96, training=True, repeat=True
+    ... )
+    """
+    global_batch_size = _check_positive_int(global_batch_size, "global_batch_size")
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise ValueError(
+            "Expected `global_batch_size` to be divisible by the number of replicas "
+            f"({replicas}). Received: global_batch_size={global_batch_size}"
+        )
+    for reserved in ("batch_size", "input_context"):
+        if reserved in kwargs:
+            raise ValueError(
+                f"`{reserved}` is set by distributed_dataset itself; pass "
+                f"`global_batch_size` instead. Received: {reserved}={kwargs[reserved]!r}"
+            )
+
+    def dataset_fn(input_context):
+        return make_dataset(
+            source,
+            image_size,
+            input_context.get_per_replica_batch_size(global_batch_size),
+            input_context=input_context,
+            **kwargs,
+        )
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def steps_per_epoch(num_examples, batch_size, drop_remainder=False):
+    """Returns the number of batches in one pass over `num_examples`.
+
+    Args:
+        num_examples: number of examples (non-negative int).
+        batch_size: examples per batch (the global batch under a strategy).
+        drop_remainder: count only full batches (floor) instead of every
+            batch (ceil).
+
+    Returns:
+        An int.
+
+    Raises:
+        ValueError: for a negative `num_examples` or a non-positive
+            `batch_size`.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or (
+        num_examples < 0
+    ):
+        raise ValueError(
+            "Expected `num_examples` to be a non-negative int. "
+            f"Received: num_examples={num_examples!r}"
+        )
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if drop_remainder:
+        return int(num_examples) // batch_size
+    return math.ceil(int(num_examples) / batch_size)

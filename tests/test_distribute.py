@@ -1,0 +1,332 @@
+"""Tests for keras_seltransfer.distribute, on real strategies.
+
+conftest.py splits the CPU into two logical devices before TensorFlow
+starts, so "mirrored" is a real two-replica MirroredStrategy here. The
+multi-worker test starts two real worker processes on 127.0.0.1.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_seltransfer import distribute
+from tests import multiworker_worker as recipe
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_SCRIPT = os.path.join(_REPO_ROOT, "tests", "multiworker_worker.py")
+_WORKER_TIMEOUT_S = 180
+
+# What "auto", "one_device" and "mirrored" choose depends on the GPUs present;
+# these expectations are for the CPU-only machine the suite is written for.
+cpu_only = pytest.mark.skipif(
+    bool(tf.config.list_physical_devices("GPU")),
+    reason="expectations assume no GPU",
+)
+
+
+def _tf_config(task_type="worker", index=0, cluster=None):
+    cluster = cluster or {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    return json.dumps(
+        {"cluster": cluster, "task": {"type": task_type, "index": index}}
+    )
+
+
+# get_strategy
+
+
+def test_strategy_names():
+    assert distribute.STRATEGY_NAMES == (
+        "auto",
+        "default",
+        "one_device",
+        "mirrored",
+        "multi_worker",
+    )
+
+
+@cpu_only
+def test_mirrored_uses_both_logical_cpus():
+    strategy = distribute.get_strategy("mirrored")
+    assert isinstance(strategy, tf.distribute.MirroredStrategy)
+    assert strategy.num_replicas_in_sync == 2
+    assert distribute.describe_strategy(strategy) == (
+        "MirroredStrategy with 2 replicas on /cpu:0, /cpu:1"
+    )
+
+
+def test_mirrored_on_explicit_devices():
+    strategy = distribute.get_strategy("mirrored", devices=["/cpu:1"])
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.describe_strategy(strategy) == (
+        "MirroredStrategy with 1 replica on /cpu:1"
+    )
+
+
+@cpu_only
+def test_one_device_on_first_cpu():
+    strategy = distribute.get_strategy("one_device")
+    assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.describe_strategy(strategy) == (
+        "OneDeviceStrategy with 1 replica on /cpu:0"
+    )
+
+
+def test_one_device_on_explicit_device():
+    strategy = distribute.get_strategy("one_device", devices=["/cpu:1"])
+    assert distribute.describe_strategy(strategy) == (
+        "OneDeviceStrategy with 1 replica on /cpu:1"
+    )
+
+
+@pytest.mark.parametrize("name", ["default", pytest.param("auto", marks=cpu_only)])
+def test_default_and_auto_give_the_default_strategy(name):
+    strategy = distribute.get_strategy(name)
+    assert strategy is tf.distribute.get_strategy()
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.describe_strategy(strategy) == (
+        "default strategy with 1 replica on the default device"
+    )
+
+
+def test_unknown_name_lists_accepted_names():
+    with pytest.raises(ValueError, match="must be one of") as info:
+        distribute.get_strategy("horovod")
+    message = str(info.value)
+    for name in distribute.STRATEGY_NAMES:
+        assert repr(name) in message
+    assert message.endswith("Received: name='horovod'")
+
+
+@pytest.mark.parametrize(
+    "name, devices, match",
+    [
+        ("mirrored", "/cpu:0", "must be a list of device name strings"),
+        ("mirrored", [], "at least one device"),
+        ("mirrored", ["/cpu:0", 1], "must be a list of device name strings"),
+        ("one_device", ["/cpu:0", "/cpu:1"], "exactly one device"),
+        ("default", ["/cpu:0"], "can only be given with name='mirrored'"),
+    ],
+)
+def test_bad_devices(name, devices, match):
+    with pytest.raises(ValueError, match=match) as info:
+        distribute.get_strategy(name, devices=devices)
+    assert str(info.value).endswith(f"Received: devices={devices!r}")
+
+
+def test_multi_worker_without_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG environment"):
+        distribute.get_strategy("multi_worker")
+
+
+@pytest.mark.parametrize(
+    "tf_config, match",
+    [
+        ('{"cluster": {"worker": ["a:1"]', "must be valid JSON"),
+        ('["a:1", "b:2"]', "must be a JSON object"),
+        ('{"task": {"type": "worker", "index": 0}}', 'must have a "cluster"'),
+        ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}',
+         'must have a "cluster"'),
+        ('{"cluster": {"worker": ["a:1"]}}', 'must have a "task"'),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker"}}',
+         'must have a "task"'),
+        (_tf_config(index=2), 'must name a job of "cluster"'),
+        (_tf_config(task_type="ps"), 'must name a job of "cluster"'),
+    ],
+)
+def test_multi_worker_with_malformed_tf_config(monkeypatch, tf_config, match):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ValueError, match=match) as info:
+        distribute.get_strategy("multi_worker")
+    assert str(info.value).endswith(f"Received: TF_CONFIG={tf_config!r}")
+
+
+# configure_logical_cpus (the runtime is already running under pytest)
+
+
+def test_configure_logical_cpus_matching_count_is_a_no_op():
+    distribute.configure_logical_cpus(2)
+    assert len(tf.config.list_logical_devices("CPU")) == 2
+
+
+def test_configure_logical_cpus_too_late_raises():
+    with pytest.raises(RuntimeError, match="first in the process") as info:
+        distribute.configure_logical_cpus(3)
+    assert "already initialised its runtime with 2 logical CPU" in str(
+        info.value
+    )
+    assert len(tf.config.list_logical_devices("CPU")) == 2
+
+
+@pytest.mark.parametrize("num_devices", [0, -1, 2.0, "2", True])
+def test_configure_logical_cpus_rejects_bad_counts(num_devices):
+    with pytest.raises(ValueError, match="positive int") as info:
+        distribute.configure_logical_cpus(num_devices)
+    assert str(info.value).endswith(f"Received: num_devices={num_devices!r}")
+
+
+# describe_strategy and is_chief
+
+
+def test_describe_strategy_rejects_non_strategies():
+    with pytest.raises(ValueError, match="tf.distribute.Strategy"):
+        distribute.describe_strategy("mirrored")
+
+
+@pytest.mark.parametrize(
+    "tf_config, expected",
+    [
+        (None, True),
+        ("", True),
+        (_tf_config("worker", 0), True),
+        (_tf_config("worker", 1), False),
+        (_tf_config("chief", 0, {"chief": ["c:1"], "worker": ["w:1"]}), True),
+        (_tf_config("worker", 0, {"chief": ["c:1"], "worker": ["w:1"]}), False),
+        (_tf_config("evaluator", 0), False),
+    ],
+)
+def test_is_chief(monkeypatch, tf_config, expected):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert distribute.is_chief() is expected
+
+
+def test_is_chief_rejects_malformed_tf_config(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "worker 0")
+    with pytest.raises(ValueError, match="must be valid JSON"):
+        distribute.is_chief()
+
+
+# Real training
+
+
+def _assert_same_weights(actual, expected, rtol=1e-6, atol=1e-6):
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def _assert_trained(weights):
+    # Guards against a run that trains nothing on both sides and so agrees.
+    moved = [
+        np.abs(after - before).max()
+        for after, before in zip(weights, recipe.initial_weights())
+    ]
+    assert max(moved) > 1e-3, moved
+
+
+@cpu_only
+@pytest.mark.parametrize("repeat", [True, False], ids=["repeat", "one_pass"])
+@pytest.mark.filterwarnings("ignore:Your input ran out of data")
+def test_mirrored_fit_matches_default_strategy(repeat):
+    # `train` fits on the DistributedDatasetsFromFunction that
+    # `strategy.distribute_datasets_from_function` returns (8 examples per
+    # replica per step), and the reference on the plain dataset with the same
+    # global batch of 16. With one_pass there is no `steps_per_epoch`: fit
+    # runs each epoch until the data is exhausted.
+    mirrored = distribute.get_strategy("mirrored")
+    assert mirrored.num_replicas_in_sync == 2
+    weights, loss = recipe.train(mirrored, distributed=True, repeat=repeat)
+    reference, reference_loss = recipe.train(
+        tf.distribute.get_strategy(), distributed=False, repeat=True
+    )
+    _assert_trained(reference)
+    _assert_same_weights(weights, reference)
+    np.testing.assert_allclose(loss, reference_loss, rtol=1e-6)
+
+
+def _free_ports(count):
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        # Held open until all are read, so the ports differ.
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_multi_worker_fit_matches_single_process(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    processes, logs, outputs = [], [], []
+    try:
+        for index in range(2):
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            )
+            outputs.append(tmp_path / f"worker{index}.npz")
+            # Logs go to files, not pipes: a full pipe would block a worker
+            # while the test waits on the other one.
+            logs.append(open(tmp_path / f"worker{index}.log", "wb"))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, _WORKER_SCRIPT, str(outputs[-1])],
+                    cwd=_REPO_ROOT,
+                    env=dict(env),
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        deadline = time.monotonic() + _WORKER_TIMEOUT_S
+        # Poll rather than wait on each in turn: when one worker fails, the
+        # other blocks in its collectives, so stop at the first failure.
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in processes]
+            if all(code == 0 for code in codes) or any(codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()
+
+    for index, process in enumerate(processes):
+        log = (tmp_path / f"worker{index}.log").read_text(errors="replace")
+        assert process.returncode == 0, (
+            f"worker {index} exited with {process.returncode} (-9: killed "
+            f"after {_WORKER_TIMEOUT_S} s or after the other worker failed):\n"
+            f"{log[-4000:]}"
+        )
+
+    results = [dict(np.load(path)) for path in outputs]
+    for index, result in enumerate(results):
+        assert result["num_replicas"] == 2
+        assert bool(result["is_chief"]) is (index == 0)
+        assert str(result["description"]) == (
+            "MultiWorkerMirroredStrategy with 2 replicas over 2 workers; "
+            f"this worker on /job:worker/task:{index}/cpu:0"
+        )
+    num_weights = sum(key.startswith("weight_") for key in results[0])
+    worker_weights = [
+        [result[f"weight_{i}"] for i in range(num_weights)] for result in results
+    ]
+    reference, reference_loss = recipe.train(
+        tf.distribute.get_strategy(), distributed=False
+    )
+    _assert_trained(reference)
+    # Mirrored variables get the same all-reduced update on every worker.
+    _assert_same_weights(worker_weights[1], worker_weights[0], rtol=0, atol=1e-7)
+    _assert_same_weights(worker_weights[0], reference, rtol=1e-5, atol=1e-5)
+    for result in results:
+        np.testing.assert_allclose(result["loss"], reference_loss, rtol=1e-5)
