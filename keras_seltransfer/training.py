@@ -19,6 +19,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
 from keras_seltransfer.export import export_saved_model
@@ -265,7 +266,14 @@ def _make_optimizer(config, steps_per_epoch):
     return keras.optimizers.Adam(schedule, **kwargs)
 
 
-def _run_environment():
+def mean_std(values):
+    """`(mean, population std)` of a list of numbers, as the result tables report."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std())
+
+
+def run_environment():
+    """Versions and machine facts recorded with every result."""
     return {
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -297,20 +305,24 @@ def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=No
     # Only the chief keeps checkpoints and logs; other workers write to a
     # scratch directory that is discarded.
     work_dir = run_dir if is_chief else os.path.join(run_dir, ".worker_scratch")
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss",
-            patience=config.patience,
-            restore_best_weights=True,
-            verbose=min(config.verbose, 1),
-        ),
-        keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup")),
-    ]
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor="val_loss",
+        patience=config.patience,
+        restore_best_weights=True,
+        verbose=min(config.verbose, 1),
+    )
+    checkpoint = TrainingCheckpoint(os.path.join(work_dir, "backup"), early_stopping=early_stopping)
+    initial_epoch = checkpoint.restore(model)
+    if initial_epoch and config.verbose:
+        print(f"Resuming from the checkpoint after epoch {initial_epoch}.")
+    # The checkpoint comes after early stopping so it can re-apply its state.
+    callbacks = [early_stopping, checkpoint]
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
     history = model.fit(
         train_ds,
         epochs=config.epochs,
+        initial_epoch=initial_epoch,
         steps_per_epoch=steps,
         validation_data=val_ds,
         callbacks=callbacks,
@@ -319,7 +331,12 @@ def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=No
         shuffle=False,
         verbose=config.verbose,
     )
-    return history
+    return {
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "epochs_run": initial_epoch + len(history.epoch),
+        "resumed_from_epoch": initial_epoch,
+        "best_val_loss": None if early_stopping.best is None else float(early_stopping.best),
+    }
 
 
 def _evaluate(model, test, config, extra):
@@ -427,7 +444,7 @@ def finetune(config):
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
             )
-        history = _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight)
+        fit_info = _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight)
 
     report = _evaluate(
         model,
@@ -442,12 +459,10 @@ def finetune(config):
             "seed": config.seed,
             "train_examples": len(train),
             "val_examples": len(val),
-            "epochs_run": len(history.epoch),
-            "best_val_loss": float(np.min(history.history["val_loss"])),
-            "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+            **fit_info,
             "strategy": distribute.describe_strategy(strategy),
             "seconds": round(time.time() - start, 1),
-            "environment": _run_environment(),
+            "environment": run_environment(),
         },
     )
     outputs = {"report": report, "output_dir": os.path.abspath(run_dir)}
@@ -520,7 +535,7 @@ def pretrain(config):
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
             )
-        history = _fit(model, strategy, train, val, config, run_dir, is_chief)
+        fit_info = _fit(model, strategy, train, val, config, run_dir, is_chief)
     report = _evaluate(
         model,
         test,
@@ -530,11 +545,10 @@ def pretrain(config):
             "backbone": config.backbone,
             "seed": config.seed,
             "train_examples": len(train),
-            "epochs_run": len(history.epoch),
-            "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+            **fit_info,
             "strategy": distribute.describe_strategy(strategy),
             "seconds": round(time.time() - start, 1),
-            "environment": _run_environment(),
+            "environment": run_environment(),
         },
     )
     outputs = {"report": report, "output_dir": os.path.abspath(run_dir)}

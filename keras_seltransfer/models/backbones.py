@@ -50,20 +50,25 @@ def _normalise_name(name):
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def small_cnn(input_shape=(64, 64, 1), widths=(32, 64, 128, 128), name="small_cnn"):
+def small_cnn(
+    input_shape=(64, 64, 1), widths=(32, 64, 128, 128), stem_stride=2, name="small_cnn"
+):
     """The built-in CPU-sized backbone: conv-BN-ReLU blocks with max pooling.
 
     Each block is a 3x3 convolution (no bias), batch normalisation and ReLU;
-    all blocks but the last end with a 2x2 max pool; global average pooling
-    gives the feature vector (layer `"features"`). With the default widths
-    and one input channel it has about 241k parameters and trains at tens of
-    steps per second on two CPU cores at 64x64. Being fully convolutional it
-    accepts any input size, so a backbone pretrained at one size transfers
-    to another.
+    the first convolution has stride `stem_stride`, all blocks but the last
+    end with a 2x2 max pool, and global average pooling gives the feature
+    vector (layer `"features"`). With the default widths and one input
+    channel it has 241,312 parameters. The strided stem keeps full-resolution
+    feature maps out of the network: at 64x64 on two CPU cores it trains
+    several times faster than the same network with a stride-1 stem, for the
+    same parameters. Being fully convolutional it accepts any input size, so
+    a backbone pretrained at one size transfers to another.
 
     Args:
         input_shape: `(height, width, channels)` of the raw images.
         widths: output channels of each block.
+        stem_stride: stride of the first convolution (1 or 2).
         name: model name.
 
     Returns:
@@ -75,6 +80,8 @@ def small_cnn(input_shape=(64, 64, 1), widths=(32, 64, 128, 128), name="small_cn
             "`input_shape` must be (height, width, channels). "
             f"Received: input_shape={input_shape}"
         )
+    if stem_stride not in (1, 2):
+        raise ValueError(f"`stem_stride` must be 1 or 2. Received: stem_stride={stem_stride}")
     if not widths or any(int(w) <= 0 for w in widths):
         raise ValueError(
             f"`widths` must be a non-empty list of positive ints. Received: widths={widths}"
@@ -83,7 +90,12 @@ def small_cnn(input_shape=(64, 64, 1), widths=(32, 64, 128, 128), name="small_cn
     x = ImagePreprocessing("rescale", name="preprocess")(inputs)
     for i, width in enumerate(widths, start=1):
         x = keras.layers.Conv2D(
-            int(width), 3, padding="same", use_bias=False, name=f"block{i}_conv"
+            int(width),
+            3,
+            strides=stem_stride if i == 1 else 1,
+            padding="same",
+            use_bias=False,
+            name=f"block{i}_conv",
         )(x)
         x = keras.layers.BatchNormalization(name=f"block{i}_bn")(x)
         x = keras.layers.ReLU(name=f"block{i}_relu")(x)

@@ -25,11 +25,21 @@ def test_small_cnn_rescales_raw_pixels():
     np.testing.assert_allclose(pre(x), np.ones_like(x))
 
 
+def test_small_cnn_stem_stride_halves_resolution():
+    strided = backbones.small_cnn((16, 16, 1), widths=(2, 2), stem_stride=2)
+    plain = backbones.small_cnn((16, 16, 1), widths=(2, 2), stem_stride=1)
+    assert tuple(strided.get_layer("block1_conv").output.shape) == (None, 8, 8, 2)
+    assert tuple(plain.get_layer("block1_conv").output.shape) == (None, 16, 16, 2)
+    assert strided.count_params() == plain.count_params()
+
+
 def test_small_cnn_bad_arguments():
     with pytest.raises(ValueError, match="input_shape"):
         backbones.small_cnn((64, 64))
     with pytest.raises(ValueError, match="widths"):
         backbones.small_cnn((8, 8, 1), widths=(4, 0))
+    with pytest.raises(ValueError, match="stem_stride"):
+        backbones.small_cnn((8, 8, 1), stem_stride=3)
 
 
 def _saved_classifier(tmp_path, size=16):
@@ -124,7 +134,7 @@ def test_cut_backbone_pools_feature_maps():
     trunk = backbones.cut_backbone(model, "block1_relu")
     assert tuple(trunk.output.shape) == (None, 4)
     trunk = backbones.cut_backbone(model, "block1_relu", pooling=None)
-    assert tuple(trunk.output.shape) == (None, 16, 16, 4)
+    assert tuple(trunk.output.shape) == (None, 8, 8, 4)  # stride-2 stem
     with pytest.raises(ValueError, match="pooling"):
         backbones.cut_backbone(model, "block1_relu", pooling="min")
 

@@ -1,0 +1,119 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_seltransfer.callbacks import TrainingCheckpoint
+
+
+def _model():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    return model
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    return x, y
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+def _fit(model, directory, epochs, interrupt_at=None, patience=100):
+    x, y = _data()
+    stop = keras.callbacks.EarlyStopping(
+        monitor="loss", patience=patience, restore_best_weights=True
+    )
+    ckpt = TrainingCheckpoint(directory, early_stopping=stop)
+    initial = ckpt.restore(model)
+    callbacks = [stop, ckpt] + ([_Interrupt(interrupt_at)] if interrupt_at else [])
+    model.fit(x, y, batch_size=64, epochs=epochs, initial_epoch=initial, shuffle=False,
+              callbacks=callbacks, verbose=0)
+    return initial, stop
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    keras.utils.set_random_seed(0)
+    reference = _model()
+    start = reference.get_weights()
+    _fit(reference, str(tmp_path / "ref"), epochs=6)
+
+    resumed = _model()
+    resumed.set_weights(start)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(resumed, str(tmp_path / "ckpt"), epochs=6, interrupt_at=3)
+    state = json.load(open(tmp_path / "ckpt" / "state.json"))
+    assert state["epoch"] == 3
+
+    fresh = _model()  # a new process would start from new variables
+    initial, _ = _fit(fresh, str(tmp_path / "ckpt"), epochs=6)
+    assert initial == 3
+    for a, b in zip(reference.get_weights(), fresh.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not (tmp_path / "ckpt").exists()  # deleted after success
+
+
+def test_early_stopping_state_survives_resume(tmp_path):
+    model = _model()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, str(tmp_path / "c"), epochs=10, interrupt_at=2)
+    saved = json.load(open(tmp_path / "c" / "state.json"))["early_stopping"]
+    assert saved["best"] is not None and saved["best_weights"]
+    ckpt_stop = keras.callbacks.EarlyStopping(monitor="loss", restore_best_weights=True)
+    ckpt = TrainingCheckpoint(str(tmp_path / "c"), early_stopping=ckpt_stop)
+    ckpt.restore(_model())
+    ckpt_stop.on_train_begin()  # Keras resets early stopping first...
+    ckpt.on_train_begin()  # ...then the checkpoint re-applies the saved state
+    assert ckpt_stop.best == pytest.approx(saved["best"])
+    assert ckpt_stop.best_epoch == saved["best_epoch"]
+    assert ckpt_stop.best_weights is not None
+
+
+def test_only_the_latest_checkpoint_files_are_kept(tmp_path):
+    model = _model()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, str(tmp_path / "c"), epochs=10, interrupt_at=4)
+    names = sorted(os.listdir(tmp_path / "c"))
+    weights = [n for n in names if n.endswith(".weights.h5")]
+    assert len(weights) == 1 and weights[0].startswith("epoch0004-")
+    assert "state.json" in names and len(names) <= 3
+
+
+def test_torn_weights_file_never_becomes_the_checkpoint(tmp_path):
+    model = _model()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(model, str(tmp_path / "c"), epochs=10, interrupt_at=2)
+    # A crash mid-save leaves a partial file beside the committed one.
+    (tmp_path / "c" / "epoch0003-partial.weights.h5").write_bytes(b"\x89HDF\r\n half")
+    initial, _ = _fit(_model(), str(tmp_path / "c"), epochs=3)
+    assert initial == 2
+
+
+def test_corrupt_state_is_a_clear_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TrainingCheckpoint(str(tmp_path / "c")).restore(_model())
+    (tmp_path / "c" / "state.json").write_text('{"epoch": 2, "weights": "gone.weights.h5"}')
+    with pytest.raises(ValueError, match="missing"):
+        TrainingCheckpoint(str(tmp_path / "c")).restore(_model())
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="directory"):
+        TrainingCheckpoint("")
+    with pytest.raises(ValueError, match="early_stopping"):
+        TrainingCheckpoint("x", early_stopping=object())
