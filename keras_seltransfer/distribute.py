@@ -177,7 +177,14 @@ def get_strategy(name="auto", devices=None):
         devices = gpus or [
             device.name for device in tf.config.list_logical_devices("CPU")
         ]
-    return tf.distribute.MirroredStrategy(devices)
+    cross_device_ops = None
+    if all("CPU" in device.upper() for device in devices):
+        # On CPU devices TensorFlow picks collective all-reduce, whose instance
+        # keys collide when a process builds several strategies over the same
+        # devices ("Shape mismatch in the collective instance"). CPU replicas
+        # share host memory, so reducing on one device is also the cheap way.
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
 
 
 def describe_strategy(strategy):

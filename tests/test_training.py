@@ -129,3 +129,12 @@ def test_config_errors(overrides, message):
 def test_default_output_dir_names_the_run():
     config = training.FinetuneConfig(method="l2sp", fraction=0.15, seed=2)
     assert config.output_dir == os.path.join("runs", "finetune", "l2sp-elpv-0.15-seed2")
+
+
+def test_mixed_precision_run_keeps_head_float32_and_restores_policy(tmp_path):
+    out = training.finetune(_config(tmp_path, precision="mixed_bfloat16", export=False))
+    assert keras.config.dtype_policy().name == "float32"
+    model = keras.saving.load_model(out["model"])
+    assert model.get_layer("block1_conv").compute_dtype == "bfloat16"
+    assert model.get_layer("target_head").compute_dtype == "float32"
+    assert out["report"]["accuracy"] >= 0.9
