@@ -56,6 +56,9 @@ flags.DEFINE_string("cut_layer", _D["cut_layer"], "Layer at which to cut a saved
 flags.DEFINE_boolean("export", _D["export"], "Write a SavedModel of the fine-tuned classifier.")
 common.define_training_flags(training.FinetuneConfig)
 
+# List the shared flags in --help, not only in --helpfull.
+flags.adopt_module_key_flags(common)
+
 FLAGS = flags.FLAGS
 
 

@@ -29,6 +29,9 @@ flags.DEFINE_float(
 )
 common.define_training_flags(training.PretrainConfig)
 
+# List the shared flags in --help, not only in --helpfull.
+flags.adopt_module_key_flags(common)
+
 FLAGS = flags.FLAGS
 
 

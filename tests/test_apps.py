@@ -27,7 +27,7 @@ def _run(*args, cwd=ROOT, timeout=300):
 
 
 def test_finetune_help_documents_every_config_field():
-    result = _run("apps.finetune", "--helpfull")
+    result = _run("apps.finetune", "--help")
     assert result.returncode in (0, 1), result.stderr  # absl exits 1 after help
     assert "Fine-tunes a pretrained backbone" in result.stdout
     for field in dataclasses.fields(training.FinetuneConfig):
