@@ -68,7 +68,7 @@ def define_training_flags(config_cls):
     )
     flags.DEFINE_integer("epochs", d["epochs"], "Maximum number of epochs.", lower_bound=1)
     flags.DEFINE_integer(
-        "patience", d["patience"], "Early-stopping patience (epochs, on validation loss).", lower_bound=1
+        "patience", d["patience"], "Early-stopping patience (epochs, on validation cross-entropy).", lower_bound=1
     )
     flags.DEFINE_integer(
         "batch_size", d["batch_size"], "Global batch size, split across replicas.", lower_bound=1

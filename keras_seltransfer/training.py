@@ -65,7 +65,7 @@ class FinetuneConfig:
         val_fraction: share of the kept training images used for early
             stopping and model selection.
         epochs: maximum epochs.
-        patience: early-stopping patience in epochs, on validation loss; the
+        patience: early-stopping patience in epochs, on validation cross-entropy; the
             best epoch's weights are restored.
         batch_size: global batch size (split across replicas).
         learning_rate: initial learning rate (cosine-decayed to zero).
@@ -256,6 +256,15 @@ def load_train_test(spec, test_fraction=0.25, split_seed=0):
     return source.subset(train_idx), source.subset(test_idx)
 
 
+def _metrics():
+    # The plain cross-entropy, reported beside `loss` (which also holds any
+    # weight penalties) so early stopping can monitor it.
+    return [
+        "accuracy",
+        keras.metrics.SparseCategoricalCrossentropy(name="crossentropy"),
+    ]
+
+
 def _make_optimizer(config, steps_per_epoch):
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
@@ -305,8 +314,12 @@ def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=No
     # Only the chief keeps checkpoints and logs; other workers write to a
     # scratch directory that is discarded.
     work_dir = run_dir if is_chief else os.path.join(run_dir, ".worker_scratch")
+    # Early stopping and model selection watch the validation cross-entropy,
+    # not `val_loss`: Keras adds weight penalties (L2-SP) to `val_loss`, and a
+    # penalty that grows as the weights leave their start would stop training
+    # for the wrong reason.
     early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_loss",
+        monitor="val_crossentropy",
         patience=config.patience,
         restore_best_weights=True,
         verbose=min(config.verbose, 1),
@@ -335,7 +348,9 @@ def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=No
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "epochs_run": initial_epoch + len(history.epoch),
         "resumed_from_epoch": initial_epoch,
-        "best_val_loss": None if early_stopping.best is None else float(early_stopping.best),
+        "best_val_crossentropy": (
+            None if early_stopping.best is None else float(early_stopping.best)
+        ),
     }
 
 
@@ -442,7 +457,7 @@ def finetune(config):
             model.compile(
                 optimizer=_make_optimizer(config, steps),
                 loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
+                metrics=_metrics(),
             )
         fit_info = _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight)
 
@@ -533,7 +548,7 @@ def pretrain(config):
             model.compile(
                 optimizer=_make_optimizer(config, steps),
                 loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
+                metrics=_metrics(),
             )
         fit_info = _fit(model, strategy, train, val, config, run_dir, is_chief)
     report = _evaluate(

@@ -138,3 +138,13 @@ def test_mixed_precision_run_keeps_head_float32_and_restores_policy(tmp_path):
     assert model.get_layer("block1_conv").compute_dtype == "bfloat16"
     assert model.get_layer("target_head").compute_dtype == "float32"
     assert out["report"]["accuracy"] >= 0.9
+
+
+def test_early_stopping_watches_crossentropy_not_the_penalty(tmp_path):
+    out = training.finetune(
+        _config(tmp_path, method="l2sp", l2sp_alpha=10.0, epochs=3, patience=3, export=False)
+    )
+    history = out["report"]["history"]
+    # The penalty makes loss and cross-entropy differ; selection used the latter.
+    assert history["val_loss"][-1] > history["val_crossentropy"][-1]
+    assert out["report"]["best_val_crossentropy"] == pytest.approx(min(history["val_crossentropy"]))

@@ -129,7 +129,7 @@ def main(argv):
     header = (
         f"Target {FLAGS.target}, backbone {backbone}, {FLAGS.image_size}px, Adam "
         f"lr {FLAGS.learning_rate:g}, batch {FLAGS.batch_size}, up to {FLAGS.epochs} epochs "
-        f"with early stopping (patience {FLAGS.patience}) on a validation split; "
+        f"with early stopping (patience {FLAGS.patience}) on validation cross-entropy; "
         f"cells: test accuracy / balanced accuracy, mean ± std over seeds "
         f"{','.join(FLAGS.seeds)}. {env['machine']}, TensorFlow {env['tensorflow']}, "
         f"Keras {env['keras']}."
