@@ -6,6 +6,7 @@ flag and the library can never disagree on a default.
 """
 
 import dataclasses
+import logging
 import os
 import sys
 
@@ -14,6 +15,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 
@@ -112,6 +114,16 @@ def config_from_flags(config_cls, flag_values=None):
 
 
 def reject_extra_args(argv):
+    """Rejects positional arguments and quiets TensorFlow's INFO logging.
+
+    Every app's `main` calls this first. TensorFlow logs SavedModel export
+    details at INFO through absl and Python logging; the apps print their own
+    summary, so only warnings and errors are kept unless `--verbosity` asks
+    for more.
+    """
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(
             f"Unexpected positional arguments: {' '.join(argv[1:])}. "
