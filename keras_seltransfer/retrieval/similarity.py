@@ -10,8 +10,8 @@ of the selective joint fine-tuning paper's code:
 
 The symmetric sum expands to `sum p log p + sum q log q - sum p log q -
 sum q log p`; the cross terms are matrix products, so the distances from
-every target to a block of source images cost one GEMM (`tf.matmul`, on
-whatever device TensorFlow places it) plus row and column terms.
+every target to a block of source images cost two GEMMs (`tf.matmul`, on
+whatever device TensorFlow places them) plus row and column terms.
 `nearest_sources` streams the source in blocks through that GEMM, keeps a
 running top-k per target, and re-scores the few candidates near the k-th
 distance exactly in NumPy float64 (see its docstring), so its results are
@@ -106,11 +106,12 @@ def pairwise_distances(
 ):
     """All-pairs symmetric-KL distances through the GEMM expansion.
 
-    With `P_w = w_h * p` and `L = log(p + eps)` flattened to `[N, C * B]`
-    and `r = sum(P_w * L)` per row,
-    `D = 0.5 * (r_t[:, None] + r_s[None, :] - P_w_t @ L_s^T - L_t @ P_w_s^T)`.
-    The products run as one `tf.matmul` on the device TensorFlow places it
-    on. The expansion subtracts terms of size about `log(bins)` to get
+    With `L = log(p + eps)` flattened to `[N, C * B]`, `P_w = w_h * p`,
+    `L_w = w_h * L` and `r = sum(P_w * L)` per row,
+    `D = 0.5 * (r_t[:, None] + r_s[None, :] - P_w_t @ L_s^T - L_w_t @ P_s^T)`
+    (the weights act per channel, so they can all sit on the target side).
+    The products run as two `tf.matmul`s on the device TensorFlow places
+    them on. The expansion subtracts terms of size about `log(bins)` to get
     distances that may be much smaller, so float64 results differ from
     `symmetric_kl` by about 1e-14 and float32 ones by about 1e-6; negative
     results of that rounding are clipped to 0.
@@ -144,8 +145,8 @@ def pairwise_distances(
     weights = _channel_weights(channel_weights, target.shape[1])
     eps = _check_eps(eps)
     dtype = _check_dtype(dtype)
-    target_terms = _gemm_terms(target, weights, eps, dtype)
-    source_terms = _gemm_terms(source, weights, eps, dtype)
+    target_terms = _weighted_terms(_gemm_terms(target, eps, dtype), weights)
+    source_terms = _gemm_terms(source, eps, dtype)
     distances = _gemm_distances(target_terms, source_terms)
     return np.maximum(distances.numpy(), 0).astype(dtype)
 
@@ -164,7 +165,7 @@ def nearest_sources(
 
     Brute force, as in the authors' code: the source is read in blocks of
     `block_size` rows, the distances from all targets to a block come from
-    one GEMM (see `pairwise_distances`), and each target keeps a running
+    GEMMs (see `pairwise_distances`), and each target keeps a running
     top-k. Memory is bounded by about `T * block_size` distances plus the
     `T * k` running results, never `T * S`, and `source_descriptors` may be
     any object with `len()` and row slicing (a memory-mapped array, say),
@@ -262,13 +263,17 @@ def nearest_sources(
 
     half_weights = 0.5 * weights
     target_logs = np.log(target + eps)
-    target_terms = _gemm_terms(target, weights, eps, dtype)
+    target_terms = _weighted_terms(_gemm_terms(target, eps, dtype), weights)
     margin_scale = _margin_scale(target.shape[1], target.shape[2], weights, dtype)
     num_blocks = math.ceil(num_sources / block_size)
     progbar = keras.utils.Progbar(num_blocks, unit_name="block") if progress else None
     for block_index, start in enumerate(range(0, num_sources, block_size)):
         stop = min(start + block_size, num_sources)
-        block = _as_descriptors(source_descriptors[start:stop], "source_descriptors")
+        # Float32 blocks stay float32: converting every row to float64 would
+        # cost a pass over the block, and only re-scored rows need it.
+        block = _as_descriptors(
+            source_descriptors[start:stop], "source_descriptors", keep_float=True
+        )
         _check_layout(block.shape, target.shape, "source_descriptors")
         if block.shape[0] != stop - start:
             raise ValueError(
@@ -279,7 +284,7 @@ def nearest_sources(
 
         pairs = _candidate_pairs(
             target_terms,
-            _gemm_terms(block, weights, eps, dtype),
+            _gemm_terms(block, eps, dtype),
             best_distances,
             k,
             margin_scale,
@@ -419,8 +424,13 @@ def _rescore(p, log_p, q, log_q, half_weights):
 def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps):
     """Exact distances of the `(rows[i], columns[i])` target/block pairs."""
     used, inverse = np.unique(columns, return_inverse=True)
-    sources = block[used]
-    source_logs = np.log(sources + eps)
+    # Float32 to float64 is exact, so converting only the re-scored rows
+    # gives the values `symmetric_kl` sees.
+    sources = block[used].astype(np.float64)
+    # One logarithm per re-scored source row, not per pair, computed in
+    # place: a fresh block-sized temporary costs as much again in page faults.
+    source_logs = sources + eps
+    np.log(source_logs, out=source_logs)
     distances = np.empty(rows.shape[0])
     # Gathered pairs take `C * B` values each: small chunks keep the
     # temporaries in cache (several times faster than block-sized ones) and
@@ -435,27 +445,60 @@ def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps)
     return distances
 
 
-def _gemm_terms(descriptors, weights, eps, dtype):
-    """The per-row GEMM operands of `descriptors` `[N, C, B]` (float64)."""
-    x = tf.constant(descriptors, dtype=dtype)
+def _gemm_terms(descriptors, eps, dtype):
+    """The per-row GEMM operands of `descriptors` `[N, C, B]`, unweighted.
+
+    `values` and `logs` are `p` and `log(p + eps)` flattened to `[N, C * B]`
+    in `dtype`; `channel_self` (per-channel `sum_b p log p`) and `log_bound`
+    are what `_gemm_distances` and `_margin_scale` need per row. The source
+    side is used as returned, the target side through `_weighted_terms`, so
+    each source block is converted once and never weighted or concatenated.
+    """
     num = descriptors.shape[0]
-    weighted = tf.reshape(x * tf.constant(weights[:, None], dtype=dtype), [num, -1])
-    logs = tf.reshape(tf.math.log(x + tf.constant(eps, dtype=dtype)), [num, -1])
+    x = tf.reshape(tf.constant(descriptors, dtype=dtype), [num, -1])
+    logs = tf.math.log(x + tf.constant(eps, dtype=dtype))
+    channels = descriptors.shape[1]
     return {
-        "left": tf.concat([weighted, logs], axis=1),
-        "right": tf.concat([logs, weighted], axis=1),
-        "self": tf.reduce_sum(weighted * logs, axis=1),
+        "values": x,
+        "logs": logs,
+        # `sum_h w_h sum_b p log p` needs the weights, which `_weighted_terms`
+        # applies: keep the per-channel sums until then.
+        "channel_self": tf.reduce_sum(tf.reshape(x * logs, [num, channels, -1]), axis=2),
         # Largest |log(p + eps)| of the row: bounds every term of the row's
         # products (see `_margin_scale`).
         "log_bound": tf.cast(tf.reduce_max(tf.abs(logs), axis=1), tf.float64),
     }
 
 
+def _weighted_terms(terms, weights):
+    """`_gemm_terms` with the channel weights applied to both operands.
+
+    Only one side of each product needs the weights (they act per channel),
+    so the target, with few rows, carries them and the source blocks do not.
+    """
+    dtype = terms["values"].dtype
+    channels = weights.shape[0]
+    flat = tf.constant(np.repeat(weights, terms["values"].shape[1] // channels), dtype=dtype)
+    return {
+        "values": terms["values"] * flat,
+        "logs": terms["logs"] * flat,
+        "log_bound": terms["log_bound"],
+        "weights": tf.constant(weights, dtype=dtype),
+        "self": tf.linalg.matvec(terms["channel_self"], tf.constant(weights, dtype=dtype)),
+    }
+
+
 def _gemm_distances(target_terms, source_terms):
-    cross = tf.matmul(target_terms["left"], source_terms["right"], transpose_b=True)
-    return 0.5 * (
-        target_terms["self"][:, None] + source_terms["self"][None, :] - cross
-    )
+    """GEMM-expansion distances `[T, S]` from weighted target terms (see
+    `_weighted_terms`) to unweighted source terms."""
+    weights = target_terms["weights"]
+    # Two products instead of one on concatenated operands: the same
+    # arithmetic without a copy of every source block.
+    cross = tf.matmul(
+        target_terms["values"], source_terms["logs"], transpose_b=True
+    ) + tf.matmul(target_terms["logs"], source_terms["values"], transpose_b=True)
+    source_self = tf.linalg.matvec(source_terms["channel_self"], weights)
+    return 0.5 * (target_terms["self"][:, None] + source_self[None, :] - cross)
 
 
 def _margin_scale(channels, bins, weights, dtype):
@@ -501,9 +544,13 @@ def _candidate_pairs(target_terms, block_terms, best_distances, k, margin_scale)
     return tf.where(mask).numpy()
 
 
-def _as_descriptors(value, name, rank=3):
+def _as_descriptors(value, name, rank=3, keep_float=False):
+    """`value` as a contiguous float64 array of rank `rank`; with
+    `keep_float`, float32 arrays stay float32 (half the memory traffic)."""
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(value)
+        if not (keep_float and array.dtype == np.float32):
+            array = np.asarray(array, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(
             f"Expected `{name}` to be a numeric array. "
@@ -522,19 +569,13 @@ def _as_descriptors(value, name, rank=3):
 def _check_histograms(array, name, row_offset=0):
     """Finite, non-negative histogram rows summing to 1; `row_offset` makes
     the reported index global for a block of a larger array."""
-    bad = ~np.isfinite(array)
-    what = "finite values"
-    if not bad.any():
-        bad = array < 0
-        what = "non-negative values"
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        index = (where[0] + row_offset,) + where[1:]
-        raise ValueError(
-            f"Expected `{name}` to hold {what} (normalised histograms). "
-            f"Received: {name}[{', '.join(map(str, index))}]={float(array[where])!r}"
-        )
-    sums = array.sum(axis=-1)
+    # Two reductions decide the common, valid case: a NaN makes the minimum
+    # NaN, a negative entry makes it negative, an infinity makes the sum
+    # non-finite. Only then is the offending entry searched for.
+    sums = np.sum(array, axis=-1, dtype=np.float64)
+    lowest = np.min(array, axis=-1, initial=np.inf)
+    if not (np.isfinite(sums).all() and (lowest >= 0).all()):
+        _raise_bad_entry(array, name, row_offset)
     off = np.abs(sums - 1.0) > _SUM_TOLERANCE
     if off.any():
         where = tuple(int(i) for i in np.argwhere(off)[0])
@@ -544,6 +585,23 @@ def _check_histograms(array, name, row_offset=0):
             f"(tolerance {_SUM_TOLERANCE}). "
             f"Received: {name}[{', '.join(map(str, index))}].sum()={float(sums[where])!r}"
         )
+
+
+def _raise_bad_entry(array, name, row_offset):
+    bad = ~np.isfinite(array)
+    what = "finite values"
+    if not bad.any():
+        bad = array < 0
+        what = "non-negative values"
+    if not bad.any():
+        # Finite entries whose sum overflows: the sum check reports them.
+        return
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    index = (where[0] + row_offset,) + where[1:]
+    raise ValueError(
+        f"Expected `{name}` to hold {what} (normalised histograms). "
+        f"Received: {name}[{', '.join(map(str, index))}]={float(array[where])!r}"
+    )
 
 
 def _check_layout(shape, target_shape, name):

@@ -145,6 +145,20 @@ def test_float32_gemm_matches_on_random_data():
     np.testing.assert_array_equal(distances, expected_distances)
 
 
+def test_float32_source_blocks_are_rescored_exactly():
+    # Float32 blocks are kept float32 for the GEMM and only the re-scored
+    # rows are widened: results must equal the double loop on the widened
+    # values, with the float64 GEMM too.
+    rng = np.random.default_rng(13)
+    target, source = _with_ties(rng, _histograms(rng, 5), _histograms(rng, 30))
+    source32 = source.astype(np.float32)
+    expected = _loop_nearest(target, source32.astype(np.float64), 6)
+    for dtype in ("float64", "float32"):
+        indices, distances = nearest_sources(target, source32, 6, block_size=7, dtype=dtype)
+        np.testing.assert_array_equal(indices, expected[0])
+        np.testing.assert_array_equal(distances, expected[1])
+
+
 def test_pairwise_distances_match_loop():
     rng = np.random.default_rng(2)
     target, source = _histograms(rng, 5), _histograms(rng, 9)
@@ -350,3 +364,10 @@ def test_symmetric_kl_and_pairwise_errors():
         pairwise_distances(p[None], q[None, :2])
     with pytest.raises(ValueError, match="Received: dtype='int32'"):
         pairwise_distances(p[None], q[None], dtype="int32")
+    # Finite entries whose row sum overflows are reported by the sum check.
+    huge = p.copy()
+    huge[1, :2] = 1e308
+    with np.errstate(over="ignore"), pytest.raises(
+        ValueError, match=r"sum to 1.*p\[1\]\.sum\(\)=inf"
+    ):
+        symmetric_kl(huge, q)
