@@ -18,7 +18,9 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"<!-- test-command -->\n```bash\n(.+)\n```", readme).group(1)
     assert "pytest" in command
     with open(os.path.join(ROOT, ".ci", "run")) as f:
-        assert "<!-- test-command -->" in f.read()
+        ci = f.read()
+    assert "<!-- test-command -->" in ci
+    assert f"#   {command}\n" in ci  # the comment naming the command is current
 
 
 @pytest.mark.slow
