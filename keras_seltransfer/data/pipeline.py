@@ -19,35 +19,14 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seltransfer.data.sources import ImageSource
+from keras_seltransfer.utils.validation import check_int
+from keras_seltransfer.utils.validation import image_size_pair
 
 AUGMENTATIONS = ("none", "flip", "flip_ud")
 
 # ITU-R 601-2 luma, as PIL's `convert("L")`. The weights sum to exactly 1, so
 # grey -> RGB -> grey is the identity.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"Expected `{name}` to be a positive int. Received: {name}={value!r}")
-    return int(value)
-
-
-def _image_size_pair(image_size):
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        pair = (image_size, image_size)
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
-        pair = tuple(image_size)
-    else:
-        pair = None
-    if pair is None or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair
-    ):
-        raise ValueError(
-            "Expected `image_size` to be a positive int or a pair (height, width) "
-            f"of positive ints. Received: image_size={image_size!r}"
-        )
-    return int(pair[0]), int(pair[1])
 
 
 def _convert_channels(image, source_channels, channels):
@@ -248,8 +227,8 @@ def make_dataset(
         )
     if len(source) == 0:
         raise ValueError(f"Expected a non-empty source. Received: source={source!r}")
-    height, width = _image_size_pair(image_size)
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    height, width = image_size_pair(image_size)
+    batch_size = check_int(batch_size, "batch_size", 1)
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise ValueError(f"Expected `channels` to be None, 1 or 3. Received: channels={channels!r}")
     channels = source.channels if channels is None else int(channels)
@@ -264,7 +243,7 @@ def make_dataset(
     elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"Expected `seed` to be None or an int. Received: seed={seed!r}")
     if shuffle_buffer is not None:
-        shuffle_buffer = _check_positive_int(shuffle_buffer, "shuffle_buffer")
+        shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", 1)
 
     labels = source.labels.astype(np.int32)
     items = source.images if source.in_memory else source.paths
@@ -328,7 +307,7 @@ def distributed_dataset(strategy, source, global_batch_size, image_size, **kwarg
     ...     strategy, source, 64, 96, training=True, repeat=True
     ... )
     """
-    global_batch_size = _check_positive_int(global_batch_size, "global_batch_size")
+    global_batch_size = check_int(global_batch_size, "global_batch_size", 1)
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
         raise ValueError(
@@ -377,7 +356,7 @@ def steps_per_epoch(num_examples, batch_size, drop_remainder=False):
             "Expected `num_examples` to be a non-negative int. "
             f"Received: num_examples={num_examples!r}"
         )
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size", 1)
     if drop_remainder:
         return int(num_examples) // batch_size
     return math.ceil(int(num_examples) / batch_size)

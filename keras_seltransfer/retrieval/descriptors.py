@@ -14,24 +14,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_seltransfer.utils.validation import check_int
+
 MAX_BINS = 1000
 
 # Floor of the spacing given to the edges of a constant channel, relative to
 # its magnitude: 2^-20 is 8 float32 steps, well clear of float32 rounding
 # and of denormals (which TensorFlow flushes to zero on CPU).
 _DEGENERATE_SPACING = 2.0**-20
-
-
-def _check_int(value, name, low, high=None):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < low
-        or (high is not None and value > high)
-    ):
-        expected = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
-        raise ValueError(f"Expected `{name}` to be {expected}. Received: {name}={value!r}")
-    return int(value)
 
 
 def _image_batches(images):
@@ -131,8 +121,8 @@ def fit_bin_edges(bank, images, num_bins=32, fine_bins=2000, progress=True):
         ValueError: for bad arguments, an empty data set or non-finite
             responses.
     """
-    num_bins = _check_int(num_bins, "num_bins", 1, MAX_BINS)
-    fine_bins = _check_int(fine_bins, "fine_bins", num_bins)
+    num_bins = check_int(num_bins, "num_bins", 1, MAX_BINS)
+    fine_bins = check_int(fine_bins, "fine_bins", num_bins)
     if fine_bins > 2**31 // max(1, bank.num_channels):
         raise ValueError(
             "Expected `fine_bins * bank.num_channels` to fit in int32. "

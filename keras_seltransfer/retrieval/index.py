@@ -22,15 +22,14 @@ import zipfile
 
 import numpy as np
 
-from keras_seltransfer.data.pipeline import _check_positive_int
-from keras_seltransfer.data.pipeline import _image_size_pair
 from keras_seltransfer.data.pipeline import make_dataset
 from keras_seltransfer.data.sources import ImageSource
 from keras_seltransfer.retrieval.similarity import _channel_weights
 from keras_seltransfer.retrieval.similarity import _check_histograms
-from keras_seltransfer.retrieval.similarity import _check_int
 from keras_seltransfer.retrieval.similarity import nearest_sources
 from keras_seltransfer.utils.io import atomic_directory
+from keras_seltransfer.utils.validation import check_int
+from keras_seltransfer.utils.validation import image_size_pair
 
 FORMAT_VERSION = 1
 
@@ -139,8 +138,8 @@ class SourceIndex:
             )
         if not np.all(np.isfinite(bin_edges)):
             raise ValueError("Expected `bin_edges` to be finite. Received: non-finite bin_edges")
-        num_shards = _check_int(num_shards, "num_shards", 1)
-        shard_index = _check_int(
+        num_shards = check_int(num_shards, "num_shards", 1)
+        shard_index = check_int(
             shard_index, "shard_index", 0, num_shards - 1, f"an int in [0, {num_shards})"
         )
 
@@ -235,8 +234,8 @@ class SourceIndex:
                 "Expected `source` to be an ImageSource. "
                 f"Received: source={type(source).__name__}"
             )
-        num_shards = _check_int(num_shards, "num_shards", 1)
-        shard_index = _check_int(
+        num_shards = check_int(num_shards, "num_shards", 1)
+        shard_index = check_int(
             shard_index, "shard_index", 0, num_shards - 1, f"an int in [0, {num_shards})"
         )
         if bin_edges is None:
@@ -250,8 +249,8 @@ class SourceIndex:
                 "Expected `bin_edges` to have shape [channels, bins + 1]. "
                 f"Received: bin_edges.shape={edges.shape}"
             )
-        height, width = _image_size_pair(image_size)
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        height, width = image_size_pair(image_size)
+        batch_size = check_int(batch_size, "batch_size", 1)
 
         ids = np.arange(shard_index, len(source), num_shards, dtype=np.int64)
         shard = source.subset(ids)
@@ -548,7 +547,7 @@ class SourceIndex:
                 "was built with: descriptors over other bins are not "
                 f"comparable. Received: target_bin_edges with {detail}"
             )
-        k_max = _check_int(
+        k_max = check_int(
             k_max, "k_max", 1, len(self), f"an int in [1, {len(self)}] (the indexed sources)"
         )
         rows, distances = nearest_sources(

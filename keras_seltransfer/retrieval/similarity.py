@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_seltransfer.utils.validation import check_int
+
 DEFAULT_EPS = 2.2e-16
 
 # Rows of a histogram must sum to 1 within this tolerance: descriptors stored
@@ -247,11 +249,11 @@ def nearest_sources(
     source_shape = getattr(source_descriptors, "shape", None)
     if source_shape is not None:
         _check_layout(tuple(source_shape), target.shape, "source_descriptors")
-    k = _check_int(
+    k = check_int(
         k, "k", 1, num_sources, f"an int in [1, {num_sources}] (the number of sources)"
     )
     weights = _channel_weights(channel_weights, target.shape[1])
-    block_size = _check_int(block_size, "block_size", 1)
+    block_size = check_int(block_size, "block_size", 1)
     eps = _check_eps(eps)
     dtype = _check_dtype(dtype)
 
@@ -370,7 +372,7 @@ def merge_topk(parts, k):
     indices = np.concatenate(all_indices, axis=1)
     distances = np.concatenate(all_distances, axis=1)
     total = indices.shape[1]
-    k = _check_int(k, "k", 1, total, f"an int in [1, {total}] (the neighbours in all parts)")
+    k = check_int(k, "k", 1, total, f"an int in [1, {total}] (the neighbours in all parts)")
     ordered = np.sort(indices, axis=1)
     repeated = np.argwhere(ordered[:, 1:] == ordered[:, :-1])
     if repeated.size:
@@ -641,19 +643,6 @@ def _channel_weights(channel_weights, channels):
             f"zero. Received: channel_weights={weights.tolist()}"
         )
     return weights
-
-
-def _check_int(value, name, low, high=None, expected=None):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < low
-        or (high is not None and value > high)
-    ):
-        if expected is None:
-            expected = f"an int >= {low}"
-        raise ValueError(f"Expected `{name}` to be {expected}. Received: {name}={value!r}")
-    return int(value)
 
 
 def _check_eps(eps):

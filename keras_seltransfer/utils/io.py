@@ -85,8 +85,6 @@ def save_model_atomic(model, path):
     Keras writes the archive to a temporary file beside `path` (which must
     end in `.keras`), then it is renamed over `path`.
     """
-    import keras
-
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise ValueError(f"Model files must end in '.keras'. Received: path={path!r}")
