@@ -5,6 +5,17 @@ Methods (--method):
             Transfer-Learning-Library benchmarks), BatchNorm statistics frozen
   l2sp      fine-tuning with the L2-SP penalty toward the pretrained weights
             (Li, Grandvalet and Davoine, ICML 2018)
+  sjft      selective joint fine-tuning (Ge and Yu, CVPR 2017): every batch is
+            half target images and half source images, each a random neighbour
+            (by low-level filter-bank statistics) of one of the batch's target
+            images; a source head learns the source labels beside the target
+            head; the neighbour lists of hard target images grow as training
+            goes. The neighbours come from --index_dir (apps.build_index),
+            built there when missing.
+  sjft_nogrowth, sjft_all, sjft_random
+            the paper's ablations: no neighbour growth; all source images
+            drawn uniformly; as many random source images as sjft selects.
+            With --from_scratch: selective joint training from scratch.
 
 Writes the fine-tuned classifier (model.keras), a test report (report.json,
 report.md: accuracy, balanced accuracy, per-class accuracy, confusion matrix),
@@ -14,6 +25,7 @@ checkpoints into --output_dir. Rerunning an interrupted command resumes it.
 Example (after `python -m apps.pretrain`):
 
   python -m apps.finetune --target=elpv --fraction=0.15 --seed=1
+  python -m apps.finetune --method=sjft --source=fashion_mnist --target=elpv --fraction=0.15
 """
 
 from absl import app
@@ -42,7 +54,8 @@ flags.DEFINE_integer(
 flags.DEFINE_float("dropout", _D["dropout"], "Dropout before the head.", lower_bound=0.0, upper_bound=0.99)
 flags.DEFINE_enum(
     "batchnorm", _D["batchnorm"], ["frozen", "train"],
-    "BatchNorm during fine-tuning: frozen (pretrained statistics) or train.",
+    "BatchNorm during fine-tuning: frozen (pretrained statistics) or train. "
+    "Unset: frozen for baseline/l2sp, train (mixed batches) for the sjft methods.",
 )
 flags.DEFINE_enum(
     "class_weight", _D["class_weight"], ["none", "balanced"], "Loss weighting of classes."
@@ -54,6 +67,45 @@ flags.DEFINE_boolean(
 )
 flags.DEFINE_string("cut_layer", _D["cut_layer"], "Layer at which to cut a saved or application backbone.")
 flags.DEFINE_boolean("export", _D["export"], "Write a SavedModel of the fine-tuned classifier.")
+flags.DEFINE_string(
+    "source", _D["source"], "sjft: source data set spec (its training split is the pool)."
+)
+flags.DEFINE_string(
+    "index_dir", None,
+    "sjft: retrieval run directory holding neighbours.npz (apps.build_index); built there "
+    "when missing. Default: runs/index/<source>-<target>-<index_bank>.",
+)
+flags.DEFINE_enum(
+    "index_bank", _D["index_bank"], list(training.INDEX_BANKS),
+    "sjft: filter bank when building the index (conv needs a .keras --backbone).",
+)
+flags.DEFINE_integer("k0", _D["k0"], "sjft: initial neighbours per target image.", lower_bound=1)
+flags.DEFINE_integer(
+    "k_max", _D["k_max"], "sjft: neighbours kept per target in a new index (the growth cap).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "growth_period", _D["growth_period"], "sjft: epochs per neighbour-growth round.", lower_bound=1
+)
+flags.DEFINE_float(
+    "sigma0", _D["sigma0"], "sjft: growth of misclassified images, in units of k0.", lower_bound=0.0
+)
+flags.DEFINE_float(
+    "sigma1", _D["sigma1"], "sjft: growth of correct but uncertain images, in units of k0.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "delta", None,
+    "sjft: entropy (nats) from which a correct prediction counts as uncertain. "
+    "Unset: half the maximum entropy, ln(classes)/2.",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "target_weight", _D["target_weight"], "sjft: weight of the target loss.", lower_bound=0.0
+)
+flags.DEFINE_float(
+    "source_weight", _D["source_weight"], "sjft: weight of the source loss.", lower_bound=0.0
+)
 common.define_training_flags(training.FinetuneConfig)
 
 # List the shared flags in --help, not only in --helpfull.

@@ -8,6 +8,7 @@ Importing the package registers every custom Keras object, so saved models
 load with `keras.saving.load_model`.
 """
 
+from keras_seltransfer import callbacks
 from keras_seltransfer import data
 from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
@@ -32,6 +33,7 @@ __all__ = [
     "PretrainConfig",
     "__version__",
     "apply_l2sp",
+    "callbacks",
     "data",
     "distribute",
     "evaluation",

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -19,6 +20,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
 from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
@@ -26,6 +28,9 @@ from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import set_batchnorm_mode
+from keras_seltransfer.models.multitask import build_multitask_model
+from keras_seltransfer.models.multitask import joint_compile_args
+from keras_seltransfer.models.multitask import target_model
 from keras_seltransfer.regularizers import apply_l2sp
 from keras_seltransfer.utils.io import atomic_write_text
 from keras_seltransfer.utils.io import save_model_atomic
@@ -33,9 +38,17 @@ from keras_seltransfer.utils.io import save_model_atomic
 DEFAULT_PRETRAIN_DIR = os.path.join("runs", "pretrain", "fashion_mnist-small_cnn-64")
 DEFAULT_BACKBONE = os.path.join(DEFAULT_PRETRAIN_DIR, "model.keras")
 
-# Fine-tuning methods this module runs. Each maps to a function that turns
-# the freshly built classifier into what trains (see `_prepare_model`).
-METHODS = ("baseline", "l2sp")
+# Fine-tuning methods this module runs: single-task fine-tuning of a
+# classifier (see `_prepare_model`) or selective joint fine-tuning of a
+# two-head model (see `_finetune_joint`), with the sampling variant of each.
+JOINT_VARIANTS = {
+    "sjft": "selected",
+    "sjft_nogrowth": "selected_nogrowth",
+    "sjft_all": "all",
+    "sjft_random": "random",
+}
+METHODS = ("baseline", "l2sp") + tuple(JOINT_VARIANTS)
+INDEX_BANKS = ("conv", "gabor")
 OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -72,12 +85,35 @@ class FinetuneConfig:
         optimizer: `"adam"` or `"sgd"` (momentum 0.9).
         weight_decay: decoupled weight decay of the optimizer.
         dropout: dropout before the classification head.
-        batchnorm: `"frozen"` (pretrained statistics, the default for
-            fine-tuning) or `"train"`; runs from scratch always train it.
+        batchnorm: `"frozen"` (pretrained statistics) or `"train"`; None
+            takes the method's default: frozen for baseline and l2sp, train
+            for the sjft methods (BatchNorm statistics from the mixed
+            source/target batch, as in the authors' code). Runs from scratch
+            always train it.
         augment: training augmentation name (see `make_dataset`).
         class_weight: `"none"` or `"balanced"` (inverse class frequency).
         l2sp_alpha: L2-SP pull toward the pretrained weights (method l2sp).
         l2sp_beta: L2-SP decay of the new head (method l2sp).
+        source: source data set spec of the sjft methods (its training split
+            is the pool the neighbours come from).
+        index_dir: directory of a retrieval run (`apps.build_index`) whose
+            `neighbours.npz` lists each target training image's nearest
+            source images. Built there when missing (with target fraction 1,
+            which serves every fraction and seed). Default:
+            `runs/index/<source>-<target>-<index_bank>`.
+        index_bank: filter bank used when the index is built: `"conv"` (the
+            first two conv layers of `backbone`, which must then be a
+            `.keras` file) or `"gabor"`.
+        k0: initial neighbours per target image.
+        k_max: neighbours kept per target when building the index (the cap
+            on growth).
+        growth_period: epochs per neighbour-growth round (method sjft).
+        sigma0: growth of misclassified images, in units of `k0`.
+        sigma1: growth of correct but uncertain images, in units of `k0`.
+        delta: entropy threshold (nats) for "uncertain"; None is half the
+            maximum entropy.
+        target_weight: weight of the target cross-entropy in the joint loss.
+        source_weight: weight of the source cross-entropy in the joint loss.
         from_scratch: re-initialise the backbone (same architecture).
         backbone_weights: weights for named backbones (None, "imagenet", path).
         cut_layer: layer to cut a saved or application backbone at.
@@ -108,11 +144,22 @@ class FinetuneConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     dropout: float = 0.0
-    batchnorm: str = "frozen"
+    batchnorm: str = None
     augment: str = "flip"
     class_weight: str = "none"
     l2sp_alpha: float = 0.1
     l2sp_beta: float = 0.01
+    source: str = "fashion_mnist"
+    index_dir: str = None
+    index_bank: str = "conv"
+    k0: int = 10
+    k_max: int = 200
+    growth_period: int = 2
+    sigma0: float = 4.0
+    sigma1: float = 2.0
+    delta: float = None
+    target_weight: float = 0.5
+    source_weight: float = 0.5
     from_scratch: bool = False
     backbone_weights: str = None
     cut_layer: str = None
@@ -127,7 +174,29 @@ class FinetuneConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("batchnorm", self.batchnorm, ("frozen", "train"))
+        _check_choice("batchnorm", self.batchnorm, (None, "frozen", "train"))
+        _check_choice("index_bank", self.index_bank, INDEX_BANKS)
+        for name in ("k0", "k_max", "growth_period"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
+        if self.k0 > self.k_max:
+            raise ValueError(f"`k0` ({self.k0}) must not exceed `k_max` ({self.k_max}).")
+        if self.sigma0 < 0 or self.sigma1 < 0 or (self.delta is not None and self.delta < 0):
+            raise ValueError(
+                "`sigma0`, `sigma1` and `delta` must be >= 0. Received: "
+                f"sigma0={self.sigma0}, sigma1={self.sigma1}, delta={self.delta}"
+            )
+        if self.target_weight <= 0 or self.source_weight < 0:
+            raise ValueError(
+                "`target_weight` must be > 0 and `source_weight` >= 0. Received: "
+                f"target_weight={self.target_weight}, source_weight={self.source_weight}"
+            )
+        if self.method in JOINT_VARIANTS and self.batch_size % 2:
+            raise ValueError(
+                "The sjft methods need an even `batch_size` (half target, half source). "
+                f"Received: batch_size={self.batch_size}"
+            )
         _check_choice("class_weight", self.class_weight, ("none", "balanced"))
         _check_common(self)
         if self.per_class is None and not 0.0 < float(self.fraction) <= 1.0:
@@ -148,10 +217,31 @@ class FinetuneConfig:
             amount = (
                 f"{self.per_class}pc" if self.per_class is not None else f"{self.fraction:g}"
             )
-            target = self.target.replace(":", "_").replace(os.sep, "_")
             self.output_dir = os.path.join(
-                "runs", "finetune", f"{self.method}-{target}-{amount}-seed{self.seed}"
+                "runs", "finetune", f"{self.method}-{_slug(self.target)}-{amount}-seed{self.seed}"
             )
+        if self.index_dir is None:
+            self.index_dir = os.path.join(
+                "runs", "index", f"{_slug(self.source)}-{_slug(self.target)}-{self.index_bank}"
+            )
+
+    @property
+    def is_joint(self):
+        """Whether the method is one of the selective joint fine-tuning ones."""
+        return self.method in JOINT_VARIANTS
+
+    @property
+    def batchnorm_mode(self):
+        """The BatchNorm mode this run uses (see `batchnorm`)."""
+        if self.from_scratch:
+            return "train"
+        if self.batchnorm is not None:
+            return self.batchnorm
+        return "train" if self.is_joint else "frozen"
+
+
+def _slug(spec):
+    return spec.replace(":", "_").replace(os.sep, "_").strip("_")
 
 
 @dataclasses.dataclass
@@ -292,25 +382,26 @@ def run_environment():
     }
 
 
-def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=None):
-    """Trains with early stopping, resumable checkpoints and logs."""
-    channels = int(model.inputs[0].shape[-1])
-    global_batch = config.batch_size
-    steps = data_lib.steps_per_epoch(len(train), global_batch)
-    train_ds = data_lib.distributed_dataset(
-        strategy,
-        train,
-        global_batch,
-        config.image_size,
-        training=True,
-        channels=channels,
-        augment=config.augment,
-        seed=config.seed,
-        repeat=True,
-    )
-    val_ds = data_lib.make_dataset(
-        val, config.image_size, global_batch, channels=channels
-    )
+def _fit(
+    model,
+    train_ds,
+    val_ds,
+    config,
+    run_dir,
+    is_chief,
+    *,
+    steps=None,
+    class_weight=None,
+    monitor="val_crossentropy",
+    callbacks=(),
+    state_variables=None,
+):
+    """Trains with early stopping, resumable checkpoints and logs.
+
+    `callbacks` run after early stopping and before the checkpoint (so the
+    checkpoint saves the state they leave at the end of an epoch) and
+    TensorBoard (so it logs what they add to the logs).
+    """
     # Only the chief keeps checkpoints and logs; other workers write to a
     # scratch directory that is discarded.
     work_dir = run_dir if is_chief else os.path.join(run_dir, ".worker_scratch")
@@ -319,39 +410,75 @@ def _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight=No
     # penalty that grows as the weights leave their start would stop training
     # for the wrong reason.
     early_stopping = keras.callbacks.EarlyStopping(
-        monitor="val_crossentropy",
+        monitor=monitor,
+        mode="min",
         patience=config.patience,
         restore_best_weights=True,
         verbose=min(config.verbose, 1),
     )
-    checkpoint = TrainingCheckpoint(os.path.join(work_dir, "backup"), early_stopping=early_stopping)
+    checkpoint = TrainingCheckpoint(
+        os.path.join(work_dir, "backup"),
+        early_stopping=early_stopping,
+        state_variables=state_variables,
+    )
     initial_epoch = checkpoint.restore(model)
     if initial_epoch and config.verbose:
         print(f"Resuming from the checkpoint after epoch {initial_epoch}.")
     # The checkpoint comes after early stopping so it can re-apply its state.
-    callbacks = [early_stopping, checkpoint]
+    all_callbacks = [early_stopping, *callbacks, checkpoint]
     if config.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
-    history = model.fit(
-        train_ds,
-        epochs=config.epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=steps,
-        validation_data=val_ds,
-        callbacks=callbacks,
-        class_weight=class_weight,
-        # The pipeline shuffles, seeded, before repeating.
-        shuffle=False,
-        verbose=config.verbose,
-    )
+        all_callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
+    with warnings.catch_warnings():
+        # A finite distributed dataset (the joint pipeline) ends its first
+        # epoch with this warning because its length is unknown until then.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        history = model.fit(
+            train_ds,
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            callbacks=all_callbacks,
+            class_weight=class_weight,
+            # The pipelines shuffle, seeded, themselves.
+            shuffle=False,
+            verbose=config.verbose,
+        )
     return {
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "epochs_run": initial_epoch + len(history.epoch),
         "resumed_from_epoch": initial_epoch,
-        "best_val_crossentropy": (
+        "best_" + monitor: (
             None if early_stopping.best is None else float(early_stopping.best)
         ),
     }
+
+
+def _fit_classifier(model, strategy, train, val, config, run_dir, is_chief, class_weight=None):
+    """`_fit` on plain single-task pipelines of `train` and `val`."""
+    channels = int(model.inputs[0].shape[-1])
+    train_ds = data_lib.distributed_dataset(
+        strategy,
+        train,
+        config.batch_size,
+        config.image_size,
+        training=True,
+        channels=channels,
+        augment=config.augment,
+        seed=config.seed,
+        repeat=True,
+    )
+    val_ds = data_lib.make_dataset(val, config.image_size, config.batch_size, channels=channels)
+    return _fit(
+        model,
+        train_ds,
+        val_ds,
+        config,
+        run_dir,
+        is_chief,
+        steps=data_lib.steps_per_epoch(len(train), config.batch_size),
+        class_weight=class_weight,
+    )
 
 
 def _evaluate(model, test, config, extra):
@@ -368,26 +495,53 @@ def _split_train_val(train, val_fraction, seed):
     return train.subset(train_idx), train.subset(val_idx)
 
 
-def _prepare_model(config, strategy, num_classes, data_channels):
-    """Builds the classifier for `config.method` inside the strategy scope."""
+def finetune_split(config):
+    """The images a fine-tuning run uses, chosen exactly as `finetune` does.
+
+    Returns:
+        `(train_full, test, train_ids, val_ids)`: the target's whole training
+        split, its test split, and the positions in `train_full` of the
+        images trained on and of those kept for validation.
+    """
+    train_full, test = load_train_test(config.target, config.test_fraction, config.split_seed)
+    kept = data_lib.low_data_subset(
+        train_full.labels,
+        fraction=None if config.per_class is not None else config.fraction,
+        per_class=config.per_class,
+        seed=config.seed,
+    )
+    train_idx, val_idx = data_lib.train_val_split(
+        train_full.labels[kept], val_fraction=config.val_fraction, seed=config.seed
+    )
+    return train_full, test, np.asarray(kept)[train_idx], np.asarray(kept)[val_idx]
+
+
+def _load_backbone(config, data_channels):
+    """The backbone of `config` (call inside the strategy scope)."""
     shape_channels = config.channels
     if shape_channels is None and not backbones.is_backbone_path(config.backbone):
         if backbones.is_builtin_backbone(config.backbone):
             shape_channels = data_channels
     input_shape = (config.image_size, config.image_size, shape_channels)
+    backbone = backbones.load_backbone(
+        config.backbone,
+        input_shape,
+        weights=config.backbone_weights,
+        cut_layer=config.cut_layer,
+    )
+    if config.precision != "float32" and backbones.is_backbone_path(config.backbone):
+        backbone = backbones.with_dtype_policy(backbone, config.precision)
+    if config.from_scratch:
+        backbone = backbones.reinitialize(backbone, seed=config.seed)
+    return backbone
+
+
+def _prepare_model(config, strategy, num_classes, data_channels):
+    """Builds the classifier for `config.method` inside the strategy scope."""
     with strategy.scope():
-        backbone = backbones.load_backbone(
-            config.backbone,
-            input_shape,
-            weights=config.backbone_weights,
-            cut_layer=config.cut_layer,
-        )
-        if config.precision != "float32" and backbones.is_backbone_path(config.backbone):
-            backbone = backbones.with_dtype_policy(backbone, config.precision)
-        if config.from_scratch:
-            backbone = backbones.reinitialize(backbone, seed=config.seed)
+        backbone = _load_backbone(config, data_channels)
         model = build_classifier(backbone, num_classes, dropout=config.dropout)
-        set_batchnorm_mode(model, "train" if config.from_scratch else config.batchnorm)
+        set_batchnorm_mode(model, config.batchnorm_mode)
         if config.method == "l2sp":
             apply_l2sp(model, alpha=config.l2sp_alpha, beta=config.l2sp_beta)
     return model
@@ -426,14 +580,9 @@ def finetune(config):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    train_full, test = load_train_test(config.target, config.test_fraction, config.split_seed)
-    kept = data_lib.low_data_subset(
-        train_full.labels,
-        fraction=None if config.per_class is not None else config.fraction,
-        per_class=config.per_class,
-        seed=config.seed,
-    )
-    train, val = _split_train_val(train_full.subset(kept), config.val_fraction, config.seed)
+    train_full, test, train_ids, val_ids = finetune_split(config)
+    train, val = train_full.subset(train_ids), train_full.subset(val_ids)
+    joint = _load_joint_selection(config, train_ids) if config.is_joint else None
 
     strategy = distribute.get_strategy(config.strategy)
     is_chief = distribute.is_chief()
@@ -450,19 +599,29 @@ def finetune(config):
         weights = compute_class_weight("balanced", classes=present, y=train.labels)
         class_weight = {int(c): float(w) for c, w in zip(present, weights)}
 
+    extra = {}
     with dtype_policy(config.precision):
-        model = _prepare_model(config, strategy, train_full.num_classes, train_full.channels)
-        with strategy.scope():
-            steps = data_lib.steps_per_epoch(len(train), config.batch_size)
-            model.compile(
-                optimizer=_make_optimizer(config, steps),
-                loss="sparse_categorical_crossentropy",
-                metrics=_metrics(),
+        if joint is None:
+            model = _prepare_model(config, strategy, train_full.num_classes, train_full.channels)
+            with strategy.scope():
+                steps = data_lib.steps_per_epoch(len(train), config.batch_size)
+                model.compile(
+                    optimizer=_make_optimizer(config, steps),
+                    loss="sparse_categorical_crossentropy",
+                    metrics=_metrics(),
+                )
+            fit_info = _fit_classifier(
+                model, strategy, train, val, config, run_dir, is_chief, class_weight
             )
-        fit_info = _fit(model, strategy, train, val, config, run_dir, is_chief, class_weight)
+            classifier = joint_model = model
+        else:
+            joint_model, fit_info, extra = _finetune_joint(
+                config, strategy, joint, train, val, train_full, run_dir, is_chief, class_weight
+            )
+            classifier = target_model(joint_model, name=f"{joint_model.name}_target")
 
     report = _evaluate(
-        model,
+        classifier,
         test,
         config,
         {
@@ -475,6 +634,7 @@ def finetune(config):
             "train_examples": len(train),
             "val_examples": len(val),
             **fit_info,
+            **extra,
             "strategy": distribute.describe_strategy(strategy),
             "seconds": round(time.time() - start, 1),
             "environment": run_environment(),
@@ -484,15 +644,199 @@ def finetune(config):
     if not is_chief:
         return outputs
     outputs["model"] = os.path.join(run_dir, "model.keras")
-    save_model_atomic(model, outputs["model"])
+    save_model_atomic(classifier, outputs["model"])
+    if joint is not None:
+        outputs["multitask_model"] = os.path.join(run_dir, "multitask.keras")
+        save_model_atomic(joint_model, outputs["multitask_model"])
     if config.export:
         outputs["saved_model"] = export_saved_model(
-            model, os.path.join(run_dir, "saved_model"), class_names=test.class_names
+            classifier, os.path.join(run_dir, "saved_model"), class_names=test.class_names
         )
     outputs["report_json"], outputs["report_md"] = evaluation.write_report(
         report, run_dir, title=f"Fine-tuning report: {config.method} on {config.target}"
     )
     return outputs
+
+
+def _index_config(config):
+    """The retrieval run an sjft run uses when it builds its own index."""
+    from keras_seltransfer.retrieval.workflow import IndexConfig
+
+    return IndexConfig(
+        source=config.source,
+        target=config.target,
+        # The whole training split: one index serves every fraction and seed.
+        target_fraction=1.0,
+        seed=0,
+        test_fraction=config.test_fraction,
+        split_seed=config.split_seed,
+        bank=config.index_bank,
+        backbone=config.backbone if config.index_bank == "conv" else None,
+        k_max=config.k_max,
+        image_size=config.image_size,
+        output_dir=config.index_dir,
+        progress=config.verbose > 0,
+    )
+
+
+def load_neighbours(config, train_ids):
+    """Neighbour lists of the target training images of an sjft run.
+
+    Reads `<config.index_dir>/neighbours.npz`, building the index there first
+    when it is missing, checks that it was built for this run's target and
+    source (same data sets and held-out split), and returns the rows of the
+    images in `train_ids` (positions in the target's training split).
+
+    Returns:
+        `(neighbour_ids, index_config)`: `[len(train_ids), k]` source
+        positions sorted nearest first, and the index's `IndexConfig`.
+    """
+    from keras_seltransfer.retrieval import workflow
+
+    path = os.path.join(config.index_dir, "neighbours.npz")
+    if not os.path.isfile(path):
+        if config.index_bank == "conv" and not (
+            backbones.is_backbone_path(config.backbone) and os.path.isfile(config.backbone)
+        ):
+            raise ValueError(
+                f"No index at {path}, and the conv filter bank needs a saved backbone "
+                f"(.keras file); received backbone={config.backbone!r}. Build one with "
+                "`python -m apps.build_index`, pass --index_dir, or use --index_bank=gabor."
+            )
+        if config.verbose:
+            print(f"No neighbour index at {path}; building it (see apps.build_index).")
+        workflow.build_neighbours(_index_config(config))
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            target_ids = stored["target_ids"]
+            neighbour_ids = stored["neighbour_ids"]
+            stored_config = json.loads(str(stored["config"]))
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a neighbour index written by apps.build_index: {e}") from e
+    index_config = workflow.IndexConfig(
+        **{k: v for k, v in stored_config.items() if k in workflow.IndexConfig.__dataclass_fields__}
+    )
+    for name in ("target", "source", "test_fraction", "split_seed"):
+        if getattr(index_config, name) != getattr(config, name):
+            raise ValueError(
+                f"The index in {config.index_dir} was built with {name}="
+                f"{getattr(index_config, name)!r}, but this run has {name}="
+                f"{getattr(config, name)!r}; pass another --index_dir."
+            )
+    rows = {int(t): i for i, t in enumerate(target_ids)}
+    missing = [int(t) for t in train_ids if int(t) not in rows]
+    if missing:
+        raise ValueError(
+            f"The index in {config.index_dir} has no neighbours for {len(missing)} of the "
+            f"{len(train_ids)} training images (it was built for another fraction or seed); "
+            "build it with --target_fraction=1, which covers every run."
+        )
+    if neighbour_ids.shape[1] < config.k0:
+        raise ValueError(
+            f"The index in {config.index_dir} keeps {neighbour_ids.shape[1]} neighbours per "
+            f"target, fewer than k0={config.k0}."
+        )
+    return neighbour_ids[[rows[int(t)] for t in train_ids]], index_config
+
+
+def _load_joint_selection(config, train_ids):
+    """The sampler and source set of an sjft run."""
+    from keras_seltransfer.retrieval.workflow import source_training_images
+
+    neighbour_ids, index_config = load_neighbours(config, train_ids)
+    source = source_training_images(index_config)
+    sampler = data_lib.make_sampler(
+        JOINT_VARIANTS[config.method],
+        neighbour_ids,
+        source.labels,
+        k0=config.k0,
+        k_max=config.k_max,
+        seed=config.seed,
+    )
+    return {"sampler": sampler, "source": source}
+
+
+def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is_chief, class_weight):
+    """Selective joint fine-tuning: builds, compiles and trains the two-head model."""
+    sampler, source = joint["sampler"], joint["source"]
+    with strategy.scope():
+        backbone = _load_backbone(config, train_full.channels)
+        model = build_multitask_model(
+            backbone,
+            sampler.num_source_classes,
+            train_full.num_classes,
+            dropout=config.dropout,
+        )
+        set_batchnorm_mode(model, config.batchnorm_mode)
+    channels = int(model.inputs[0].shape[-1])
+    target_images = data_lib.prepared_images(train, config.image_size, channels)
+    train_ds = data_lib.make_joint_dataset(
+        train,
+        source,
+        sampler,
+        config.image_size,
+        config.batch_size,
+        strategy=strategy,
+        channels=channels,
+        augment=config.augment,
+        target_class_weight=class_weight,
+        target_images=target_images,
+    )
+    val_ds = data_lib.joint_validation_dataset(
+        val, config.image_size, config.batch_size, channels=channels
+    )
+    steps = data_lib.joint_steps_per_epoch(len(train), config.batch_size)
+    with strategy.scope():
+        model.compile(
+            optimizer=_make_optimizer(config, steps),
+            **joint_compile_args(config.target_weight, config.source_weight),
+        )
+    callbacks = [sampler]
+    if config.method == "sjft":
+        callbacks.append(
+            AdaptiveNeighbourGrowth(
+                sampler,
+                target_images,
+                train.labels,
+                period=config.growth_period,
+                sigma0=config.sigma0,
+                sigma1=config.sigma1,
+                delta=config.delta,
+                log_dir=(
+                    os.path.join(run_dir, "logs", "growth")
+                    if config.tensorboard and is_chief
+                    else None
+                ),
+            )
+        )
+    fit_info = _fit(
+        model,
+        train_ds,
+        val_ds,
+        config,
+        run_dir,
+        is_chief,
+        monitor="val_target_crossentropy",
+        callbacks=callbacks,
+        state_variables=sampler.state_variables(),
+    )
+    extra = {
+        "source": config.source,
+        "index_dir": config.index_dir,
+        "sampling": JOINT_VARIANTS[config.method],
+        "source_candidates": int(len(sampler.candidate_ids)),
+        "source_classes": [source.class_names[c] for c in sampler.source_classes],
+        "steps_per_epoch": steps,
+    }
+    if sampler.uses_neighbours:
+        counts = sampler.get_neighbour_counts()
+        extra["neighbour_counts"] = {
+            "k0": sampler.k0,
+            "mean": float(counts.mean()),
+            "max": int(counts.max()),
+            "grown": int((counts > sampler.k0).sum()),
+        }
+    return model, fit_info, extra
 
 
 def pretrain(config):
@@ -550,7 +894,7 @@ def pretrain(config):
                 loss="sparse_categorical_crossentropy",
                 metrics=_metrics(),
             )
-        fit_info = _fit(model, strategy, train, val, config, run_dir, is_chief)
+        fit_info = _fit_classifier(model, strategy, train, val, config, run_dir, is_chief)
     report = _evaluate(
         model,
         test,
@@ -580,9 +924,12 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_PRETRAIN_DIR",
     "FinetuneConfig",
+    "JOINT_VARIANTS",
     "METHODS",
     "PretrainConfig",
     "finetune",
+    "finetune_split",
+    "load_neighbours",
     "load_train_test",
     "pretrain",
 ]

@@ -117,3 +117,84 @@ def test_argument_errors():
         TrainingCheckpoint("")
     with pytest.raises(ValueError, match="early_stopping"):
         TrainingCheckpoint("x", early_stopping=object())
+
+
+def test_state_variables_are_saved_and_restored(tmp_path):
+    import tensorflow as tf
+
+    counter = tf.Variable(np.zeros(3, np.int32))
+
+    class Bump(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            counter.assign_add(np.array([1, 2, 3], np.int32))
+
+    x, y = _data()
+    model = _model()
+    ckpt = TrainingCheckpoint(tmp_path / "ckpt", state_variables={"counter": counter})
+    # The checkpoint comes after the callback that changes the state.
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=5, callbacks=[Bump(), ckpt, _Interrupt(3)], verbose=0)
+    np.testing.assert_array_equal(counter.numpy(), [3, 6, 9])
+    counter.assign(np.zeros(3, np.int32))
+    fresh = TrainingCheckpoint(tmp_path / "ckpt", state_variables={"counter": counter})
+    assert fresh.restore(_model()) == 3
+    np.testing.assert_array_equal(counter.numpy(), [3, 6, 9])
+    # A checkpoint written without that state cannot resume a run that needs it.
+    plain = TrainingCheckpoint(tmp_path / "plain")
+    with pytest.raises(KeyboardInterrupt):
+        _model().fit(x, y, epochs=2, callbacks=[plain, _Interrupt(1)], verbose=0)
+    needs_state = TrainingCheckpoint(tmp_path / "plain", state_variables={"counter": counter})
+    with pytest.raises(ValueError, match="no saved state"):
+        needs_state.restore(_model())
+    with pytest.raises(ValueError, match="map names to variables"):
+        TrainingCheckpoint(tmp_path / "x", state_variables={"counter": 3})
+
+
+def test_joint_run_resumes_to_identical_weights(tmp_path):
+    """Interrupted and resumed joint training (sampler epochs, grown lists and
+    all) ends with the weights of an uninterrupted run."""
+    import tensorflow as tf
+
+    from keras_seltransfer import data as data_lib
+    from keras_seltransfer.models import build_multitask_model
+    from keras_seltransfer.models import joint_compile_args
+
+    rng = np.random.default_rng(0)
+    target = data_lib.from_numpy(rng.integers(0, 255, (16, 6, 6, 1), dtype=np.uint8), np.arange(16) % 2)
+    source = data_lib.from_numpy(rng.integers(0, 255, (60, 6, 6, 1), dtype=np.uint8), np.arange(60) % 3)
+    ids = np.stack([rng.permutation(60)[:12] for _ in range(16)])
+
+    class Grow(keras.callbacks.Callback):
+        def __init__(self, sampler):
+            super().__init__()
+            self.sampler = sampler
+
+        def on_epoch_end(self, epoch, logs=None):
+            counts = self.sampler.get_neighbour_counts()
+            self.sampler.set_neighbour_counts(np.minimum(counts + np.arange(16) % 3, 12))
+
+    def run(directory, interrupt_at=None):
+        keras.utils.set_random_seed(0)
+        sampler = data_lib.JointSampler.from_neighbours(ids, source.labels, k0=2, seed=5)
+        inputs = keras.Input((6, 6, 1))
+        x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+        backbone = keras.Model(inputs, keras.layers.Dense(4, activation="relu")(x))
+        model = build_multitask_model(backbone, sampler.num_source_classes, 2)
+        model.compile(keras.optimizers.Adam(0.01), **joint_compile_args())
+        ds = data_lib.make_joint_dataset(target, source, sampler, 6, 8)
+        ckpt = TrainingCheckpoint(directory, state_variables=sampler.state_variables())
+        initial = ckpt.restore(model)
+        callbacks = [sampler, Grow(sampler), ckpt]
+        if interrupt_at:
+            callbacks.append(_Interrupt(interrupt_at))
+        model.fit(ds, epochs=5, initial_epoch=initial, callbacks=callbacks, shuffle=False, verbose=0)
+        return model, sampler
+
+    reference, ref_sampler = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", interrupt_at=2)
+    resumed, sampler = run(tmp_path / "b")
+    np.testing.assert_array_equal(sampler.get_neighbour_counts(), ref_sampler.get_neighbour_counts())
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert isinstance(sampler.epoch, tf.Variable) and int(sampler.epoch.numpy()) == 4

@@ -12,8 +12,14 @@ Rows:
   baseline  plain fine-tuning of the pretrained backbone (BatchNorm frozen)
   l2sp      fine-tuning with the L2-SP penalty
   scratch   the same network trained from random initialisation
+  sjft      selective joint fine-tuning with the source set's nearest images
+            (index from --index_dir, built there when missing)
+  sjft_nogrowth, sjft_all, sjft_random   its ablations (no neighbour growth,
+            all source images, as many random source images)
+  sjft_scratch  selective joint training from random initialisation
 
   python tools/low_data_sweep.py --rows=baseline,l2sp --fractions=0.15,0.3,0.5,1 --seeds=0,1,2
+  python tools/low_data_sweep.py --rows=baseline,sjft,scratch,sjft_scratch --fractions=0.15,1
 """
 
 import json
@@ -31,6 +37,11 @@ ROWS = {
     "baseline": {"method": "baseline"},
     "l2sp": {"method": "l2sp"},
     "scratch": {"method": "baseline", "from_scratch": True},
+    "sjft": {"method": "sjft"},
+    "sjft_nogrowth": {"method": "sjft_nogrowth"},
+    "sjft_all": {"method": "sjft_all"},
+    "sjft_random": {"method": "sjft_random"},
+    "sjft_scratch": {"method": "sjft", "from_scratch": True},
 }
 
 flags.DEFINE_list("rows", ["baseline", "l2sp"], f"Rows to run, from {sorted(ROWS)}.")
@@ -39,6 +50,10 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.DEFINE_string("target", "elpv", "Target data set spec.")
 flags.DEFINE_string("backbone", None, "Backbone (default: the pretrain app's output).")
 flags.DEFINE_string("output_dir", os.path.join("runs", "sweep"), "Where runs and tables go.")
+flags.DEFINE_string("source", "fashion_mnist", "Source data set of the sjft rows.")
+flags.DEFINE_string(
+    "index_dir", None, "Neighbour index of the sjft rows (default: FinetuneConfig's)."
+)
 flags.DEFINE_integer("image_size", 64, "Input size.")
 flags.DEFINE_integer("epochs", 30, "Maximum epochs per run.")
 flags.DEFINE_integer("patience", 8, "Early-stopping patience.")
@@ -102,6 +117,8 @@ def main(argv):
                         export=False,
                         tensorboard=False,
                         verbose=0,
+                        source=FLAGS.source,
+                        index_dir=FLAGS.index_dir,
                         **ROWS[row],
                     )
                     training.finetune(config)
@@ -134,6 +151,15 @@ def main(argv):
         f"{','.join(FLAGS.seeds)}. {env['machine']}, TensorFlow {env['tensorflow']}, "
         f"Keras {env['keras']}."
     )
+    if any(row.startswith("sjft") for row in FLAGS.rows):
+        joint = training.FinetuneConfig(source=FLAGS.source, index_dir=FLAGS.index_dir)
+        header += (
+            f" sjft rows: source {joint.source} (index {joint.index_dir}), batches half "
+            f"target / half source, BatchNorm trained on the mixed batch, k0 {joint.k0}, "
+            f"growth every {joint.growth_period} epochs by {joint.sigma0:g}/{joint.sigma1:g} x k0 "
+            f"up to {joint.k_max}; loss {joint.target_weight:g} x target CE + "
+            f"{joint.source_weight:g} x source CE."
+        )
     atomic_write_text(os.path.join(FLAGS.output_dir, "results.md"), header + "\n\n" + table + "\n")
     atomic_write_text(
         os.path.join(FLAGS.output_dir, "results.json"),

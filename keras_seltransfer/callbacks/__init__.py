@@ -1,5 +1,13 @@
 """Keras callbacks of keras_seltransfer."""
 
+from keras_seltransfer.callbacks.neighbour_growth import AdaptiveNeighbourGrowth
+from keras_seltransfer.callbacks.neighbour_growth import grow_neighbour_counts
+from keras_seltransfer.callbacks.neighbour_growth import prediction_entropy
 from keras_seltransfer.callbacks.training_checkpoint import TrainingCheckpoint
 
-__all__ = ["TrainingCheckpoint"]
+__all__ = [
+    "AdaptiveNeighbourGrowth",
+    "TrainingCheckpoint",
+    "grow_neighbour_counts",
+    "prediction_entropy",
+]

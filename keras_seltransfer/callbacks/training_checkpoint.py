@@ -40,6 +40,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         early_stopping: an optional `keras.callbacks.EarlyStopping` whose
             state is saved and restored with the model.
         delete_on_success: remove `directory` when training ends normally.
+        state_variables: optional dict of name to `tf.Variable` holding
+            training state outside the model (for example the neighbour
+            counts of a `JointSampler`), saved and restored with it.
 
     Example:
 
@@ -51,7 +54,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, directory, early_stopping=None, delete_on_success=True):
+    def __init__(self, directory, early_stopping=None, delete_on_success=True, state_variables=None):
         super().__init__()
         if not directory:
             raise ValueError(f"`directory` must be a path. Received: directory={directory!r}")
@@ -62,6 +65,14 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 "`early_stopping` must be a keras.callbacks.EarlyStopping or None. "
                 f"Received: early_stopping={early_stopping!r}"
             )
+        state_variables = dict(state_variables or {})
+        for key, variable in state_variables.items():
+            if not isinstance(key, str) or not hasattr(variable, "assign"):
+                raise ValueError(
+                    "`state_variables` must map names to variables. "
+                    f"Received: {key!r}: {type(variable).__name__}"
+                )
+        self.state_variables = state_variables
         self.directory = os.fspath(directory)
         self.early_stopping = early_stopping
         self.delete_on_success = delete_on_success
@@ -102,6 +113,21 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             # Optimizer variables must exist before their values can load.
             model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(self.directory, state["weights"]))
+        if self.state_variables:
+            saved = state.get("state_variables")
+            path = os.path.join(self.directory, saved or "")
+            if not saved or not os.path.isfile(path):
+                raise ValueError(
+                    f"The checkpoint in {self.directory} has no saved state for "
+                    f"{sorted(self.state_variables)}; it was written by another kind of run. "
+                    "Delete the directory to start afresh."
+                )
+            with np.load(path) as data:
+                missing = sorted(set(self.state_variables) - set(data.files))
+                if missing:
+                    raise ValueError(f"The checkpoint state file {path} lacks {missing}.")
+                for key, variable in self.state_variables.items():
+                    variable.assign(data[key])
         self._pending_stop_state = state.get("early_stopping")
         return int(state["epoch"])
 
@@ -126,6 +152,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         os.close(fd)
         self.model.save_weights(weights_path, overwrite=True)
         state = {"epoch": epoch + 1, "weights": os.path.basename(weights_path)}
+        if self.state_variables:
+            name = f"state-epoch{epoch + 1:04d}.npz"
+            atomic_write_bytes(
+                os.path.join(self.directory, name),
+                _npz_bytes({k: np.asarray(v.numpy()) for k, v in self.state_variables.items()}),
+            )
+            state["state_variables"] = name
         stop = self.early_stopping
         if stop is not None:
             stop_state = {
@@ -144,7 +177,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             state["early_stopping"] = stop_state
         # The commit point: until this rename the previous state stays in force.
         atomic_write_text(os.path.join(self.directory, _STATE), json.dumps(state))
-        keep = {_STATE, state["weights"], (state.get("early_stopping") or {}).get("best_weights")}
+        keep = {
+            _STATE,
+            state["weights"],
+            state.get("state_variables"),
+            (state.get("early_stopping") or {}).get("best_weights"),
+        }
         for name in os.listdir(self.directory):
             if name not in keep:
                 try:

@@ -3,9 +3,18 @@
 `sources` turns arrays, image folders, TFDS splits and the offline real data
 sets (Fashion-MNIST, ELPV) into `ImageSource` records; `splits` makes the
 held-out, low-data and validation index sets; `pipeline` builds batched
-`tf.data` pipelines from a source, also per replica under a strategy.
+`tf.data` pipelines from a source, also per replica under a strategy;
+`joint` mixes target images with their selected source neighbours for
+selective joint fine-tuning.
 """
 
+from keras_seltransfer.data.joint import JointSampler
+from keras_seltransfer.data.joint import joint_steps_per_epoch
+from keras_seltransfer.data.joint import joint_validation_dataset
+from keras_seltransfer.data.joint import make_joint_dataset
+from keras_seltransfer.data.joint import make_sampler
+from keras_seltransfer.data.joint import prepared_images
+from keras_seltransfer.data.pipeline import augment_batch
 from keras_seltransfer.data.pipeline import distributed_dataset
 from keras_seltransfer.data.pipeline import make_dataset
 from keras_seltransfer.data.pipeline import steps_per_epoch
@@ -22,16 +31,23 @@ from keras_seltransfer.data.splits import train_val_split
 
 __all__ = [
     "ImageSource",
+    "JointSampler",
+    "augment_batch",
     "distributed_dataset",
     "from_image_folder",
     "from_numpy",
     "from_tfds",
     "holdout_split",
+    "joint_steps_per_epoch",
+    "joint_validation_dataset",
     "load_dataset",
     "load_elpv",
     "load_fashion_mnist",
     "low_data_subset",
     "make_dataset",
+    "make_joint_dataset",
+    "make_sampler",
+    "prepared_images",
     "steps_per_epoch",
     "train_val_split",
 ]

@@ -119,31 +119,49 @@ def _prepare_fn(source, height, width, channels):
     return prepare
 
 
-def _augment_fn(augment, seed, pipeline_id):
-    """Returns a map function flipping the images of a batch, keyed on the
-    batch's position in the stream.
+def augment_batch(images, augment, key):
+    """Randomly flips the images of a batch with one vectorised op per axis.
 
-    Augmenting whole batches with one vectorised op (rather than one op chain
-    per image) keeps the input side cheap enough that it never competes with
-    the training step for the CPU.
+    Augmenting whole batches (rather than running one op chain per image)
+    keeps the input side cheap enough that it never competes with the
+    training step for the CPU. The flips are stateless random functions of
+    `key` (a `[2]` int64 seed), so a batch's augmentation is reproducible.
+
+    Args:
+        images: `[batch, height, width, channels]` tensor.
+        augment: `"none"`, `"flip"` (left-right) or `"flip_ud"` (left-right
+            and up-down).
+        key: stateless random seed of shape `[2]`.
+
+    Returns:
+        The augmented images.
     """
-    base = tf.random.experimental.stateless_fold_in(
-        tf.constant([seed, 0], tf.int64), pipeline_id
-    )
+    if augment == "none":
+        return images
+    keys = tf.random.experimental.stateless_split(key, 2)
 
     def flip(images, axis, key):
         count = tf.shape(images)[0]
         coins = tf.random.stateless_uniform([count], seed=key) < 0.5
         return tf.where(coins[:, None, None, None], tf.reverse(images, [axis]), images)
 
+    images = flip(images, 2, keys[0])
+    if augment == "flip_ud":
+        images = flip(images, 1, keys[1])
+    return images
+
+
+def _augment_fn(augment, seed, pipeline_id):
+    """Returns a map function augmenting a batch, keyed on the batch's
+    position in the stream (see `augment_batch`)."""
+    base = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, 0], tf.int64), pipeline_id
+    )
+
     def apply(index, element):
         images, labels = element
         key = tf.random.experimental.stateless_fold_in(base, index)
-        keys = tf.random.experimental.stateless_split(key, 2)
-        images = flip(images, 2, keys[0])
-        if augment == "flip_ud":
-            images = flip(images, 1, keys[1])
-        return images, labels
+        return augment_batch(images, augment, key), labels
 
     return apply
 

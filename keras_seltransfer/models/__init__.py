@@ -13,19 +13,25 @@ from keras_seltransfer.models.classifier import BATCHNORM_MODES
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import iter_layers
 from keras_seltransfer.models.classifier import set_batchnorm_mode
+from keras_seltransfer.models.multitask import build_multitask_model
+from keras_seltransfer.models.multitask import joint_compile_args
+from keras_seltransfer.models.multitask import target_model
 
 __all__ = [
     "BATCHNORM_MODES",
     "FEATURES_LAYER",
     "available_backbones",
     "build_classifier",
+    "build_multitask_model",
     "cut_backbone",
     "is_backbone_path",
     "is_builtin_backbone",
     "iter_layers",
+    "joint_compile_args",
     "load_backbone",
     "reinitialize",
     "set_batchnorm_mode",
     "small_cnn",
+    "target_model",
     "with_dtype_policy",
 ]

@@ -1,0 +1,566 @@
+"""Mixed source/target batches for selective joint fine-tuning.
+
+Selective joint fine-tuning (Ge & Yu, CVPR 2017) trains one backbone on the
+target task and a source task at once. Every batch is half target images and
+half source images; each source image is a random neighbour of one of the
+batch's target images, drawn from the first `K_i` entries of that target
+image's sorted neighbour list (from `keras_seltransfer.retrieval`). Hard
+target images get longer lists as training goes (`AdaptiveNeighbourGrowth`).
+
+`JointSampler` holds the neighbour lists and the growth state in TensorFlow
+variables; `make_joint_dataset` builds a `tf.data` pipeline that reads them
+when an epoch starts, so a callback that changes the lists between epochs
+changes what the next epoch samples without rebuilding the model or
+retracing the training step.
+
+How an epoch is drawn (keyed on the sampler's seed and the epoch number, so
+runs are reproducible and a resumed run draws the same batches):
+
+1. Target draws. Each epoch makes `steps * batch/2` target draws, where
+   `steps = ceil(num_targets / (batch/2))`. Target `i` gets a share
+   proportional to its weight `K_i` (uniform for the pooled variants),
+   allocated by systematic sampling (every target gets the floor or the
+   ceiling of its expected count), then shuffled. With equal weights this is
+   a shuffled pass over the targets, padded to whole batches. A target whose
+   list grew gets proportionally more of the batches, so each of its
+   neighbours is drawn about as often as those of a target that did not
+   grow [inferred from the authors' code, which repeats grown target images
+   in the training list].
+2. Source draws. Each target draw is paired with one source image: a
+   uniformly random entry among the first `K_i` of its list, or a uniformly
+   random image of the pool (variants `all` and `random`).
+3. Batches. Consecutive draws form per-replica batches `[targets; sources]`
+   with the target images first; under a strategy every replica gets its own
+   half/half batch, so BatchNorm statistics always come from a mixed batch.
+
+Only the source images that can be drawn are touched: in-memory sources are
+gathered from the raw uint8 arrays of the candidates, on-disk sources read
+and decode just the drawn files.
+"""
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+from keras_seltransfer.data.pipeline import AUGMENTATIONS
+from keras_seltransfer.data.pipeline import _convert_channels
+from keras_seltransfer.data.pipeline import _prepare_fn
+from keras_seltransfer.data.pipeline import augment_batch
+from keras_seltransfer.data.pipeline import make_dataset
+from keras_seltransfer.data.sources import ImageSource
+from keras_seltransfer.utils.validation import check_int
+from keras_seltransfer.utils.validation import image_size_pair
+
+# Ablation variants of the paper (Table 4 of Ge & Yu) and what they sample.
+VARIANTS = ("selected", "selected_nogrowth", "all", "random")
+
+
+def _int_array(values, name, ndim):
+    array = np.asarray(values)
+    if array.ndim != ndim or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(
+            f"Expected `{name}` to be a {ndim}-D integer array. "
+            f"Received: {name} with shape {array.shape} and dtype {array.dtype}"
+        )
+    return array.astype(np.int64, copy=False)
+
+
+class JointSampler(keras.callbacks.Callback):
+    """Which source image goes with which target image, epoch by epoch.
+
+    Build one with `JointSampler.from_neighbours` (the selective method) or
+    `JointSampler.from_pool` (the "all source" and "random source"
+    ablations), pass it to `make_joint_dataset`, and pass it to `fit` as a
+    callback: it tells the pipeline which epoch is starting, so every epoch
+    draws fresh batches and a run resumed with `initial_epoch` draws the
+    same batches as an uninterrupted one. (Without the callback the pipeline
+    counts its own iterations instead.)
+
+    The source label space is re-indexed compactly over the classes of the
+    candidate source images: `source_classes[j]` is the original label of
+    compact class `j`, and `num_source_classes` sizes the source head.
+
+    Create samplers outside `strategy.scope()`: their state lives on the
+    host with the input pipeline, not with the model's replicas.
+
+    Args:
+        candidate_ids: `[P]` distinct positions, in the source set, of the
+            source images that may be drawn.
+        candidate_labels: `[P]` original labels of those images.
+        num_targets: number of target training images.
+        neighbours: `[num_targets, K]` positions *into `candidate_ids`*,
+            each row sorted nearest first; None for a pool sampler, where
+            every target draws uniformly from all candidates.
+        k0: initial number of neighbours per target (neighbour samplers).
+        seed: int seed of the draws.
+    """
+
+    def __init__(self, candidate_ids, candidate_labels, num_targets, *, neighbours=None, k0=None, seed=0):
+        super().__init__()
+        if tf.distribute.has_strategy():
+            raise ValueError(
+                "Create the JointSampler outside `strategy.scope()`: its state "
+                "belongs to the input pipeline on the host."
+            )
+        candidate_ids = _int_array(candidate_ids, "candidate_ids", 1)
+        candidate_labels = _int_array(candidate_labels, "candidate_labels", 1)
+        if len(candidate_ids) == 0:
+            raise ValueError("Expected at least one candidate source image. Received: none.")
+        if len(candidate_labels) != len(candidate_ids):
+            raise ValueError(
+                "Expected one label per candidate. Received: "
+                f"{len(candidate_labels)} labels for {len(candidate_ids)} candidates"
+            )
+        if len(np.unique(candidate_ids)) != len(candidate_ids) or candidate_ids.min() < 0:
+            raise ValueError("Expected `candidate_ids` to be distinct non-negative positions.")
+        self.num_targets = check_int(num_targets, "num_targets", 1)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"Expected `seed` to be an int. Received: seed={seed!r}")
+        self.seed = int(seed)
+        self.candidate_ids = candidate_ids
+        self.source_classes, compact = np.unique(candidate_labels, return_inverse=True)
+        self.candidate_labels = compact.astype(np.int32)
+        self.num_source_classes = len(self.source_classes)
+
+        self.neighbours = None
+        self.k0 = None
+        self.k_max = None
+        self.neighbour_counts = None
+        if neighbours is not None:
+            neighbours = _int_array(neighbours, "neighbours", 2)
+            if neighbours.shape[0] != self.num_targets or neighbours.shape[1] < 1:
+                raise ValueError(
+                    f"Expected `neighbours` of shape [num_targets={self.num_targets}, K>=1]. "
+                    f"Received: shape {neighbours.shape}"
+                )
+            if neighbours.min() < 0 or neighbours.max() >= len(candidate_ids):
+                raise ValueError(
+                    "Expected `neighbours` to hold positions into `candidate_ids` "
+                    f"(0..{len(candidate_ids) - 1}). Received values in "
+                    f"[{neighbours.min()}, {neighbours.max()}]"
+                )
+            self.k_max = int(neighbours.shape[1])
+            self.k0 = check_int(k0, "k0", 1)
+            if self.k0 > self.k_max:
+                raise ValueError(
+                    f"`k0` ({self.k0}) exceeds the neighbours stored per target "
+                    f"({self.k_max}); rebuild the index with a larger k_max or lower k0."
+                )
+            self.neighbours = neighbours.astype(np.int32)
+            self._neighbours_table = tf.constant(self.neighbours)
+            self.neighbour_counts = tf.Variable(
+                np.full([self.num_targets], self.k0, np.int32),
+                trainable=False,
+                name="neighbour_counts",
+            )
+        elif k0 is not None:
+            raise ValueError("`k0` applies to neighbour samplers only; a pool sampler has no lists.")
+        # -1: no epoch set yet; the pipeline then counts its own iterations.
+        self.epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name="joint_epoch")
+        self._iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="joint_iterations")
+
+    # ---------------------------------------------------------------- builders
+
+    @classmethod
+    def from_neighbours(cls, neighbour_ids, source_labels, *, k0, k_max=None, seed=0):
+        """A sampler over per-target neighbour lists (the selective method).
+
+        Args:
+            neighbour_ids: `[num_targets, K]` positions in the source set,
+                each row sorted nearest first (`neighbours.npz`'s
+                `neighbour_ids`, rows in the order of the target images the
+                pipeline gets).
+            source_labels: `[num_source]` labels of the whole source set.
+            k0: initial neighbours per target.
+            k_max: keep only the first `k_max` columns (the growth cap);
+                None keeps all.
+            seed: int seed of the draws.
+        """
+        ids = _int_array(neighbour_ids, "neighbour_ids", 2)
+        source_labels = _int_array(source_labels, "source_labels", 1)
+        if k_max is not None:
+            ids = ids[:, : check_int(k_max, "k_max", 1)]
+        if ids.size and (ids.min() < 0 or ids.max() >= len(source_labels)):
+            raise ValueError(
+                f"Neighbour ids must be positions in the source set (0..{len(source_labels) - 1}). "
+                f"Received values in [{ids.min()}, {ids.max()}]: the index was built for "
+                "another source set."
+            )
+        candidates, inverse = np.unique(ids, return_inverse=True)
+        return cls(
+            candidates,
+            source_labels[candidates],
+            ids.shape[0],
+            neighbours=inverse.reshape(ids.shape),
+            k0=k0,
+            seed=seed,
+        )
+
+    @classmethod
+    def from_pool(cls, pool_ids, source_labels, num_targets, *, seed=0):
+        """A sampler pairing every target draw with a uniform draw from a pool.
+
+        Args:
+            pool_ids: positions in the source set of the pool's images.
+            source_labels: `[num_source]` labels of the whole source set.
+            num_targets: number of target training images.
+            seed: int seed of the draws.
+        """
+        pool_ids = np.unique(_int_array(pool_ids, "pool_ids", 1))
+        source_labels = _int_array(source_labels, "source_labels", 1)
+        if pool_ids.size and pool_ids.max() >= len(source_labels):
+            raise ValueError(
+                f"Pool ids must be positions in the source set (0..{len(source_labels) - 1})."
+            )
+        return cls(pool_ids, source_labels[pool_ids], num_targets, seed=seed)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def uses_neighbours(self):
+        return self.neighbours is not None
+
+    def get_neighbour_counts(self):
+        """Current `K_i` per target as a NumPy array (neighbour samplers)."""
+        self._require_neighbours()
+        return self.neighbour_counts.numpy()
+
+    def set_neighbour_counts(self, counts):
+        """Sets `K_i` per target; the next epoch of the pipeline samples from them."""
+        self._require_neighbours()
+        counts = _int_array(counts, "counts", 1)
+        if counts.shape != (self.num_targets,) or counts.min() < 1 or counts.max() > self.k_max:
+            raise ValueError(
+                f"Expected `counts` of shape [{self.num_targets}] with values in "
+                f"[1, {self.k_max}]. Received: shape {counts.shape}, values in "
+                f"[{counts.min() if counts.size else None}, {counts.max() if counts.size else None}]"
+            )
+        self.neighbour_counts.assign(counts.astype(np.int32))
+
+    def state_variables(self):
+        """Variables a checkpoint must keep to resume the run exactly."""
+        return {"neighbour_counts": self.neighbour_counts} if self.uses_neighbours else {}
+
+    def _require_neighbours(self):
+        if not self.uses_neighbours:
+            raise ValueError("This sampler draws from a pool; it has no neighbour lists.")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(int(epoch))
+
+    # ---------------------------------------------------------------- drawing
+
+    def _next_epoch(self):
+        """The epoch the pipeline is drawing (reads the callback's value, or
+        counts iterations when no callback sets it)."""
+        count = self._iterations.assign_add(1) - 1
+        return tf.where(self.epoch >= 0, self.epoch, count)
+
+    def draw(self, num_draws, epoch):
+        """Draws one epoch's `(target_indices, candidate_positions)`.
+
+        Pure TensorFlow (runs inside the input pipeline); see the module
+        docstring for the rule.
+
+        Args:
+            num_draws: number of target draws (int).
+            epoch: int64 scalar; the draws are a function of `(seed, epoch)`
+                and the current neighbour counts.
+
+        Returns:
+            Two int32 tensors of shape `[num_draws]`: target indices and
+            positions into `candidate_ids`.
+        """
+        key = tf.random.experimental.stateless_fold_in(
+            tf.constant([self.seed, 7], tf.int64), tf.cast(epoch, tf.int64)
+        )
+        keys = tf.random.experimental.stateless_split(key, 3)
+        if self.uses_neighbours:
+            counts = tf.convert_to_tensor(self.neighbour_counts)
+            weights = tf.cast(counts, tf.float64)
+        else:
+            weights = tf.ones([self.num_targets], tf.float64)
+        # Systematic sampling: one uniform offset, evenly spaced points over
+        # the cumulative weights; every target gets floor or ceil of its
+        # expected count.
+        cumulative = tf.cumsum(weights)
+        offset = tf.random.stateless_uniform([], seed=keys[0], dtype=tf.float64)
+        points = (offset + tf.range(num_draws, dtype=tf.float64)) * (
+            cumulative[-1] / num_draws
+        )
+        targets = tf.searchsorted(cumulative, points, side="right", out_type=tf.int32)
+        targets = tf.minimum(targets, self.num_targets - 1)
+        order = tf.argsort(tf.random.stateless_uniform([num_draws], seed=keys[1]))
+        targets = tf.gather(targets, order)
+        u = tf.random.stateless_uniform([num_draws], seed=keys[2], dtype=tf.float64)
+        if self.uses_neighbours:
+            k = tf.gather(counts, targets)
+            column = tf.minimum(tf.cast(u * tf.cast(k, tf.float64), tf.int32), k - 1)
+            positions = tf.gather_nd(self._neighbours_table, tf.stack([targets, column], axis=1))
+        else:
+            pool = len(self.candidate_ids)
+            positions = tf.minimum(tf.cast(u * pool, tf.int32), pool - 1)
+        return targets, positions
+
+
+def joint_steps_per_epoch(num_targets, global_batch_size):
+    """Steps of one joint epoch: enough half-batches to cover every target once."""
+    num_targets = check_int(num_targets, "num_targets", 1)
+    global_batch_size = check_int(global_batch_size, "global_batch_size", 2)
+    return -(-num_targets // (global_batch_size // 2))
+
+
+def prepared_images(source, image_size, channels=None, batch_size=256):
+    """Decodes, converts and resizes every image of a source into one
+    float32 array `[N, height, width, channels]` (as `make_dataset` would)."""
+    dataset = make_dataset(source, image_size, batch_size, channels=channels, cache=False)
+    return np.concatenate([images.numpy() for images, _ in dataset], axis=0)
+
+
+def _source_fetcher(source, candidate_ids, height, width, channels):
+    """Returns a function from candidate positions `[n]` to prepared images."""
+    if source.in_memory:
+        raw = tf.Variable(
+            source.images[candidate_ids], trainable=False, name="joint_source_images"
+        )
+        same_size = tuple(source.images.shape[1:3]) == (height, width)
+
+        def fetch(positions):
+            images = _convert_channels(
+                tf.cast(tf.gather(raw, positions), tf.float32), source.channels, channels
+            )
+            if not same_size:
+                images = tf.image.resize(images, (height, width), method="bilinear", antialias=True)
+                images = tf.clip_by_value(images, 0.0, 255.0)
+            return images
+
+        return fetch
+
+    paths = tf.constant(source.paths[candidate_ids])
+    prepare = _prepare_fn(source, height, width, channels)
+
+    def fetch(positions):
+        return tf.map_fn(
+            lambda path: prepare(path, 0)[0],
+            tf.gather(paths, positions),
+            fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32),
+        )
+
+    return fetch
+
+
+def make_joint_dataset(
+    target,
+    source,
+    sampler,
+    image_size,
+    global_batch_size,
+    *,
+    strategy=None,
+    channels=None,
+    augment="flip",
+    target_class_weight=None,
+    target_images=None,
+):
+    """Builds the joint training pipeline: every batch half target, half source.
+
+    Each element is `(images, labels, sample_weights)` for a model built by
+    `build_multitask_model`: `images` is `[batch, h, w, c]` float32 raw
+    pixels with the batch's target images first and their paired source
+    images second; `labels` and `sample_weights` are dicts with `"target"`
+    and `"source"` entries. A target image has source weight 0 and a source
+    image target weight 0; the others are 2 (times the target class weight,
+    when given), so with Keras's `sum_over_batch_size` reduction each loss is
+    the mean over its own half of the batch.
+
+    The dataset is finite: one epoch of `joint_steps_per_epoch(len(target),
+    global_batch_size)` steps. Call `fit` without `steps_per_epoch` so a new
+    epoch starts a new iterator, which reads the sampler's current state.
+
+    Args:
+        target: `ImageSource` of the target training images, in the order of
+            the sampler's rows.
+        source: `ImageSource` of the whole source set (positions match the
+            sampler's candidate ids).
+        sampler: a `JointSampler`.
+        image_size: int or `(height, width)`.
+        global_batch_size: images per step over all replicas, half target and
+            half source; each replica's share must be even.
+        strategy: a `tf.distribute.Strategy` to distribute to, or None for a
+            plain `tf.data.Dataset`.
+        channels: output channels (None: the target's).
+        augment: `"none"`, `"flip"` or `"flip_ud"`, applied to both halves.
+        target_class_weight: optional dict from target class to loss weight.
+        target_images: optional prepared target images (`prepared_images`),
+            to share one decoded copy between pipelines.
+
+    Returns:
+        A `tf.data.Dataset`, or a `tf.distribute.DistributedDataset` when a
+        strategy with several replicas is given. (Keras cannot tell the
+        length of the latter before its first epoch ends, and warns once that
+        the input "ran out of data" when that epoch ends: expected.)
+    """
+    if not isinstance(target, ImageSource) or not isinstance(source, ImageSource):
+        raise ValueError("Expected `target` and `source` to be ImageSources.")
+    if not isinstance(sampler, JointSampler):
+        raise ValueError(f"Expected a JointSampler. Received: {type(sampler).__name__}")
+    if len(target) != sampler.num_targets:
+        raise ValueError(
+            f"The sampler has {sampler.num_targets} target rows but the target set has "
+            f"{len(target)} images; build the sampler for these target images."
+        )
+    if sampler.candidate_ids.max() >= len(source):
+        raise ValueError(
+            f"The sampler draws source position {sampler.candidate_ids.max()} but the "
+            f"source set has {len(source)} images."
+        )
+    height, width = image_size_pair(image_size)
+    global_batch_size = check_int(global_batch_size, "global_batch_size", 2)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if global_batch_size % (2 * replicas):
+        raise ValueError(
+            "Expected `global_batch_size` to be a multiple of 2 x replicas "
+            f"({2 * replicas}) so every replica gets a half/half batch. "
+            f"Received: global_batch_size={global_batch_size}"
+        )
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"Expected `augment` in {AUGMENTATIONS}. Received: augment={augment!r}")
+    channels = target.channels if channels is None else int(channels)
+    if target_images is None:
+        target_images = prepared_images(target, (height, width), channels)
+    if target_images.shape != (len(target), height, width, channels):
+        raise ValueError(
+            f"Expected `target_images` of shape {(len(target), height, width, channels)}. "
+            f"Received: {target_images.shape}"
+        )
+    target_images = tf.Variable(target_images, trainable=False, name="joint_target_images")
+    target_labels = tf.constant(target.labels.astype(np.int32))
+    class_weights = np.ones([max(target.num_classes, 1)], np.float32)
+    if target_class_weight:
+        for label, weight in target_class_weight.items():
+            class_weights[int(label)] = float(weight)
+    class_weights = tf.constant(class_weights)
+    source_labels = tf.constant(sampler.candidate_labels)
+    fetch_source = _source_fetcher(source, sampler.candidate_ids, height, width, channels)
+    steps = joint_steps_per_epoch(len(target), global_batch_size)
+    half = global_batch_size // (2 * replicas)
+    num_draws = steps * replicas * half
+
+    def dataset_fn(input_context=None):
+        pipelines = input_context.num_input_pipelines if input_context else 1
+        pipeline = input_context.input_pipeline_id if input_context else 0
+        local = replicas // pipelines
+
+        def plan(_):
+            epoch = sampler._next_epoch()
+            targets, positions = sampler.draw(num_draws, epoch)
+            # Rows ordered [step, pipeline, local replica]: this pipeline
+            # keeps its own replicas' rows of every step.
+            shape = [steps, pipelines, local, half]
+            targets = tf.reshape(targets, shape)[:, pipeline]
+            positions = tf.reshape(positions, shape)[:, pipeline]
+            rows = (
+                tf.range(steps, dtype=tf.int64)[:, None] * pipelines + pipeline
+            ) * local + tf.range(local, dtype=tf.int64)[None, :]
+            return (
+                tf.reshape(targets, [-1, half]),
+                tf.reshape(positions, [-1, half]),
+                tf.fill([steps * local], epoch),
+                tf.reshape(rows, [-1]),
+            )
+
+        def fetch(targets, positions, epoch, row):
+            images = tf.concat(
+                [tf.gather(target_images, targets), fetch_source(positions)], axis=0
+            )
+            key = tf.random.experimental.stateless_fold_in(
+                tf.random.experimental.stateless_fold_in(
+                    tf.constant([sampler.seed, 11], tf.int64), epoch
+                ),
+                row,
+            )
+            images = augment_batch(images, augment, key)
+            t_labels = tf.gather(target_labels, targets)
+            zeros = tf.zeros([half], tf.int32)
+            labels = {
+                "target": tf.concat([t_labels, zeros], 0),
+                "source": tf.concat([zeros, tf.gather(source_labels, positions)], 0),
+            }
+            none = tf.zeros([half], tf.float32)
+            weights = {
+                "target": tf.concat([2.0 * tf.gather(class_weights, t_labels), none], 0),
+                "source": tf.concat([none, tf.fill([half], 2.0)], 0),
+            }
+            return images, labels, weights
+
+        dataset = tf.data.Dataset.from_tensors(0).map(plan)
+        dataset = dataset.flat_map(lambda *rows: tf.data.Dataset.from_tensor_slices(rows))
+        dataset = dataset.map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps * local))
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    if replicas == 1:
+        # One replica: Keras takes the plain dataset as is (and knows its
+        # length from the first epoch on).
+        return dataset_fn()
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def joint_validation_dataset(target, image_size, batch_size, channels=None):
+    """Target images in the joint model's `(images, labels, weights)` form:
+    target labels with weight 1, source weight 0 (validation of the target
+    task only)."""
+
+    def to_joint(images, labels):
+        zeros = tf.zeros_like(labels)
+        count = tf.shape(labels)[0]
+        return (
+            images,
+            {"target": labels, "source": zeros},
+            {"target": tf.ones([count], tf.float32), "source": tf.zeros([count], tf.float32)},
+        )
+
+    return make_dataset(target, image_size, batch_size, channels=channels).map(to_joint)
+
+
+def random_pool(num_source, size, seed=0):
+    """`size` distinct source positions chosen uniformly (the random-source ablation)."""
+    num_source = check_int(num_source, "num_source", 1)
+    size = check_int(size, "size", 1)
+    if size > num_source:
+        raise ValueError(f"Cannot choose {size} of {num_source} source images.")
+    return np.sort(np.random.default_rng(seed).choice(num_source, size, replace=False))
+
+
+def make_sampler(variant, neighbour_ids, source_labels, *, k0, k_max=None, seed=0):
+    """The sampler of one of `VARIANTS` from a target's neighbour lists.
+
+    - `selected`, `selected_nogrowth`: neighbour lists (growth is the
+      callback's business; the sampler is the same).
+    - `all`: every source image, uniformly.
+    - `random`: as many uniformly chosen source images as the lists select
+      (distinct ids in their first `k_max` columns), drawn uniformly.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"Expected `variant` in {VARIANTS}. Received: variant={variant!r}")
+    source_labels = _int_array(source_labels, "source_labels", 1)
+    ids = _int_array(neighbour_ids, "neighbour_ids", 2)
+    if variant in ("selected", "selected_nogrowth"):
+        return JointSampler.from_neighbours(ids, source_labels, k0=k0, k_max=k_max, seed=seed)
+    if variant == "all":
+        return JointSampler.from_pool(np.arange(len(source_labels)), source_labels, ids.shape[0], seed=seed)
+    selected = len(np.unique(ids[:, :k_max] if k_max else ids))
+    pool = random_pool(len(source_labels), selected, seed=seed)
+    return JointSampler.from_pool(pool, source_labels, ids.shape[0], seed=seed)
+
+
+__all__ = [
+    "JointSampler",
+    "VARIANTS",
+    "joint_steps_per_epoch",
+    "joint_validation_dataset",
+    "make_joint_dataset",
+    "make_sampler",
+    "prepared_images",
+    "random_pool",
+]
