@@ -127,7 +127,13 @@ def main(argv):
         f"balanced accuracy {report['balanced_accuracy']:.4f} "
         f"({report['num_examples']} test images, {report['train_examples']} training images)"
     )
-    for key, label in (("report_md", "report"), ("model", "model"), ("saved_model", "SavedModel")):
+    keys = (
+        ("report_md", "report"),
+        ("model", "model"),
+        ("multitask_model", "two-head model"),
+        ("saved_model", "SavedModel"),
+    )
+    for key, label in keys:
         if key in outputs:
             print(f"  {label}: {outputs[key]}")
 
