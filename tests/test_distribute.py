@@ -259,7 +259,8 @@ def _free_ports(count):
             sock.close()
 
 
-def test_multi_worker_fit_matches_single_process(tmp_path):
+def _run_two_workers(tmp_path, script):
+    """Runs `script OUTPUT.npz` as two workers on 127.0.0.1; returns the outputs."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     env = dict(os.environ)
@@ -278,7 +279,7 @@ def test_multi_worker_fit_matches_single_process(tmp_path):
             logs.append(open(tmp_path / f"worker{index}.log", "wb"))
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, _WORKER_SCRIPT, str(outputs[-1])],
+                    [sys.executable, script, str(outputs[-1])],
                     cwd=_REPO_ROOT,
                     env=dict(env),
                     stdout=logs[-1],
@@ -309,7 +310,11 @@ def test_multi_worker_fit_matches_single_process(tmp_path):
             f"{log[-4000:]}"
         )
 
-    results = [dict(np.load(path)) for path in outputs]
+    return [dict(np.load(path)) for path in outputs]
+
+
+def test_multi_worker_fit_matches_single_process(tmp_path):
+    results = _run_two_workers(tmp_path, _WORKER_SCRIPT)
     for index, result in enumerate(results):
         assert result["num_replicas"] == 2
         assert bool(result["is_chief"]) is (index == 0)
@@ -330,3 +335,28 @@ def test_multi_worker_fit_matches_single_process(tmp_path):
     _assert_same_weights(worker_weights[0], reference, rtol=1e-5, atol=1e-5)
     for result in results:
         np.testing.assert_allclose(result["loss"], reference_loss, rtol=1e-5)
+
+
+def test_joint_pipeline_under_multi_worker(tmp_path):
+    """Each worker's replica gets its half/half share of exactly the draws of
+    the single-process pipeline, and training stays in sync."""
+    from tests import multiworker_joint_worker as joint
+
+    results = _run_two_workers(
+        tmp_path, os.path.join(_REPO_ROOT, "tests", "multiworker_joint_worker.py")
+    )
+    sampler, dataset = joint.make_pipeline()
+    sampler.on_epoch_begin(0)
+    plain = [x.numpy()[:, 0, 0, 0].round().astype(int) for x, _, _ in dataset]
+    half = joint.GLOBAL_BATCH // 4  # per replica: 2 target + 2 source images
+    for worker, result in enumerate(results):
+        seen = result["seen"]
+        assert len(seen) == len(plain)
+        for local, batch in zip(seen, plain):
+            np.testing.assert_array_equal(local[:half], batch[worker * half : (worker + 1) * half])
+            np.testing.assert_array_equal(
+                local[half:], batch[2 * half + worker * half : 2 * half + (worker + 1) * half]
+            )
+    num_weights = sum(key.startswith("weight_") for key in results[0])
+    for i in range(num_weights):
+        np.testing.assert_allclose(results[0][f"weight_{i}"], results[1][f"weight_{i}"], atol=1e-7)
