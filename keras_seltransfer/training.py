@@ -557,6 +557,14 @@ def finetune(config):
     interrupted run resumes from `backup/` when rerun with the same output
     directory. Every file is written atomically.
 
+    The sjft methods (selective joint fine-tuning, Ge & Yu, CVPR 2017) train
+    a two-head model on batches of half target images and half source
+    images drawn from each target image's nearest source images
+    (`config.index_dir`, built there when missing), growing the neighbour
+    lists of hard target images (method `sjft`); `model.keras` and the
+    SavedModel hold the backbone with the target head only, and
+    `multitask.keras` the model with both heads.
+
     Args:
         config: a `FinetuneConfig`.
 
