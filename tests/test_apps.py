@@ -133,3 +133,28 @@ def test_finetune_resumes_after_sigkill(tmp_path):
     assert report["resumed_from_epoch"] >= 2
     assert (run_dir / "report.json").is_file()
     assert not (run_dir / "backup").exists()
+
+
+def test_finetune_sjft_end_to_end(tmp_path):
+    source = helpers.write_npz(tmp_path / "source.npz", num_per_class=30, num_classes=3, seed=4)
+    target = helpers.write_npz(tmp_path / "target.npz", num_per_class=24, seed=1)
+    backbone = helpers.saved_backbone(tmp_path / "backbone.keras")
+    run = tmp_path / "sjft"
+    result = _run(
+        "apps.finetune", "--method=sjft", f"--source=numpy:{source}", f"--target=numpy:{target}",
+        f"--backbone={backbone}", f"--index_dir={tmp_path / 'index'}", f"--output_dir={run}",
+        "--image_size=16", "--batch_size=8", "--epochs=2", "--k0=2", "--k_max=8",
+        "--growth_period=1", "--verbose=0", "--notensorboard",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sjft on numpy:" in result.stdout and "two-head model:" in result.stdout
+    for name in ("model.keras", "multitask.keras", "saved_model", "report.json"):
+        assert (run / name).exists(), name
+    assert (tmp_path / "index" / "neighbours.npz").is_file()
+
+    odd = _run(
+        "apps.finetune", "--method=sjft", f"--source=numpy:{source}", f"--target=numpy:{target}",
+        f"--backbone={backbone}", f"--output_dir={tmp_path / 'odd'}", "--batch_size=7",
+    )
+    assert odd.returncode == 2
+    assert "batch_size" in odd.stderr and "Traceback" not in odd.stderr
