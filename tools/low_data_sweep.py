@@ -12,6 +12,7 @@ Rows:
   baseline  plain fine-tuning of the pretrained backbone (BatchNorm frozen)
   l2sp      fine-tuning with the L2-SP penalty
   scratch   the same network trained from random initialisation
+  baseline_bntrain  plain fine-tuning with BatchNorm trained (as the sjft rows)
   sjft      selective joint fine-tuning with the source set's nearest images
             (index from --index_dir, built there when missing)
   sjft_nogrowth, sjft_all, sjft_random   its ablations (no neighbour growth,
@@ -37,6 +38,7 @@ ROWS = {
     "baseline": {"method": "baseline"},
     "l2sp": {"method": "l2sp"},
     "scratch": {"method": "baseline", "from_scratch": True},
+    "baseline_bntrain": {"method": "baseline", "batchnorm": "train"},
     "sjft": {"method": "sjft"},
     "sjft_nogrowth": {"method": "sjft_nogrowth"},
     "sjft_all": {"method": "sjft_all"},
