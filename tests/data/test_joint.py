@@ -1,5 +1,7 @@
 """The joint source/target pipeline: batch composition, sampling rule, state."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -256,7 +258,23 @@ def test_fit_under_mirrored_strategy():
         model.compile(keras.optimizers.Adam(1e-2), **joint_compile_args())
     ds = make_joint_dataset(target, source, sampler, 8, 8, strategy=strategy)
     val = data_lib.joint_validation_dataset(target, 8, 8)
-    history = model.fit(ds, epochs=2, validation_data=val, callbacks=[sampler], shuffle=False, verbose=0)
+    batches = []
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            batches.append(0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            batches[-1] += 1
+
+    with warnings.catch_warnings():
+        # Keras learns a distributed dataset's length when its first epoch
+        # ends, and says so with this warning (see make_joint_dataset).
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        history = model.fit(
+            ds, epochs=2, validation_data=val, callbacks=[sampler, Count()], shuffle=False, verbose=0
+        )
+    assert batches == [3, 3]
     assert np.all(np.isfinite(history.history["loss"]))
     assert "val_target_crossentropy" in history.history
 
