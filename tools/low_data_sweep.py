@@ -61,6 +61,9 @@ flags.DEFINE_integer("epochs", 30, "Maximum epochs per run.")
 flags.DEFINE_integer("patience", 8, "Early-stopping patience.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+flags.DEFINE_boolean(
+    "table_only", False, "Only tabulate finished runs (a missing cell shows '-'); train nothing."
+)
 FLAGS = flags.FLAGS
 
 
@@ -104,6 +107,8 @@ def main(argv):
             for seed in FLAGS.seeds:
                 run_dir = os.path.join(FLAGS.output_dir, f"{row}-{float(fraction):g}-seed{seed}")
                 report_path = os.path.join(run_dir, "report.json")
+                if not os.path.isfile(report_path) and FLAGS.table_only:
+                    continue
                 if not os.path.isfile(report_path):
                     config = training.FinetuneConfig(
                         target=FLAGS.target,
