@@ -404,6 +404,11 @@ def make_joint_dataset(
         raise ValueError("Expected `target` and `source` to be ImageSources.")
     if not isinstance(sampler, JointSampler):
         raise ValueError(f"Expected a JointSampler. Received: {type(sampler).__name__}")
+    if tf.distribute.has_strategy():
+        raise ValueError(
+            "Call make_joint_dataset outside `strategy.scope()` and pass the strategy "
+            "as `strategy=`: the pipeline's images live on the host, not with the replicas."
+        )
     if len(target) != sampler.num_targets:
         raise ValueError(
             f"The sampler has {sampler.num_targets} target rows but the target set has "

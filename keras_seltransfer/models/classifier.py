@@ -28,6 +28,17 @@ def build_classifier(backbone, num_classes, dropout=0.0, head_name="target_head"
         raise ValueError(
             f"`num_classes` must be at least 2. Received: num_classes={num_classes}"
         )
+    x = head_input(backbone, dropout, f"{head_name}_dropout")
+    outputs = keras.layers.Dense(
+        int(num_classes), activation="softmax", dtype="float32", name=head_name
+    )(x)
+    inputs = backbone.inputs[0] if len(backbone.inputs) == 1 else backbone.inputs
+    return keras.Model(inputs, outputs, name=name or f"{backbone.name}_classifier")
+
+
+def head_input(backbone, dropout, dropout_name):
+    """The backbone's pooled features, after dropout when `dropout` > 0: what
+    classification heads are attached to (checks both arguments)."""
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
     features = backbone.outputs[0]
@@ -37,14 +48,9 @@ def build_classifier(backbone, num_classes, dropout=0.0, head_name="target_head"
             "with `cut_backbone(model, layer, pooling='avg')`. "
             f"Received: backbone output shape={tuple(features.shape)}"
         )
-    x = features
     if dropout:
-        x = keras.layers.Dropout(float(dropout), name=f"{head_name}_dropout")(x)
-    outputs = keras.layers.Dense(
-        int(num_classes), activation="softmax", dtype="float32", name=head_name
-    )(x)
-    inputs = backbone.inputs[0] if len(backbone.inputs) == 1 else backbone.inputs
-    return keras.Model(inputs, outputs, name=name or f"{backbone.name}_classifier")
+        return keras.layers.Dropout(float(dropout), name=dropout_name)(features)
+    return features
 
 
 def iter_layers(model):

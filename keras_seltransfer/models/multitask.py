@@ -9,6 +9,8 @@ of `joint_compile_args`; serve the target task with `target_model`.
 
 import keras
 
+from keras_seltransfer.models.classifier import head_input
+
 SOURCE = "source"
 TARGET = "target"
 
@@ -58,20 +60,9 @@ def build_multitask_model(
         raise ValueError(
             f"`num_target_classes` must be at least 2. Received: {num_target_classes}"
         )
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
     if source_head == target_head:
         raise ValueError("The two heads need different names.")
-    features = backbone.outputs[0]
-    if len(features.shape) != 2:
-        raise ValueError(
-            "The backbone must output pooled features [batch, features]; cut it "
-            "with `cut_backbone(model, layer, pooling='avg')`. "
-            f"Received: backbone output shape={tuple(features.shape)}"
-        )
-    x = features
-    if dropout:
-        x = keras.layers.Dropout(float(dropout), name="heads_dropout")(x)
+    x = head_input(backbone, dropout, "heads_dropout")
     target = keras.layers.Dense(
         int(num_target_classes), activation="softmax", dtype="float32", name=target_head
     )(x)

@@ -351,6 +351,8 @@ def test_dataset_errors():
         make_joint_dataset(target, source, sampler, SIZE, 6, strategy=strategy)
     with strategy.scope(), pytest.raises(ValueError, match="outside `strategy.scope"):
         JointSampler.from_neighbours(_neighbours(), source.labels, k0=2)
+    with strategy.scope(), pytest.raises(ValueError, match="outside `strategy.scope"):
+        make_joint_dataset(target, source, sampler, SIZE, 8, strategy=strategy)
     pool = make_sampler("all", _neighbours(), source.labels, k0=2)
     with pytest.raises(ValueError, match="no neighbour lists"):
         pool.get_neighbour_counts()
