@@ -39,7 +39,9 @@ setup(
         "gpu": ["tensorflow[and-cuda]>=2.16"],
         # The ELPV solar-cell images (CC BY-NC-SA 4.0), the default target data.
         "data": ["elpv-dataset>=1.0"],
-        "dev": ["pytest>=8.0", "elpv-dataset>=1.0"],
+        # Plots of the benchmark and results tools (tools/).
+        "plots": ["matplotlib>=3.7"],
+        "dev": ["pytest>=8.0", "elpv-dataset>=1.0", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [f"kst-{name} = apps.{name}:run" for name in APPS],

@@ -106,6 +106,91 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "source_weight", _D["source_weight"], "sjft: weight of the source loss.", lower_bound=0.0
 )
+# AdaFilter (--method=adafilter).
+flags.DEFINE_string(
+    "gated_layers", None,
+    "adafilter: regular expression of the conv layer names to gate. Unset: every Conv2D "
+    "and DepthwiseConv2D.",
+)
+flags.DEFINE_enum(
+    "gate_estimator", _D["gate_estimator"], list(training.GATE_ESTIMATORS),
+    "adafilter: gradient estimator of the discrete gates (straight-through threshold "
+    "or straight-through Gumbel-softmax).",
+)
+flags.DEFINE_float(
+    "gate_temperature", _D["gate_temperature"], "adafilter: Gumbel-softmax temperature.",
+    lower_bound=1e-6,
+)
+flags.DEFINE_integer(
+    "gate_units", _D["gate_units"], "adafilter: hidden units of the shared recurrent gate.",
+    lower_bound=1,
+)
+flags.DEFINE_float(
+    "gate_usage_target", None,
+    "adafilter: target fraction of fine-tuned filters chosen (adds a sparsity loss). "
+    "Unset: no sparsity loss.",
+    lower_bound=0.0, upper_bound=1.0,
+)
+flags.DEFINE_float(
+    "gate_usage_weight", _D["gate_usage_weight"], "adafilter: weight of the sparsity loss.",
+    lower_bound=0.0,
+)
+# Selective filter transfer (--method=filter_transfer).
+flags.DEFINE_enum(
+    "relevance_statistic", _D["relevance_statistic"], list(training.RELEVANCE_STATISTICS),
+    "filter_transfer: filter relevance: mean post-activation response, activation "
+    "frequency, or symmetric KL between source and target response distributions.",
+)
+flags.DEFINE_float(
+    "transfer_ratio", _D["transfer_ratio"],
+    "filter_transfer: fraction of each layer's filters transferred; the rest are re-initialised.",
+    lower_bound=0.0, upper_bound=1.0,
+)
+flags.DEFINE_boolean(
+    "reinit_next", _D["reinit_next"],
+    "filter_transfer: also re-initialise the next layer's input slices of re-initialised filters.",
+)
+flags.DEFINE_integer(
+    "prune_period", _D["prune_period"],
+    "filter_transfer: epochs between relevance-pruning rounds during fine-tuning (0: none).",
+    lower_bound=0,
+)
+flags.DEFINE_float(
+    "prune_fraction", _D["prune_fraction"],
+    "filter_transfer: fraction of each layer's filters pruned by the end of training.",
+    lower_bound=0.0, upper_bound=1.0,
+)
+flags.DEFINE_enum(
+    "prune_action", _D["prune_action"], list(training.PRUNE_ACTIONS),
+    "filter_transfer: mask or re-initialise pruned filters.",
+)
+# Anti-aliasing (--method=antialias_ft, ktft).
+flags.DEFINE_integer(
+    "blur_filt_size", _D["blur_filt_size"], "antialias_ft/ktft: BlurPool filter size.",
+    lower_bound=1, upper_bound=7,
+)
+flags.DEFINE_enum(
+    "blur_pad_type", _D["blur_pad_type"], list(training.BLUR_PAD_TYPES),
+    "antialias_ft/ktft: BlurPool padding.",
+)
+flags.DEFINE_float(
+    "ktft_pixel_weight", _D["ktft_pixel_weight"],
+    "ktft: weight of the pixel-level loss (feature-map MSE to the original network).",
+    lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "ktft_global_weight", _D["ktft_global_weight"],
+    "ktft: weight of the global-level loss (pooled stage features).", lower_bound=0.0,
+)
+flags.DEFINE_float(
+    "ktft_logit_weight", _D["ktft_logit_weight"],
+    "ktft: weight of the teacher-to-student KL on class probabilities.", lower_bound=0.0,
+)
+flags.DEFINE_string(
+    "ktft_layers", None,
+    "ktft: comma-separated stage-output layer names the losses compare. Unset: every "
+    "downsampling stage's output.",
+)
 common.define_training_flags(training.FinetuneConfig)
 
 # List the shared flags in --help, not only in --helpfull.

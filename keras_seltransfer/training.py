@@ -24,6 +24,7 @@ from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
 from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
+from keras_seltransfer import recipes
 from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models.classifier import build_classifier
@@ -47,7 +48,15 @@ JOINT_VARIANTS = {
     "sjft_all": "all",
     "sjft_random": "random",
 }
-METHODS = ("baseline", "l2sp") + tuple(JOINT_VARIANTS)
+# Single-task methods with a recipe (keras_seltransfer.recipes): AdaFilter,
+# selective filter transfer, anti-aliased fine-tuning and knowledge-transferred
+# fine-tuning of the anti-aliased network.
+RECIPE_METHODS = ("adafilter", "filter_transfer", "antialias_ft", "ktft")
+METHODS = ("baseline", "l2sp") + tuple(JOINT_VARIANTS) + RECIPE_METHODS
+GATE_ESTIMATORS = ("ste", "gumbel")
+RELEVANCE_STATISTICS = ("mean", "frequency", "kl")
+PRUNE_ACTIONS = ("mask", "reinit")
+BLUR_PAD_TYPES = ("reflect", "replicate", "zero")
 INDEX_BANKS = ("conv", "gabor")
 OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -114,6 +123,43 @@ class FinetuneConfig:
             maximum entropy.
         target_weight: weight of the target cross-entropy in the joint loss.
         source_weight: weight of the source cross-entropy in the joint loss.
+        gated_layers: AdaFilter: regular expression selecting the Conv2D
+            layers to gate (by name, `re.search`); None gates every Conv2D
+            and DepthwiseConv2D of the backbone.
+        gate_estimator: AdaFilter: gradient estimator of the discrete gates,
+            `"ste"` (hard threshold forward, sigmoid gradient backward) or
+            `"gumbel"` (straight-through Gumbel-softmax).
+        gate_temperature: AdaFilter: Gumbel-softmax temperature.
+        gate_units: AdaFilter: hidden units of the shared recurrent gate.
+        gate_usage_target: AdaFilter: target fraction of fine-tuned filters
+            chosen; None adds no sparsity loss.
+        gate_usage_weight: AdaFilter: weight of the sparsity loss.
+        relevance_statistic: filter transfer: `"mean"` (mean post-activation
+            response), `"frequency"` (fraction of positive responses) or
+            `"kl"` (symmetric KL between the filter's response distributions
+            on source and target data; uses `source`).
+        transfer_ratio: filter transfer: fraction of each layer's filters
+            transferred (the most relevant); the rest are re-initialised.
+        reinit_next: filter transfer: also re-initialise the next layer's
+            input slices of the re-initialised filters.
+        prune_period: filter transfer: epochs between `RelevancePruning`
+            rounds during fine-tuning; 0 disables the callback.
+        prune_fraction: filter transfer: fraction of each layer's filters
+            masked by the end of training (reached on a linear schedule).
+        prune_action: filter transfer: `"mask"` or `"reinit"` the filters
+            that fall below the threshold.
+        blur_filt_size: antialias_ft / ktft: BlurPool filter size (1-7).
+        blur_pad_type: antialias_ft / ktft: BlurPool padding
+            (`"reflect"`, `"replicate"` or `"zero"`).
+        ktft_pixel_weight: ktft: weight of the pixel-level loss (mean squared
+            difference of stage feature maps); 0 disables it.
+        ktft_global_weight: ktft: weight of the global-level loss (on the
+            globally pooled stage features); 0 disables it.
+        ktft_logit_weight: ktft: weight of the teacher-to-student KL
+            divergence on the class probabilities; 0 disables it.
+        ktft_layers: ktft: comma-separated names of the stage outputs the
+            losses compare; None picks the output of every downsampling
+            stage.
         from_scratch: re-initialise the backbone (same architecture).
         backbone_weights: weights for named backbones (None, "imagenet", path).
         cut_layer: layer to cut a saved or application backbone at.
@@ -160,6 +206,24 @@ class FinetuneConfig:
     delta: float = None
     target_weight: float = 0.5
     source_weight: float = 0.5
+    gated_layers: str = None
+    gate_estimator: str = "ste"
+    gate_temperature: float = 1.0
+    gate_units: int = 32
+    gate_usage_target: float = None
+    gate_usage_weight: float = 0.1
+    relevance_statistic: str = "mean"
+    transfer_ratio: float = 0.5
+    reinit_next: bool = False
+    prune_period: int = 0
+    prune_fraction: float = 0.25
+    prune_action: str = "mask"
+    blur_filt_size: int = 4
+    blur_pad_type: str = "reflect"
+    ktft_pixel_weight: float = 1.0
+    ktft_global_weight: float = 1.0
+    ktft_logit_weight: float = 0.0
+    ktft_layers: str = None
     from_scratch: bool = False
     backbone_weights: str = None
     cut_layer: str = None
@@ -198,6 +262,49 @@ class FinetuneConfig:
                 f"Received: batch_size={self.batch_size}"
             )
         _check_choice("class_weight", self.class_weight, ("none", "balanced"))
+        _check_choice("gate_estimator", self.gate_estimator, GATE_ESTIMATORS)
+        _check_choice("relevance_statistic", self.relevance_statistic, RELEVANCE_STATISTICS)
+        _check_choice("prune_action", self.prune_action, PRUNE_ACTIONS)
+        _check_choice("blur_pad_type", self.blur_pad_type, BLUR_PAD_TYPES)
+        for name, low, high in (
+            ("gate_units", 1, None),
+            ("prune_period", 0, None),
+            ("blur_filt_size", 1, 7),
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, np.integer))
+                or value < low
+                or (high is not None and value > high)
+            ):
+                bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"`{name}` must be an int {bound}. Received: {name}={value!r}")
+        if self.gate_temperature <= 0:
+            raise ValueError(
+                f"`gate_temperature` must be > 0. Received: gate_temperature={self.gate_temperature}"
+            )
+        if self.gate_usage_target is not None and not 0.0 <= self.gate_usage_target <= 1.0:
+            raise ValueError(
+                "`gate_usage_target` must be in [0, 1] or None. "
+                f"Received: gate_usage_target={self.gate_usage_target}"
+            )
+        if not 0.0 < float(self.transfer_ratio) <= 1.0:
+            raise ValueError(
+                f"`transfer_ratio` must be in (0, 1]. Received: transfer_ratio={self.transfer_ratio}"
+            )
+        if not 0.0 <= float(self.prune_fraction) < 1.0:
+            raise ValueError(
+                f"`prune_fraction` must be in [0, 1). Received: prune_fraction={self.prune_fraction}"
+            )
+        for name in (
+            "gate_usage_weight",
+            "ktft_pixel_weight",
+            "ktft_global_weight",
+            "ktft_logit_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0. Received: {name}={getattr(self, name)}")
         _check_common(self)
         if self.per_class is None and not 0.0 < float(self.fraction) <= 1.0:
             raise ValueError(
@@ -454,7 +561,18 @@ def _fit(
     }
 
 
-def _fit_classifier(model, strategy, train, val, config, run_dir, is_chief, class_weight=None):
+def _fit_classifier(
+    model,
+    strategy,
+    train,
+    val,
+    config,
+    run_dir,
+    is_chief,
+    class_weight=None,
+    callbacks=(),
+    state_variables=None,
+):
     """`_fit` on plain single-task pipelines of `train` and `val`."""
     channels = int(model.inputs[0].shape[-1])
     train_ds = data_lib.distributed_dataset(
@@ -478,6 +596,8 @@ def _fit_classifier(model, strategy, train, val, config, run_dir, is_chief, clas
         is_chief,
         steps=data_lib.steps_per_epoch(len(train), config.batch_size),
         class_weight=class_weight,
+        callbacks=callbacks,
+        state_variables=state_variables or None,
     )
 
 
@@ -611,22 +731,47 @@ def finetune(config):
     with dtype_policy(config.precision):
         if joint is None:
             model = _prepare_model(config, strategy, train_full.num_classes, train_full.channels)
-            with strategy.scope():
-                steps = data_lib.steps_per_epoch(len(train), config.batch_size)
-                model.compile(
-                    optimizer=_make_optimizer(config, steps),
-                    loss="sparse_categorical_crossentropy",
-                    metrics=_metrics(),
-                )
-            fit_info = _fit_classifier(
-                model, strategy, train, val, config, run_dir, is_chief, class_weight
+            steps = data_lib.steps_per_epoch(len(train), config.batch_size)
+            context = recipes.RecipeContext(
+                strategy=strategy,
+                train=train,
+                val=val,
+                run_dir=run_dir,
+                is_chief=is_chief,
+                steps_per_epoch=steps,
+                channels=int(model.inputs[0].shape[-1]),
             )
-            classifier = joint_model = model
+            method = recipes.setup(config, model, context)
+            with strategy.scope():
+                compile_kwargs = {
+                    "loss": "sparse_categorical_crossentropy",
+                    "metrics": _metrics(),
+                    **method.compile_kwargs,
+                }
+                method.model.compile(optimizer=_make_optimizer(config, steps), **compile_kwargs)
+            fit_info = _fit_classifier(
+                method.model,
+                strategy,
+                train,
+                val,
+                config,
+                run_dir,
+                is_chief,
+                class_weight,
+                callbacks=method.callbacks,
+                state_variables=method.state_variables,
+            )
+            if method.report is not None:
+                extra = method.report()
+            classifier = joint_model = method.classifier
+            export_model = method.export_model
         else:
             joint_model, fit_info, extra = _finetune_joint(
                 config, strategy, joint, train, val, train_full, run_dir, is_chief, class_weight
             )
-            classifier = target_model(joint_model, name=f"{joint_model.name}_target")
+            classifier = export_model = target_model(
+                joint_model, name=f"{joint_model.name}_target"
+            )
 
     report = _evaluate(
         classifier,
@@ -658,7 +803,7 @@ def finetune(config):
         save_model_atomic(joint_model, outputs["multitask_model"])
     if config.export:
         outputs["saved_model"] = export_saved_model(
-            classifier, os.path.join(run_dir, "saved_model"), class_names=test.class_names
+            export_model, os.path.join(run_dir, "saved_model"), class_names=test.class_names
         )
     outputs["report_json"], outputs["report_md"] = evaluation.write_report(
         report, run_dir, title=f"Fine-tuning report: {config.method} on {config.target}"
@@ -934,6 +1079,7 @@ __all__ = [
     "FinetuneConfig",
     "JOINT_VARIANTS",
     "METHODS",
+    "RECIPE_METHODS",
     "PretrainConfig",
     "finetune",
     "finetune_split",

@@ -16,6 +16,7 @@ from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
+from keras_seltransfer.models import surgery
 
 __all__ = [
     "BATCHNORM_MODES",
@@ -32,6 +33,7 @@ __all__ = [
     "reinitialize",
     "set_batchnorm_mode",
     "small_cnn",
+    "surgery",
     "target_model",
     "with_dtype_policy",
 ]
