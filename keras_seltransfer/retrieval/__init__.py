@@ -29,6 +29,7 @@ from keras_seltransfer.retrieval.similarity import pairwise_distances
 from keras_seltransfer.retrieval.similarity import symmetric_kl
 from keras_seltransfer.retrieval.workflow import IndexConfig
 from keras_seltransfer.retrieval.workflow import build_neighbours
+from keras_seltransfer.retrieval.visualize import neighbour_grid
 
 __all__ = [
     "ConvBank",
@@ -44,6 +45,7 @@ __all__ = [
     "gabor_kernels",
     "merge_topk",
     "nearest_sources",
+    "neighbour_grid",
     "pairwise_distances",
     "symmetric_kl",
 ]
