@@ -1,0 +1,390 @@
+"""GateController: AdaFilter's shared recurrent gate, and its discrete gates.
+
+AdaFilter (Guo et al., AAAI 2020) decides, per example and per filter of
+every gated convolution, whether the frozen pretrained filter or its
+fine-tuned copy is used. The decisions come from one recurrent network
+shared by all gated layers: before gated layer `l`, the activations entering
+it are globally average-pooled, projected to the recurrent cell's width and
+fed to one LSTM cell whose state is carried from layer to layer; a per-layer
+projection of the cell's output gives one logit per filter of layer `l`,
+which is discretised to a gate in {0, 1}.
+
+The discrete gate functions here are the one implementation of the gate
+estimators that every gated layer uses.
+"""
+
+import keras
+from keras import ops
+
+ESTIMATORS = ("ste", "gumbel")
+
+# Keeps log(u) finite when the uniform noise hits 0 or 1.
+_NOISE_EPS = 1e-7
+
+
+def _check_logits(logits):
+    if not hasattr(logits, "dtype") or "float" not in str(logits.dtype):
+        raise ValueError(
+            "`logits` must be a floating-point tensor. "
+            f"Received: logits of type {type(logits).__name__}"
+        )
+
+
+def hard_gates(logits):
+    """The deterministic gates of `logits`: 1 where `logits > 0`, else 0.
+
+    This is the mode of both estimators' gate distributions (sigmoid of the
+    logit above one half), used at inference and in exports.
+
+    Args:
+        logits: float tensor of gate logits.
+
+    Returns:
+        A tensor of the same shape and dtype holding exact zeros and ones.
+    """
+    _check_logits(logits)
+    return ops.cast(ops.greater(logits, 0), logits.dtype)
+
+
+def _straight_through(hard, soft):
+    # `hard + (soft - stop_gradient(soft))` is exactly `hard` in the forward
+    # pass (x - x == 0 in floating point), unlike `soft + stop_gradient(hard -
+    # soft)`, which can round a gate of 1 to 0.99999994; the gradient is that
+    # of `soft`.
+    return hard + (soft - ops.stop_gradient(soft))
+
+
+def straight_through_threshold(logits):
+    """Hard threshold gates with the sigmoid's gradient (straight-through).
+
+    Forward: `hard_gates(logits)`. Backward: the gradient of
+    `sigmoid(logits)`, so the gate network learns as if the gate were the
+    probability of fine-tuning.
+
+    Args:
+        logits: float tensor of gate logits.
+
+    Returns:
+        Gates in {0, 1} (exactly), differentiable with respect to `logits`.
+    """
+    _check_logits(logits)
+    return _straight_through(hard_gates(logits), ops.sigmoid(logits))
+
+
+def straight_through_gumbel(logits, temperature=1.0, seed=None):
+    """Straight-through Gumbel-softmax gates (a sampled binary concrete).
+
+    Each gate is a two-way choice (fine-tuned, frozen) with logits
+    `(logits, 0)`, so `P(gate = 1) = sigmoid(logits)`. The difference of two
+    Gumbel variables is logistic, so a sample is `logits + log(u) - log(1 -
+    u) > 0` with `u` uniform; the backward pass uses the gradient of the
+    relaxed sample `sigmoid((logits + log(u) - log(1 - u)) / temperature)`.
+
+    Args:
+        logits: float tensor of gate logits.
+        temperature: positive relaxation temperature of the gradient; lower
+            is closer to the hard sample, with higher-variance gradients.
+        seed: a `keras.random.SeedGenerator`, an int or None.
+
+    Returns:
+        Sampled gates in {0, 1} (exactly), differentiable with respect to
+        `logits`.
+
+    Reference:
+    - [Jang, Gu, Poole, "Categorical Reparameterization with
+      Gumbel-Softmax", ICLR 2017](https://arxiv.org/abs/1611.01144)
+    """
+    _check_logits(logits)
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
+    # Noise in float32: in half precision 1 - 1e-7 rounds to 1 and log(1 - u)
+    # becomes -inf.
+    noisy = ops.cast(logits, "float32")
+    u = keras.random.uniform(
+        ops.shape(noisy), minval=_NOISE_EPS, maxval=1.0 - _NOISE_EPS, dtype="float32", seed=seed
+    )
+    noisy = noisy + ops.log(u) - ops.log(1.0 - u)
+    gates = _straight_through(hard_gates(noisy), ops.sigmoid(noisy / temperature))
+    return ops.cast(gates, logits.dtype)
+
+
+def discrete_gates(logits, estimator="ste", temperature=1.0, training=False, seed=None):
+    """The gates of `logits` under `estimator`, in training or at inference.
+
+    Args:
+        logits: float tensor of gate logits.
+        estimator: `"ste"` (`straight_through_threshold`) or `"gumbel"`
+            (`straight_through_gumbel`).
+        temperature: Gumbel-softmax temperature (`"gumbel"` only).
+        training: whether to sample (`"gumbel"`); outside training both
+            estimators give the deterministic `hard_gates`.
+        seed: seed of the Gumbel noise.
+
+    Returns:
+        Gates in {0, 1}, with the estimator's straight-through gradient.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}")
+    if estimator == "gumbel" and training:
+        return straight_through_gumbel(logits, temperature, seed=seed)
+    # The threshold estimator is deterministic in training as well; at
+    # inference its straight-through form equals `hard_gates`.
+    return straight_through_threshold(logits)
+
+
+def _positive_ints(name, values):
+    values = list(values) if isinstance(values, (list, tuple)) else None
+    if (
+        not values
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)
+    ):
+        raise ValueError(f"`{name}` must be a non-empty list of positive ints. Received: {name}={values}")
+    return values
+
+
+@keras.saving.register_keras_serializable(package="keras_seltransfer")
+class GateController(keras.layers.Layer):
+    """The recurrent gate network shared by all gated layers of AdaFilter.
+
+    Called once per gated layer ("step"), in the network's order, on the
+    activations entering that layer:
+    `pooled = mean over height and width of inputs`,
+    `z = pooled @ W_in[step] + b_in[step]` (one projection per step, since
+    layers differ in width), one LSTM cell shared by all steps,
+    `(h, c) = LSTM(z, (h, c))`, and
+    `logits = h @ W_out[step] + b_out[step]`, one per filter of the gated
+    layer; the gates are `discrete_gates(logits, estimator, ...)`. The first
+    step starts from a zero state.
+
+    Gate usage, the fraction of gates that choose the fine-tuned filter, is
+    tracked by metrics of this layer, so it appears in `fit` and `evaluate`
+    logs (and hence in TensorBoard): `"gate_usage"` over all steps (every
+    filter of every example counted once) and `"gate_usage_<name>"` per step.
+    With `usage_target`, the last step adds the loss
+    `usage_weight * (usage - usage_target) ** 2` (`add_loss`), where `usage`
+    is the batch's overall usage through the straight-through gates, so the
+    gate network can spend its budget unevenly across layers [inferred: the
+    paper has no sparsity term; this follows SpotTune's global budget loss].
+
+    The LSTM follows Keras' `LSTMCell` (gate order i, f, c, o; forget-gate
+    bias initialised to 1). Output biases start at 0, so about half of the
+    gates start open.
+
+    Args:
+        input_channels: channels of the activations entering each step's
+            gated layer.
+        filters: filters (gates) of each step's gated layer.
+        units: width of the recurrent cell.
+        estimator: `"ste"` (hard threshold, sigmoid gradient) or `"gumbel"`
+            (straight-through Gumbel-softmax; sampled only in training).
+        temperature: Gumbel-softmax temperature.
+        usage_target: target overall gate usage in [0, 1], or None for no
+            sparsity loss.
+        usage_weight: weight of the sparsity loss.
+        step_names: names of the steps in the usage metrics (default
+            `"step<i>"`), usually the gated layers' names.
+        seed: seed of the Gumbel noise (int or None).
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: the activations entering the gated layer, `[batch, height,
+            width, input_channels[step]]` (or already pooled, `[batch,
+            input_channels[step]]`).
+        states: the states returned by the previous step, or None at the
+            first step.
+        step: index of the gated layer (a Python int).
+        training: whether to sample the Gumbel noise.
+
+    Returns:
+        `(gates, states)`: gates `[batch, filters[step]]` in {0, 1} (exact,
+        with the estimator's straight-through gradient) and the list of
+        state tensors to pass to the next step (`h`, `c` and the running
+        count of chosen fine-tuned filters per example).
+
+    Example:
+
+    ```python
+    controller = GateController(input_channels=[3, 16], filters=[16, 32])
+    gates, states = controller(x, step=0)
+    x = GatedConv(16, 3, padding="same")(x, gates)
+    gates, states = controller(x, states, step=1)
+    x = GatedConv(32, 3, padding="same")(x, gates)
+    ```
+
+    Reference:
+    - [Guo, Li, Wang, Rosing, "AdaFilter: Adaptive Filter Fine-tuning for
+      Deep Transfer Learning", AAAI 2020](https://arxiv.org/abs/1911.09659)
+    - [Wang et al., "SkipNet: Learning Dynamic Routing in Convolutional
+      Networks", ECCV 2018](https://arxiv.org/abs/1711.09485) (the
+      recurrent gate design)
+    """
+
+    def __init__(
+        self,
+        input_channels,
+        filters,
+        units=32,
+        estimator="ste",
+        temperature=1.0,
+        usage_target=None,
+        usage_weight=0.1,
+        step_names=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.input_channels = _positive_ints("input_channels", input_channels)
+        self.filters = _positive_ints("filters", filters)
+        if len(self.input_channels) != len(self.filters):
+            raise ValueError(
+                "`input_channels` and `filters` must have one entry per gated layer. Received: "
+                f"input_channels={self.input_channels}, filters={self.filters}"
+            )
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"`units` must be a positive int. Received: units={units!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(
+                f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}"
+            )
+        if isinstance(temperature, bool) or not float(temperature) > 0:
+            raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature!r}")
+        if usage_target is not None and not 0.0 <= float(usage_target) <= 1.0:
+            raise ValueError(
+                f"`usage_target` must be in [0, 1] or None. Received: usage_target={usage_target!r}"
+            )
+        if not float(usage_weight) >= 0:
+            raise ValueError(f"`usage_weight` must be >= 0. Received: usage_weight={usage_weight!r}")
+        if step_names is None:
+            step_names = [f"step{i}" for i in range(len(self.filters))]
+        step_names = [str(n) for n in step_names]
+        if len(step_names) != len(self.filters) or len(set(step_names)) != len(step_names):
+            raise ValueError(
+                f"`step_names` must be {len(self.filters)} distinct names, one per gated layer. "
+                f"Received: step_names={step_names}"
+            )
+        self.units = units
+        self.estimator = estimator
+        self.temperature = float(temperature)
+        self.usage_target = None if usage_target is None else float(usage_target)
+        self.usage_weight = float(usage_weight)
+        self.step_names = step_names
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @property
+    def num_steps(self):
+        """The number of gated layers this controller serves."""
+        return len(self.filters)
+
+    def build(self, input_shape):
+        units = self.units
+        self.input_kernels, self.input_biases = [], []
+        self.output_kernels, self.output_biases = [], []
+        for i, (channels, filters) in enumerate(zip(self.input_channels, self.filters)):
+            self.input_kernels.append(
+                self.add_weight(
+                    shape=(channels, units), initializer="glorot_uniform", name=f"input_kernel_{i}"
+                )
+            )
+            self.input_biases.append(
+                self.add_weight(shape=(units,), initializer="zeros", name=f"input_bias_{i}")
+            )
+            self.output_kernels.append(
+                self.add_weight(
+                    shape=(units, filters), initializer="glorot_uniform", name=f"output_kernel_{i}"
+                )
+            )
+            self.output_biases.append(
+                self.add_weight(shape=(filters,), initializer="zeros", name=f"output_bias_{i}")
+            )
+
+        def lstm_bias(shape, dtype=None):
+            return ops.concatenate(
+                [
+                    ops.zeros((units,), dtype=dtype),
+                    ops.ones((units,), dtype=dtype),
+                    ops.zeros((2 * units,), dtype=dtype),
+                ]
+            )
+
+        self.kernel = self.add_weight(
+            shape=(units, 4 * units), initializer="glorot_uniform", name="kernel"
+        )
+        self.recurrent_kernel = self.add_weight(
+            shape=(units, 4 * units), initializer="orthogonal", name="recurrent_kernel"
+        )
+        self.bias = self.add_weight(shape=(4 * units,), initializer=lstm_bias, name="bias")
+        self.usage = keras.metrics.Mean(name="gate_usage")
+        self.step_usage = [keras.metrics.Mean(name=f"gate_usage_{n}") for n in self.step_names]
+
+    def call(self, inputs, states=None, step=0, training=None):
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.num_steps:
+            raise ValueError(
+                f"`step` must be an int in [0, {self.num_steps}). Received: step={step!r}"
+            )
+        if inputs.shape[-1] != self.input_channels[step]:
+            raise ValueError(
+                f"Step {step} ({self.step_names[step]!r}) expects inputs with "
+                f"{self.input_channels[step]} channels. Received: inputs.shape={inputs.shape}"
+            )
+        x = inputs
+        if len(x.shape) > 2:
+            x = ops.mean(x, axis=tuple(range(1, len(x.shape) - 1)))
+        z = ops.matmul(x, self.input_kernels[step]) + self.input_biases[step]
+        if states is None:
+            zeros = ops.zeros_like(z)
+            h, c, used = zeros, zeros, ops.zeros_like(z[:, :1])
+        else:
+            h, c, used = states
+        fused = ops.matmul(z, self.kernel) + ops.matmul(h, self.recurrent_kernel) + self.bias
+        i, f, g, o = ops.split(fused, 4, axis=-1)
+        c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+        h = ops.sigmoid(o) * ops.tanh(c)
+        logits = ops.matmul(h, self.output_kernels[step]) + self.output_biases[step]
+        gates = discrete_gates(
+            logits,
+            self.estimator,
+            temperature=self.temperature,
+            training=bool(training),
+            seed=self.seed_generator,
+        )
+        used = used + ops.sum(gates, axis=-1, keepdims=True)
+
+        # Per-example means, so batches of different sizes weigh right; the
+        # overall metric weighs each layer by its filter count.
+        per_example = ops.mean(ops.stop_gradient(gates), axis=-1)
+        self.step_usage[step].update_state(per_example)
+        self.usage.update_state(
+            per_example, sample_weight=ops.full_like(per_example, self.filters[step])
+        )
+        if self.usage_target is not None and step == self.num_steps - 1 and self.usage_weight:
+            usage = ops.mean(used) / float(sum(self.filters))
+            self.add_loss(self.usage_weight * ops.square(usage - self.usage_target))
+        return gates, [h, c, used]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "input_channels": list(self.input_channels),
+                "filters": list(self.filters),
+                "units": self.units,
+                "estimator": self.estimator,
+                "temperature": self.temperature,
+                "usage_target": self.usage_target,
+                "usage_weight": self.usage_weight,
+                "step_names": list(self.step_names),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+__all__ = [
+    "ESTIMATORS",
+    "GateController",
+    "discrete_gates",
+    "hard_gates",
+    "straight_through_gumbel",
+    "straight_through_threshold",
+]

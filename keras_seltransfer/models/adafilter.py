@@ -1,0 +1,397 @@
+"""AdaFilter: turn a pretrained functional model into one that fine-tunes
+filters per example (Guo, Li, Wang, Rosing, AAAI 2020).
+
+`adafilter(model)` replaces every selected `Conv2D` / `DepthwiseConv2D` by a
+`GatedConv` holding the frozen pretrained kernel and a trainable copy, folds
+a `BatchNormalization` that directly follows the convolution into it as the
+two separate batch norms of gated batch normalisation, and threads one
+shared `GateController` through the gated layers in the network's order.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_seltransfer.layers.gate_controller import ESTIMATORS
+from keras_seltransfer.layers.gate_controller import GateController
+from keras_seltransfer.layers.gated_conv import GatedConv
+from keras_seltransfer.models import surgery
+
+# Layer types `adafilter` gates (exact types: a subclass may compute
+# something else with the same weights).
+SUPPORTED_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+# Every Keras convolution type, to tell the unsupported ones apart.
+_CONVOLUTIONS = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+    )
+)
+CONTROLLER_NAME = "gate_controller"
+
+
+def _is_supported(layer):
+    return type(layer) in SUPPORTED_LAYERS
+
+
+def _select(model, pattern):
+    """Names of the layers to gate, and of the convolutions left alone."""
+    convolutions = surgery.matching_layers(model, _CONVOLUTIONS, pattern)
+    selected = [n for n in convolutions if _is_supported(model.get_layer(n))]
+    unsupported = [
+        f"{n} ({type(model.get_layer(n)).__name__})"
+        for n in convolutions
+        if not _is_supported(model.get_layer(n))
+    ]
+    for name in selected:
+        layer = model.get_layer(name)
+        if layer.data_format != "channels_last":
+            raise ValueError(
+                f"adafilter gates channels-last convolutions only; layer {name!r} has "
+                f"data_format={layer.data_format!r}."
+            )
+    supported = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+    if unsupported and pattern is not None:
+        raise ValueError(
+            f"`layers` matched convolutions adafilter cannot gate: {', '.join(unsupported)}. "
+            f"Supported layer types: {supported}. Received: layers={pattern!r}"
+        )
+    if unsupported:
+        warnings.warn(
+            f"adafilter leaves these convolutions ungated (supported types: {supported}): "
+            f"{', '.join(unsupported)}",
+            stacklevel=3,
+        )
+    if not selected:
+        raise ValueError(
+            f"`layers` matched no {supported} layer of model {model.name!r}. "
+            f"Received: layers={pattern!r}"
+        )
+    return selected
+
+
+def _absorbable(conv, bn):
+    """Whether `bn` can become the gated batch norm of a GatedConv for `conv`."""
+    if not isinstance(bn, keras.layers.BatchNormalization):
+        return False
+    config = bn.get_config()
+    axis = config["axis"]
+    axis = axis if isinstance(axis, (list, tuple)) else [axis]
+    return (
+        list(axis) in ([-1], [3])
+        and not config.get("renorm", False)
+        and not config.get("synchronized", False)
+        and all(
+            config.get(key) is None
+            for key in ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint")
+        )
+        # The batch norm must come before the activation it would follow.
+        and conv.get_config()["activation"] == "linear"
+    )
+
+
+def _call_order(model, names):
+    """`names` in the order `surgery.rebuild` will call their layers: a
+    symbolic pass through the existing layers, which creates no weights."""
+    order = []
+
+    def call(layer, *args, **kwargs):
+        if layer.name in names:
+            order.append(layer.name)
+        return layer(*args, **kwargs)
+
+    keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
+    return order
+
+
+def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
+    """The `GatedConv` config that replaces `conv` (and `batchnorm`, the
+    BatchNormalization directly after it, if any).
+
+    Args:
+        conv: a `keras.layers.Conv2D` or `keras.layers.DepthwiseConv2D`.
+        batchnorm: the `keras.layers.BatchNormalization` to absorb, or None.
+        train_batchnorm: whether the fine-tuned path's batch norm trains;
+            None follows `batchnorm.trainable`.
+
+    Returns:
+        A dict for `GatedConv.from_config` (named like `conv`).
+    """
+    if not _is_supported(conv):
+        raise ValueError(
+            "`conv` must be a Conv2D or DepthwiseConv2D. "
+            f"Received: conv of type {type(conv).__name__}"
+        )
+    c = conv.get_config()
+    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    config = {
+        "name": c["name"],
+        "trainable": c.get("trainable", True),
+        "dtype": c.get("dtype"),
+        "filters": int(conv.output.shape[-1]),
+        "kernel_size": tuple(c["kernel_size"]),
+        "strides": tuple(c["strides"]),
+        "padding": c["padding"],
+        "dilation_rate": tuple(c["dilation_rate"]),
+        "groups": 1 if depthwise else int(c.get("groups", 1)),
+        "depthwise": depthwise,
+        "activation": c["activation"],
+        "use_bias": c["use_bias"],
+        "kernel_initializer": c["depthwise_initializer" if depthwise else "kernel_initializer"],
+        "bias_initializer": c["bias_initializer"],
+        "kernel_regularizer": c["depthwise_regularizer" if depthwise else "kernel_regularizer"],
+        "bias_regularizer": c["bias_regularizer"],
+        "kernel_constraint": c["depthwise_constraint" if depthwise else "kernel_constraint"],
+        "bias_constraint": c["bias_constraint"],
+        "activity_regularizer": c.get("activity_regularizer"),
+    }
+    if batchnorm is not None:
+        b = batchnorm.get_config()
+        config.update(
+            batchnorm=True,
+            train_batchnorm=(
+                bool(batchnorm.trainable) if train_batchnorm is None else bool(train_batchnorm)
+            ),
+            momentum=b["momentum"],
+            epsilon=b["epsilon"],
+            center=b["center"],
+            scale=b["scale"],
+        )
+    return config
+
+
+def adafilter(
+    model,
+    layers=None,
+    estimator="ste",
+    temperature=1.0,
+    units=32,
+    usage_target=None,
+    usage_weight=0.1,
+    train_batchnorm=None,
+    seed=None,
+    name=None,
+):
+    """Rebuilds a pretrained model for AdaFilter's per-example filter fine-tuning.
+
+    Every selected convolution becomes a `GatedConv` (same name) holding the
+    pretrained kernel frozen and a trainable copy of it. A
+    `BatchNormalization` that is the convolution's only consumer (and has no
+    other input) is absorbed into it as gated batch norm: the pretrained
+    batch norm, frozen, on the pretrained path and a copy on the fine-tuned
+    path. One `GateController` (layer `"gate_controller"`) is called before
+    every gated layer, on that layer's input (the previous layer's
+    activations), with its recurrent state carried from gated layer to gated
+    layer in the network's topological order. Every other layer, the
+    classification head included, is kept with its weights.
+
+    Both paths start from the same weights, so the new model computes
+    exactly what `model` does at inference, whatever the gates.
+
+    Where the paper is silent [inferred]: a batch norm is absorbed only when
+    it normalises the channel axis, with no renormalisation, synchronisation,
+    regularizers or constraints, and only after a convolution without an
+    activation; otherwise it stays a separate layer shared by the two paths.
+    The fine-tuned path's batch norm trains when the absorbed batch norm was
+    trainable (see `set_batchnorm_mode`), unless `train_batchnorm` says
+    otherwise; batch norms that are not absorbed keep their setting.
+
+    Args:
+        model: a functional `keras.Model` (nested functional models such as
+            a keras.applications backbone are inlined).
+        layers: regular expression selecting the layers to gate by name
+            (`re.search`); None gates every Conv2D and DepthwiseConv2D (other
+            convolutions are left alone, with a warning).
+        estimator: gate estimator, `"ste"` or `"gumbel"` (see
+            `GateController`).
+        temperature: Gumbel-softmax temperature.
+        units: width of the shared recurrent cell.
+        usage_target: target overall gate usage in [0, 1] for the sparsity
+            loss, or None for none.
+        usage_weight: weight of the sparsity loss.
+        train_batchnorm: whether the fine-tuned batch norms train; None
+            follows each absorbed batch norm's `trainable`.
+        seed: seed of the Gumbel noise.
+        name: name of the new model (default: the original's).
+
+    Returns:
+        The new functional `keras.Model`, with the same inputs and outputs.
+        Its gate usage is reported by the metrics `"gate_usage"` and
+        `"gate_usage_<layer>"` during `fit` and `evaluate`.
+
+    Raises:
+        ValueError: if `layers` is not a regular expression, matches no
+            supported layer or matches a convolution of another type, a
+            selected layer is applied more than once, or an argument is out
+            of range.
+
+    Example:
+
+    ```python
+    backbone = keras_seltransfer.models.load_backbone("pretrained.keras", (64, 64, 1))
+    classifier = keras_seltransfer.models.build_classifier(backbone, 2)
+    model = adafilter(classifier, usage_target=0.5)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(images, labels)  # logs gate_usage, gate_usage_block1_conv, ...
+    ```
+
+    Reference:
+    - [Guo, Li, Wang, Rosing, "AdaFilter: Adaptive Filter Fine-tuning for
+      Deep Transfer Learning", AAAI 2020](https://arxiv.org/abs/1911.09659)
+    """
+    if layers is not None and not isinstance(layers, str):
+        raise ValueError(
+            "`layers` must be a regular expression (str) or None. "
+            f"Received: layers={layers!r}"
+        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}")
+    if train_batchnorm not in (None, True, False):
+        raise ValueError(
+            f"`train_batchnorm` must be True, False or None. Received: train_batchnorm={train_batchnorm!r}"
+        )
+    flat = surgery.flatten(model)
+    selected = _select(flat, layers)
+    specs = {spec["name"]: spec for spec in flat.get_config()["layers"]}
+    reused = [n for n in selected if len(specs[n].get("inbound_nodes", [])) != 1]
+    if reused:
+        raise ValueError(
+            f"adafilter cannot gate layers applied more than once (shared layers): {reused}."
+        )
+    consumers, producers = surgery.consumers(flat), surgery.producers(flat)
+    absorbed = {}
+    for conv_name in selected:
+        after = consumers[conv_name]
+        if len(after) == 1 and producers[after[0]] == [conv_name]:
+            candidate = flat.get_layer(after[0])
+            if len(specs[after[0]].get("inbound_nodes", [])) == 1 and _absorbable(
+                flat.get_layer(conv_name), candidate
+            ):
+                absorbed[conv_name] = candidate.name
+    order = _call_order(flat, set(selected))
+    taken = {layer.name for layer in flat.layers}
+    controller_name = CONTROLLER_NAME
+    while controller_name in taken:
+        controller_name += "_"
+    controller = GateController(
+        input_channels=[int(flat.get_layer(n).input.shape[-1]) for n in order],
+        filters=[int(flat.get_layer(n).output.shape[-1]) for n in order],
+        units=units,
+        estimator=estimator,
+        temperature=temperature,
+        usage_target=usage_target,
+        usage_weight=usage_weight,
+        step_names=order,
+        seed=seed,
+        # The gate network is small; float32 keeps its logits and the
+        # Gumbel noise exact under mixed precision.
+        dtype="float32",
+        name=controller_name,
+    )
+    steps = {n: i for i, n in enumerate(order)}
+    absorbed_bns = set(absorbed.values())
+    states = [None]
+
+    def call(layer, original, *args, **kwargs):
+        if original.name in absorbed_bns:
+            # Already applied inside the GatedConv before it.
+            return args[0]
+        if original.name not in steps:
+            return layer(*args, **kwargs)
+        if len(args) != 1 or kwargs:
+            raise ValueError(
+                f"adafilter gates convolutions called on one tensor; {original.name!r} was called "
+                f"with {len(args)} positional and {sorted(kwargs)} keyword arguments."
+            )
+        inputs = args[0]
+        bn = flat.get_layer(absorbed[original.name]) if original.name in absorbed else None
+        gates, states[0] = controller(inputs, states[0], step=steps[original.name])
+        gated = GatedConv.from_config(gated_conv_config(original, bn, train_batchnorm))
+        outputs = gated(inputs, gates)
+        values = {"kernel": original.kernel}
+        if original.use_bias:
+            values["bias"] = original.bias
+        if bn is not None:
+            values.update(moving_mean=bn.moving_mean, moving_variance=bn.moving_variance)
+            if bn.scale:
+                values["gamma"] = bn.gamma
+            if bn.center:
+                values["beta"] = bn.beta
+        gated.load_pretrained(**values)
+        return outputs
+
+    return surgery.rebuild(flat, call, name=name)
+
+
+def gated_layers(model):
+    """The `GatedConv` layers of `model`, in model order."""
+    return [layer for layer in model.layers if isinstance(layer, GatedConv)]
+
+
+def gate_controller(model):
+    """The `GateController` of a model made by `adafilter`.
+
+    Raises:
+        ValueError: if `model` has none, or several.
+    """
+    found = [layer for layer in model.layers if isinstance(layer, GateController)]
+    if len(found) != 1:
+        raise ValueError(
+            f"Expected one GateController in model {model.name!r}; found {len(found)}. "
+            "Build the model with keras_seltransfer.models.adafilter."
+        )
+    return found[0]
+
+
+def gate_usage(model, data, batch_size=32):
+    """Gate usage of an AdaFilter model at inference (deterministic gates).
+
+    The fraction of gates that choose the fine-tuned filter, over every
+    example of `data` and every filter, per gated layer and over all of them
+    (each filter of each example counted once).
+
+    Args:
+        model: a model made by `adafilter`.
+        data: images (array) or a `tf.data.Dataset` of images or `(images,
+            labels)` batches, as `model.predict` takes them.
+        batch_size: batch size for arrays.
+
+    Returns:
+        `{"overall": float, "layers": {layer name: float}}`.
+    """
+    layers = gated_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model {model.name!r} has no GatedConv layers; build it with adafilter."
+        )
+    probe = keras.Model(model.inputs, [layer.input[1] for layer in layers])
+    gates = probe.predict(data, batch_size=batch_size, verbose=0)
+    if len(layers) == 1:
+        gates = [gates]
+    sums = [float(np.sum(g, dtype=np.float64)) for g in gates]
+    sizes = [int(np.size(g)) for g in gates]
+    return {
+        "overall": sum(sums) / sum(sizes),
+        "layers": {layer.name: s / n for layer, s, n in zip(layers, sums, sizes)},
+    }
+
+
+__all__ = [
+    "CONTROLLER_NAME",
+    "SUPPORTED_LAYERS",
+    "adafilter",
+    "gate_controller",
+    "gate_usage",
+    "gated_conv_config",
+    "gated_layers",
+]
