@@ -1,0 +1,69 @@
+"""Recipe of `finetune --method=adafilter`: per-example gated filter fine-tuning.
+
+The classifier (backbone and target head, BatchNorm mode already applied)
+is rebuilt by `keras_seltransfer.models.adafilter.adafilter` and trained as a
+whole: fine-tuned kernels, fine-tuned batch norms when the run's BatchNorm
+mode is `"train"`, the gate network and the head. The trained model is what
+is saved (`model.keras`) and exported; at inference and in the SavedModel its
+gates are the deterministic hard gates.
+"""
+
+from keras_seltransfer import data as data_lib
+from keras_seltransfer.models.adafilter import adafilter
+from keras_seltransfer.models.adafilter import gate_controller
+from keras_seltransfer.models.adafilter import gate_usage
+from keras_seltransfer.models.adafilter import gated_layers
+from keras_seltransfer.recipes import MethodSetup
+
+
+def setup(config, classifier, context):
+    """The `MethodSetup` of an AdaFilter run.
+
+    Uses the config fields `gated_layers`, `gate_estimator`,
+    `gate_temperature`, `gate_units`, `gate_usage_target`,
+    `gate_usage_weight` and `batchnorm_mode` (whether the fine-tuned path's
+    batch norms train; the pretrained path's never do). The Gumbel noise is
+    seeded with `config.seed` and its generator's state is checkpointed with
+    the run, so a resumed run draws the same gates as an uninterrupted one.
+
+    The report gains `"adafilter"`: the gated layers, the estimator and the
+    final gate usage (overall and per layer) with hard gates on the
+    validation images.
+    """
+    with context.strategy.scope():
+        model = adafilter(
+            classifier,
+            layers=config.gated_layers,
+            estimator=config.gate_estimator,
+            temperature=config.gate_temperature,
+            units=config.gate_units,
+            usage_target=config.gate_usage_target,
+            usage_weight=config.gate_usage_weight,
+            train_batchnorm=config.batchnorm_mode == "train",
+            seed=config.seed,
+        )
+    controller = gate_controller(model)
+
+    def report():
+        val = data_lib.make_dataset(
+            context.val, config.image_size, config.batch_size, channels=context.channels
+        )
+        usage = gate_usage(model, val)
+        return {
+            "adafilter": {
+                "gated_layers": [layer.name for layer in gated_layers(model)],
+                "estimator": config.gate_estimator,
+                "fine_tuned_batchnorm": config.batchnorm_mode == "train",
+                "val_gate_usage": usage["overall"],
+                "val_gate_usage_per_layer": usage["layers"],
+            }
+        }
+
+    return MethodSetup(
+        model=model,
+        state_variables={"gate_seed": controller.seed_generator.state},
+        report=report,
+    )
+
+
+__all__ = ["setup"]
