@@ -1,0 +1,200 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from numpy.lib.stride_tricks import sliding_window_view
+
+from keras_seltransfer.layers.base_blur_pool import binomial_taps
+from keras_seltransfer.layers.base_blur_pool import pad_spatial
+from keras_seltransfer.layers.blur_pool import BlurPool
+from keras_seltransfer.layers.max_blur_pool import MaxBlurPool
+
+_NUMPY_MODES = {"reflect": "reflect", "replicate": "edge", "zero": "constant"}
+
+
+def _pascal_row(filt_size):
+    row = np.array([1.0])
+    for _ in range(filt_size - 1):
+        row = np.convolve(row, [1.0, 1.0])
+    return row
+
+
+def _reference_blur(x, filt_size, strides, pad_type):
+    """Zhang's BlurPool in NumPy: pad, slide an f x f window, weight, subsample."""
+    taps = _pascal_row(filt_size)
+    kernel = np.outer(taps, taps) / taps.sum() ** 2
+    before, after = (filt_size - 1) // 2, filt_size - 1 - (filt_size - 1) // 2
+    padded = np.pad(
+        x.astype(np.float64),
+        ((0, 0), (before, after), (before, after), (0, 0)),
+        mode=_NUMPY_MODES[pad_type],
+    )
+    windows = sliding_window_view(padded, (filt_size, filt_size), axis=(1, 2))
+    blurred = np.einsum("bhwcij,ij->bhwc", windows, kernel)
+    return blurred[:, :: strides[0], :: strides[1], :]
+
+
+def _images(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def test_binomial_taps_are_pascal_rows_normalised():
+    for f in range(1, 8):
+        np.testing.assert_allclose(binomial_taps(f), _pascal_row(f) / 2 ** (f - 1))
+    np.testing.assert_array_equal(_pascal_row(4), [1, 3, 3, 1])
+
+
+@pytest.mark.parametrize("filt_size", range(1, 8))
+def test_matches_numpy_reference(filt_size):
+    # Odd and even sizes, a non-square map, maps smaller than the padding
+    # (repeated reflection), several channel counts, every stride and padding.
+    cases = [((2, 7, 10, 3), 0), ((1, 8, 5, 1), 1), ((2, 2, 3, 5), 2), ((1, 1, 4, 2), 3)]
+    for shape, seed in cases:
+        x = _images(shape, seed)
+        for pad_type in ("reflect", "replicate", "zero"):
+            for strides in (1, 2, 3, (2, 3)):
+                pair = (strides, strides) if isinstance(strides, int) else strides
+                layer = BlurPool(filt_size, strides=strides, pad_type=pad_type)
+                out = np.asarray(layer(x))
+                expected = _reference_blur(x, filt_size, pair, pad_type)
+                assert out.shape == (
+                    shape[0],
+                    -(-shape[1] // pair[0]),
+                    -(-shape[2] // pair[1]),
+                    shape[3],
+                )
+                np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_filt_size_one_is_exact_subsampling():
+    x = _images((2, 9, 8, 4))
+    np.testing.assert_array_equal(np.asarray(BlurPool(1, strides=2)(x)), x[:, ::2, ::2])
+    np.testing.assert_array_equal(np.asarray(BlurPool(1, strides=(3, 1))(x)), x[:, ::3])
+
+
+def test_reflect_is_not_symmetric_padding():
+    x = np.arange(4, dtype="float32").reshape(1, 4, 1, 1)
+    padded = np.asarray(pad_spatial(x, ((2, 1), (0, 0)), "reflect"))[0, :, 0, 0]
+    np.testing.assert_array_equal(padded, [2, 1, 0, 1, 2, 3, 2])
+    padded = np.asarray(pad_spatial(x, ((2, 1), (0, 0)), "replicate"))[0, :, 0, 0]
+    np.testing.assert_array_equal(padded, [0, 0, 0, 1, 2, 3, 3])
+
+
+def test_dynamic_spatial_sizes_match_static_ones():
+    layer = BlurPool(5, strides=2, pad_type="reflect")
+    inputs = keras.Input((None, None, 2))
+    model = keras.Model(inputs, layer(inputs))
+    assert tuple(model.output.shape) == (None, None, None, 2)
+    for shape in ((1, 9, 6, 2), (1, 2, 3, 2)):
+        x = _images(shape)
+        fn = tf.function(lambda t: model(t), input_signature=[tf.TensorSpec([None, None, None, 2])])
+        np.testing.assert_allclose(
+            fn(x).numpy(), _reference_blur(x, 5, (2, 2), "reflect"), rtol=1e-5, atol=1e-5
+        )
+    replicate = BlurPool(4, pad_type="replicate")
+    fn = tf.function(replicate, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    x = _images((2, 5, 7, 3))
+    np.testing.assert_allclose(
+        fn(x).numpy(), _reference_blur(x, 4, (2, 2), "replicate"), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_kernel_is_a_non_trainable_weight_from_the_config():
+    layer = BlurPool(3, strides=2)
+    layer.build((None, 8, 8, 2))
+    assert layer.trainable_weights == []
+    assert [w.name for w in layer.non_trainable_weights] == ["kernel"]
+    kernel = layer.kernel.numpy()
+    assert kernel.shape == (3, 3, 2, 1)
+    np.testing.assert_allclose(kernel[:, :, 0, 0], np.outer([1, 2, 1], [1, 2, 1]) / 16.0)
+    np.testing.assert_allclose(kernel.sum(axis=(0, 1)), 1.0)
+
+
+def test_config_round_trip_symbolic_and_eager():
+    layer = BlurPool(5, strides=(2, 3), pad_type="replicate", name="blur")
+    config = layer.get_config()
+    assert (config["filt_size"], config["strides"], config["pad_type"]) == (5, (2, 3), "replicate")
+    restored = BlurPool.from_config(config)
+    assert (restored.filt_size, restored.strides, restored.pad_type) == (5, (2, 3), "replicate")
+    symbolic = layer(keras.Input((11, 9, 4)))
+    assert tuple(symbolic.shape) == (None, 6, 3, 4)
+    assert layer.compute_output_shape((None, 11, 9, 4)) == (None, 6, 3, 4)
+    x = _images((2, 11, 9, 4))
+    np.testing.assert_allclose(np.asarray(restored(x)), np.asarray(layer(x)))
+
+
+def _blur_model():
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = BlurPool(4, name="blur")(x)
+    x = MaxBlurPool(2, filt_size=3, name="maxblur")(x)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_keras_save_load_and_saved_model_export(tmp_path):
+    model = _blur_model()
+    x = _images((3, 12, 12, 3))
+    expected = np.asarray(model(x))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded.get_layer("blur"), BlurPool)
+    assert loaded.get_layer("maxblur").pool_size == (2, 2)
+    np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=1e-6)
+    export_dir = str(tmp_path / "export")
+    model.export(export_dir, verbose=False)
+    served = tf.saved_model.load(export_dir)
+    np.testing.assert_allclose(served.serve(x).numpy(), expected, rtol=1e-6)
+
+
+def test_one_compiled_training_step_leaves_the_kernel_alone():
+    model = _blur_model()
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    kernel = model.get_layer("blur").kernel.numpy().copy()
+    conv = model.get_layer("conv").kernel.numpy().copy()
+    x, y = _images((8, 12, 12, 3)), np.arange(8) % 2
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(model.get_layer("blur").kernel.numpy(), kernel)
+    assert np.abs(model.get_layer("conv").kernel.numpy() - conv).max() > 0
+
+
+def test_max_blur_pool_matches_numpy_and_max_pooling():
+    x = _images((2, 9, 8, 3))
+    windows = sliding_window_view(x, (2, 2), axis=(1, 2))
+    dense_max = windows.max(axis=(-2, -1))
+    out = np.asarray(MaxBlurPool(2, filt_size=4, pad_type="zero")(x))
+    np.testing.assert_allclose(
+        out, _reference_blur(dense_max, 4, (2, 2), "zero"), rtol=1e-5, atol=1e-5
+    )
+    pooled = np.asarray(keras.layers.MaxPooling2D(2)(x))
+    assert out.shape == pooled.shape
+    np.testing.assert_array_equal(np.asarray(MaxBlurPool(2, filt_size=1)(x)), pooled)
+    same = MaxBlurPool(3, padding="same")
+    assert tuple(same(keras.Input((9, 8, 3))).shape) == (None, 5, 4, 3)
+    config = MaxBlurPool(3, filt_size=2, strides=3, padding="same").get_config()
+    restored = MaxBlurPool.from_config(config)
+    assert (restored.pool_size, restored.strides, restored.padding) == ((3, 3), (3, 3), "same")
+
+
+def test_mixed_precision_computes_in_float16():
+    layer = BlurPool(4, dtype="mixed_float16")
+    out = layer(_images((1, 8, 8, 2)))
+    assert out.dtype == "float16" and layer.kernel.dtype == "float32"
+
+
+def test_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match=r"`filt_size` must be an int in \[1, 7\]. Received: filt_size=8"):
+        BlurPool(8)
+    with pytest.raises(ValueError, match="`filt_size`"):
+        BlurPool(True)
+    with pytest.raises(ValueError, match="`strides` must be an int >= 1"):
+        BlurPool(strides=0)
+    with pytest.raises(ValueError, match="`pad_type` must be one of"):
+        BlurPool(pad_type="symmetric")
+    with pytest.raises(ValueError, match="`padding` must be 'valid' or 'same'"):
+        MaxBlurPool(padding="causal")
+    with pytest.raises(ValueError, match="channels-last images"):
+        BlurPool()(keras.Input((8, 3)))
+    with pytest.raises(ValueError, match="at least that large"):
+        MaxBlurPool(3)(keras.Input((2, 8, 3)))
