@@ -505,6 +505,9 @@ def _fit(
 ):
     """Trains with early stopping, resumable checkpoints and logs.
 
+    `train_ds` is a dataset, or a function from the number of epochs already
+    finished (nonzero when resuming) to the dataset to train on from there.
+
     `callbacks` run after early stopping and before the checkpoint (so the
     checkpoint saves the state they leave at the end of an epoch) and
     TensorBoard (so it logs what they add to the logs).
@@ -531,6 +534,9 @@ def _fit(
     initial_epoch = checkpoint.restore(model)
     if initial_epoch and config.verbose:
         print(f"Resuming from the checkpoint after epoch {initial_epoch}.")
+    if callable(train_ds):
+        # A pipeline that starts where the interrupted run stopped.
+        train_ds = train_ds(initial_epoch)
     # The checkpoint comes after early stopping so it can re-apply its state.
     all_callbacks = [early_stopping, *callbacks, checkpoint]
     if config.tensorboard:
@@ -575,17 +581,22 @@ def _fit_classifier(
 ):
     """`_fit` on plain single-task pipelines of `train` and `val`."""
     channels = int(model.inputs[0].shape[-1])
-    train_ds = data_lib.distributed_dataset(
-        strategy,
-        train,
-        config.batch_size,
-        config.image_size,
-        training=True,
-        channels=channels,
-        augment=config.augment,
-        seed=config.seed,
-        repeat=True,
-    )
+    steps = data_lib.steps_per_epoch(len(train), config.batch_size)
+
+    def train_ds(initial_epoch):
+        return data_lib.distributed_dataset(
+            strategy,
+            train,
+            config.batch_size,
+            config.image_size,
+            training=True,
+            channels=channels,
+            augment=config.augment,
+            seed=config.seed,
+            repeat=True,
+            skip_steps=initial_epoch * steps,
+        )
+
     val_ds = data_lib.make_dataset(val, config.image_size, config.batch_size, channels=channels)
     return _fit(
         model,
@@ -594,7 +605,7 @@ def _fit_classifier(
         config,
         run_dir,
         is_chief,
-        steps=data_lib.steps_per_epoch(len(train), config.batch_size),
+        steps=steps,
         class_weight=class_weight,
         callbacks=callbacks,
         state_variables=state_variables or None,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -90,29 +92,38 @@ def test_pretrain_finetune_evaluate_export_end_to_end(tmp_path):
     assert again.returncode == 2 and "Refusing to overwrite" in again.stderr
 
 
-def test_finetune_resumes_after_sigkill(tmp_path):
+def test_finetune_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL in the middle of an epoch, rerun the same command: the run resumes
+    from its last checkpoint and, with op determinism, ends with exactly the
+    weights and history of a run that was never interrupted (same batches,
+    flips and dropout masks after the resume)."""
+    import json
     import signal
     import time
 
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=80)
     backbone = helpers.saved_backbone(tmp_path / "backbone.keras")
-    run_dir = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "apps.finetune", f"--target=numpy:{target}",
-        f"--backbone={backbone}", f"--output_dir={run_dir}", "--image_size=16",
-        "--batch_size=8", "--epochs=40", "--patience=40", "--verbose=2",
-        "--notensorboard", "--noexport",
-    ]
+
+    def args(run_dir):
+        return [
+            sys.executable, "-m", "apps.finetune", f"--target=numpy:{target}",
+            f"--backbone={backbone}", f"--output_dir={run_dir}", "--image_size=16",
+            "--batch_size=8", "--epochs=24", "--patience=24", "--verbose=2", "--dropout=0.3",
+            "--deterministic", "--notensorboard", "--noexport",
+        ]
+
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    run_dir = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(args(run_dir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None:
-            if "Epoch 3/40" in (tmp_path / "first.log").read_text():
+            if "Epoch 4/24" in (tmp_path / "first.log").read_text():
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert first.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.1)  # into the epoch's steps
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
@@ -122,17 +133,28 @@ def test_finetune_resumes_after_sigkill(tmp_path):
     assert not (run_dir / "report.json").exists()
     assert (run_dir / "backup").is_dir()
 
-    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(args(run_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "Resuming from the checkpoint after epoch" in second.stdout
     epochs = [line for line in second.stdout.splitlines() if line.startswith("Epoch ")]
-    assert epochs and epochs[0] != "Epoch 1/40", epochs[:3]
-    import json
-
-    report = json.load(open(run_dir / "report.json"))
-    assert report["resumed_from_epoch"] >= 2
-    assert (run_dir / "report.json").is_file()
+    assert epochs and epochs[0] != "Epoch 1/24", epochs[:3]
+    resumed = json.load(open(run_dir / "report.json"))
+    assert resumed["resumed_from_epoch"] >= 2
     assert not (run_dir / "backup").exists()
+
+    reference_dir = tmp_path / "reference"
+    reference = subprocess.run(
+        args(reference_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert reference.returncode == 0, reference.stderr
+    expected = json.load(open(reference_dir / "report.json"))
+    start = resumed["resumed_from_epoch"]
+    for key, values in expected["history"].items():
+        np.testing.assert_allclose(resumed["history"][key], values[start:], rtol=1e-6, err_msg=key)
+    a = keras.saving.load_model(str(run_dir / "model.keras"))
+    b = keras.saving.load_model(str(reference_dir / "model.keras"))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
 
 
 def test_finetune_sjft_end_to_end(tmp_path):

@@ -25,7 +25,9 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     A crash at any moment leaves the previous complete checkpoint in force.
 
     The state holds the model and optimizer variables (so the learning-rate
-    schedule continues), the number of finished epochs and, when an
+    schedule continues), the states of the model's random seed generators
+    (dropout masks and other in-model noise continue where they were; Keras'
+    weight files leave them out), the number of finished epochs and, when an
     `EarlyStopping` callback is given, its counters and best weights, so a
     resumed run stops at the same epoch and restores the same weights as an
     uninterrupted one.
@@ -128,6 +130,20 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                     raise ValueError(f"The checkpoint state file {path} lacks {missing}.")
                 for key, variable in self.state_variables.items():
                     variable.assign(data[key])
+        random_state = state.get("random_state")
+        if random_state:
+            with np.load(os.path.join(self.directory, random_state)) as data:
+                saved = [data[f"r{i}"] for i in range(len(data.files))]
+            variables = _random_state_variables(model)
+            shapes = [tuple(v.shape) for v in variables]
+            if [tuple(a.shape) for a in saved] != shapes:
+                raise ValueError(
+                    f"The checkpoint in {self.directory} holds {len(saved)} random-state "
+                    f"variables that do not match this model's {len(variables)}; it was "
+                    "written by another model. Delete the directory to start afresh."
+                )
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
         self._pending_stop_state = state.get("early_stopping")
         return int(state["epoch"])
 
@@ -152,6 +168,14 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         os.close(fd)
         self.model.save_weights(weights_path, overwrite=True)
         state = {"epoch": epoch + 1, "weights": os.path.basename(weights_path)}
+        random_variables = _random_state_variables(self.model)
+        if random_variables:
+            name = f"random-epoch{epoch + 1:04d}.npz"
+            atomic_write_bytes(
+                os.path.join(self.directory, name),
+                _npz_bytes({f"r{i}": np.asarray(v.numpy()) for i, v in enumerate(random_variables)}),
+            )
+            state["random_state"] = name
         if self.state_variables:
             name = f"state-epoch{epoch + 1:04d}.npz"
             atomic_write_bytes(
@@ -181,6 +205,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             _STATE,
             state["weights"],
             state.get("state_variables"),
+            state.get("random_state"),
             (state.get("early_stopping") or {}).get("best_weights"),
         }
         for name in os.listdir(self.directory):
@@ -193,6 +218,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.delete_on_success:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _random_state_variables(model):
+    """The model's variables that weight files leave out: the states of its
+    seed generators (dropout and other random layers), in a stable order."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
 
 
 def _npz_bytes(arrays):

@@ -180,6 +180,7 @@ def make_dataset(
     drop_remainder=False,
     input_context=None,
     shuffle_buffer=None,
+    skip_batches=0,
 ):
     """Builds a batched `tf.data.Dataset` of `(images, labels)` from a source.
 
@@ -225,6 +226,10 @@ def make_dataset(
         shuffle_buffer: shuffle buffer size. Defaults to the number of
             examples (a full shuffle; the buffer holds references to the
             cached images).
+        skip_batches: start the stream this many batches in. A resumed
+            run skips what it already trained on, so it sees exactly the
+            batches (order and augmentation) the uninterrupted run would
+            have seen next.
 
     Returns:
         A `tf.data.Dataset`.
@@ -262,6 +267,7 @@ def make_dataset(
         raise ValueError(f"Expected `seed` to be None or an int. Received: seed={seed!r}")
     if shuffle_buffer is not None:
         shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", 1)
+    skip_batches = check_int(skip_batches, "skip_batches", 0)
 
     labels = source.labels.astype(np.int32)
     items = source.images if source.in_memory else source.paths
@@ -290,10 +296,14 @@ def make_dataset(
         dataset = dataset.enumerate().map(
             _augment_fn(augment, seed, pipeline_id), num_parallel_calls=tf.data.AUTOTUNE
         )
+    if skip_batches:
+        # After the shuffle and the augmentation, so the skipped batches
+        # consume the same random draws as the batches they stand for.
+        dataset = dataset.skip(skip_batches)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def distributed_dataset(strategy, source, global_batch_size, image_size, **kwargs):
+def distributed_dataset(strategy, source, global_batch_size, image_size, skip_steps=0, **kwargs):
     """Builds a per-replica input pipeline for a `tf.distribute` strategy.
 
     Calls `strategy.distribute_datasets_from_function` with a function that
@@ -308,8 +318,11 @@ def distributed_dataset(strategy, source, global_batch_size, image_size, **kwarg
         global_batch_size: examples per step over all replicas; must be
             divisible by `strategy.num_replicas_in_sync`.
         image_size: int or `(height, width)`.
-        **kwargs: other `make_dataset` keyword arguments (not `batch_size`
-            or `input_context`, which this sets).
+        skip_steps: training steps to skip at the start of the stream (a
+            resumed run passes the steps it already took); every input
+            pipeline skips the per-replica batches its replicas consumed.
+        **kwargs: other `make_dataset` keyword arguments (not `batch_size`,
+            `input_context` or `skip_batches`, which this sets).
 
     Returns:
         A `tf.distribute.DistributedDataset`.
@@ -332,7 +345,8 @@ def distributed_dataset(strategy, source, global_batch_size, image_size, **kwarg
             "Expected `global_batch_size` to be divisible by the number of replicas "
             f"({replicas}). Received: global_batch_size={global_batch_size}"
         )
-    for reserved in ("batch_size", "input_context"):
+    skip_steps = check_int(skip_steps, "skip_steps", 0)
+    for reserved in ("batch_size", "input_context", "skip_batches"):
         if reserved in kwargs:
             raise ValueError(
                 f"`{reserved}` is set by distributed_dataset itself; pass "
@@ -340,11 +354,17 @@ def distributed_dataset(strategy, source, global_batch_size, image_size, **kwarg
             )
 
     def dataset_fn(input_context):
+        # Each step takes one per-replica batch for every replica this
+        # pipeline feeds.
+        replicas_per_pipeline = max(
+            1, input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        )
         return make_dataset(
             source,
             image_size,
             input_context.get_per_replica_batch_size(global_batch_size),
             input_context=input_context,
+            skip_batches=skip_steps * replicas_per_pipeline,
             **kwargs,
         )
 

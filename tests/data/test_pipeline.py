@@ -242,6 +242,36 @@ def test_distributed_dataset_mirrored():
         distributed_dataset(strategy, source, 8, 6, batch_size=4)
 
 
+def test_skipped_stream_continues_exactly_where_the_full_one_is():
+    """A resumed run's pipeline (skip_batches / skip_steps) yields the very
+    batches, in order and with the same flips, that the full stream yields
+    after the skipped ones."""
+    source = _indexed_source(num=20)
+    kwargs = dict(training=True, seed=5, repeat=True, augment="flip_ud")
+    full = _collect(make_dataset(source, 6, 8, **kwargs).take(9))
+    resumed = _collect(make_dataset(source, 6, 8, skip_batches=6, **kwargs).take(3))
+    np.testing.assert_array_equal(resumed[1], full[1][48:])
+    np.testing.assert_array_equal(resumed[0], full[0][48:])
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    def steps(dataset, count):
+        out = []
+        for _, (images, labels) in zip(range(count), dataset):
+            out.append([y.numpy() for y in strategy.experimental_local_results(labels)])
+        return out
+
+    whole = steps(distributed_dataset(strategy, source, 8, 6, **kwargs), 7)
+    later = steps(distributed_dataset(strategy, source, 8, 6, skip_steps=4, **kwargs), 3)
+    for got, expected in zip(later, whole[4:]):
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="skip_batches"):
+        distributed_dataset(strategy, source, 8, 6, skip_batches=2)
+    with pytest.raises(ValueError, match="skip_batches=-1"):
+        make_dataset(source, 6, 2, skip_batches=-1)
+
+
 def test_steps_per_epoch():
     assert steps_per_epoch(10, 4) == 3
     assert steps_per_epoch(10, 4, drop_remainder=True) == 2
