@@ -1,0 +1,396 @@
+"""Anti-aliasing surgery: insert BlurPool into a pretrained functional model.
+
+Zhang (ICML 2019) makes a pretrained CNN more shift-invariant by splitting
+every subsampling layer into a dense (stride-1) evaluation and an
+anti-aliased subsampling (`BlurPool`). No trainable parameter is added, so
+the pretrained weights carry over layer by layer; `antialias` rebuilds a
+functional Keras model that way with `keras_seltransfer.models.surgery`.
+"""
+
+import keras
+
+from keras_seltransfer.layers.base_blur_pool import BaseBlurPool
+from keras_seltransfer.layers.base_blur_pool import blurred_size
+from keras_seltransfer.layers.base_blur_pool import check_filt_size
+from keras_seltransfer.layers.base_blur_pool import check_pad_type
+from keras_seltransfer.layers.blur_pool import BlurPool
+from keras_seltransfer.models import surgery
+
+# Names of the layers `antialias` adds, derived from the layer they serve.
+# `<layer>_blurpool` takes the place of `<layer>`'s output (see
+# `aligned_layer_name`); `<conv>_input_blurpool` subsamples a 1x1 conv's input.
+BLUR_SUFFIX = "_blurpool"
+INPUT_BLUR_SUFFIX = "_input_blurpool"
+PAD_SUFFIX = "_aa_pad"
+CROP_SUFFIX = "_aa_crop"
+
+_POOLS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
+def _pair(value):
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * 2
+
+
+def _is_activation(layer):
+    if isinstance(layer, keras.layers.Activation):
+        return layer.activation is not keras.activations.linear
+    return isinstance(
+        layer, (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
+    )
+
+
+def _spatial_input_size(layer):
+    """`(height, width)` of a layer's input, None where not static."""
+    shape = layer.input.shape
+    return shape[1], shape[2]
+
+
+def _same_padding(size, kernel, stride):
+    """TensorFlow's 'same' padding before the first sample, or None when the
+    size is not static."""
+    if size is None:
+        return None
+    out = -(-size // stride)
+    return max((out - 1) * stride + kernel - size, 0) // 2
+
+
+def _cannot(layer, why):
+    return ValueError(
+        f"antialias cannot convert layer {layer.name!r} ({type(layer).__name__}): {why}"
+    )
+
+
+def _activation_after(name, by_name, consumers):
+    """The activation that follows conv `name` through per-channel layers
+    (BatchNormalization), or None when the chain branches or ends first."""
+    current = name
+    while True:
+        following = consumers[current]
+        if len(following) != 1:
+            return None
+        layer = by_name[following[0]]
+        if _is_activation(layer):
+            if isinstance(layer, keras.layers.PReLU) and not set(
+                _pair_axes(layer.shared_axes)
+            ) >= {1, 2}:
+                raise _cannot(
+                    layer,
+                    "a PReLU after a strided layer must share its slopes over the spatial "
+                    "axes (shared_axes=[1, 2]) to run on the denser map",
+                )
+            return layer.name
+        is_per_channel = isinstance(layer, keras.layers.BatchNormalization) and layer.axis in (
+            -1,
+            3,
+            [-1],
+            [3],
+        )
+        is_linear = (
+            isinstance(layer, keras.layers.Activation)
+            and layer.activation is keras.activations.linear
+        )
+        if not (is_per_channel or is_linear):
+            return None
+        current = layer.name
+
+
+def _pair_axes(axes):
+    if axes is None:
+        return ()
+    return tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+
+
+def _dense_padding(layer, kernel, strides):
+    """How a 'same'-padded strided layer keeps its sampling grid at stride 1.
+
+    Returns `(padding, zero_pad, crop)`: the padding argument of the stride-1
+    layer, explicit zero padding to insert before it (convolutions) and a
+    crop of its output (pools), so that every s-th sample of the dense map is
+    exactly a sample of the strided layer.
+    """
+    if layer.padding == "valid":
+        return "valid", None, None
+    sizes = _spatial_input_size(layer)
+    befores = [_same_padding(n, k, s) for n, k, s in zip(sizes, kernel, strides)]
+    if None in befores or all(b == (k - 1) // 2 for b, k in zip(befores, kernel)):
+        # A stride-1 'same' layer already pads (k-1)//2 before; with dynamic
+        # sizes the strided layer's padding is not known here.
+        return "same", None, None
+    if isinstance(layer, _CONVS):
+        zero_pad = tuple((b, k - 1 - b) for b, k in zip(befores, kernel))
+        return "valid", zero_pad, None
+    crop = tuple(((k - 1) // 2 - b, 0) for b, k in zip(befores, kernel))
+    return "same", None, crop
+
+
+def _plan(flat, filt_size):
+    """What happens to each layer: `{name: action}` and `{name: blur after}`."""
+    specs = {spec["name"]: spec for spec in flat.get_config()["layers"]}
+    by_name = {layer.name: layer for layer in flat.layers}
+    consumers = surgery.consumers(flat)
+    actions, blur_after = {}, {}
+    for layer in flat.layers:
+        strides = getattr(layer, "strides", None)
+        if strides is None or isinstance(layer, BaseBlurPool):
+            continue
+        strides = _pair(strides)
+        if all(s == 1 for s in strides):
+            continue
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            continue  # upsampling does not alias
+        if not isinstance(layer, _CONVS + _POOLS):
+            raise _cannot(
+                layer,
+                f"strided layers of this type (strides={strides}) are not supported; "
+                "supported: Conv2D, DepthwiseConv2D, MaxPooling2D, AveragePooling2D",
+            )
+        if len(specs[layer.name].get("inbound_nodes", [])) > 1:
+            raise _cannot(layer, "it is called more than once (a shared layer)")
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise _cannot(layer, "BlurPool works on channels-last feature maps")
+        if isinstance(layer, _CONVS):
+            if any(d != 1 for d in _pair(layer.dilation_rate)):
+                raise _cannot(
+                    layer,
+                    f"strided convolutions with dilation (dilation_rate={layer.dilation_rate}) "
+                    "are not converted",
+                )
+            kernel = _pair(layer.kernel_size)
+            padding, zero_pad, _ = _dense_padding(layer, kernel, strides)
+            activation = (
+                layer.name
+                if layer.activation is not keras.activations.linear
+                else _activation_after(layer.name, by_name, consumers)
+            )
+            if activation is not None:
+                # Zhang: conv at stride 1, its activation, then the blur.
+                actions[layer.name] = {"kind": "dense", "padding": padding, "zero_pad": zero_pad}
+                blur_after[activation] = {"strides": strides, "crop": None, "source": layer.name}
+            elif kernel == (1, 1):
+                # No activation follows (a ResNet shortcut): blur, then the 1x1
+                # conv at stride 1, as in Zhang's anti-aliased ResNet; a 1x1
+                # conv commutes with the blur, and runs on the smaller map.
+                actions[layer.name] = {"kind": "input_blur", "strides": strides}
+            else:
+                # A linear conv commutes with the blur: blur right after it,
+                # which keeps its sampling grid.
+                actions[layer.name] = {"kind": "dense", "padding": padding, "zero_pad": zero_pad}
+                blur_after[layer.name] = {"strides": strides, "crop": None, "source": layer.name}
+            continue
+        pool_size = _pair(layer.pool_size)
+        if isinstance(layer, keras.layers.AveragePooling2D) and pool_size == strides:
+            # A non-overlapping box filter is a (poor) blur already: Zhang
+            # replaces it by BlurPool, and keeps it when filt_size is 1.
+            if filt_size == 1:
+                continue
+            crop = None
+            if layer.padding == "valid":
+                sizes = _spatial_input_size(layer)
+                if None not in sizes:
+                    # 'valid' box pooling drops the last rows when the size is
+                    # not a multiple of the stride; so does the crop.
+                    crop = tuple((0, n % s) for n, s in zip(sizes, strides))
+            actions[layer.name] = {"kind": "replace", "strides": strides, "crop": crop}
+            continue
+        padding, _, crop = _dense_padding(layer, pool_size, strides)
+        actions[layer.name] = {"kind": "dense", "padding": padding, "zero_pad": None}
+        blur_after[layer.name] = {"strides": strides, "crop": crop, "source": layer.name}
+    return actions, blur_after
+
+
+def antialias(model, filt_size=4, pad_type="reflect", name=None):
+    """Rebuilds a pretrained functional model with anti-aliased subsampling.
+
+    The swaps of Zhang (ICML 2019), made on every subsampling layer:
+
+    - `MaxPooling2D(k, s)` -> `MaxPooling2D(k, 1)` + `BlurPool(s)`; the same
+      for an overlapping `AveragePooling2D` (pool size != strides).
+    - `AveragePooling2D(s, s)` (non-overlapping, e.g. DenseNet's
+      transitions) -> `BlurPool(s)`; kept as it is when `filt_size=1`, as in
+      Zhang's code.
+    - a strided `Conv2D` / `DepthwiseConv2D` followed by an activation
+      (fused into the conv, or after BatchNormalization layers) -> the conv
+      at stride 1, the BatchNormalization and activation on the dense map,
+      then `BlurPool(s)`: the blur comes after the nonlinearity, never
+      before.
+    - a strided 1x1 conv not followed by an activation (a ResNet shortcut,
+      conv -> BN -> Add) -> `BlurPool(s)` then the 1x1 conv at stride 1, as
+      in Zhang's anti-aliased ResNet (the two commute; the conv then runs on
+      the subsampled map).
+    - a strided k x k conv (k > 1) not followed by an activation -> the conv
+      at stride 1, then `BlurPool(s)` (a linear conv commutes with the blur).
+
+    Every sample that a strided layer computed is a sample of its dense
+    counterpart: 'valid' layers and the padding layers before them
+    (`ZeroPadding2D` in keras.applications) stay as they are, and a 'same'
+    layer whose padding differs between stride s and stride 1 gets explicit
+    zero padding (convolutions, `<layer>_aa_pad`) or a crop (pools,
+    `<layer>_aa_crop`). So every layer's output shape is unchanged, and with
+    `filt_size=1` (plain subsampling) the new model computes exactly what
+    the original did. With `filt_size > 1` the only difference is the
+    low-pass filter before each subsampling, centred on the original grid
+    for odd sizes (half a pixel off for even ones). This needs static
+    spatial sizes; with dynamic ones 'same' layers keep 'same' padding at
+    stride 1, which can shift their grid by one pixel.
+
+    No trainable parameter is added (the blur kernels are non-trainable
+    constants) and every pretrained weight, BatchNorm statistics included,
+    is copied: layers keep their names. The added blur is named
+    `<layer>_blurpool` after the layer whose output it replaces (see
+    `aligned_layer_name`), or `<conv>_input_blurpool` before a 1x1 conv.
+    Layers that already anti-alias (`BlurPool`, `MaxBlurPool`) and
+    transposed convolutions (upsampling) are left alone.
+
+    Args:
+        model: a functional `keras.Model` (nested functional models are
+            inlined); channels-last.
+        filt_size: binomial filter size of every `BlurPool`, 1 to 7. Default 4.
+        pad_type: `"reflect"`, `"replicate"` or `"zero"` (see `BlurPool`).
+        name: name of the new model (default: the original's).
+
+    Returns:
+        The anti-aliased functional `keras.Model`, sharing no layer or weight
+        with `model`.
+
+    Raises:
+        ValueError: for bad arguments, and naming any strided layer that
+            cannot be converted: a strided layer type other than Conv2D,
+            DepthwiseConv2D, MaxPooling2D and AveragePooling2D (for example
+            SeparableConv2D or a custom layer), a strided conv with dilation,
+            a channels-first layer, or a strided layer called more than once.
+
+    Example:
+
+    ```python
+    backbone = load_backbone("ResNet50", (224, 224, 3), weights="imagenet")
+    model = antialias(build_classifier(backbone, 10), filt_size=4)
+    ```
+
+    Reference:
+        Zhang. Making Convolutional Networks Shift-Invariant Again. ICML 2019.
+    """
+    filt_size = check_filt_size(filt_size)
+    pad_type = check_pad_type(pad_type)
+    flat = surgery.flatten(model)
+    actions, blur_after = _plan(flat, filt_size)
+    taken = {layer.name for layer in flat.layers}
+    blur_names = [n + BLUR_SUFFIX for n in blur_after]
+    blur_names += [n + BLUR_SUFFIX for n, a in actions.items() if a["kind"] == "replace"]
+    blur_names += [n + INPUT_BLUR_SUFFIX for n, a in actions.items() if a["kind"] == "input_blur"]
+    for blur_name in blur_names:
+        if blur_name in taken:
+            raise ValueError(
+                f"antialias would name a new BlurPool {blur_name!r}, but the model already "
+                "has a layer of that name; rename that layer first."
+            )
+    taken.update(blur_names)
+
+    def blur(x, strides, layer_name, original, suffix=BLUR_SUFFIX):
+        return BlurPool(
+            filt_size=filt_size,
+            strides=strides,
+            pad_type=pad_type,
+            dtype=original.dtype_policy,
+            name=layer_name + suffix,
+        )(x)
+
+    def helper_name(base):
+        candidate, i = base, 1
+        while candidate in taken:
+            candidate, i = f"{base}_{i}", i + 1
+        taken.add(candidate)
+        return candidate
+
+    def call(layer, original, *args, **kwargs):
+        action = actions.get(original.name)
+        kind = None if action is None else action["kind"]
+        if kind is None:
+            outputs = layer(*args, **kwargs)
+        elif kind == "replace":
+            x = args[0]
+            if action["crop"] and any(any(c) for c in action["crop"]):
+                x = keras.layers.Cropping2D(
+                    action["crop"], name=helper_name(original.name + CROP_SUFFIX)
+                )(x)
+            return blur(x, action["strides"], original.name, original)
+        else:
+            config = original.get_config()
+            config["strides"] = (1, 1)
+            x = args[0]
+            if kind == "dense":
+                config["padding"] = action["padding"]
+                if action["zero_pad"] is not None:
+                    x = keras.layers.ZeroPadding2D(
+                        action["zero_pad"],
+                        dtype=original.dtype_policy,
+                        name=helper_name(original.name + PAD_SUFFIX),
+                    )(x)
+            else:
+                x = blur(x, action["strides"], original.name, original, INPUT_BLUR_SUFFIX)
+            outputs = type(original).from_config(config)(x, *args[1:], **kwargs)
+        after = blur_after.get(original.name)
+        if after is not None:
+            if after["crop"] and any(any(c) for c in after["crop"]):
+                outputs = keras.layers.Cropping2D(
+                    after["crop"], name=helper_name(original.name + CROP_SUFFIX)
+                )(outputs)
+            outputs = blur(outputs, after["strides"], original.name, original)
+        return outputs
+
+    new = surgery.rebuild(flat, call, name=name or model.name)
+    _check_shapes(flat, new, blur_after, actions)
+    return new
+
+
+def _check_shapes(flat, new, blur_after, actions):
+    """Every replaced output keeps its shape (a guard against unforeseen
+    padding arithmetic)."""
+    new_names = {layer.name for layer in new.layers}
+    for layer in flat.layers:
+        if layer.name in blur_after or (
+            actions.get(layer.name, {}).get("kind") in ("replace", "input_blur")
+        ):
+            replacement = aligned_layer_name(new, layer.name)
+            if replacement not in new_names:
+                continue
+            before, after = tuple(layer.output.shape), tuple(new.get_layer(replacement).output.shape)
+            if before != after:
+                raise ValueError(
+                    f"antialias could not keep the output shape of layer {layer.name!r}: "
+                    f"{before} became {after}."
+                )
+    for old, out in zip(flat.outputs, new.outputs):
+        if tuple(old.shape) != tuple(out.shape):
+            raise ValueError(
+                f"antialias changed an output shape from {tuple(old.shape)} to {tuple(out.shape)}."
+            )
+
+
+def aligned_layer_name(model, name):
+    """The layer of an anti-aliased model whose output matches layer `name`
+    of the original model (same position in the graph, same shape).
+
+    That is `<name>_blurpool` when `antialias` put a blur after `name` (its
+    own output is then the denser map), and `name` itself otherwise.
+
+    Raises:
+        ValueError: if neither layer exists in `model`.
+    """
+    names = {layer.name for layer in model.layers}
+    if name + BLUR_SUFFIX in names:
+        return name + BLUR_SUFFIX
+    if name in names:
+        return name
+    raise ValueError(
+        f"Model {model.name!r} has no layer {name!r} (nor {name + BLUR_SUFFIX!r}). "
+        f"Received: name={name!r}"
+    )
+
+
+def blur_layers(model):
+    """Names of the `BlurPool` / `MaxBlurPool` layers of `model`."""
+    return [layer.name for layer in surgery.flatten(model).layers if isinstance(layer, BaseBlurPool)]
+
+
+__all__ = ["aligned_layer_name", "antialias", "blur_layers"]
