@@ -1,0 +1,63 @@
+"""Smoke test of tools/reproduce.py on tiny data (the full run is not a test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reproduce(*args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "reproduce.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
+    target = helpers.write_npz(tmp_path / "target.npz", num_per_class=40)
+    source = helpers.write_npz(tmp_path / "source.npz", num_per_class=20, num_classes=3, seed=4)
+    backbone = helpers.saved_backbone(tmp_path / "backbone.keras")
+    out = tmp_path / "results"
+    args = [
+        f"--target=numpy:{target}", f"--source=numpy:{source}", f"--backbone={backbone}",
+        f"--output_dir={out}", "--rows=baseline,sjft_nogrowth", "--fractions=0.5,1",
+        "--seeds=0", "--epochs=1", "--tune_lrs=0.01,0.001", "--tune_fraction=0.5",
+        "--image_size=16", "--batch_size=8", "--noplots",
+    ]
+    first = _reproduce(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Two tuning runs per row, one of which is also the grid's 50% cell.
+    assert first.stdout.count(": training") == 2 * 3
+    results = json.load(open(out / "results.json"))
+    assert {r["row"] for r in results["runs"]} == {"baseline", "sjft_nogrowth"}
+    assert len(results["runs"]) == 4
+    for row, choice in results["choices"].items():
+        losses = choice["validation_loss"]
+        assert set(losses) == {"0.01", "0.001"}
+        assert choice["learning_rate"] == float(min(losses, key=losses.get)), row
+    table = (out / "results_table.md").read_text()
+    assert "Fine-tuning (no source)" in table and "SJFT without iterative neighbour growth" in table
+    assert (out / "runs" / "index" / "conv" / "neighbours.npz").is_file()
+
+    # The discussion around the table in RESULTS.md survives a rebuild.
+    results_md = out / "RESULTS.md"
+    results_md.write_text(
+        "intro\n" + results_md.read_text().strip() + "\ndiscussion\n"
+    )
+    second = _reproduce(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ": training" not in second.stdout  # everything came from the cache
+    assert json.load(open(out / "results.json"))["runs"] == results["runs"]
+    text = results_md.read_text()
+    assert text.startswith("intro\n") and text.endswith("discussion\n")
+    assert "Fine-tuning (no source)" in text
+
+    # A cache made with another budget is refused, not silently reused.
+    changed = _reproduce(*[a if a != "--epochs=1" else "--epochs=2" for a in args])
+    assert changed.returncode == 2
+    assert "other settings" in changed.stderr and "epochs" in changed.stderr
