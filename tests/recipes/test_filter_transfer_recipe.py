@@ -1,0 +1,84 @@
+"""finetune --method=filter_transfer end to end."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_seltransfer import training
+from keras_seltransfer.layers.filter_mask import FilterMask
+from keras_seltransfer.models import filter_transfer as ft
+from tests import helpers
+
+
+def _config(tmp_path, **overrides):
+    kwargs = dict(
+        method="filter_transfer",
+        target="numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=40),
+        source="numpy:" + helpers.write_npz(tmp_path / "source.npz", num_per_class=20, seed=5),
+        backbone=helpers.saved_backbone(tmp_path / "backbone.keras", pretrain_epochs=1),
+        output_dir=str(tmp_path / "run"),
+        image_size=16,
+        epochs=3,
+        patience=3,
+        batch_size=16,
+        learning_rate=1e-2,
+        verbose=0,
+        tensorboard=False,
+    )
+    kwargs.update(overrides)
+    return training.FinetuneConfig(**kwargs)
+
+
+def test_kl_transfer_with_pruning_reports_and_exports(tmp_path):
+    config = _config(tmp_path, relevance_statistic="kl", prune_period=1, prune_fraction=0.25)
+    out = training.finetune(config)
+    report = out["report"]
+    extra = report["filter_transfer"]
+    assert extra["statistic"] == "kl" and extra["transfer_ratio"] == 0.5
+    layers = extra["layers"]
+    assert {name: v["filters"] for name, v in layers.items()} == {"block1_conv": 4, "block2_conv": 8}
+    assert all(v["transferred"] == v["filters"] // 2 == v["reinitialized"] for v in layers.values())
+    # Rounds at the start of epochs 1 and 2: 0.125 then 0.25 of each layer.
+    assert [r["pruned"] for r in extra["pruning"]["rounds"]] == [
+        {"block1_conv": 0, "block2_conv": 1},
+        {"block1_conv": 1, "block2_conv": 1},
+    ]
+    assert report["history"]["pruned_fraction"] == [0.0, 1 / 12, 3 / 12]
+    saved = json.load(open(tmp_path / "run" / "report.json"))
+    assert saved["filter_transfer"]["layers"] == layers
+
+    loaded = keras.saving.load_model(out["model"], safe_mode=True)
+    assert sum(isinstance(layer, FilterMask) for layer in loaded.layers) == 2
+    assert ft.filter_transfer_summary(loaded) == layers
+    images = helpers.easy_images(3, seed=9)[0]
+    served = tf.saved_model.load(out["saved_model"])
+    np.testing.assert_allclose(
+        served.serve(tf.constant(images))["probabilities"],
+        loaded(images.astype(np.float32)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.slow
+def test_reinit_pruning_and_reinit_next_under_mirrored_strategy(tmp_path):
+    config = _config(
+        tmp_path,
+        strategy="mirrored",
+        reinit_next=True,
+        transfer_ratio=0.75,
+        prune_period=1,
+        prune_action="reinit",
+        export=False,
+    )
+    out = training.finetune(config)
+    assert "2 replicas" in out["report"]["strategy"]
+    extra = out["report"]["filter_transfer"]
+    # ceil(0.75 n) transferred; the callback then re-initialises floor(0.25 n)
+    # of each layer, which may include filters re-initialised at transfer.
+    assert sum(r["pruned"]["block2_conv"] for r in extra["pruning"]["rounds"]) == 2
+    assert 4 <= extra["layers"]["block2_conv"]["transferred"] <= 6
+    assert all(v["masked"] == 0 for v in extra["layers"].values())
