@@ -116,3 +116,183 @@ def write_report(report, directory, stem="report", title="Evaluation report"):
     atomic_write_text(json_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     atomic_write_text(md_path, format_markdown(report, title=title))
     return json_path, md_path
+
+
+# Shift robustness (Zhang, ICML 2019) ------------------------------------------
+
+SHIFT_PAD_MODES = ("reflect", "edge", "constant", "wrap")
+SHIFT_DIRECTIONS = ("diagonal", "horizontal", "vertical")
+
+
+def _check_shift_args(model, images, max_shift, pad_mode):
+    if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
+        raise ValueError(f"`max_shift` must be an int >= 0. Received: max_shift={max_shift!r}")
+    if pad_mode is not None and pad_mode not in SHIFT_PAD_MODES:
+        raise ValueError(
+            f"`pad_mode` must be one of {SHIFT_PAD_MODES} or None. Received: pad_mode={pad_mode!r}"
+        )
+    images = np.asarray(images)
+    if images.ndim != 4 or not len(images):
+        raise ValueError(
+            "`images` must be a non-empty batch [N, height, width, channels]. "
+            f"Received: images.shape={images.shape}"
+        )
+    height, width = (int(d) for d in model.inputs[0].shape[1:3])
+    margin = 0 if pad_mode is not None else 2 * max_shift
+    if images.shape[1:3] != (height + margin, width + margin):
+        expected = (
+            f"the model's input size {(height, width)}"
+            if pad_mode is not None
+            else f"{(height + margin, width + margin)} (the model's input plus a margin of "
+            f"max_shift={max_shift} pixels each side, as pad_mode=None expects)"
+        )
+        raise ValueError(
+            f"`images` must be of {expected}. Received: images.shape={images.shape}"
+        )
+    if pad_mode is not None and max_shift:
+        images = np.pad(
+            images,
+            ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)),
+            mode=pad_mode,
+        )
+    return images, height, width
+
+
+def _crop_classes(model, padded, offsets, height, width, batch_size):
+    """Predicted classes `[N, K]` of crops of the padded images: `offsets` is
+    `[K, 2]` (the same `(row, column)` offsets for every image) or `[N, K, 2]`
+    (offsets per image)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets.ndim == 2:
+        offsets = np.broadcast_to(offsets, (len(padded),) + offsets.shape)
+    count = offsets.shape[1]
+    rows = offsets[:, :, 0, None] + np.arange(height)  # [N, K, height]
+    cols = offsets[:, :, 1, None] + np.arange(width)  # [N, K, width]
+    classes = np.empty((len(padded), count), dtype=np.int64)
+    # As many images per prediction call as make about 4096 crops.
+    chunk = max(1, 4096 // count)
+    for start in range(0, len(padded), chunk):
+        stop = min(start + chunk, len(padded))
+        index = np.arange(start, stop)[:, None, None, None]
+        crops = padded[index, rows[start:stop, :, :, None], cols[start:stop, :, None, :]]
+        crops = crops.reshape((-1, height, width) + padded.shape[3:]).astype(np.float32)
+        probabilities = model.predict(crops, batch_size=batch_size, verbose=0)
+        classes[start:stop] = np.asarray(probabilities).argmax(-1).reshape(stop - start, count)
+    return classes
+
+
+def shift_consistency(
+    model, images, max_shift=8, num_pairs=5, seed=0, pad_mode="reflect", batch_size=64
+):
+    """How often the predicted class survives a shift of the input (Zhang, ICML 2019).
+
+    Zhang's consistency is the probability that the network predicts the
+    same class for two shifted copies of one image,
+    `E[1{argmax f(shift_a(x)) == argmax f(shift_b(x))}]`, over images and two
+    independent, uniformly drawn shifts `a`, `b` of at most `max_shift`
+    pixels in each direction. A shift is a crop: each image is padded by
+    `max_shift` pixels on every side (`pad_mode`, NumPy's `np.pad` modes;
+    `"wrap"` makes the shifts circular) and the model's input size is cut out
+    at offsets `(dy, dx)` in `[0, 2 * max_shift]^2` (the unshifted image at
+    `(max_shift, max_shift)`). With `pad_mode=None` the images must already
+    be larger by `max_shift` each side, and the crops see real surroundings
+    (Zhang's ImageNet protocol: random crops of a larger resized image).
+
+    With `num_pairs` an int, that many random pairs of shifts are drawn per
+    image (seeded). With `num_pairs=None` every shift is evaluated and the
+    expectation over all ordered pairs is computed exactly: per image,
+    `sum_c n_c^2 / K^2` for `K = (2 * max_shift + 1)^2` shifts, `n_c` of them
+    predicted as class `c`.
+
+    Args:
+        model: a classifier from images to class probabilities.
+        images: `[N, height, width, channels]` raw images at the model's
+            input size (at that size plus `2 * max_shift` when
+            `pad_mode=None`).
+        max_shift: largest shift in pixels along each axis.
+        num_pairs: random shift pairs per image, or None for all pairs.
+        seed: seed of the drawn shifts.
+        pad_mode: `"reflect"`, `"edge"`, `"constant"` (zeros), `"wrap"`, or
+            None (see above).
+        batch_size: prediction batch size.
+
+    Returns:
+        The consistency, a float in [0, 1].
+
+    Raises:
+        ValueError: for bad arguments or images of the wrong size.
+
+    Reference:
+        Zhang. Making Convolutional Networks Shift-Invariant Again. ICML 2019.
+    """
+    padded, height, width = _check_shift_args(model, images, max_shift, pad_mode)
+    span = 2 * max_shift + 1
+    if num_pairs is None:
+        offsets = [(dy, dx) for dy in range(span) for dx in range(span)]
+        classes = _crop_classes(model, padded, offsets, height, width, batch_size)
+        num_classes = int(classes.max()) + 1
+        counts = np.stack([(classes == c).sum(axis=1) for c in range(num_classes)], axis=1)
+        return float(np.mean((counts.astype(np.float64) ** 2).sum(axis=1) / len(offsets) ** 2))
+    if isinstance(num_pairs, bool) or not isinstance(num_pairs, (int, np.integer)) or num_pairs < 1:
+        raise ValueError(
+            f"`num_pairs` must be a positive int or None. Received: num_pairs={num_pairs!r}"
+        )
+    rng = np.random.default_rng(seed)
+    # Two independent shifts per pair: crops 2p and 2p+1 of each image.
+    drawn = rng.integers(0, span, size=(len(padded), 2 * num_pairs, 2))
+    classes = _crop_classes(model, padded, drawn, height, width, batch_size)
+    return float(np.mean(classes[:, 0::2] == classes[:, 1::2]))
+
+
+def accuracy_vs_shift(
+    model, images, labels, max_shift=8, direction="diagonal", pad_mode="reflect", batch_size=64
+):
+    """Accuracy of a classifier as the input is shifted pixel by pixel.
+
+    Zhang's plots of a prediction along a sweep of shifts: every image is
+    shifted by `s = -max_shift, ..., max_shift` pixels (`"diagonal"`: down
+    and right by `s`, `"horizontal"` or `"vertical"`: along one axis), by
+    cropping it from a padded copy as in `shift_consistency` (the crop at
+    offset `max_shift + s` along the shifted axes, so a positive `s` moves
+    the content up / left).
+
+    Args:
+        model: a classifier from images to class probabilities.
+        images: `[N, height, width, channels]` raw images (see
+            `shift_consistency` for `pad_mode=None`).
+        labels: `[N]` true classes.
+        max_shift: largest shift in pixels.
+        direction: `"diagonal"`, `"horizontal"` or `"vertical"`.
+        pad_mode: as in `shift_consistency`.
+        batch_size: prediction batch size.
+
+    Returns:
+        A dict with `shifts` (the list of s), `accuracy` (accuracy at each
+        shift) and `agreement` (the fraction of images whose prediction
+        equals their prediction at shift 0).
+
+    Raises:
+        ValueError: for bad arguments or images of the wrong size.
+    """
+    if direction not in SHIFT_DIRECTIONS:
+        raise ValueError(
+            f"`direction` must be one of {SHIFT_DIRECTIONS}. Received: direction={direction!r}"
+        )
+    padded, height, width = _check_shift_args(model, images, max_shift, pad_mode)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(padded),):
+        raise ValueError(
+            f"`labels` must be [N] with N = len(images) = {len(padded)}. "
+            f"Received: labels.shape={labels.shape}"
+        )
+    shifts = list(range(-max_shift, max_shift + 1))
+    dy = {"diagonal": 1, "horizontal": 0, "vertical": 1}[direction]
+    dx = {"diagonal": 1, "horizontal": 1, "vertical": 0}[direction]
+    offsets = [(max_shift + dy * s, max_shift + dx * s) for s in shifts]
+    classes = _crop_classes(model, padded, offsets, height, width, batch_size)
+    centre = classes[:, shifts.index(0)]
+    return {
+        "shifts": shifts,
+        "accuracy": [float(v) for v in (classes == labels[:, None]).mean(axis=0)],
+        "agreement": [float(v) for v in (classes == centre[:, None]).mean(axis=0)],
+    }
