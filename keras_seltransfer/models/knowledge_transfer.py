@@ -185,6 +185,9 @@ class KnowledgeTransferModel(keras.Model):
         self.global_level_loss = GlobalLevelLoss()
         self.logit_loss = keras.losses.KLDivergence(name="logit_kl")
         self.trackers = {term: keras.metrics.Mean(name=f"{term}_loss") for term in TERMS}
+        # Every layer is built (the two networks are), so weights can be
+        # loaded (a resumed run) before the first call.
+        self.built = True
 
     def _pairs(self, layer_names):
         names = stage_outputs(self.teacher) if layer_names is None else list(layer_names)

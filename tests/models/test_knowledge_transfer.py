@@ -177,7 +177,6 @@ def test_explicit_layers_config_round_trip_and_keras_file(tmp_path):
     assert restored.layer_names == model.layer_names
     assert (restored.pixel_weight, restored.global_weight, restored.logit_weight) == (0.25, 0.0, 1.0)
     x, _ = _data(4)
-    model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy")
     path = str(tmp_path / "kt.keras")
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
