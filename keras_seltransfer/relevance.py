@@ -159,7 +159,8 @@ def response_chains(model, layers=None):
     output. So conv -> BN -> ReLU (small_cnn, ResNet, MobileNet) is read
     post-activation, conv -> BN -> Add (a residual branch's last conv, a
     linear bottleneck) after the BN, and a conv feeding a concatenation
-    (DenseNet) at the conv itself.
+    (DenseNet) at the conv itself. A BatchNormalization or activation layer
+    called more than once (shared) ends the chain before it.
 
     Args:
         model: a functional `keras.Model`.
@@ -168,11 +169,25 @@ def response_chains(model, layers=None):
     Returns:
         A dict `{conv_name: [conv_name, (bn_name), (activation_name)]}` in
         graph order; the last name of each chain is its response point.
+
+    Raises:
+        ValueError: as `conv_layer_names`, or for a conv layer called more
+            than once (a shared layer).
     """
     flat = surgery.flatten(model)
     names = conv_layer_names(flat, layers)
     consumers = surgery.consumers(flat)
     by_name = {layer.name: layer for layer in flat.layers}
+    calls = {
+        spec["name"]: len(spec.get("inbound_nodes", [])) for spec in flat.get_config()["layers"]
+    }
+    shared = [name for name in names if calls.get(name, 0) > 1]
+    if shared:
+        raise ValueError(
+            f"Conv layers {shared} are called more than once in model {model.name!r}; a "
+            "shared layer's filters have no single response to score. "
+            f"Received: layers={layers!r}"
+        )
     chains = {}
     for name in names:
         conv = by_name[name]
@@ -181,12 +196,17 @@ def response_chains(model, layers=None):
             following = consumers[name]
             if (
                 len(following) == 1
+                and calls.get(following[0], 0) == 1
                 and isinstance(by_name[following[0]], keras.layers.BatchNormalization)
                 and _follows_channels(by_name[following[0]], conv)
             ):
                 chain.append(following[0])
                 following = consumers[following[0]]
-            if len(following) == 1 and isinstance(by_name[following[0]], _ACTIVATION_LAYER_TYPES):
+            if (
+                len(following) == 1
+                and calls.get(following[0], 0) == 1
+                and isinstance(by_name[following[0]], _ACTIVATION_LAYER_TYPES)
+            ):
                 chain.append(following[0])
         chains[name] = chain
     return chains
@@ -246,8 +266,8 @@ class FilterResponses:
         one per conv layer (channels last even for channels-first layers).
 
     Raises:
-        ValueError: for a model with several inputs, or a response point
-            whose layer is called more than once in the graph.
+        ValueError: for a model with several inputs, or as
+            `response_chains`.
 
     Reference:
         Jung & Kim, "Selective filter transfer", 2019.
@@ -263,14 +283,7 @@ class FilterResponses:
         self.chains = response_chains(flat, layers)
         taps = []
         for conv_name, chain in self.chains.items():
-            layer = flat.get_layer(chain[-1])
-            try:
-                tap = layer.output
-            except (AttributeError, ValueError) as e:
-                raise ValueError(
-                    f"The response of {conv_name!r} is read at layer {chain[-1]!r}, which "
-                    f"is called more than once in model {model.name!r}: {e}"
-                ) from e
+            tap = flat.get_layer(chain[-1]).output
             if _channel_axis(flat.get_layer(conv_name)) == 1:
                 tap = keras.layers.Permute((2, 3, 1), name=f"{conv_name}_nhwc_response")(tap)
             taps.append(tap)
@@ -354,7 +367,14 @@ class FilterResponses:
         return result
 
     def statistics(
-        self, data, statistic="mean", *, source_data=None, num_bins=32, fine_bins=2000, strategy=None
+        self,
+        data,
+        statistic="mean",
+        *,
+        source_data=None,
+        num_bins=32,
+        fine_bins=2000,
+        strategy=None,
     ):
         """Per-filter values of one statistic (see `filter_statistics`)."""
         _check_statistic(statistic)
@@ -383,7 +403,9 @@ class FilterResponses:
         sources = _image_batches(source_data, "source_data")
         num_bins = check_int(num_bins, "num_bins", 2, 1000)
         try:
-            edges = fit_bin_edges(self, images, num_bins=num_bins, fine_bins=fine_bins, progress=False)
+            edges = fit_bin_edges(
+                self, images, num_bins=num_bins, fine_bins=fine_bins, progress=False
+            )
         except ValueError as e:
             if "at least one batch" in str(e):
                 raise ValueError(

@@ -124,6 +124,10 @@ def test_response_points_follow_bn_and_activation():
     assert relevance.response_points(branched) == {"a": "a_bn", "b": "b"}
     assert relevance.conv_layer_names(branched, "^b$") == ["b"]
     assert relevance.conv_layer_names(branched, ["b", "a"]) == ["a", "b"]
+    shared_conv = keras.layers.Conv2D(2, 1, name="shared")
+    twice = keras.layers.Add()([shared_conv(inputs), shared_conv(keras.layers.ReLU()(inputs))])
+    with pytest.raises(ValueError, match=r"\['shared'\] are called more than once"):
+        relevance.response_chains(keras.Model(inputs, twice))
 
 
 def test_statistics_match_numpy_on_a_fixed_network():
@@ -183,7 +187,7 @@ def test_streaming_equals_one_shot_and_mirrored_equals_single_device():
         streamed = relevance.filter_statistics(single, _dataset(target, 3), statistic, **kwargs)
         # Batches of 4 over two replicas: 2 + 2, and a last batch of 3 split 2 + 1.
         distributed = relevance.filter_statistics(
-            mirrored, _dataset(target, 4), statistic, **dict(kwargs, source_data=_dataset(source, 2))
+            mirrored, _dataset(target, 4), statistic, source_data=_dataset(source, 2), num_bins=5
         )
         for name in one_shot:
             np.testing.assert_allclose(streamed[name], one_shot[name], rtol=1e-6, atol=1e-7)

@@ -21,7 +21,8 @@ def test_schedule_is_linear_to_the_final_fraction_at_the_last_epoch():
     assert [pruning_fraction(e, epochs=5, final_fraction=0.4, period=2) for e in range(5)] == [
         None, None, 0.2, None, 0.4
     ]
-    assert [pruning_fraction(e, epochs=3, final_fraction=0.5) for e in range(3)] == [None, 0.25, 0.5]
+    schedule = [pruning_fraction(e, epochs=3, final_fraction=0.5) for e in range(3)]
+    assert schedule == [None, 0.25, 0.5]
     # The last epoch always gets a round, even off the period.
     assert [pruning_fraction(e, epochs=6, final_fraction=0.5, period=3) for e in range(6)] == [
         None, None, None, 0.3, None, 0.5

@@ -113,7 +113,8 @@ class _Graph:
                 frontier.extend(self.consumers[name])
             else:
                 stopped.add(name)
-        return sorted(found, key=self.order.__getitem__), sorted(stopped, key=self.order.__getitem__)
+        position = self.order.__getitem__
+        return sorted(found, key=position), sorted(stopped, key=position)
 
     def ancestors(self, name):
         """Names of every layer upstream of `name`."""
@@ -199,7 +200,11 @@ def add_filter_masks(model, layers=None, name=None):
 
 
 def _variable_seed(base, layer_name, variable_name):
-    words = [int(base) % (2**32), zlib.crc32(layer_name.encode()), zlib.crc32(variable_name.encode())]
+    words = [
+        int(base) % (2**32),
+        zlib.crc32(layer_name.encode()),
+        zlib.crc32(variable_name.encode()),
+    ]
     return int(np.random.SeedSequence(words).generate_state(1)[0] % (2**31 - 1))
 
 
@@ -300,9 +305,9 @@ def _stream_channel_moments(strategy, submodel, channel_axes, data):
                 y = tf.transpose(y, [0, 2, 3, 1])
             shape = tf.shape(y)
             count = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
-            sums.append(
-                (tf.reduce_sum(y, axis=[0, 1, 2]), tf.reduce_sum(tf.square(y), axis=[0, 1, 2]), count)
-            )
+            total = tf.reduce_sum(y, axis=[0, 1, 2])
+            squares = tf.reduce_sum(tf.square(y), axis=[0, 1, 2])
+            sums.append((total, squares, count))
         return sums
 
     @tf.function(reduce_retracing=True)
@@ -735,7 +740,9 @@ def fold_filter_masks(model, name=None):
     masks = filter_masks(flat)
     placed = {mask.name for mask in masks.values()}
     stray = [
-        layer.name for layer in flat.layers if isinstance(layer, FilterMask) and layer.name not in placed
+        layer.name
+        for layer in flat.layers
+        if isinstance(layer, FilterMask) and layer.name not in placed
     ]
     if stray:
         raise ValueError(
@@ -774,7 +781,11 @@ def fold_filter_masks(model, name=None):
                         f"is {float(np.abs(at_zero).max())}, not 0, so the zeros cannot be "
                         "folded into the weights; export the model with its masks instead."
                     )
-        bn = [by_name[n] for n in chain[1:] if isinstance(by_name[n], keras.layers.BatchNormalization)]
+        bn = [
+            by_name[n]
+            for n in chain[1:]
+            if isinstance(by_name[n], keras.layers.BatchNormalization)
+        ]
         if bn and not bn[0].scale:
             raise ValueError(
                 f"The mask of {conv_name!r} cannot be folded into BatchNormalization "

@@ -24,9 +24,9 @@ def _pretrained(seed=0):
     model = build_classifier(small_cnn((16, 16, 1), widths=(4, 8)), 3)
     rng = np.random.default_rng(seed)
     for name, n in (("block1_bn", 4), ("block2_bn", 8)):
-        model.get_layer(name).set_weights(
-            [rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n), rng.normal(0, 0.5, n), rng.uniform(0.5, 2, n)]
-        )
+        gamma, beta = rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n)
+        mean, variance = rng.normal(0, 0.5, n), rng.uniform(0.5, 2, n)
+        model.get_layer(name).set_weights([gamma, beta, mean, variance])
     return model
 
 
@@ -96,7 +96,9 @@ def test_reinitialisation_touches_exactly_the_unselected_filters(reinit_next):
         np.testing.assert_array_equal(after[f"block{i}_bn/beta"][r], 0.0)
         # Moving statistics: the new conv outputs' moments on the target images.
         mean, variance = _moments(model, f"block{i}_conv", x)
-        np.testing.assert_allclose(after[f"block{i}_bn/moving_mean"][r], mean[r], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            after[f"block{i}_bn/moving_mean"][r], mean[r], rtol=1e-4, atol=1e-5
+        )
         np.testing.assert_allclose(
             after[f"block{i}_bn/moving_variance"][r], variance[r], rtol=1e-3, atol=1e-5
         )
@@ -127,7 +129,8 @@ def test_relevance_chooses_what_is_transferred_and_seed_reproduces():
             mask.transferred.numpy(), relevance_lib.select_top_fraction(expected[name], 0.25)
         )
         reinit = mask.transferred.numpy() == 0
-        np.testing.assert_array_equal(models[0].get_layer(name.replace("conv", "bn")).moving_variance.numpy()[reinit], 1.0)
+        bn = models[0].get_layer(name.replace("conv", "bn"))
+        np.testing.assert_array_equal(bn.moving_variance.numpy()[reinit], 1.0)
     for a, b in zip(models[0].weights, models[1].weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 

@@ -39,7 +39,8 @@ def test_kl_transfer_with_pruning_reports_and_exports(tmp_path):
     extra = report["filter_transfer"]
     assert extra["statistic"] == "kl" and extra["transfer_ratio"] == 0.5
     layers = extra["layers"]
-    assert {name: v["filters"] for name, v in layers.items()} == {"block1_conv": 4, "block2_conv": 8}
+    filters = {name: v["filters"] for name, v in layers.items()}
+    assert filters == {"block1_conv": 4, "block2_conv": 8}
     assert all(v["transferred"] == v["filters"] // 2 == v["reinitialized"] for v in layers.values())
     # Rounds at the start of epochs 1 and 2: 0.125 then 0.25 of each layer.
     assert [r["pruned"] for r in extra["pruning"]["rounds"]] == [
