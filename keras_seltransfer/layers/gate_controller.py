@@ -317,7 +317,7 @@ class GateController(keras.layers.Layer):
         self.usage = keras.metrics.Mean(name="gate_usage")
         self.step_usage = [keras.metrics.Mean(name=f"gate_usage_{n}") for n in self.step_names]
 
-    def call(self, inputs, states=None, step=0, training=None):
+    def _check_call(self, inputs, step):
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.num_steps:
             raise ValueError(
                 f"`step` must be an int in [0, {self.num_steps}). Received: step={step!r}"
@@ -327,6 +327,9 @@ class GateController(keras.layers.Layer):
                 f"Step {step} ({self.step_names[step]!r}) expects inputs with "
                 f"{self.input_channels[step]} channels. Received: inputs.shape={inputs.shape}"
             )
+
+    def call(self, inputs, states=None, step=0, training=None):
+        self._check_call(inputs, step)
         x = inputs
         if len(x.shape) > 2:
             x = ops.mean(x, axis=tuple(range(1, len(x.shape) - 1)))
@@ -361,6 +364,20 @@ class GateController(keras.layers.Layer):
             usage = ops.mean(used) / float(sum(self.filters))
             self.add_loss(self.usage_weight * ops.square(usage - self.usage_target))
         return gates, [h, c, used]
+
+    def compute_output_spec(self, inputs, states=None, step=0, training=None):
+        # Spelled out rather than traced: a model calls this layer once per
+        # gated layer, and tracing the cell each time dominates the cost of
+        # building a large gated model.
+        self._check_call(inputs, step)
+        batch = inputs.shape[0]
+        dtype = self.compute_dtype
+        state = keras.KerasTensor((batch, self.units), dtype=dtype)
+        return keras.KerasTensor((batch, self.filters[step]), dtype=dtype), [
+            state,
+            keras.KerasTensor((batch, self.units), dtype=dtype),
+            keras.KerasTensor((batch, 1), dtype=dtype),
+        ]
 
     def get_config(self):
         config = super().get_config()

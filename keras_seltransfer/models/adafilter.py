@@ -8,6 +8,7 @@ two separate batch norms of gated batch normalisation, and threads one
 shared `GateController` through the gated layers in the network's order.
 """
 
+import re
 import warnings
 
 import keras
@@ -254,6 +255,13 @@ def adafilter(
             "`layers` must be a regular expression (str) or None. "
             f"Received: layers={layers!r}"
         )
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as e:
+            raise ValueError(
+                f"`layers` is not a regular expression ({e}). Received: layers={layers!r}"
+            ) from e
     if estimator not in ESTIMATORS:
         raise ValueError(f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}")
     if train_batchnorm not in (None, True, False):
@@ -374,7 +382,7 @@ def gate_usage(model, data, batch_size=32):
         raise ValueError(
             f"Model {model.name!r} has no GatedConv layers; build it with adafilter."
         )
-    probe = keras.Model(model.inputs, [layer.input[1] for layer in layers])
+    probe = keras.Model(model.input, [layer.input[1] for layer in layers])
     gates = probe.predict(data, batch_size=batch_size, verbose=0)
     if len(layers) == 1:
         gates = [gates]

@@ -10,7 +10,6 @@ gates are the deterministic hard gates.
 
 from keras_seltransfer import data as data_lib
 from keras_seltransfer.models.adafilter import adafilter
-from keras_seltransfer.models.adafilter import gate_controller
 from keras_seltransfer.models.adafilter import gate_usage
 from keras_seltransfer.models.adafilter import gated_layers
 from keras_seltransfer.recipes import MethodSetup
@@ -23,8 +22,10 @@ def setup(config, classifier, context):
     `gate_temperature`, `gate_units`, `gate_usage_target`,
     `gate_usage_weight` and `batchnorm_mode` (whether the fine-tuned path's
     batch norms train; the pretrained path's never do). The Gumbel noise is
-    seeded with `config.seed` and its generator's state is checkpointed with
-    the run, so a resumed run draws the same gates as an uninterrupted one.
+    seeded with `config.seed`. The gate network's only state outside the
+    model weights is the position of that noise generator, which
+    `TrainingCheckpoint` saves with the model's other seed-generator states,
+    so a resumed run draws the same gates as an uninterrupted one.
 
     The report gains `"adafilter"`: the gated layers, the estimator and the
     final gate usage (overall and per layer) with hard gates on the
@@ -42,7 +43,6 @@ def setup(config, classifier, context):
             train_batchnorm=config.batchnorm_mode == "train",
             seed=config.seed,
         )
-    controller = gate_controller(model)
 
     def report():
         val = data_lib.make_dataset(
@@ -59,11 +59,7 @@ def setup(config, classifier, context):
             }
         }
 
-    return MethodSetup(
-        model=model,
-        state_variables={"gate_seed": controller.seed_generator.state},
-        report=report,
-    )
+    return MethodSetup(model=model, report=report)
 
 
 __all__ = ["setup"]

@@ -1,0 +1,230 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_seltransfer.layers.gate_controller import GateController
+from keras_seltransfer.layers.gate_controller import discrete_gates
+from keras_seltransfer.layers.gate_controller import hard_gates
+from keras_seltransfer.layers.gate_controller import straight_through_gumbel
+from keras_seltransfer.layers.gate_controller import straight_through_threshold
+from keras_seltransfer.layers.gated_conv import GatedConv
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_threshold_gates_are_exact_with_the_sigmoid_gradient():
+    logits = tf.constant([-3.0, -0.1, 0.0, 0.2, 4.0, 1e-3])
+    np.testing.assert_array_equal(hard_gates(logits), [0, 0, 0, 1, 1, 1])
+    weights = tf.constant([1.0, 2.0, -1.0, 0.5, 3.0, 1.0])
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        gates = straight_through_threshold(logits)
+        loss = tf.reduce_sum(gates * weights)
+    np.testing.assert_array_equal(gates, hard_gates(logits))  # exact, no rounding
+    s = _sigmoid(logits.numpy())
+    np.testing.assert_allclose(tape.gradient(loss, logits), weights * s * (1 - s), rtol=1e-6)
+
+
+def test_gumbel_gates_sample_sigmoid_probabilities_with_the_relaxed_gradient():
+    logits = tf.constant(np.repeat([[-2.0, 0.0, 1.5]], 20000, axis=0).astype("float32"))
+    gates = straight_through_gumbel(logits, seed=7)
+    assert set(np.unique(gates)) == {0.0, 1.0}
+    np.testing.assert_allclose(
+        gates.numpy().mean(axis=0), _sigmoid(np.array([-2.0, 0.0, 1.5])), atol=0.015
+    )
+    # The same integer seed draws the same noise: rebuild it and check the
+    # sample and the gradient of the relaxed sample in closed form.
+    small = tf.constant([[-1.0, 0.3, 2.0], [0.5, -0.2, 0.0]])
+    u = keras.random.uniform(small.shape, minval=1e-7, maxval=1 - 1e-7, seed=3).numpy()
+    noisy = small.numpy() + np.log(u) - np.log(1 - u)
+    temperature = 0.5
+    with tf.GradientTape() as tape:
+        tape.watch(small)
+        sample = straight_through_gumbel(small, temperature=temperature, seed=3)
+        loss = tf.reduce_sum(sample)
+    np.testing.assert_array_equal(sample, (noisy > 0).astype("float32"))
+    s = _sigmoid(noisy / temperature)
+    np.testing.assert_allclose(tape.gradient(loss, small), s * (1 - s) / temperature, rtol=1e-4)
+
+
+def test_discrete_gates_sample_only_in_gumbel_training():
+    logits = tf.constant(np.random.default_rng(0).normal(0, 1, (64, 16)).astype("float32"))
+    seed = keras.random.SeedGenerator(1)
+    a = discrete_gates(logits, "gumbel", training=True, seed=seed)
+    b = discrete_gates(logits, "gumbel", training=True, seed=seed)
+    assert np.abs(a.numpy() - b.numpy()).sum() > 0  # stochastic in training
+    for estimator in ("gumbel", "ste"):
+        np.testing.assert_array_equal(
+            discrete_gates(logits, estimator, training=False, seed=seed), hard_gates(logits)
+        )
+    np.testing.assert_array_equal(discrete_gates(logits, "ste", training=True), hard_gates(logits))
+    with pytest.raises(ValueError, match="`estimator` must be one of"):
+        discrete_gates(logits, "softmax")
+    with pytest.raises(ValueError, match="`temperature` must be > 0"):
+        straight_through_gumbel(logits, temperature=0.0)
+    with pytest.raises(ValueError, match="floating-point tensor"):
+        hard_gates(np.array([1, 2]))
+
+
+def _np_lstm(z, h, c, kernel, recurrent, bias):
+    i, f, g, o = np.split(z @ kernel + h @ recurrent + bias, 4, axis=-1)
+    c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+    return _sigmoid(o) * np.tanh(c), c
+
+
+def test_controller_matches_a_numpy_lstm_over_two_steps():
+    rng = np.random.default_rng(1)
+    controller = GateController(input_channels=[3, 5], filters=[4, 2], units=6)
+    x0 = rng.normal(0, 1, (2, 4, 4, 3)).astype("float32")
+    x1 = rng.normal(0, 1, (2, 5)).astype("float32")  # already pooled
+    controller(x0, step=0)
+    values = {}
+    for w in controller.weights:
+        values[w.path] = rng.normal(0, 1, w.shape).astype("float32")
+        w.assign(values[w.path])
+    get = {w.name: values[w.path] for w in controller.weights}
+    assert np.array_equal(get["bias"], controller.bias.numpy())
+
+    g0, states = controller(x0, step=0)
+    g1, states1 = controller(x1, states, step=1)
+    z = x0.mean(axis=(1, 2)) @ get["input_kernel_0"] + get["input_bias_0"]
+    h, c = _np_lstm(z, 0 * z, 0 * z, get["kernel"], get["recurrent_kernel"], get["bias"])
+    logits0 = h @ get["output_kernel_0"] + get["output_bias_0"]
+    np.testing.assert_allclose(states[0], h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(states[1], c, rtol=1e-5, atol=1e-6)
+    z = x1 @ get["input_kernel_1"] + get["input_bias_1"]
+    h, c = _np_lstm(z, h, c, get["kernel"], get["recurrent_kernel"], get["bias"])
+    logits1 = h @ get["output_kernel_1"] + get["output_bias_1"]
+    np.testing.assert_allclose(states1[0], h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(states1[1], c, rtol=1e-5, atol=1e-6)
+    for gates, logits in ((g0, logits0), (g1, logits1)):
+        assert np.abs(logits).min() > 1e-3  # no logit on the threshold
+        np.testing.assert_array_equal(gates, (logits > 0).astype("float32"))
+    # The running count of open gates per example.
+    np.testing.assert_array_equal(states1[2][:, 0], g0.numpy().sum(1) + g1.numpy().sum(1))
+
+
+def test_fresh_controller_starts_with_zero_state_and_lstm_forget_bias():
+    controller = GateController(input_channels=[2], filters=[3], units=4)
+    controller(np.ones((1, 2), "float32"), step=0)
+    np.testing.assert_array_equal(controller.bias.numpy(), [0] * 4 + [1] * 4 + [0] * 8)
+    np.testing.assert_array_equal(controller.output_biases[0].numpy(), np.zeros(3))
+
+
+def _gated_model(**controller_kwargs):
+    """Image -> two gated 1x1 convolutions threaded through one controller."""
+    controller = GateController(
+        input_channels=[3, 4], filters=[4, 2], units=8, step_names=["a", "b"],
+        name="controller", **controller_kwargs,
+    )
+    inputs = keras.Input((6, 6, 3))
+    gates_a, states = controller(inputs, step=0)
+    x = GatedConv(4, 1, activation="relu", name="a")(inputs, gates_a)
+    gates_b, states = controller(x, states, step=1)
+    x = GatedConv(2, 1, name="b")(x, gates_b)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    probe = keras.Model(inputs, [gates_a, gates_b])
+    return model, probe
+
+
+def _data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, (n, 6, 6, 3)).astype("float32"), rng.integers(0, 2, n)
+
+
+def test_usage_metrics_in_the_logs_match_the_gates():
+    model, probe = _gated_model()
+    x, y = _data()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    logs = model.evaluate(x, y, batch_size=10, return_dict=True, verbose=0)
+    ga, gb = (np.asarray(g) for g in probe(x))
+    assert 0 < ga.mean() < 1 and 0 < gb.mean() < 1
+    assert logs["gate_usage_a"] == pytest.approx(ga.mean(), abs=1e-6)
+    assert logs["gate_usage_b"] == pytest.approx(gb.mean(), abs=1e-6)
+    overall = (ga.sum() + gb.sum()) / (ga.size + gb.size)
+    assert logs["gate_usage"] == pytest.approx(overall, abs=1e-6)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x, y))
+    for key in ("gate_usage", "gate_usage_a", "gate_usage_b", "val_gate_usage"):
+        assert len(history.history[key]) == 1 and 0 <= history.history[key][-1] <= 1
+
+
+def test_sparsity_loss_value_and_pull_toward_the_target():
+    model, probe = _gated_model(usage_target=0.0, usage_weight=5.0)
+    x, y = _data()
+    model(x)
+    ga, gb = (np.asarray(g) for g in probe(x))
+    usage = (ga.sum() + gb.sum()) / (len(x) * 6)
+    assert usage > 0.2
+    [loss] = model.losses
+    assert float(loss) == pytest.approx(5.0 * usage**2, rel=1e-5)
+    model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    model.fit(np.tile(x, (30, 1, 1, 1)), np.tile(y, 30), batch_size=32, epochs=1, verbose=0)
+    ga, gb = (np.asarray(g) for g in probe(x))
+    assert (ga.sum() + gb.sum()) / (len(x) * 6) < usage / 2
+    without, _ = _gated_model()
+    without(x)
+    assert without.losses == []
+
+
+def test_gumbel_controller_is_stochastic_in_training_only():
+    model, probe = _gated_model(estimator="gumbel", temperature=0.5, seed=3)
+    x, _ = _data(64)
+    controller = model.get_layer("controller")
+    state = controller.seed_generator.state.numpy().copy()
+    a = [np.asarray(g) for g in probe(x, training=True)]
+    b = [np.asarray(g) for g in probe(x, training=True)]
+    assert any(np.abs(i - j).sum() > 0 for i, j in zip(a, b))
+    assert not np.array_equal(controller.seed_generator.state.numpy(), state)
+    c = [np.asarray(g) for g in probe(x)]
+    d = [np.asarray(g) for g in probe(x, training=False)]
+    for i, j in zip(c, d):
+        np.testing.assert_array_equal(i, j)
+
+
+def test_config_and_keras_round_trip(tmp_path):
+    model, _ = _gated_model(estimator="gumbel", temperature=0.3, usage_target=0.4, seed=2)
+    controller = model.get_layer("controller")
+    config = controller.get_config()
+    assert GateController.from_config(config).get_config() == config
+    rng = np.random.default_rng(3)
+    for w in controller.weights:
+        w.assign(rng.normal(0, 1, w.shape))
+    x, _ = _data(8)
+    path = str(tmp_path / "gates.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded(x), model(x))
+    restored = loaded.get_layer("controller")
+    assert restored.get_config() == config and restored.num_steps == 2
+    assert [m.name for m in restored.metrics] == ["gate_usage", "gate_usage_a", "gate_usage_b"]
+
+
+BAD_ARGUMENTS = [
+    (dict(input_channels=[], filters=[]), "`input_channels` must be a non-empty list"),
+    (dict(input_channels=[3], filters=[0]), "`filters` must be a non-empty list of positive"),
+    (dict(input_channels=[3, 4], filters=[2]), "one entry per gated layer"),
+    (dict(units=0), "`units` must be a positive int"),
+    (dict(estimator="hard"), "`estimator` must be one of"),
+    (dict(temperature=-1.0), "`temperature` must be > 0"),
+    (dict(usage_target=1.5), r"`usage_target` must be in \[0, 1\]"),
+    (dict(usage_weight=-0.1), "`usage_weight` must be >= 0"),
+    (dict(step_names=["a", "a"]), "distinct names"),
+]
+
+
+def test_bad_arguments_and_calls_raise_clear_errors():
+    for kwargs, message in BAD_ARGUMENTS:
+        full = dict(input_channels=[3, 4], filters=[2, 2])
+        full.update(kwargs)
+        with pytest.raises(ValueError, match=message):
+            GateController(**full)
+    controller = GateController(input_channels=[3, 4], filters=[2, 2])
+    x = np.ones((1, 5, 5, 3), "float32")
+    with pytest.raises(ValueError, match=r"`step` must be an int in \[0, 2\)"):
+        controller(x, step=2)
+    with pytest.raises(ValueError, match="Step 1 .* expects inputs with 4 channels"):
+        controller(x, step=1)
