@@ -14,11 +14,14 @@ from tests import helpers
 
 
 def _config(tmp_path, **overrides):
+    backbone = tmp_path / "backbone.keras"
+    if not backbone.exists():
+        helpers.saved_backbone(backbone, pretrain_epochs=1)
     kwargs = dict(
         method="filter_transfer",
         target="numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=40),
         source="numpy:" + helpers.write_npz(tmp_path / "source.npz", num_per_class=20, seed=5),
-        backbone=helpers.saved_backbone(tmp_path / "backbone.keras", pretrain_epochs=1),
+        backbone=str(backbone),
         output_dir=str(tmp_path / "run"),
         image_size=16,
         epochs=3,
@@ -83,3 +86,47 @@ def test_reinit_pruning_and_reinit_next_under_mirrored_strategy(tmp_path):
     assert sum(r["pruned"]["block2_conv"] for r in extra["pruning"]["rounds"]) == 2
     assert 4 <= extra["layers"]["block2_conv"]["transferred"] <= 6
     assert all(v["masked"] == 0 for v in extra["layers"].values())
+
+
+@pytest.mark.slow
+def test_interrupted_reinit_pruning_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    epochs, interrupt_after = 4, 2
+    # Rounds at epochs 1, 2, 3 re-initialise 1/6, 1/3, 1/2 of each layer: the
+    # resumed rounds must leave the filters of round 1 alone.
+    settings = dict(
+        export=False,
+        epochs=epochs,
+        patience=epochs,
+        prune_period=1,
+        prune_fraction=0.5,
+        prune_action="reinit",
+    )
+    reference = training.finetune(_config(tmp_path, output_dir=str(tmp_path / "a"), **settings))
+
+    class Interrupted(training.TrainingCheckpoint):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)  # the checkpoint is committed...
+            if epoch + 1 == interrupt_after:
+                raise KeyboardInterrupt  # ...then the process dies
+
+    monkeypatch.setattr(training, "TrainingCheckpoint", Interrupted)
+    config = _config(tmp_path, output_dir=str(tmp_path / "b"), **settings)
+    with pytest.raises(KeyboardInterrupt):
+        training.finetune(config)
+    monkeypatch.undo()
+    keras.backend.clear_session()
+    resumed = training.finetune(config)
+    report, expected = resumed["report"], reference["report"]
+    assert report["resumed_from_epoch"] == interrupt_after
+    for key in ("pruned_fraction", "pruned_filters", "val_crossentropy"):
+        np.testing.assert_allclose(
+            report["history"][key], expected["history"][key][interrupt_after:], rtol=1e-5,
+            err_msg=key,
+        )
+    # The flags restored from the checkpoint keep the resumed rounds from
+    # re-initialising filters a second time.
+    assert report["filter_transfer"]["layers"] == expected["filter_transfer"]["layers"]
+    a = keras.saving.load_model(reference["model"])
+    b = keras.saving.load_model(resumed["model"])
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
