@@ -325,10 +325,14 @@ class FilterResponses:
     def _sum_over(self, kind, replica_fn, dataset, strategy, *extra):
         """Sums the float32 outputs of `replica_fn(images, *extra)` over the
         batches and replicas of `dataset`, in float64 on the host."""
-        key = (kind, id(strategy))
+        distributed = strategy.experimental_distribute_dataset(dataset)
+        # A signature from the data's spec (batch size unknown) traces each
+        # function once, not once per batch shape.
+        signature = [distributed.element_spec] + [tf.TensorSpec(e.shape, e.dtype) for e in extra]
+        key = (kind, id(strategy), str(signature))
         if key not in self._functions:
 
-            @tf.function(reduce_retracing=True)
+            @tf.function(input_signature=signature)
             def step(x, *args):
                 outputs = strategy.run(replica_fn, args=(x, *args))
                 return tf.nest.map_structure(
@@ -340,7 +344,7 @@ class FilterResponses:
             self._functions[key] = (step, strategy)
         step = self._functions[key][0]
         totals = None
-        for x in strategy.experimental_distribute_dataset(dataset):
+        for x in distributed:
             values = [np.asarray(v, np.float64) for v in tf.nest.flatten(step(x, *extra))]
             totals = values if totals is None else [t + v for t, v in zip(totals, values)]
         return totals

@@ -310,7 +310,9 @@ def _stream_channel_moments(strategy, submodel, channel_axes, data):
             sums.append((total, squares, count))
         return sums
 
-    @tf.function(reduce_retracing=True)
+    distributed = strategy.experimental_distribute_dataset(images)
+
+    @tf.function(input_signature=[distributed.element_spec])
     def step(x):
         outputs = strategy.run(replica_fn, args=(x,))
         return tf.nest.map_structure(
@@ -319,7 +321,7 @@ def _stream_channel_moments(strategy, submodel, channel_axes, data):
 
     def run():
         totals = None
-        for x in strategy.experimental_distribute_dataset(images):
+        for x in distributed:
             values = tf.nest.map_structure(lambda v: np.asarray(v, np.float64), step(x))
             totals = values if totals is None else tf.nest.map_structure(np.add, totals, values)
         if totals is None or not totals[0][2] > 0:
