@@ -13,6 +13,8 @@ The discrete gate functions here are the one implementation of the gate
 estimators that every gated layer uses.
 """
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -124,7 +126,9 @@ def discrete_gates(logits, estimator="ste", temperature=1.0, training=False, see
         Gates in {0, 1}, with the estimator's straight-through gradient.
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}")
+        raise ValueError(
+            f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}"
+        )
     if estimator == "gumbel" and training:
         return straight_through_gumbel(logits, temperature, seed=seed)
     # The threshold estimator is deterministic in training as well; at
@@ -132,14 +136,17 @@ def discrete_gates(logits, estimator="ste", temperature=1.0, training=False, see
     return straight_through_threshold(logits)
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_ints(name, values):
     values = list(values) if isinstance(values, (list, tuple)) else None
-    if (
-        not values
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)
-    ):
-        raise ValueError(f"`{name}` must be a non-empty list of positive ints. Received: {name}={values}")
-    return values
+    if not values or any(not _is_int(v) or v < 1 for v in values):
+        raise ValueError(
+            f"`{name}` must be a non-empty list of positive ints. Received: {name}={values}"
+        )
+    return [int(v) for v in values]
 
 
 @keras.saving.register_keras_serializable(package="keras_seltransfer")
@@ -157,14 +164,21 @@ class GateController(keras.layers.Layer):
     step starts from a zero state.
 
     Gate usage, the fraction of gates that choose the fine-tuned filter, is
-    tracked by metrics of this layer, so it appears in `fit` and `evaluate`
-    logs (and hence in TensorBoard): `"gate_usage"` over all steps (every
+    tracked by metrics of this layer: `"gate_usage"` over all steps (every
     filter of every example counted once) and `"gate_usage_<name>"` per step.
+    Keras reports the metrics tracked by any layer of a model (a model's
+    `metrics` gather its layers'), resets them with the model's at every
+    epoch and evaluation and aggregates them across replicas, so the usage
+    appears in the `fit` and `evaluate` logs, hence in TensorBoard, with no
+    Model subclass and no extra pass over the data. In training the usage
+    is that of the sampled gates; in evaluation that of the hard gates.
+
     With `usage_target`, the last step adds the loss
     `usage_weight * (usage - usage_target) ** 2` (`add_loss`), where `usage`
-    is the batch's overall usage through the straight-through gates, so the
-    gate network can spend its budget unevenly across layers [inferred: the
-    paper has no sparsity term; this follows SpotTune's global budget loss].
+    is the batch's overall usage through the straight-through gates. It
+    constrains the total, so the gate network can still spend its budget
+    unevenly across layers [inferred: the AdaFilter paper has no sparsity
+    term].
 
     The LSTM follows Keras' `LSTMCell` (gate order i, f, c, o; forget-gate
     bias initialised to 1). Output biases start at 0, so about half of the
@@ -183,7 +197,10 @@ class GateController(keras.layers.Layer):
         usage_weight: weight of the sparsity loss.
         step_names: names of the steps in the usage metrics (default
             `"step<i>"`), usually the gated layers' names.
-        seed: seed of the Gumbel noise (int or None).
+        seed: seed of the Gumbel noise (int or None). Its generator's
+            position is layer state outside the weights (like a Dropout
+            layer's); as in Keras' own random layers, every replica of a
+            `MirroredStrategy` draws from the same position.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -240,7 +257,7 @@ class GateController(keras.layers.Layer):
                 "`input_channels` and `filters` must have one entry per gated layer. Received: "
                 f"input_channels={self.input_channels}, filters={self.filters}"
             )
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        if not _is_int(units) or units < 1:
             raise ValueError(f"`units` must be a positive int. Received: units={units!r}")
         if estimator not in ESTIMATORS:
             raise ValueError(
@@ -253,7 +270,9 @@ class GateController(keras.layers.Layer):
                 f"`usage_target` must be in [0, 1] or None. Received: usage_target={usage_target!r}"
             )
         if not float(usage_weight) >= 0:
-            raise ValueError(f"`usage_weight` must be >= 0. Received: usage_weight={usage_weight!r}")
+            raise ValueError(
+                f"`usage_weight` must be >= 0. Received: usage_weight={usage_weight!r}"
+            )
         if step_names is None:
             step_names = [f"step{i}" for i in range(len(self.filters))]
         step_names = [str(n) for n in step_names]
@@ -262,7 +281,7 @@ class GateController(keras.layers.Layer):
                 f"`step_names` must be {len(self.filters)} distinct names, one per gated layer. "
                 f"Received: step_names={step_names}"
             )
-        self.units = units
+        self.units = int(units)
         self.estimator = estimator
         self.temperature = float(temperature)
         self.usage_target = None if usage_target is None else float(usage_target)
@@ -318,7 +337,7 @@ class GateController(keras.layers.Layer):
         self.step_usage = [keras.metrics.Mean(name=f"gate_usage_{n}") for n in self.step_names]
 
     def _check_call(self, inputs, step):
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self.num_steps:
+        if not _is_int(step) or not 0 <= step < self.num_steps:
             raise ValueError(
                 f"`step` must be an int in [0, {self.num_steps}). Received: step={step!r}"
             )

@@ -1,23 +1,27 @@
 """GatedConv: a convolution with a frozen pretrained path and a fine-tuned
 path, mixed per example and per filter by binary gates (AdaFilter)."""
 
+import numbers
+
 import keras
 from keras import ops
 
 PADDINGS = ("valid", "same")
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pair(name, value):
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         value = (value, value)
     value = tuple(value) if isinstance(value, (list, tuple)) else None
-    if (
-        value is None
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
-    ):
-        raise ValueError(f"`{name}` must be a positive int or a pair of them. Received: {name}={value}")
-    return value
+    if value is None or len(value) != 2 or any(not _is_int(v) or v < 1 for v in value):
+        raise ValueError(
+            f"`{name}` must be a positive int or a pair of them. Received: {name}={value}"
+        )
+    return tuple(int(v) for v in value)
 
 
 def conv_output_length(length, kernel, stride, dilation, padding):
@@ -137,9 +141,9 @@ class GatedConv(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
+        if not _is_int(filters) or filters < 1:
             raise ValueError(f"`filters` must be a positive int. Received: filters={filters!r}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        if not _is_int(groups) or groups < 1:
             raise ValueError(f"`groups` must be a positive int. Received: groups={groups!r}")
         if filters % groups:
             raise ValueError(
@@ -157,7 +161,7 @@ class GatedConv(keras.layers.Layer):
             raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum!r}")
         if not float(epsilon) > 0:
             raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon!r}")
-        self.filters = filters
+        self.filters = int(filters)
         self.kernel_size = _pair("kernel_size", kernel_size)
         self.strides = _pair("strides", strides)
         self.padding = padding
@@ -167,7 +171,7 @@ class GatedConv(keras.layers.Layer):
                 "`strides` > 1 and `dilation_rate` > 1 cannot be combined. Received: "
                 f"strides={self.strides}, dilation_rate={self.dilation_rate}"
             )
-        self.groups = groups
+        self.groups = int(groups)
         self.depthwise = bool(depthwise)
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)

@@ -94,7 +94,12 @@ def _absorbable(conv, bn):
         and not config.get("synchronized", False)
         and all(
             config.get(key) is None
-            for key in ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint")
+            for key in (
+                "gamma_regularizer",
+                "beta_regularizer",
+                "gamma_constraint",
+                "beta_constraint",
+            )
         )
         # The batch norm must come before the activation it would follow.
         and conv.get_config()["activation"] == "linear"
@@ -102,8 +107,12 @@ def _absorbable(conv, bn):
 
 
 def _call_order(model, names):
-    """`names` in the order `surgery.rebuild` will call their layers: a
-    symbolic pass through the existing layers, which creates no weights."""
+    """`names` in the order `surgery.rebuild` will call their layers.
+
+    A symbolic pass through the existing layers (the same traversal as
+    `rebuild`'s): it creates no weights, and the nodes it adds to those
+    layers belong to no model, so `model` computes and saves as before.
+    """
     order = []
 
     def call(layer, *args, **kwargs):
@@ -263,10 +272,13 @@ def adafilter(
                 f"`layers` is not a regular expression ({e}). Received: layers={layers!r}"
             ) from e
     if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}")
+        raise ValueError(
+            f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}"
+        )
     if train_batchnorm not in (None, True, False):
         raise ValueError(
-            f"`train_batchnorm` must be True, False or None. Received: train_batchnorm={train_batchnorm!r}"
+            "`train_batchnorm` must be True, False or None. "
+            f"Received: train_batchnorm={train_batchnorm!r}"
         )
     flat = surgery.flatten(model)
     selected = _select(flat, layers)
@@ -282,9 +294,13 @@ def adafilter(
         after = consumers[conv_name]
         if len(after) == 1 and producers[after[0]] == [conv_name]:
             candidate = flat.get_layer(after[0])
-            if len(specs[after[0]].get("inbound_nodes", [])) == 1 and _absorbable(
-                flat.get_layer(conv_name), candidate
-            ):
+            nodes = specs[after[0]].get("inbound_nodes", [])
+            # A batch norm called with arguments (`training=False` to pin its
+            # mode) keeps them as a layer of its own.
+            plain_call = len(nodes) == 1 and all(
+                value is None for value in nodes[0].get("kwargs", {}).values()
+            )
+            if plain_call and _absorbable(flat.get_layer(conv_name), candidate):
                 absorbed[conv_name] = candidate.name
     order = _call_order(flat, set(selected))
     taken = {layer.name for layer in flat.layers}

@@ -27,7 +27,8 @@ def np_conv(x, kernel, strides, padding, dilation, groups=1, depthwise=False):
         out_h, out_w = math.ceil(h / sh), math.ceil(w / sw)
         pad_h = max((out_h - 1) * sh + eff_h - h, 0)
         pad_w = max((out_w - 1) * sw + eff_w - w, 0)
-        x = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+        top, left = pad_h // 2, pad_w // 2
+        x = np.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))
     else:
         out_h, out_w = (h - eff_h) // sh + 1, (w - eff_w) // sw + 1
     filters = kernel.shape[-1]
@@ -97,7 +98,9 @@ def _reference(layer, values, x, batch_stats=False):
                 mean = values[prefix + "moving_mean"]
                 var = values[prefix + "moving_variance"]
             y = np_bn(y, mean, var, values[prefix + "gamma"], values[prefix + "beta"])
-        paths[prefix or "finetuned"] = np.maximum(y, 0) if layer.activation is keras.activations.relu else y
+        if layer.activation is keras.activations.relu:
+            y = np.maximum(y, 0)
+        paths[prefix or "finetuned"] = y
     return paths["pretrained_"], paths["finetuned"]
 
 

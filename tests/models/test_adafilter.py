@@ -155,7 +155,11 @@ def _branchy_model():
     b = keras.layers.Conv2D(3, 1, name="two_consumers")(a)
     c = keras.layers.BatchNormalization(name="bn_of_two")(b)
     d = keras.layers.Add(name="add")([b, c])
-    sep = keras.layers.SeparableConv2D(3, 3, name="separable")(d)
+    e = keras.layers.Conv2D(3, 1, name="pinned_conv")(d)
+    e = keras.layers.BatchNormalization(name="pinned_bn")(e, training=False)
+    e = keras.layers.Conv2D(3, 1, name="plain_conv")(e)
+    e = keras.layers.BatchNormalization(name="plain_bn")(e)
+    sep = keras.layers.SeparableConv2D(3, 3, name="separable")(e)
     out = keras.layers.GlobalAveragePooling2D()(sep)
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(out))
 
@@ -167,12 +171,15 @@ def test_batch_norms_are_absorbed_only_after_a_plain_sole_producer():
     expected = np.asarray(model(x))
     with pytest.warns(UserWarning, match=r"ungated .*separable \(SeparableConv2D\)"):
         gated = adafilter(model)
-    # Neither batch norm can move into its convolution: one follows an
-    # activation, the other's convolution also feeds the Add.
-    assert [l.name for l in gated_layers(gated)] == ["act_conv", "two_consumers"]
-    assert not any(l.batchnorm for l in gated_layers(gated))
-    assert isinstance(gated.get_layer("after_act"), keras.layers.BatchNormalization)
-    assert isinstance(gated.get_layer("bn_of_two"), keras.layers.BatchNormalization)
+    # Only the last batch norm moves into its convolution: the first follows
+    # an activation, the second's convolution also feeds the Add and the
+    # third is pinned to inference mode by its call.
+    layers = gated_layers(gated)
+    assert [l.name for l in layers] == ["act_conv", "two_consumers", "pinned_conv", "plain_conv"]
+    assert [l.batchnorm for l in layers] == [False, False, False, True]
+    for name in ("after_act", "bn_of_two", "pinned_bn"):
+        assert isinstance(gated.get_layer(name), keras.layers.BatchNormalization)
+    assert "plain_bn" not in [layer.name for layer in gated.layers]
     assert type(gated.get_layer("separable")) is keras.layers.SeparableConv2D
     _scramble_gates(gated)
     np.testing.assert_allclose(gated(x), expected, rtol=1e-6, atol=1e-6)

@@ -60,7 +60,8 @@ def test_adafilter_run_trains_reports_gate_usage_and_exports_hard_gates(tmp_path
     if np.argmin(history["val_crossentropy"]) == len(history["val_crossentropy"]) - 1:
         assert ada["val_gate_usage"] == pytest.approx(history["val_gate_usage"][-1], abs=1e-6)
     # TensorBoard logs what is in the logs.
-    assert {"epoch_gate_usage", "epoch_gate_usage_block1_conv"} <= _tags(tmp_path / "run/logs/train")
+    train_tags = _tags(tmp_path / "run/logs/train")
+    assert {"epoch_gate_usage", "epoch_gate_usage_block1_conv"} <= train_tags
     assert "epoch_gate_usage" in _tags(tmp_path / "run/logs/validation")
 
     loaded = keras.saving.load_model(out["model"])
