@@ -16,6 +16,7 @@ from keras_seltransfer import export
 from keras_seltransfer import layers
 from keras_seltransfer import models
 from keras_seltransfer import regularizers
+from keras_seltransfer import relevance
 from keras_seltransfer import training
 from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.regularizers import L2SP
@@ -44,5 +45,6 @@ __all__ = [
     "models",
     "pretrain",
     "regularizers",
+    "relevance",
     "training",
 ]

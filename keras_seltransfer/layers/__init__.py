@@ -1,5 +1,6 @@
 """Custom Keras layers of keras_seltransfer (all registered for saving)."""
 
+from keras_seltransfer.layers.filter_mask import FilterMask
 from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
 
-__all__ = ["ImagePreprocessing"]
+__all__ = ["FilterMask", "ImagePreprocessing"]

@@ -13,6 +13,13 @@ from keras_seltransfer.models.classifier import BATCHNORM_MODES
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import iter_layers
 from keras_seltransfer.models.classifier import set_batchnorm_mode
+from keras_seltransfer.models.filter_transfer import add_filter_masks
+from keras_seltransfer.models.filter_transfer import filter_masks
+from keras_seltransfer.models.filter_transfer import filter_transfer_summary
+from keras_seltransfer.models.filter_transfer import fold_filter_masks
+from keras_seltransfer.models.filter_transfer import next_layers
+from keras_seltransfer.models.filter_transfer import reinitialize_filters
+from keras_seltransfer.models.filter_transfer import selective_filter_transfer
 from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
@@ -21,16 +28,23 @@ from keras_seltransfer.models import surgery
 __all__ = [
     "BATCHNORM_MODES",
     "FEATURES_LAYER",
+    "add_filter_masks",
     "available_backbones",
     "build_classifier",
     "build_multitask_model",
     "cut_backbone",
+    "filter_masks",
+    "filter_transfer_summary",
+    "fold_filter_masks",
     "is_backbone_path",
     "is_builtin_backbone",
     "iter_layers",
     "joint_compile_args",
     "load_backbone",
+    "next_layers",
     "reinitialize",
+    "reinitialize_filters",
+    "selective_filter_transfer",
     "set_batchnorm_mode",
     "small_cnn",
     "surgery",
