@@ -124,13 +124,38 @@ def _dense_padding(layer, kernel, strides):
     return "same", None, crop
 
 
-def _plan(flat, filt_size):
+def _stem_layers(flat, by_name):
+    """Strided convolutions that see the input through weight-free layers only
+    (preprocessing, input normalisation, padding): the network's first
+    downsampling."""
+    producers = surgery.producers(flat)
+    # Layers come in topological order, so producers are settled first.
+    weighted_ancestor = {}
+    for layer in flat.layers:
+        weighted_ancestor[layer.name] = any(
+            weighted_ancestor[p]
+            or (bool(by_name[p].weights) and not isinstance(by_name[p], keras.layers.Normalization))
+            for p in producers[layer.name]
+        )
+    return {
+        layer.name
+        for layer in flat.layers
+        if isinstance(layer, _CONVS)
+        and any(s > 1 for s in _pair(layer.strides))
+        and not weighted_ancestor[layer.name]
+    }
+
+
+def _plan(flat, filt_size, keep_stem=False):
     """What happens to each layer: `{name: action}` and `{name: blur after}`."""
     specs = {spec["name"]: spec for spec in flat.get_config()["layers"]}
     by_name = {layer.name: layer for layer in flat.layers}
     consumers = surgery.consumers(flat)
+    keep = _stem_layers(flat, by_name) if keep_stem else set()
     actions, blur_after = {}, {}
     for layer in flat.layers:
+        if layer.name in keep:
+            continue
         strides = getattr(layer, "strides", None)
         if strides is None or isinstance(layer, BaseBlurPool):
             continue
@@ -199,7 +224,7 @@ def _plan(flat, filt_size):
     return actions, blur_after
 
 
-def antialias(model, filt_size=4, pad_type="reflect", name=None):
+def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None):
     """Rebuilds a pretrained functional model with anti-aliased subsampling.
 
     The swaps of Zhang (ICML 2019), made on every subsampling layer:
@@ -242,11 +267,20 @@ def antialias(model, filt_size=4, pad_type="reflect", name=None):
     Layers that already anti-alias (`BlurPool`, `MaxBlurPool`) and
     transposed convolutions (upsampling) are left alone.
 
+    `keep_stem=True` leaves the stem strided: the strided convolutions that
+    read the input through weight-free layers only (preprocessing, padding),
+    such as ResNet50's `conv1_conv` or small_cnn's `block1_conv`. Zhang's
+    released anti-aliased ResNets and MobileNetV2 do the same
+    (`pool_only=True`), since the dense stem runs on the full-resolution
+    input and is the costliest layer to anti-alias; the pooling after it is
+    still anti-aliased.
+
     Args:
         model: a functional `keras.Model` (nested functional models are
             inlined); channels-last.
         filt_size: binomial filter size of every `BlurPool`, 1 to 7. Default 4.
         pad_type: `"reflect"`, `"replicate"` or `"zero"` (see `BlurPool`).
+        keep_stem: leave the stem convolution strided (see above).
         name: name of the new model (default: the original's).
 
     Returns:
@@ -273,7 +307,7 @@ def antialias(model, filt_size=4, pad_type="reflect", name=None):
     filt_size = check_filt_size(filt_size)
     pad_type = check_pad_type(pad_type)
     flat = surgery.flatten(model)
-    actions, blur_after = _plan(flat, filt_size)
+    actions, blur_after = _plan(flat, filt_size, keep_stem=bool(keep_stem))
     taken = {layer.name for layer in flat.layers}
     blur_names = [n + BLUR_SUFFIX for n in blur_after]
     blur_names += [n + BLUR_SUFFIX for n, a in actions.items() if a["kind"] == "replace"]

@@ -115,6 +115,25 @@ def test_small_cnn_swaps_and_exact_filt_size_one():
     assert not any(a is b for a in four.weights for b in original.weights)
 
 
+def test_keep_stem_leaves_the_first_downsampling_strided():
+    inputs = keras.Input((16, 16, 1), name="image")
+    scaled = keras.layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(scaled)
+    stem = keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="stem")(x)
+    side = keras.layers.Conv2D(4, 1, strides=2, name="side")(scaled)  # also reads the input
+    x = keras.layers.Add(name="add")([stem, side])
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="later")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    kept = antialias(model, keep_stem=True)
+    assert kept.get_layer("stem").strides == (2, 2) and kept.get_layer("side").strides == (2, 2)
+    assert blur_layers(kept) == ["later_blurpool"]
+    assert sorted(blur_layers(antialias(model))) == ["later_blurpool", "side_input_blurpool", "stem_blurpool"]
+    x = _images((2, 16, 16, 1))
+    np.testing.assert_array_equal(
+        np.asarray(antialias(model, filt_size=1, keep_stem=True)(x)), np.asarray(model(x))
+    )
+
+
 def test_odd_sizes_and_dynamic_sizes():
     original = build_classifier(backbones.small_cnn((15, 15, 1), widths=(4, 8, 8)), 2)
     _randomise_batchnorm(original, 1)
@@ -257,6 +276,11 @@ def test_resnet50():
             "conv5_block1_0_conv_input_blurpool",
         ],
     )
+    kept = antialias(four, keep_stem=True)
+    assert blur_layers(kept) == blur_layers(four)  # already anti-aliased: unchanged
+    kept = antialias(_application("ResNet50"), keep_stem=True)
+    assert kept.get_layer("conv1_conv").strides == (2, 2)
+    assert "conv1_relu_blurpool" not in blur_layers(kept) and "pool1_pool_blurpool" in blur_layers(kept)
     # The shortcut and the 1x1 conv of a conv block both run at stride 1.
     assert four.get_layer("conv3_block1_1_conv").strides == (1, 1)
     assert four.get_layer("conv3_block1_0_conv").strides == (1, 1)

@@ -1,0 +1,267 @@
+r"""Anti-aliasing: training step time, and shift consistency of fine-tuned models.
+
+Part 1, step time. The backbone (--backbone, by default the pretrain app's
+Fashion-MNIST small_cnn) with a target head, BatchNorm frozen as in
+fine-tuning, is trained side by side with its anti-aliased rebuild
+(`antialias`, --filt_size, --pad_type; "antialiased"), the rebuild that
+keeps the stem convolution strided (`keep_stem=True`, as Zhang's released
+models; "stem_kept") and the knowledge-transfer model of the full rebuild
+(student plus frozen teacher, as `--method=ktft` trains), on the same batch, alternating the variants over --rounds
+timed rounds of --steps steps after a warm-up. It prints the median time
+per step of each and the ratios to the original (goal for the anti-aliased
+model: <= 1.2x).
+
+Part 2, shift robustness (Zhang, ICML 2019), on the fixed held-out test
+split of --target: accuracy, consistency (how often two random shifts of up
+to --max_shift pixels, --num_pairs pairs per image, give the same class;
+see `keras_seltransfer.evaluation.shift_consistency`) and accuracy along a
+diagonal sweep of shifts, for the fine-tuned baseline, antialias_ft and ktft
+models of --runs_dir (the layout tools/low_data_sweep.py writes:
+<runs_dir>/<row>-<fraction>-seed<seed>/model.keras), with a PNG plot of
+accuracy versus shift (--plot). --train_quick first fine-tunes the three
+models itself for --quick_epochs epochs into --quick_dir (a smoke run, not a
+result).
+
+  python tools/bench_antialias.py --fraction=0.15 --seed=0
+  python tools/bench_antialias.py --train_quick --quick_epochs=3
+"""
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+ROWS = ("baseline", "antialias_ft", "ktft")
+
+flags.DEFINE_string("backbone", None, "Backbone of the timing part (default: the pretrain app's model, else small_cnn).")
+flags.DEFINE_integer("image_size", 64, "Input size.", lower_bound=8)
+flags.DEFINE_integer("batch_size", 32, "Batch size of the timing part.", lower_bound=1)
+flags.DEFINE_integer("rounds", 7, "Timed rounds per variant (alternating).", lower_bound=1)
+flags.DEFINE_integer("steps", 20, "Training steps per timed round.", lower_bound=1)
+flags.DEFINE_integer("filt_size", 4, "BlurPool filter size.", lower_bound=1, upper_bound=7)
+flags.DEFINE_enum("pad_type", "reflect", ["reflect", "replicate", "zero"], "BlurPool padding.")
+flags.DEFINE_boolean("skip_timing", False, "Skip the step-time part.")
+flags.DEFINE_boolean("skip_shift", False, "Skip the shift-robustness part.")
+flags.DEFINE_string("target", "elpv", "Target data set (its held-out test split is used).")
+flags.DEFINE_string("runs_dir", os.path.join("runs", "sweep"), "Where the fine-tuning runs are.")
+flags.DEFINE_float("fraction", 0.15, "Training fraction of the runs compared.")
+flags.DEFINE_integer("seed", 0, "Seed of the runs compared, and of the drawn shifts.")
+for _row in ROWS:
+    flags.DEFINE_string(f"{_row}_run", None, f"Run directory of the {_row} model (overrides --runs_dir).")
+flags.DEFINE_integer("max_shift", 8, "Largest shift in pixels along each axis.", lower_bound=0)
+flags.DEFINE_integer("num_pairs", 5, "Random shift pairs per test image (consistency).", lower_bound=1)
+flags.DEFINE_enum(
+    "pad_mode", "reflect", ["reflect", "edge", "constant", "wrap", "none"],
+    "How shifted crops get pixels beyond the border: np.pad mode, or 'none' (images "
+    "resized to image_size + 2 * max_shift and cropped, as Zhang's ImageNet protocol).",
+)
+flags.DEFINE_string("plot", os.path.join("runs", "bench_antialias", "accuracy_vs_shift.png"), "PNG path.")
+flags.DEFINE_boolean("train_quick", False, "Fine-tune the three models briefly first (smoke run).")
+flags.DEFINE_integer("quick_epochs", 3, "Epochs of --train_quick.", lower_bound=1)
+flags.DEFINE_string("quick_dir", os.path.join("runs", "bench_antialias", "quick"), "Runs of --train_quick.")
+FLAGS = flags.FLAGS
+
+
+def _run_dirs():
+    root = FLAGS.quick_dir if FLAGS.train_quick else FLAGS.runs_dir
+    return {
+        row: getattr(FLAGS, f"{row}_run") or os.path.join(root, f"{row}-{FLAGS.fraction:g}-seed{FLAGS.seed}")
+        for row in ROWS
+    }
+
+
+def _time_steps():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_seltransfer import training
+    from keras_seltransfer.models import build_classifier
+    from keras_seltransfer.models import is_builtin_backbone
+    from keras_seltransfer.models import load_backbone
+    from keras_seltransfer.models import set_batchnorm_mode
+    from keras_seltransfer.models.antialias import antialias
+    from keras_seltransfer.models.antialias import blur_layers
+    from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
+
+    spec = FLAGS.backbone or (
+        training.DEFAULT_BACKBONE if os.path.isfile(training.DEFAULT_BACKBONE) else "small_cnn"
+    )
+    size = FLAGS.image_size
+    backbone = load_backbone(spec, (size, size, 1 if is_builtin_backbone(spec) else None))
+    original = build_classifier(backbone, 2)
+    set_batchnorm_mode(original, "frozen")
+    student = antialias(original, filt_size=FLAGS.filt_size, pad_type=FLAGS.pad_type)
+    set_batchnorm_mode(student, "frozen")
+    stem_kept = antialias(
+        original, filt_size=FLAGS.filt_size, pad_type=FLAGS.pad_type, keep_stem=True
+    )
+    set_batchnorm_mode(stem_kept, "frozen")
+    # The teacher is frozen by the knowledge-transfer model: give it a copy.
+    teacher = keras.models.clone_model(original)
+    teacher.set_weights(original.get_weights())
+    ktft = KnowledgeTransferModel(antialias(original, FLAGS.filt_size, FLAGS.pad_type), teacher)
+    models = {
+        "original": original,
+        "antialiased": student,
+        "stem_kept": stem_kept,
+        "ktft": ktft,
+    }
+    channels = int(original.inputs[0].shape[-1])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (FLAGS.batch_size, size, size, channels)).astype("float32")
+    labels = rng.integers(0, 2, FLAGS.batch_size)
+    ds = tf.data.Dataset.from_tensors((images, labels)).cache().repeat()
+    for model in models.values():
+        model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # warm-up: traces the step
+    seconds = {name: [] for name in models}
+    names = list(models)
+    for r in range(FLAGS.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            models[name].fit(ds, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
+            seconds[name].append((time.perf_counter() - start) / FLAGS.steps)
+    print(
+        f"Step time: {spec} + head at {size}x{size}x{channels}, batch {FLAGS.batch_size}, "
+        f"BlurPool filt_size={FLAGS.filt_size} pad_type={FLAGS.pad_type} "
+        f"({len(blur_layers(student))} blurs), {FLAGS.rounds} alternating rounds of "
+        f"{FLAGS.steps} steps, {os.cpu_count()} CPUs, TensorFlow {tf.__version__}"
+    )
+    base = statistics.median(seconds["original"])
+    for name, values in seconds.items():
+        shown = ", ".join(f"{1000 * v:.1f}" for v in values)
+        print(
+            f"{name:>12}: median {1000 * statistics.median(values):7.1f} ms/step, "
+            f"{statistics.median(values) / base:.3f}x the original (rounds: {shown})"
+        )
+    for name in ("antialiased", "stem_kept"):
+        ratio = statistics.median(seconds[name]) / base
+        print(f"{name} / original step time, medians: {ratio:.3f}  (goal <= 1.2)")
+
+
+def _train_quick(run_dirs):
+    from keras_seltransfer import training
+
+    for row, run_dir in run_dirs.items():
+        if os.path.isfile(os.path.join(run_dir, "model.keras")):
+            continue
+        print(f"Training {row} for {FLAGS.quick_epochs} epochs into {run_dir} ...")
+        training.finetune(
+            training.FinetuneConfig(
+                target=FLAGS.target,
+                method=row,
+                fraction=FLAGS.fraction,
+                seed=FLAGS.seed,
+                epochs=FLAGS.quick_epochs,
+                patience=FLAGS.quick_epochs,
+                image_size=FLAGS.image_size,
+                blur_filt_size=FLAGS.filt_size,
+                blur_pad_type=FLAGS.pad_type,
+                output_dir=run_dir,
+                export=False,
+                tensorboard=False,
+                verbose=0,
+            )
+        )
+
+
+def _shift_robustness(run_dirs):
+    import keras
+    import numpy as np
+
+    import keras_seltransfer.models.antialias  # noqa: F401  (registers BlurPool)
+    from keras_seltransfer import data as data_lib
+    from keras_seltransfer import evaluation
+    from keras_seltransfer import training
+
+    models = {
+        row: keras.saving.load_model(os.path.join(d, "model.keras"), compile=False, safe_mode=True)
+        for row, d in run_dirs.items()
+    }
+    size = int(models["baseline"].inputs[0].shape[1])
+    channels = int(models["baseline"].inputs[0].shape[-1])
+    _, test = training.load_train_test(FLAGS.target)
+    pad_mode = None if FLAGS.pad_mode == "none" else FLAGS.pad_mode
+    shift = FLAGS.max_shift
+    images = data_lib.prepared_images(
+        test, size + (2 * shift if pad_mode is None else 0), channels=channels
+    )
+    centre = images[:, shift : shift + size, shift : shift + size] if pad_mode is None else images
+    labels = test.labels
+    print(
+        f"\nShift robustness on the {FLAGS.target} test split ({len(labels)} images at "
+        f"{size}x{size}), shifts up to {shift} px ({FLAGS.pad_mode} beyond the border), "
+        f"{FLAGS.num_pairs} random pairs per image, seed {FLAGS.seed}:"
+    )
+    print(f"{'model':>13} | accuracy | consistency | diagonal-sweep accuracy min / mean | run")
+    curves = {}
+    for row, model in models.items():
+        probabilities = model.predict(centre, batch_size=64, verbose=0)
+        accuracy = float(np.mean(probabilities.argmax(-1) == labels))
+        consistency = evaluation.shift_consistency(
+            model, images, max_shift=shift, num_pairs=FLAGS.num_pairs, seed=FLAGS.seed, pad_mode=pad_mode
+        )
+        curve = evaluation.accuracy_vs_shift(model, images, labels, max_shift=shift, pad_mode=pad_mode)
+        curves[row] = curve
+        print(
+            f"{row:>13} | {accuracy:8.4f} | {consistency:11.4f} | "
+            f"{min(curve['accuracy']):.4f} / {np.mean(curve['accuracy']):.4f} | {run_dirs[row]}"
+        )
+    _plot(curves)
+
+
+def _plot(curves):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for row, curve in curves.items():
+        axes[0].plot(curve["shifts"], curve["accuracy"], marker="o", label=row)
+        axes[1].plot(curve["shifts"], curve["agreement"], marker="o", label=row)
+    axes[0].set_ylabel("test accuracy")
+    axes[1].set_ylabel("same prediction as unshifted")
+    for axis in axes:
+        axis.set_xlabel("diagonal shift (pixels)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{FLAGS.target}: accuracy versus shift")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.plot)), exist_ok=True)
+    figure.savefig(FLAGS.plot, dpi=120)
+    print(f"plot: {FLAGS.plot}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    run_dirs = _run_dirs()
+    if not FLAGS.skip_shift and not FLAGS.train_quick:
+        missing = [d for d in run_dirs.values() if not os.path.isfile(os.path.join(d, "model.keras"))]
+        if missing:
+            sys.exit(
+                "bench_antialias: no fine-tuned model.keras in "
+                + ", ".join(missing)
+                + ".\nRun the fine-tuning first (e.g. tools/low_data_sweep.py with the baseline, "
+                f"antialias_ft and ktft rows at fraction {FLAGS.fraction:g}, seed {FLAGS.seed}), "
+                "pass --baseline_run/--antialias_ft_run/--ktft_run, use --train_quick for a "
+                "smoke run, or --skip_shift."
+            )
+    if not FLAGS.skip_timing:
+        _time_steps()
+    if not FLAGS.skip_shift:
+        if FLAGS.train_quick:
+            _train_quick(run_dirs)
+        _shift_robustness(run_dirs)
+
+
+if __name__ == "__main__":
+    app.run(main)
