@@ -107,7 +107,7 @@ def test_controller_matches_a_numpy_lstm_over_two_steps():
     np.testing.assert_array_equal(states1[2][:, 0], g0.numpy().sum(1) + g1.numpy().sum(1))
 
 
-def test_fresh_controller_starts_with_zero_state_and_lstm_forget_bias():
+def test_lstm_forget_bias_starts_at_one_and_gate_biases_at_zero():
     controller = GateController(input_channels=[2], filters=[3], units=4)
     controller(np.ones((1, 2), "float32"), step=0)
     np.testing.assert_array_equal(controller.bias.numpy(), [0] * 4 + [1] * 4 + [0] * 8)
