@@ -210,7 +210,8 @@ def adafilter(
 
     Where the paper is silent [inferred]: a batch norm is absorbed only when
     it normalises the channel axis, with no renormalisation, synchronisation,
-    regularizers or constraints, and only after a convolution without an
+    regularizers or constraints, called without arguments (a call with
+    `training=False` pins its mode), and only after a convolution without an
     activation; otherwise it stays a separate layer shared by the two paths.
     The fine-tuned path's batch norm trains when the absorbed batch norm was
     trainable (see `set_batchnorm_mode`), unless `train_batchnorm` says
