@@ -1,6 +1,8 @@
 """Custom Keras layers of keras_seltransfer (all registered for saving)."""
 
 from keras_seltransfer.layers.filter_mask import FilterMask
+from keras_seltransfer.layers.gate_controller import GateController
+from keras_seltransfer.layers.gated_conv import GatedConv
 from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
 
-__all__ = ["FilterMask", "ImagePreprocessing"]
+__all__ = ["FilterMask", "GateController", "GatedConv", "ImagePreprocessing"]

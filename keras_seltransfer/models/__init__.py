@@ -1,5 +1,9 @@
 """Backbones, classification heads and model transformations."""
 
+from keras_seltransfer.models.adafilter import adafilter
+from keras_seltransfer.models.adafilter import gate_controller
+from keras_seltransfer.models.adafilter import gate_usage
+from keras_seltransfer.models.adafilter import gated_layers
 from keras_seltransfer.models.backbones import FEATURES_LAYER
 from keras_seltransfer.models.backbones import available_backbones
 from keras_seltransfer.models.backbones import cut_backbone
@@ -28,6 +32,7 @@ from keras_seltransfer.models import surgery
 __all__ = [
     "BATCHNORM_MODES",
     "FEATURES_LAYER",
+    "adafilter",
     "add_filter_masks",
     "available_backbones",
     "build_classifier",
@@ -36,6 +41,9 @@ __all__ = [
     "filter_masks",
     "filter_transfer_summary",
     "fold_filter_masks",
+    "gate_controller",
+    "gate_usage",
+    "gated_layers",
     "is_backbone_path",
     "is_builtin_backbone",
     "iter_layers",
