@@ -16,6 +16,13 @@ Writes into --output_dir:
                        own top-k part (topk.npz)
   neighbours.npz       neighbour ids [targets, k_max] and distances, sorted by
                        distance (written once every shard is done)
+  config.json          the settings of the run; a later command into the same
+                       --output_dir with other data or settings is refused
+
+A shard is finished once its topk.npz exists (written last, atomically); a
+rerun skips finished stages and shards (listed as "reused") and recomputes
+a shard whose process was killed. A merge reads the data sets and settings
+from config.json, so it needs only --output_dir and --num_shards.
 
 Sharded use (each shard can run on another machine sharing --output_dir):
 
@@ -40,12 +47,18 @@ flags.DEFINE_float(
     "target_fraction", 1.0, "Fraction of each target training class, as in apps.finetune.",
     lower_bound=0.0, upper_bound=1.0,
 )
-flags.DEFINE_integer("seed", 0, "Seed of the target low-data subset (as in apps.finetune).")
+flags.DEFINE_integer(
+    "seed", 0, "Seed of the target low-data subset (as in apps.finetune).",
+    lower_bound=0, upper_bound=common.MAX_SEED,
+)
 flags.DEFINE_float(
     "test_fraction", 0.25, "Held-out share of a target without a test split (as in apps.finetune).",
     lower_bound=0.0, upper_bound=1.0,
 )
-flags.DEFINE_integer("split_seed", 0, "Seed of the target's held-out split (as in apps.finetune).")
+flags.DEFINE_integer(
+    "split_seed", 0, "Seed of the target's held-out split (as in apps.finetune).",
+    lower_bound=0, upper_bound=common.MAX_SEED,
+)
 flags.DEFINE_enum("bank", "conv", ["conv", "gabor"], "Filter bank.")
 flags.DEFINE_string(
     "backbone", None, "Backbone of the conv bank (default: the pretrain app's output)."
@@ -57,7 +70,15 @@ flags.DEFINE_boolean(
 flags.DEFINE_integer("num_bins", 32, "Histogram bins per channel.", lower_bound=1, upper_bound=1000)
 flags.DEFINE_integer("k_max", 200, "Neighbours kept per target image.", lower_bound=1)
 flags.DEFINE_integer("block_size", 4096, "Source rows per search block.", lower_bound=1)
-flags.DEFINE_integer("image_size", 64, "Images are resized to this size.", lower_bound=8)
+flags.DEFINE_integer(
+    "image_size", 64, "Images are resized to this size.",
+    lower_bound=8, upper_bound=common.MAX_IMAGE_SIZE,
+)
+flags.DEFINE_enum(
+    "channels", None, ["1", "3"],
+    "Convert the images of image folders to this many channels (for folders mixing "
+    "grayscale, RGB and RGBA). Unset: the conv bank's backbone's, or the data's.",
+)
 flags.DEFINE_integer("batch_size", 128, "Batch size for describing images.", lower_bound=1)
 flags.DEFINE_integer("max_source", None, "Use only the first N source images (quick runs).", lower_bound=1)
 flags.DEFINE_integer("num_shards", 1, "Split the source into this many shards.", lower_bound=1)
@@ -96,6 +117,7 @@ def main(argv):
                 shard_index=FLAGS.shard_index,
                 output_dir=FLAGS.output_dir,
                 progress=FLAGS.progress,
+                channels=None if FLAGS.channels is None else int(FLAGS.channels),
             ),
             merge_only=FLAGS.merge,
         )

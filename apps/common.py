@@ -6,6 +6,7 @@ flag and the library can never disagree on a default.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,14 @@ from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+
+# Largest --image_size: a 4096x4096 RGB float32 image is already 200 MB, and
+# a mistyped size (100000) would otherwise fail deep inside TensorFlow with
+# an out-of-memory error after the data has been loaded.
+MAX_IMAGE_SIZE = 4096
+
+# NumPy and TensorFlow seeds are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
 
 
 def defaults(config_cls):
@@ -43,14 +52,20 @@ def define_training_flags(config_cls):
     flags.DEFINE_string(
         "output_dir", d["output_dir"], "Run directory for the model, report, logs and checkpoints."
     )
-    flags.DEFINE_integer("image_size", d["image_size"], "Square input size in pixels.", lower_bound=8)
+    flags.DEFINE_integer(
+        "image_size", d["image_size"], "Square input size in pixels.",
+        lower_bound=8, upper_bound=MAX_IMAGE_SIZE,
+    )
     flags.DEFINE_enum(
         "channels",
         None,
         ["1", "3"],
         "Input channels. Unset: the backbone's (saved models, applications) or the data's.",
     )
-    flags.DEFINE_integer("seed", d["seed"], "Seed for subsets, splits, initialisation and shuffling.")
+    flags.DEFINE_integer(
+        "seed", d["seed"], "Seed for subsets, splits, initialisation and shuffling.",
+        lower_bound=0, upper_bound=MAX_SEED,
+    )
     flags.DEFINE_float(
         "test_fraction",
         d["test_fraction"],
@@ -59,7 +74,8 @@ def define_training_flags(config_cls):
         upper_bound=1.0,
     )
     flags.DEFINE_integer(
-        "split_seed", d["split_seed"], "Seed of the held-out test split (keep fixed across runs)."
+        "split_seed", d["split_seed"], "Seed of the held-out test split (keep fixed across runs).",
+        lower_bound=0, upper_bound=MAX_SEED,
     )
     flags.DEFINE_float(
         "val_fraction",
@@ -100,6 +116,37 @@ def define_training_flags(config_cls):
     )
 
 
+def run_class_names(model_path):
+    """Class names from the run's report.json beside a model, or None.
+
+    Raises:
+        ValueError: if that report.json exists but is not a readable report
+            with a list of class names.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "report.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"The run report {path!r} beside --model is not valid JSON ({e}).") from e
+    if not isinstance(report, dict):
+        raise ValueError(
+            f"Expected the run report {path!r} beside --model to be a JSON object. "
+            f"Received: a JSON {type(report).__name__}"
+        )
+    names = report.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise ValueError(
+            f"Expected 'class_names' in the run report {path!r} beside --model to be a "
+            f"list of non-empty strings. Received: class_names={names!r}"
+        )
+    return names
+
+
 def config_from_flags(config_cls, flag_values=None):
     """Builds a config dataclass from the flags that share its field names."""
     flag_values = flag_values or flags.FLAGS
@@ -132,8 +179,13 @@ def reject_extra_args(argv):
 
 
 def fail(program, error):
-    """Prints a one-line error for the user and exits with status 2."""
-    print(f"{program}: error: {error}", file=sys.stderr)
+    """Prints a one-line error for the user and exits with status 2.
+
+    Messages from Keras and TensorFlow may span lines; they are joined so
+    the error stays one line that scripts can grep.
+    """
+    message = " ".join(str(error).split())
+    print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -2,7 +2,9 @@ r"""Exports a saved classifier as a SavedModel that serves raw images.
 
 The `serve` signature takes uint8 images [batch, height, width, channels] of
 any size and returns class probabilities and class ids. Class names are read
-from the run's report.json beside the model when present.
+from the run's report.json beside the model when present. The model is loaded
+in Keras safe mode (no code from the file runs), and the SavedModel is written
+atomically: a failed export leaves an existing one at --output intact.
 
 Example:
 
@@ -10,7 +12,6 @@ Example:
       --output=exported/elpv_classifier
 """
 
-import json
 import os
 
 from absl import app
@@ -31,17 +32,11 @@ def main(argv):
     try:
         if not os.path.isfile(FLAGS.model):
             raise FileNotFoundError(f"--model file not found: {FLAGS.model!r}")
-        import keras
-
-        import keras_seltransfer  # noqa: F401  (registers custom layers)
         from keras_seltransfer.export import export_saved_model
+        from keras_seltransfer.models.backbones import load_keras_file
 
-        model = keras.saving.load_model(FLAGS.model, compile=False, safe_mode=True)
-        class_names = None
-        report = os.path.join(os.path.dirname(os.path.abspath(FLAGS.model)), "report.json")
-        if os.path.isfile(report):
-            with open(report) as f:
-                class_names = json.load(f).get("class_names")
+        model = load_keras_file(FLAGS.model, what="model")
+        class_names = common.run_class_names(FLAGS.model)
         path = export_saved_model(
             model, FLAGS.output, class_names=class_names, overwrite=FLAGS.overwrite
         )

@@ -430,13 +430,18 @@ def dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def load_train_test(spec, test_fraction=0.25, split_seed=0):
+def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
     """Loads a data set spec as `(train, test)` ImageSources.
 
     Data sets with their own test split (Fashion-MNIST, TFDS, image folders
     with `train/` and `test/` sub-folders) use it; others (ELPV, a single
     folder, a `.npz`) are split once, stratified, with `split_seed`, so the
     held-out images never depend on the training seed or fraction.
+
+    The test split of a folder takes the training split's classes, so a
+    label means the same class in both; a class may be missing from it.
+    `channels` (None, 1 or 3) converts the images of folders that mix
+    grayscale, RGB and RGBA (see `load_dataset`).
     """
     if spec == "fashion_mnist" or spec.startswith("tfds:"):
         return data_lib.load_dataset(spec, "train"), data_lib.load_dataset(spec, "test")
@@ -445,8 +450,12 @@ def load_train_test(spec, test_fraction=0.25, split_seed=0):
         if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(
             os.path.join(root, "test")
         ):
-            return data_lib.load_dataset(spec, "train"), data_lib.load_dataset(spec, "test")
-    source = data_lib.load_dataset(spec)
+            train = data_lib.load_dataset(spec, "train", channels=channels)
+            test = data_lib.load_dataset(
+                spec, "test", channels=channels, class_names=train.class_names
+            )
+            return train, test
+    source = data_lib.load_dataset(spec, channels=channels)
     train_idx, test_idx = data_lib.holdout_split(
         source.labels, test_fraction=test_fraction, seed=split_seed
     )
@@ -511,6 +520,9 @@ def _fit(
     `callbacks` run after early stopping and before the checkpoint (so the
     checkpoint saves the state they leave at the end of an epoch) and
     TensorBoard (so it logs what they add to the logs).
+
+    The chief writes `config.json` here, once everything before training has
+    succeeded.
     """
     # Only the chief keeps checkpoints and logs; other workers write to a
     # scratch directory that is discarded.
@@ -532,6 +544,14 @@ def _fit(
         state_variables=state_variables,
     )
     initial_epoch = checkpoint.restore(model)
+    if is_chief:
+        # Written only now that data, model and method are set up: a rerun
+        # that fails on bad input leaves the record of the run whose model
+        # and report are in the directory.
+        atomic_write_text(
+            os.path.join(run_dir, "config.json"),
+            json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n",
+        )
     if initial_epoch and config.verbose:
         print(f"Resuming from the checkpoint after epoch {initial_epoch}.")
     if callable(train_ds):
@@ -634,7 +654,9 @@ def finetune_split(config):
         split, its test split, and the positions in `train_full` of the
         images trained on and of those kept for validation.
     """
-    train_full, test = load_train_test(config.target, config.test_fraction, config.split_seed)
+    train_full, test = load_train_test(
+        config.target, config.test_fraction, config.split_seed, channels=config.channels
+    )
     kept = data_lib.low_data_subset(
         train_full.labels,
         fraction=None if config.per_class is not None else config.fraction,
@@ -727,11 +749,6 @@ def finetune(config):
     is_chief = distribute.is_chief()
     run_dir = config.output_dir
     os.makedirs(run_dir, exist_ok=True)
-    if is_chief:
-        atomic_write_text(
-            os.path.join(run_dir, "config.json"),
-            json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n",
-        )
     class_weight = None
     if config.class_weight == "balanced":
         present = np.unique(train.labels)
@@ -870,16 +887,7 @@ def load_neighbours(config, train_ids):
         if config.verbose:
             print(f"No neighbour index at {path}; building it (see apps.build_index).")
         workflow.build_neighbours(_index_config(config))
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            target_ids = stored["target_ids"]
-            neighbour_ids = stored["neighbour_ids"]
-            stored_config = json.loads(str(stored["config"]))
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a neighbour index written by apps.build_index: {e}") from e
-    index_config = workflow.IndexConfig(
-        **{k: v for k, v in stored_config.items() if k in workflow.IndexConfig.__dataclass_fields__}
-    )
+    target_ids, neighbour_ids, index_config = workflow.read_neighbours(path)
     for name in ("target", "source", "test_fraction", "split_seed"):
         if getattr(index_config, name) != getattr(config, name):
             raise ValueError(
@@ -1026,7 +1034,9 @@ def pretrain(config):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    train_full, test = load_train_test(config.source, config.test_fraction, config.split_seed)
+    train_full, test = load_train_test(
+        config.source, config.test_fraction, config.split_seed, channels=config.channels
+    )
     if config.fraction < 1.0:
         train_full = train_full.subset(
             data_lib.low_data_subset(train_full.labels, fraction=config.fraction, seed=config.seed)
@@ -1036,11 +1046,6 @@ def pretrain(config):
     is_chief = distribute.is_chief()
     run_dir = config.output_dir
     os.makedirs(run_dir, exist_ok=True)
-    if is_chief:
-        atomic_write_text(
-            os.path.join(run_dir, "config.json"),
-            json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n",
-        )
     channels = config.channels or train_full.channels
     with dtype_policy(config.precision):
         with strategy.scope():

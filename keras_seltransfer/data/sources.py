@@ -18,6 +18,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from keras_seltransfer.utils.io import load_npz
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 FASHION_MNIST_CLASS_NAMES = (
@@ -378,8 +380,12 @@ def from_numpy(images, labels, class_names=None, name="numpy"):
     images = _to_uint8(images)
     labels = _to_int_labels(labels)
     if class_names is None:
-        if labels.min() < 0:
-            _check_label_range(labels, int(labels.max()) + 1)
+        negative = np.flatnonzero(labels < 0)
+        if negative.size:
+            raise ValueError(
+                "Expected non-negative integer labels. "
+                f"Received: labels[{negative[0]}]={labels[negative[0]]}"
+            )
         class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
     else:
         class_names = tuple(str(n) for n in class_names)
@@ -452,14 +458,20 @@ def _mode_channels(mode):
 def _inspect_image(path):
     """Returns `(channels, None)` for a usable image, `(None, reason)` if not."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-        # `verify` checks structure (and PNG checksums) but does not decode,
-        # and leaves the file object unusable: reopen and decode fully to
-        # catch truncated pixel data and learn the mode.
-        with Image.open(path) as image:
-            image.load()
-            mode, image_format = image.mode, image.format
+        with warnings.catch_warnings():
+            # PIL only warns for images above `Image.MAX_IMAGE_PIXELS` (and
+            # refuses twice that): such a file, usually a few bytes declaring
+            # a gigantic size, would make the input pipeline allocate
+            # gigabytes per image, so it is refused like a corrupt one.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()
+            # `verify` checks structure (and PNG checksums) but does not
+            # decode, and leaves the file object unusable: reopen and decode
+            # fully to catch truncated pixel data and learn the mode.
+            with Image.open(path) as image:
+                image.load()
+                mode, image_format = image.mode, image.format
     # PIL reports broken files with many exception types (OSError,
     # SyntaxError, struct.error, zlib.error, EOFError, ...); every one of
     # them means the file is unusable, and the caller either raises with the
@@ -480,6 +492,7 @@ def from_image_folder(
     skip_corrupt=False,
     channels=None,
     extensions=DEFAULT_EXTENSIONS,
+    allow_empty_classes=False,
 ):
     """Scans a folder with one sub-folder per class into an on-disk source.
 
@@ -489,6 +502,10 @@ def from_image_folder(
     name, rather than part-way through training. Hidden files are ignored.
     The images themselves are not kept: the input pipeline decodes them
     again from disk.
+
+    Images above PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`,
+    about 89 megapixels) count as unreadable: raise that limit to accept
+    larger ones.
 
     Channel counts are taken from the PIL mode: grayscale (`L`, `LA`, `I`,
     ...) counts as 1, `RGBA` as 4, everything else (RGB, palette, CMYK) as 3;
@@ -505,6 +522,10 @@ def from_image_folder(
             and listed in the source's `skipped`; when False they raise.
         channels: None (keep the images' common channel count), 1 or 3.
         extensions: file name endings to load.
+        allow_empty_classes: when True, a class of `class_names` may have
+            no sub-folder or no readable images (a test split that lacks
+            some of the training classes): it keeps its label and has no
+            examples. Requires `class_names`.
 
     Returns:
         An on-disk `ImageSource` named after the folder, with absolute paths
@@ -512,8 +533,9 @@ def from_image_folder(
 
     Raises:
         FileNotFoundError: if `directory` or a named class folder does not
-            exist.
-        ValueError: if there are no class folders, a class has no images,
+            exist (unless `allow_empty_classes`).
+        ValueError: if there are no class folders, a class has no images
+            (unless `allow_empty_classes`), the folder has no images at all,
             a file is unreadable (and `skip_corrupt` is False), or channel
             counts differ while `channels` is None.
 
@@ -544,6 +566,12 @@ def from_image_folder(
             f"Expected at least one file extension. Received: extensions={extensions}"
         )
 
+    if allow_empty_classes and class_names is None:
+        raise ValueError(
+            "`allow_empty_classes` needs `class_names`: the classes a folder may "
+            "lack must be named. Received: class_names=None"
+        )
+
     if class_names is None:
         class_names = sorted(
             entry.name
@@ -558,7 +586,7 @@ def from_image_folder(
     else:
         class_names = tuple(class_names)
         for class_name in class_names:
-            if not os.path.isdir(os.path.join(directory, class_name)):
+            if not allow_empty_classes and not os.path.isdir(os.path.join(directory, class_name)):
                 raise FileNotFoundError(
                     f"Expected a sub-folder for class {class_name!r} under "
                     f"{directory}. Received: class_names={class_names}"
@@ -568,14 +596,16 @@ def from_image_folder(
     for label, class_name in enumerate(class_names):
         class_dir = os.path.join(directory, class_name)
         found, skipped_here = 0, 0
-        for path in _list_files(class_dir, extensions):
+        files = _list_files(class_dir, extensions) if os.path.isdir(class_dir) else []
+        for path in files:
             num_channels, reason = _inspect_image(path)
             if num_channels is None:
                 if not skip_corrupt:
                     raise ValueError(
                         f"Could not read image file {path} ({reason}). Remove "
-                        "or replace it, or pass skip_corrupt=True to skip "
-                        f"unreadable files. Received: skip_corrupt={skip_corrupt}"
+                        "or replace it (or, from Python, pass skip_corrupt=True "
+                        "to skip unreadable files and list them in the source's "
+                        f"`skipped`). Received: skip_corrupt={skip_corrupt}"
                     )
                 skipped.append(path)
                 skipped_here += 1
@@ -584,12 +614,18 @@ def from_image_folder(
             labels.append(label)
             file_channels.append(num_channels)
             found += 1
-        if not found:
+        if not found and not allow_empty_classes:
             raise ValueError(
                 f"Class folder {class_name!r} ({class_dir}) has no readable "
                 f"images with extensions {extensions} ({skipped_here} "
                 "unreadable file(s) skipped)."
             )
+    if not paths:
+        raise ValueError(
+            f"Found no readable images with extensions {extensions} under "
+            f"{directory} ({len(skipped)} unreadable file(s) skipped). "
+            f"Received: class_names={tuple(class_names)}"
+        )
 
     if skipped:
         warnings.warn(
@@ -928,7 +964,7 @@ def load_elpv(root=None, defect_threshold=0.5):
     )
 
 
-def load_dataset(spec, split=None, *, download=False):
+def load_dataset(spec, split=None, *, download=False, channels=None, class_names=None):
     """Resolves a data set spec string, as used by the command-line apps.
 
     Accepted forms:
@@ -950,12 +986,25 @@ def load_dataset(spec, split=None, *, download=False):
         download: passed to `from_tfds` for `"tfds:"` specs. Off by
             default so that a missing data set fails fast instead of
             reaching for the network.
+        channels: for `"folder:"` specs, passed to `from_image_folder`
+            (None, 1 or 3: convert every image, so folders mixing grayscale,
+            RGB and RGBA load). Other sources are converted by the input
+            pipeline and ignore it.
+        class_names: for `"folder:"` specs, the classes in label order,
+            typically the training split's when loading the test split: a
+            class listed here may be missing or empty in the folder (it then
+            has no examples), and a sub-folder not listed raises, so that
+            labels mean the same classes in both splits. Ignored by other
+            specs.
 
     Returns:
         An `ImageSource`.
 
     Raises:
-        ValueError: for an unknown spec or a split the spec does not accept.
+        ValueError: for an unknown spec, a split the spec does not accept,
+            a class folder outside `class_names`, or unusable data (see the
+            loaders; `.npz` archives must also have at least one image of
+            every class they name).
         FileNotFoundError: if the named path or data does not exist.
     """
     if not isinstance(spec, str):
@@ -969,7 +1018,9 @@ def load_dataset(spec, split=None, *, download=False):
     if sep and target:
         if kind == "folder":
             directory = target if split is None else os.path.join(target, split)
-            return from_image_folder(directory)
+            if class_names is None:
+                return from_image_folder(directory, channels=channels)
+            return _folder_with_classes(directory, tuple(class_names), channels)
         if kind == "tfds":
             if split is None:
                 raise ValueError(
@@ -993,19 +1044,44 @@ def _check_no_split(spec, split):
         )
 
 
-def _load_npz(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"NumPy archive {path} not found. Received: spec='numpy:{path}'")
-    # allow_pickle=False: an .npz from elsewhere must not run code on load.
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [key for key in ("images", "labels") if key not in archive.files]
-        if missing:
+def _folder_with_classes(directory, class_names, channels):
+    """`from_image_folder` with a fixed label order that the folder may not fill."""
+    if os.path.isdir(directory):
+        unknown = sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.is_dir() and not entry.name.startswith(".") and entry.name not in class_names
+        )
+        if unknown:
             raise ValueError(
-                f"Expected arrays 'images' and 'labels' in {path}; it holds "
-                f"{archive.files}. Missing: {missing}"
+                f"{directory} has class folder(s) {unknown} that are not among the "
+                f"classes {list(class_names)} (those of the training split): its "
+                "images would have no label the model knows. Received: "
+                f"class_names={class_names}"
             )
-        class_names = archive["class_names"] if "class_names" in archive.files else None
-        if class_names is not None:
-            class_names = [str(n) for n in class_names]
-        name = os.path.splitext(os.path.basename(path))[0]
-        return from_numpy(archive["images"], archive["labels"], class_names, name=name)
+    return from_image_folder(
+        directory, class_names=class_names, channels=channels, allow_empty_classes=True
+    )
+
+
+def _load_npz(path):
+    # Pickles are never loaded: an .npz from elsewhere must not run code.
+    archive = load_npz(path, required=("images", "labels"), what="NumPy data set")
+    class_names = archive.get("class_names")
+    if class_names is not None:
+        class_names = [str(n) for n in np.ravel(class_names)]
+    name = os.path.splitext(os.path.basename(path))[0]
+    try:
+        source = from_numpy(archive["images"], archive["labels"], class_names, name=name)
+    except ValueError as error:
+        raise ValueError(f"Unusable NumPy data set {path!r}: {error}") from error
+    empty = [n for n, count in zip(source.class_names, source.class_counts()) if not count]
+    if empty:
+        # A named class without images gets an output that never trains.
+        raise ValueError(
+            f"NumPy data set {path!r} names class(es) {empty} without any image; "
+            "every class in 'class_names' needs at least one. Received: "
+            f"class_names={list(source.class_names)}, "
+            f"images per class={source.class_counts().tolist()}"
+        )
+    return source

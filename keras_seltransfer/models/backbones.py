@@ -8,6 +8,7 @@ the same raw pixels serve training, evaluation and the exported SavedModel.
 
 import os
 import re
+import zipfile
 
 import keras
 
@@ -117,6 +118,69 @@ def available_backbones():
 def _single(tensors):
     # A one-element input list makes `model.input` a list; unwrap it.
     return tensors[0] if len(tensors) == 1 else tensors
+
+
+def load_keras_file(path, what="model"):
+    """Loads a saved Keras model in safe mode, with errors that name the file.
+
+    Safe mode refuses to deserialize Python code (a `Lambda` layer holding a
+    Python function) or objects from modules outside Keras and the
+    registered custom objects, so a file from an untrusted source cannot run
+    code while it loads. Whatever makes a file unloadable (not a `.keras`
+    zip archive, truncated, unknown classes, refused code) is reported as
+    one `ValueError` naming the file.
+
+    Args:
+        path: a `.keras` file (or a legacy `.h5` file, also loaded in safe
+            mode).
+        what: how the file is called in errors (`"backbone"`, `"model"`).
+
+    Returns:
+        The uncompiled `keras.Model`.
+
+    Raises:
+        FileNotFoundError: if `path` is not a file.
+        ValueError: if the file cannot be loaded safely.
+
+    Example:
+
+    >>> model = load_keras_file("runs/finetune/run/model.keras")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what.capitalize()} file not found: {path!r}.")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        state = "empty" if os.path.getsize(path) == 0 else "truncated or in another format"
+        raise ValueError(
+            f"The {what} file {path!r} is not a Keras model archive: a .keras file is a "
+            f"zip archive, and this one is {state}. Expected a file written by "
+            "`model.save('....keras')`."
+        )
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    # Keras reports unloadable files with many types (ValueError, TypeError,
+    # KeyError, OSError from h5py, zip errors); each means this file cannot
+    # be used, and the caller gets one error naming it.
+    except Exception as e:  # noqa: BLE001
+        message = " ".join(str(e).split())
+        if "safe_mode" in message or "unsafe_deserialization" in message:
+            # Keras' advice is to turn safe mode off, which only the owner of
+            # a trusted file may do; the refusal is reported without it.
+            raise ValueError(
+                f"Refused to load the {what} in {path!r}: it holds Python code "
+                f"({message.split('. ')[0]}), which Keras never runs when loading with "
+                "safe_mode=True. Expected a model of Keras and keras_seltransfer layers only."
+            ) from e
+        # Keras wraps the cause in the whole model config; the cause is what
+        # tells the user what is wrong with the file.
+        message = message.rsplit("Exception encountered:", 1)[-1].strip()
+        message = message.split(" Full object config:")[0]
+        if len(message) > 600:
+            message = message[:600] + " ..."
+        raise ValueError(
+            f"Could not load the {what} in {path!r} (Keras safe mode): "
+            f"{type(e).__name__}: {message}"
+        ) from e
 
 
 def is_backbone_path(spec):
@@ -235,8 +299,9 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
         `[batch, features]`.
 
     Raises:
-        FileNotFoundError: if a path is given and does not exist.
-        ValueError: for an unknown name or an incompatible input shape.
+        FileNotFoundError: if a path (model or weights file) does not exist.
+        ValueError: for an unknown name, an incompatible input shape, or a
+            file that cannot be loaded safely (see `load_keras_file`).
     """
     if len(input_shape) != 3:
         raise ValueError(
@@ -256,7 +321,7 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
                 "`weights` applies to named backbones only; a `.keras` file "
                 f"carries its own. Received: weights={weights!r}"
             )
-        model = keras.saving.load_model(spec, compile=False, safe_mode=True)
+        model = load_keras_file(spec, what="backbone")
         layer_names = [layer.name for layer in model.layers]
         if cut_layer is None and FEATURES_LAYER in layer_names:
             cut_layer = FEATURES_LAYER
@@ -289,6 +354,18 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
         return model
 
     key = _normalise_name(spec)
+    if key not in _BUILTIN_BY_KEY and key not in _APPLICATIONS:
+        raise ValueError(
+            "Unknown backbone. Expected a path to a `.keras` file or one of: "
+            f"{', '.join(available_backbones())}. Received: spec={spec!r}"
+        )
+    if weights not in (None, "imagenet"):
+        weights = os.fspath(weights)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"Backbone weights file not found: {weights!r}. Expected None, 'imagenet' "
+                f"or a weights file (.weights.h5). Received: weights={weights!r}"
+            )
     if input_shape[-1] is None:
         if key not in _APPLICATIONS:
             raise ValueError(
@@ -309,37 +386,40 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
             )
         model = _BUILTIN_BY_KEY[key](input_shape=input_shape)
         if weights is not None:
-            model.load_weights(weights)
+            try:
+                model.load_weights(weights)
+            # As for model files: every failure means this file does not fit.
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(
+                    f"Could not load the weights file {weights!r} into backbone {spec!r} "
+                    f"with input_shape={input_shape}: {type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:600]}"
+                ) from e
         return model
 
-    if key in _APPLICATIONS:
-        constructor_name, mode = _APPLICATIONS[key]
-        constructor = getattr(keras.applications, constructor_name)
-        inputs = keras.Input(shape=input_shape, name="image")
-        x = ImagePreprocessing(mode, name="preprocess")(inputs)
-        # MobileNetV3, EfficientNet and ConvNeXt keep their built-in
-        # preprocessing (mode "none"): they take [0, 255] inputs.
-        try:
-            app = constructor(
-                include_top=False,
-                weights=weights,
-                input_tensor=x,
-                pooling=None if cut_layer else "avg",
-            )
-        except ValueError as e:
-            raise ValueError(
-                f"keras.applications.{constructor_name} cannot be built for "
-                f"input_shape={input_shape}: {e}"
-            ) from e
-        model = keras.Model(inputs, app.output, name=_normalise_name(constructor_name))
-        if cut_layer is not None:
-            model = cut_backbone(model, cut_layer)
-        return model
-
-    raise ValueError(
-        "Unknown backbone. Expected a path to a `.keras` file or one of: "
-        f"{', '.join(available_backbones())}. Received: spec={spec!r}"
-    )
+    # What is left is a keras.applications name.
+    constructor_name, mode = _APPLICATIONS[key]
+    constructor = getattr(keras.applications, constructor_name)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = ImagePreprocessing(mode, name="preprocess")(inputs)
+    # MobileNetV3, EfficientNet and ConvNeXt keep their built-in
+    # preprocessing (mode "none"): they take [0, 255] inputs.
+    try:
+        app = constructor(
+            include_top=False,
+            weights=weights,
+            input_tensor=x,
+            pooling=None if cut_layer else "avg",
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"keras.applications.{constructor_name} cannot be built for "
+            f"input_shape={input_shape}: {e}"
+        ) from e
+    model = keras.Model(inputs, app.output, name=_normalise_name(constructor_name))
+    if cut_layer is not None:
+        model = cut_backbone(model, cut_layer)
+    return model
 
 
 def reinitialize(model, seed=None):

@@ -18,7 +18,6 @@ Reference:
 import inspect
 import json
 import os
-import zipfile
 
 import numpy as np
 
@@ -28,6 +27,7 @@ from keras_seltransfer.retrieval.similarity import _channel_weights
 from keras_seltransfer.retrieval.similarity import _check_histograms
 from keras_seltransfer.retrieval.similarity import nearest_sources
 from keras_seltransfer.utils.io import atomic_directory
+from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.validation import check_int
 from keras_seltransfer.utils.validation import image_size_pair
 
@@ -350,9 +350,9 @@ class SourceIndex:
 
         Raises:
             FileNotFoundError: if `path` or one of its files is missing.
-            ValueError: if a file is corrupt, of another format version, or
+            ValueError: if a file is corrupt, of another format version,
                 the arrays' shapes disagree with each other or with
-                `index.json`.
+                `index.json`, or the descriptors are not valid histograms.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -388,31 +388,17 @@ class SourceIndex:
         if missing:
             raise ValueError(f"The source index file {config_path!r} lacks the keys {missing}.")
 
-        unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile)
         try:
-            data = np.load(arrays_path, allow_pickle=False)
-        except unreadable as e:
+            # Never unpickles, and reads every array in full (checking CRCs).
+            data = load_npz(arrays_path, what="source index arrays")
+        except ValueError as e:
+            raise ValueError(f"The source index at {path!r} is corrupt or unreadable: {e}") from e
+        if not set(_ARRAY_NAMES) <= set(data):
             raise ValueError(
-                f"The source index arrays {arrays_path!r} are corrupt or unreadable: {e}"
-            ) from e
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(
-                f"Expected {arrays_path!r} to be an .npz archive. "
-                f"Received: a {type(data).__name__}"
+                f"Expected {arrays_path!r} to hold the arrays {list(_ARRAY_NAMES)}. "
+                f"Received: {sorted(data)}"
             )
-        with data:
-            if not set(_ARRAY_NAMES) <= set(data.files):
-                raise ValueError(
-                    f"Expected {arrays_path!r} to hold the arrays {list(_ARRAY_NAMES)}. "
-                    f"Received: {sorted(data.files)}"
-                )
-            try:
-                # Reading every array in full checks the zip CRCs.
-                arrays = {name: data[name] for name in _ARRAY_NAMES}
-            except unreadable as e:
-                raise ValueError(
-                    f"The source index arrays {arrays_path!r} are corrupt or unreadable: {e}"
-                ) from e
+        arrays = {name: data[name] for name in _ARRAY_NAMES}
         expected = (config["num_sources"], config["num_channels"], config["num_bins"])
         if arrays["descriptors"].shape != expected:
             raise ValueError(
@@ -421,6 +407,9 @@ class SourceIndex:
                 f"Received: descriptors.shape={arrays['descriptors'].shape}"
             )
         try:
+            # A tampered index (NaN, negative or unnormalised histograms)
+            # would give meaningless distances without any error.
+            _check_histograms(arrays["descriptors"], "descriptors")
             return cls(
                 num_shards=config["num_shards"],
                 shard_index=config["shard_index"],

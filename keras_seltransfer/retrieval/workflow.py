@@ -3,7 +3,12 @@
 `build_neighbours` is what `apps.build_index` runs. Every stage writes its
 result atomically and is skipped when its result is already on disk, so an
 interrupted run (or one shard of many) continues where it stopped and a
-finished shard is never recomputed.
+finished shard is never recomputed. A shard counts as finished only once its
+top-k file, written last and atomically, exists: a process killed while
+writing leaves at most temporary files (names starting with a dot) that are
+never read, and the shard is computed again. The settings of a run are kept
+in `config.json`, so a later command with other data or settings is refused
+instead of reusing results that do not describe its data.
 """
 
 import dataclasses
@@ -20,8 +25,33 @@ from keras_seltransfer.retrieval import filter_banks
 from keras_seltransfer.retrieval.index import SourceIndex
 from keras_seltransfer.retrieval.similarity import merge_topk
 from keras_seltransfer.utils.io import atomic_write_bytes
+from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import load_npz
 
 BANKS = ("conv", "gabor")
+
+# The `IndexConfig` fields that decide what a run computes: a command that
+# continues a run must agree on all of them. The rest (batch and block
+# sizes, progress, the shard a process works on) change how, not what.
+RUN_FIELDS = (
+    "source",
+    "target",
+    "target_fraction",
+    "seed",
+    "test_fraction",
+    "split_seed",
+    "bank",
+    "backbone",
+    "conv_layers",
+    "pre_activation",
+    "num_bins",
+    "k_max",
+    "image_size",
+    "max_source",
+    "channels",
+)
+
+_CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass
@@ -31,7 +61,9 @@ class IndexConfig:
     The target training images are chosen exactly as `apps.finetune` chooses
     them (held-out split with `split_seed`, then the low-data subset of
     `target_fraction` with `seed`), so the neighbour lists line up with the
-    images a fine-tuning run trains on.
+    images a fine-tuning run trains on. `channels` (None, 1 or 3) converts
+    the images of image folders that mix grayscale, RGB and RGBA; None takes
+    the conv bank's backbone's channel count, or each data set's own.
     """
 
     source: str = "fashion_mnist"
@@ -54,8 +86,15 @@ class IndexConfig:
     shard_index: int = 0
     output_dir: str = os.path.join("runs", "index", "default")
     progress: bool = True
+    channels: int = None
 
     def __post_init__(self):
+        if self.channels is not None and (
+            isinstance(self.channels, bool) or self.channels not in (1, 3)
+        ):
+            raise ValueError(
+                f"`channels` must be None, 1 or 3. Received: channels={self.channels!r}"
+            )
         if self.bank not in BANKS:
             raise ValueError(f"`bank` must be one of {BANKS}. Received: bank={self.bank!r}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -75,11 +114,19 @@ class IndexConfig:
             self.backbone = DEFAULT_BACKBONE
 
 
-def target_training_images(config):
-    """`(target_train_full, kept_indices)`: the images apps.finetune trains on."""
+def target_training_images(config, channels=None):
+    """`(target_train_full, kept_indices)`: the images apps.finetune trains on.
+
+    `channels` overrides `config.channels` for loading image folders.
+    """
     from keras_seltransfer.training import load_train_test
 
-    train_full, _ = load_train_test(config.target, config.test_fraction, config.split_seed)
+    train_full, _ = load_train_test(
+        config.target,
+        config.test_fraction,
+        config.split_seed,
+        channels=config.channels if channels is None else channels,
+    )
     kept = data_lib.low_data_subset(
         train_full.labels, fraction=config.target_fraction, seed=config.seed
     )
@@ -112,21 +159,97 @@ def _npz_bytes(**arrays):
     return buffer.getvalue()
 
 
-def _load_npz(path):
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+def _run_settings(config):
+    # The JSON round trip makes tuples lists and keeps what compares equal
+    # after a save and a load.
+    return json.loads(json.dumps({name: getattr(config, name) for name in RUN_FIELDS}))
+
+
+def _recorded_settings(out):
+    path = os.path.join(out, _CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"The retrieval run file {path!r} is not valid JSON ({e}); restore it, or "
+            "delete the run directory to rebuild."
+        ) from e
+    if not isinstance(recorded, dict) or not set(RUN_FIELDS) <= set(recorded):
+        raise ValueError(
+            f"The retrieval run file {path!r} does not record the settings {list(RUN_FIELDS)}; "
+            "restore it, or delete the run directory to rebuild."
+        )
+    return {name: recorded[name] for name in RUN_FIELDS}
+
+
+def _write_run_settings(config):
+    atomic_write_text(
+        os.path.join(config.output_dir, _CONFIG_FILE),
+        json.dumps(_run_settings(config), indent=2, sort_keys=True) + "\n",
+    )
+
+
+def _check_run_settings(config):
+    """Refuses to continue a run made with other settings.
+
+    A new run directory gets its record at once. Returns True when the
+    record must wait until this command succeeds: a directory from before
+    records were kept, whose stages are then checked one by one.
+    """
+    out = config.output_dir
+    settings = _run_settings(config)
+    recorded = _recorded_settings(out)
+    started = any(
+        os.path.exists(os.path.join(out, name))
+        for name in ("bin_edges.npz", "target_descriptors.npz", "index", "shards")
+    )
+    if recorded is None:
+        if started:
+            return True
+        _write_run_settings(config)
+        return False
+    differences = [
+        f"{name}={recorded[name]!r} (this command: {settings[name]!r})"
+        for name in RUN_FIELDS
+        if recorded[name] != settings[name]
+    ]
+    if differences and not started:
+        # An earlier command failed before computing anything (bad input,
+        # say): nothing depends on its settings.
+        _write_run_settings(config)
+    elif differences:
+        raise ValueError(
+            f"{out} holds a retrieval run made with other settings: {'; '.join(differences)}. "
+            "Its bin edges, descriptors and shards do not describe this command's data; "
+            "use another --output_dir, or delete that one to rebuild it."
+        )
+    return False
 
 
 def build_neighbours(config, merge_only=False):
     """Runs (or continues) a retrieval run; returns the paths written.
+
+    The first command of a run records its settings (`RUN_FIELDS`) in
+    `<output_dir>/config.json`; a later command with other settings is
+    refused. A merge takes the data sets and settings from that record, so
+    it needs only `output_dir` and `num_shards`.
 
     Args:
         config: an `IndexConfig`.
         merge_only: only merge the per-shard results of a sharded run.
 
     Returns:
-        A dict of output names to paths (and a `missing_shards` entry while
-        a sharded run is incomplete).
+        A dict of output names to paths, a `reused` entry naming the stages
+        found finished on disk (not recomputed), and a `missing_shards`
+        entry while a sharded run is incomplete.
+
+    Raises:
+        ValueError: for settings that disagree with the run's record, a
+            merge with unfinished shards, or a corrupt file in the run
+            (named in the message).
     """
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
@@ -137,8 +260,17 @@ def build_neighbours(config, merge_only=False):
         for i in range(config.num_shards)
     ]
     outputs = {}
-    if not merge_only:
+    if merge_only:
+        recorded = _recorded_settings(out)
+        if recorded is not None:
+            # The record, not the merge command's defaults, says what the
+            # shards hold (and what neighbours.npz will record).
+            config = dataclasses.replace(config, **recorded)
+    else:
+        record_later = _check_run_settings(config)
         outputs.update(_describe_and_search(config, shard_dirs[config.shard_index]))
+        if record_later:
+            _write_run_settings(config)
     missing = [d for d in shard_dirs if not os.path.isfile(os.path.join(d, "topk.npz"))]
     if missing:
         if merge_only:
@@ -148,8 +280,19 @@ def build_neighbours(config, merge_only=False):
             )
         outputs["missing_shards"] = ", ".join(os.path.basename(d) for d in missing)
         return outputs
-    parts = [_load_npz(os.path.join(d, "topk.npz")) for d in shard_dirs]
-    target = _load_npz(os.path.join(out, "target_descriptors.npz"))
+    parts = [_load_topk(d, target_rows=None) for d in shard_dirs]
+    target = load_npz(
+        os.path.join(out, "target_descriptors.npz"),
+        required=("ids", "labels"),
+        what="target descriptor file",
+    )
+    rows = {p["ids"].shape[0] for p in parts} | {len(target["ids"])}
+    if len(rows) > 1:
+        raise ValueError(
+            f"The shards of {out} list neighbours for different numbers of target "
+            f"images ({sorted(rows)}): they were not built for the same target set. "
+            "Delete the run directory to rebuild."
+        )
     k = min(config.k_max, sum(p["ids"].shape[1] for p in parts))
     ids, distances = merge_topk([(p["ids"], p["distances"]) for p in parts], k)
     labels = np.concatenate([p["neighbour_labels"] for p in parts], axis=1)
@@ -180,18 +323,50 @@ def _positions(all_ids, chosen):
     return positions
 
 
+def _load_topk(shard_dir, target_rows):
+    """A shard's top-k part, checked for shape (and row count when given)."""
+    path = os.path.join(shard_dir, "topk.npz")
+    part = load_npz(
+        path, required=("ids", "distances", "neighbour_labels"), what="shard top-k file"
+    )
+    shapes = {part[name].shape for name in ("ids", "distances", "neighbour_labels")}
+    if (
+        len(shapes) != 1
+        or part["ids"].ndim != 2
+        or not np.issubdtype(part["ids"].dtype, np.integer)
+        or (target_rows is not None and part["ids"].shape[0] != target_rows)
+    ):
+        raise ValueError(
+            f"The shard top-k file {path!r} is inconsistent: expected integer ids, "
+            "distances and neighbour labels of one shape [targets, k]. Received: shapes "
+            f"{sorted(shapes)}, ids.dtype={part['ids'].dtype}. Delete {shard_dir} to "
+            "rebuild the shard."
+        )
+    return part
+
+
 def _describe_and_search(config, shard_dir):
     out = config.output_dir
-    outputs = {}
-    bank, channels = make_bank(config)
-    train_full, kept = target_training_images(config)
+    outputs, reused = {}, []
+    bank, bank_channels = make_bank(config)
+    # The conv bank's backbone decides the channel count; images of any
+    # other count are converted to it.
+    channels = bank_channels if bank_channels is not None else config.channels
+    train_full, kept = target_training_images(config, channels=channels)
     target = train_full.subset(kept)
 
     edges_path = os.path.join(out, "bin_edges.npz")
     bank_config = json.dumps(bank.get_config(), sort_keys=True)
     if os.path.isfile(edges_path):
-        stored = _load_npz(edges_path)
-        if str(stored["bank_config"]) != bank_config or stored["edges"].shape[1] != config.num_bins + 1:
+        stored = load_npz(
+            edges_path, required=("edges", "channel_weights", "bank_config"), what="bin edge file"
+        )
+        reused.append("bin_edges")
+        if (
+            str(stored["bank_config"]) != bank_config
+            or stored["edges"].ndim != 2
+            or stored["edges"].shape[1] != config.num_bins + 1
+        ):
             raise ValueError(
                 f"{edges_path} was fitted for another bank or bin count; use another "
                 "--output_dir or delete it."
@@ -213,7 +388,8 @@ def _describe_and_search(config, shard_dir):
 
     target_path = os.path.join(out, "target_descriptors.npz")
     if os.path.isfile(target_path):
-        stored = _load_npz(target_path)
+        stored = load_npz(target_path, what="target descriptor file")
+        reused.append("target_descriptors")
         if "descriptors" not in stored or not np.array_equal(stored.get("ids"), kept):
             raise ValueError(
                 f"{target_path} holds descriptors of other target images than this "
@@ -231,10 +407,17 @@ def _describe_and_search(config, shard_dir):
         )
     outputs["target_descriptors"] = target_path
 
+    # `SourceIndex.save` publishes the directory whole, so its index.json
+    # means a complete index; a directory without one (copied by hand, or
+    # written by something else) is not trusted and is written again.
     if os.path.isfile(os.path.join(shard_dir, "index.json")):
-        index = SourceIndex.load(shard_dir)
+        try:
+            index = SourceIndex.load(shard_dir)
+        except ValueError as e:
+            raise ValueError(f"{e} Delete {shard_dir} to rebuild the shard.") from e
+        reused.append("index")
     else:
-        source = source_training_images(config)
+        source = source_training_images(config, channels=channels)
         index = SourceIndex.build(
             functools.partial(descriptors.describe, bank, edges, progress=config.progress),
             source,
@@ -252,7 +435,10 @@ def _describe_and_search(config, shard_dir):
     outputs["index"] = shard_dir
 
     topk_path = os.path.join(shard_dir, "topk.npz")
-    if not os.path.isfile(topk_path):
+    if os.path.isfile(topk_path):
+        _load_topk(shard_dir, len(target_desc))
+        reused.append("topk")
+    else:
         k = min(config.k_max, len(index.ids))
         if k == 0:
             # More shards than source images leaves this shard empty.
@@ -267,15 +453,79 @@ def _describe_and_search(config, shard_dir):
         atomic_write_bytes(
             topk_path, _npz_bytes(ids=ids, distances=distances, neighbour_labels=labels)
         )
+    if reused:
+        outputs["reused"] = ", ".join(reused)
     return outputs
 
 
-def source_training_images(config):
+def source_training_images(config, channels=None):
     """The source images searched: the source's training split (first
-    `max_source` of it when set); index ids are positions in it."""
+    `max_source` of it when set); index ids are positions in it.
+
+    `channels` overrides `config.channels` for loading image folders.
+    """
     from keras_seltransfer.training import load_train_test
 
-    source, _ = load_train_test(config.source, config.test_fraction, config.split_seed)
+    source, _ = load_train_test(
+        config.source,
+        config.test_fraction,
+        config.split_seed,
+        channels=config.channels if channels is None else channels,
+    )
     if config.max_source is not None and config.max_source < len(source):
         source = source.subset(np.arange(config.max_source))
     return source
+
+
+def read_neighbours(path):
+    """Reads and checks a `neighbours.npz` written by `build_neighbours`.
+
+    Args:
+        path: the `neighbours.npz` file.
+
+    Returns:
+        `(target_ids, neighbour_ids, index_config)`: int64 positions `[T]`
+        of the described images in the target's training split, int64
+        source positions `[T, k]` nearest first, and the `IndexConfig` the
+        file was built with.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: if the file is not such an index (corrupt, arrays of
+            the wrong shape or type, repeated target ids, an unreadable
+            config), with the file named.
+    """
+    arrays = load_npz(
+        path, required=("target_ids", "neighbour_ids", "config"), what="neighbour index"
+    )
+    target_ids, neighbour_ids = arrays["target_ids"], arrays["neighbour_ids"]
+    problem = None
+    if target_ids.ndim != 1 or not np.issubdtype(target_ids.dtype, np.integer):
+        problem = f"target_ids must be a 1-D integer array, not {target_ids.dtype} {target_ids.shape}"
+    elif neighbour_ids.ndim != 2 or not np.issubdtype(neighbour_ids.dtype, np.integer):
+        problem = (
+            f"neighbour_ids must be a 2-D integer array, not {neighbour_ids.dtype} "
+            f"{neighbour_ids.shape}"
+        )
+    elif neighbour_ids.shape[0] != target_ids.shape[0]:
+        problem = (
+            f"neighbour_ids has {neighbour_ids.shape[0]} rows for {target_ids.shape[0]} target ids"
+        )
+    elif len(np.unique(target_ids)) != len(target_ids):
+        problem = "target_ids repeats an image"
+    if problem is None:
+        try:
+            stored = json.loads(str(arrays["config"]))
+            if not isinstance(stored, dict):
+                raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+            index_config = IndexConfig(
+                **{k: v for k, v in stored.items() if k in IndexConfig.__dataclass_fields__}
+            )
+        except (TypeError, ValueError) as e:
+            problem = f"its config is unreadable ({e})"
+    if problem is not None:
+        raise ValueError(
+            f"{path} is not a neighbour index written by apps.build_index: {problem}. "
+            "Rebuild it with apps.build_index."
+        )
+    return target_ids.astype(np.int64), neighbour_ids.astype(np.int64), index_config

@@ -1,13 +1,15 @@
-"""Small shared helpers (atomic file writes)."""
+"""Small shared helpers (atomic file writes, untrusting archive reads)."""
 
 from keras_seltransfer.utils.io import atomic_directory
 from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.io import save_model_atomic
 
 __all__ = [
     "atomic_directory",
     "atomic_write_bytes",
     "atomic_write_text",
+    "load_npz",
     "save_model_atomic",
 ]

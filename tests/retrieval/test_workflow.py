@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -101,12 +102,20 @@ def test_config_errors(specs, tmp_path):
 
 def test_changing_the_bank_in_an_existing_run_is_refused(specs, tmp_path):
     build_neighbours(_config(specs, tmp_path / "run", bank="gabor"))
+    with pytest.raises(ValueError, match="other settings: bank='gabor' \\(this command: 'conv'\\)"):
+        build_neighbours(_config(specs, tmp_path / "run", bank="conv"))
+    # A run directory without its settings record (written before it
+    # existed) is still checked stage by stage.
+    os.remove(tmp_path / "run" / "config.json")
     with pytest.raises(ValueError, match="fitted for another bank"):
         build_neighbours(_config(specs, tmp_path / "run", bank="conv"))
 
 
 def test_descriptors_of_another_target_subset_are_refused(specs, tmp_path):
     build_neighbours(_config(specs, tmp_path / "run", bank="gabor"))
+    with pytest.raises(ValueError, match="target_fraction=1.0 \\(this command: 0.5\\)"):
+        build_neighbours(_config(specs, tmp_path / "run", bank="gabor", target_fraction=0.5))
+    os.remove(tmp_path / "run" / "config.json")
     with pytest.raises(ValueError, match="other target images"):
         build_neighbours(_config(specs, tmp_path / "run", bank="gabor", target_fraction=0.5))
 
@@ -123,3 +132,153 @@ def test_build_index_app(specs, tmp_path):
     bad = subprocess.run(args + ["--num_shards=2", "--shard_index=3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "shard_index" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# Shards as separate processes -------------------------------------------------
+
+
+def _index_app_args(specs, out, *extra):
+    source, target, backbone = specs
+    return [
+        sys.executable, "-m", "apps.build_index", f"--source={source}", f"--target={target}",
+        f"--backbone={backbone}", "--image_size=16", "--num_bins=8", "--k_max=5",
+        "--batch_size=16", "--noprogress", f"--output_dir={out}", *extra,
+    ]
+
+
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=ROOT)
+
+
+def _shard_files(out, shard, names=("arrays.npz", "index.json", "topk.npz")):
+    directory = out / "shards" / f"shard-{shard}-of-2"
+    return {name: os.stat(directory / name).st_mtime_ns for name in names}
+
+
+def test_shards_built_by_concurrent_processes_merge_to_the_single_process_index(specs, tmp_path):
+    """`--shard_index=0` and `=1` run at the same time as two processes into
+    one directory, `--merge` (given only the directory and shard count)
+    combines them, and the neighbours and the merged index equal those of
+    one unsharded build exactly. A rerun then reuses every finished stage."""
+    from keras_seltransfer.retrieval import SourceIndex
+
+    out = tmp_path / "sharded"
+    shards = [
+        subprocess.Popen(
+            _index_app_args(specs, out, "--num_shards=2", f"--shard_index={i}"),
+            cwd=ROOT, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        # The reference, built here while the shard processes start.
+        whole = build_neighbours(_config(specs, tmp_path / "whole"))
+        finished = [shard.communicate(timeout=300) for shard in shards]
+    finally:
+        for shard in shards:
+            if shard.poll() is None:
+                shard.kill()
+    for shard, (stdout, stderr) in zip(shards, finished):
+        assert shard.returncode == 0, stderr
+        assert "index:" in stdout
+
+    merge = subprocess.run(
+        [sys.executable, "-m", "apps.build_index", "--num_shards=2", "--merge",
+         f"--output_dir={out}"],
+        cwd=ROOT, env=_ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert merge.returncode == 0, merge.stderr
+    assert f"neighbours: {out / 'neighbours.npz'}" in merge.stdout
+    merged, single = _load(out / "neighbours.npz"), _load(whole["neighbours"])
+    for name in ("target_ids", "target_labels", "neighbour_ids", "neighbour_labels", "distances"):
+        np.testing.assert_array_equal(merged[name], single[name], err_msg=name)
+    # The merge recorded the shards' data sets, not its own flag defaults.
+    recorded = json.loads(str(merged["config"]))
+    assert recorded["source"] == specs[0] and recorded["target"] == specs[1]
+
+    index = SourceIndex.merge(
+        [SourceIndex.load(out / "shards" / f"shard-{i}-of-2") for i in range(2)]
+    )
+    reference = SourceIndex.load(tmp_path / "whole" / "index")
+    for name in ("descriptors", "labels", "ids", "bin_edges", "channel_weights"):
+        np.testing.assert_array_equal(getattr(index, name), getattr(reference, name), err_msg=name)
+
+    before = {shard: _shard_files(out, shard) for shard in range(2)}
+    again = build_neighbours(_config(specs, out, num_shards=2, shard_index=1))
+    assert again["reused"] == "bin_edges, target_descriptors, index, topk"
+    assert {shard: _shard_files(out, shard) for shard in range(2)} == before
+    np.testing.assert_array_equal(_load(again["neighbours"])["neighbour_ids"], single["neighbour_ids"])
+
+
+def test_half_written_shards_are_never_used(specs, tmp_path):
+    """What a process killed while writing shard 1 can leave behind: the
+    temporary directory of its index (arrays, no index.json), a temporary
+    top-k file, and a shard directory without index.json (the commit marker
+    of `SourceIndex.save`). None of it counts as a finished shard: the merge
+    refuses, the rerun computes the shard again, and the result equals the
+    unsharded build. A shard killed after its index but before its top-k
+    keeps the index and computes only the top-k."""
+    whole = _load(build_neighbours(_config(specs, tmp_path / "whole"))["neighbours"])
+    out = tmp_path / "run"
+    build_neighbours(_config(specs, out, num_shards=2, shard_index=0))
+    shards = out / "shards"
+    (shards / ".shard-1-of-2.k1ll3d").mkdir()
+    (shards / ".shard-1-of-2.k1ll3d" / "arrays.npz").write_bytes(b"PK\x03\x04 half an archive")
+    (shards / "shard-1-of-2").mkdir()
+    (shards / "shard-1-of-2" / "arrays.npz").write_bytes(b"PK\x03\x04 half an archive")
+    (shards / "shard-1-of-2" / ".topk.npz.x7.tmp").write_bytes(b"PK\x03\x04")
+
+    with pytest.raises(ValueError, match=r"Cannot merge: 1 of 2 shards are not finished: .*shard-1-of-2"):
+        build_neighbours(_config(specs, out, num_shards=2), merge_only=True)
+    rerun = build_neighbours(_config(specs, out, num_shards=2, shard_index=1))
+    assert rerun["reused"] == "bin_edges, target_descriptors"
+    assert sorted(os.listdir(shards / "shard-1-of-2")) == ["arrays.npz", "index.json", "topk.npz"]
+    np.testing.assert_array_equal(_load(rerun["neighbours"])["neighbour_ids"], whole["neighbour_ids"])
+    np.testing.assert_array_equal(_load(rerun["neighbours"])["distances"], whole["distances"])
+
+    os.remove(shards / "shard-1-of-2" / "topk.npz")
+    index_written = _shard_files(out, 1, ("arrays.npz", "index.json"))
+    rerun = build_neighbours(_config(specs, out, num_shards=2, shard_index=1))
+    assert rerun["reused"] == "bin_edges, target_descriptors, index"
+    assert _shard_files(out, 1, ("arrays.npz", "index.json")) == index_written
+    np.testing.assert_array_equal(_load(rerun["neighbours"])["neighbour_ids"], whole["neighbour_ids"])
+
+
+_KILLED_WHILE_WRITING = """
+import json, os, signal, sys, types
+from keras_seltransfer.retrieval import index
+
+def die(*args, **kwargs):
+    # SourceIndex.save has written arrays.npz into its temporary directory
+    # and is about to write index.json: the process dies here.
+    os.kill(os.getpid(), signal.SIGKILL)
+
+index.json = types.SimpleNamespace(dump=die, dumps=json.dumps, load=json.load, loads=json.loads)
+from apps import build_index
+sys.argv = ["build_index", *sys.argv[1:]]
+build_index.run()
+"""
+
+
+@pytest.mark.slow
+def test_shard_process_sigkilled_while_writing_is_recomputed(specs, tmp_path):
+    out = tmp_path / "run"
+    args = _index_app_args(specs, out, "--num_shards=2", "--shard_index=1")[3:]
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_WRITING, *args],
+        cwd=ROOT, env=_ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr
+    shards = out / "shards"
+    # The temporary directory holds the arrays and at most an empty
+    # index.json; the shard itself was never published.
+    leftovers = [name for name in os.listdir(shards) if name.startswith(".shard-1-of-2.")]
+    assert len(leftovers) == 1 and not (shards / "shard-1-of-2").exists()
+    temporary = shards / leftovers[0]
+    assert (temporary / "arrays.npz").stat().st_size > 0
+    assert not (temporary / "index.json").exists() or (temporary / "index.json").stat().st_size == 0
+
+    build_neighbours(_config(specs, out, num_shards=2, shard_index=0))
+    rerun = build_neighbours(_config(specs, out, num_shards=2, shard_index=1))
+    assert rerun["reused"] == "bin_edges, target_descriptors"
+    whole = _load(build_neighbours(_config(specs, tmp_path / "whole"))["neighbours"])
+    np.testing.assert_array_equal(_load(rerun["neighbours"])["neighbour_ids"], whole["neighbour_ids"])
