@@ -156,9 +156,11 @@ def _shard_files(out, shard, names=("arrays.npz", "index.json", "topk.npz")):
 
 def test_shards_built_by_concurrent_processes_merge_to_the_single_process_index(specs, tmp_path):
     """`--shard_index=0` and `=1` run at the same time as two processes into
-    one directory, `--merge` (given only the directory and shard count)
-    combines them, and the neighbours and the merged index equal those of
-    one unsharded build exactly. A rerun then reuses every finished stage."""
+    one directory; a merge given only the directory and shard count (as
+    `--merge` with every other flag at its default; the app itself merges in
+    the slow test below) combines them, and the neighbours and the merged
+    index equal those of one unsharded build exactly. A rerun then reuses
+    every finished stage."""
     from keras_seltransfer.retrieval import SourceIndex
 
     out = tmp_path / "sharded"
@@ -181,13 +183,9 @@ def test_shards_built_by_concurrent_processes_merge_to_the_single_process_index(
         assert shard.returncode == 0, stderr
         assert "index:" in stdout
 
-    merge = subprocess.run(
-        [sys.executable, "-m", "apps.build_index", "--num_shards=2", "--merge",
-         f"--output_dir={out}"],
-        cwd=ROOT, env=_ENV, capture_output=True, text=True, timeout=300,
-    )
-    assert merge.returncode == 0, merge.stderr
-    assert f"neighbours: {out / 'neighbours.npz'}" in merge.stdout
+    # What `--merge --num_shards=2 --output_dir=...` passes: defaults elsewhere.
+    merge = build_neighbours(IndexConfig(output_dir=str(out), num_shards=2), merge_only=True)
+    assert merge["neighbours"] == str(out / "neighbours.npz")
     merged, single = _load(out / "neighbours.npz"), _load(whole["neighbours"])
     for name in ("target_ids", "target_labels", "neighbour_ids", "neighbour_labels", "distances"):
         np.testing.assert_array_equal(merged[name], single[name], err_msg=name)
@@ -261,6 +259,9 @@ build_index.run()
 
 @pytest.mark.slow
 def test_shard_process_sigkilled_while_writing_is_recomputed(specs, tmp_path):
+    """A shard process SIGKILLed inside `SourceIndex.save` publishes nothing;
+    the rerun computes the shard, and `apps.build_index --merge` then gives
+    the neighbours of an unsharded build."""
     out = tmp_path / "run"
     args = _index_app_args(specs, out, "--num_shards=2", "--shard_index=1")[3:]
     killed = subprocess.run(
@@ -277,8 +278,17 @@ def test_shard_process_sigkilled_while_writing_is_recomputed(specs, tmp_path):
     assert (temporary / "arrays.npz").stat().st_size > 0
     assert not (temporary / "index.json").exists() or (temporary / "index.json").stat().st_size == 0
 
-    build_neighbours(_config(specs, out, num_shards=2, shard_index=0))
     rerun = build_neighbours(_config(specs, out, num_shards=2, shard_index=1))
     assert rerun["reused"] == "bin_edges, target_descriptors"
+    build_neighbours(_config(specs, out, num_shards=2, shard_index=0))
+    os.remove(out / "neighbours.npz")
+    merge = subprocess.run(
+        [sys.executable, "-m", "apps.build_index", "--num_shards=2", "--merge", f"--output_dir={out}"],
+        cwd=ROOT, env=_ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert merge.returncode == 0, merge.stderr
+    assert f"neighbours: {out / 'neighbours.npz'}" in merge.stdout
     whole = _load(build_neighbours(_config(specs, tmp_path / "whole"))["neighbours"])
-    np.testing.assert_array_equal(_load(rerun["neighbours"])["neighbour_ids"], whole["neighbour_ids"])
+    merged = _load(out / "neighbours.npz")
+    for name in ("neighbour_ids", "neighbour_labels", "distances"):
+        np.testing.assert_array_equal(merged[name], whole[name], err_msg=name)
