@@ -66,6 +66,7 @@ def test_ktft_logs_every_term_and_saves_only_the_student(world, tmp_path):
         world,
         tmp_path / "run",
         method="ktft",
+        epochs=1,
         ktft_pixel_weight=2.0,
         ktft_global_weight=0.5,
         ktft_logit_weight=0.1,
