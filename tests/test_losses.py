@@ -17,7 +17,10 @@ def _maps(seed=0):
 
 
 def _numpy_pixel(teacher, student):
-    per_stage = [((s.astype(np.float64) - t) ** 2).reshape(len(t), -1).mean(1) for t, s in zip(teacher, student)]
+    per_stage = [
+        ((s.astype(np.float64) - t) ** 2).reshape(len(t), -1).mean(1)
+        for t, s in zip(teacher, student)
+    ]
     return np.mean(per_stage, axis=0)
 
 
@@ -35,10 +38,14 @@ def test_pixel_level_loss_matches_numpy():
     expected = _numpy_pixel(teacher, student)
     np.testing.assert_allclose(np.asarray(pixel_level_loss(teacher, student)), expected, rtol=1e-5)
     np.testing.assert_allclose(
-        np.asarray(pixel_level_loss(teacher[0], student[0])), _numpy_pixel(teacher[:1], student[:1]), rtol=1e-5
+        np.asarray(pixel_level_loss(teacher[0], student[0])),
+        _numpy_pixel(teacher[:1], student[:1]),
+        rtol=1e-5,
     )
     # The loss object reduces over the batch, with sample weights like any Keras loss.
-    np.testing.assert_allclose(float(PixelLevelLoss()(teacher, student)), expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(PixelLevelLoss()(teacher, student)), expected.mean(), rtol=1e-5
+    )
     weights = np.array([1.0, 0.0, 2.0], "float32")
     np.testing.assert_allclose(
         float(PixelLevelLoss()(teacher, student, sample_weight=weights)),
@@ -50,8 +57,12 @@ def test_pixel_level_loss_matches_numpy():
 def test_global_level_loss_matches_numpy_and_ignores_position_and_scale():
     teacher, student = _maps(1)
     expected = _numpy_global(teacher, student)
-    np.testing.assert_allclose(np.asarray(global_level_loss(teacher, student)), expected, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(float(GlobalLevelLoss()(teacher, student)), expected.mean(), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(global_level_loss(teacher, student)), expected, rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(GlobalLevelLoss()(teacher, student)), expected.mean(), rtol=1e-4
+    )
     t = teacher[0]
     # Circularly shifted and rescaled maps have the same pooled direction:
     # no global-level loss, but a pixel-level one.
@@ -72,8 +83,12 @@ def test_global_level_loss_matches_numpy_and_ignores_position_and_scale():
 
 
 def test_losses_serialise_and_reject_bad_inputs():
-    restored = keras.losses.deserialize(keras.losses.serialize(GlobalLevelLoss(epsilon=1e-8, name="g")))
-    assert isinstance(restored, GlobalLevelLoss) and restored.epsilon == 1e-8 and restored.name == "g"
+    restored = keras.losses.deserialize(
+        keras.losses.serialize(GlobalLevelLoss(epsilon=1e-8, name="g"))
+    )
+    assert (
+        isinstance(restored, GlobalLevelLoss) and restored.epsilon == 1e-8 and restored.name == "g"
+    )
     restored = keras.losses.deserialize(keras.losses.serialize(PixelLevelLoss(reduction="sum")))
     assert isinstance(restored, PixelLevelLoss) and restored.reduction == "sum"
     teacher, student = _maps()

@@ -6,8 +6,9 @@ fine-tuning, is trained side by side with its anti-aliased rebuild
 (`antialias`, --filt_size, --pad_type; "antialiased"), the rebuild that
 keeps the stem convolution strided (`keep_stem=True`, as Zhang's released
 models; "stem_kept") and the knowledge-transfer model of the full rebuild
-(student plus frozen teacher, as `--method=ktft` trains), on the same batch, alternating the variants over --rounds
-timed rounds of --steps steps after a warm-up. It prints the median time
+(student plus frozen teacher, as `--method=ktft` trains), on the same
+batch, alternating the variants over --rounds timed rounds of --steps steps
+after a warm-up. It prints the median time
 per step of each and the ratios to the original, of the medians and of the
 fastest rounds (goal for the anti-aliased model: <= 1.2x). On a machine
 shared with other work the fastest rounds are the steadier figure.
@@ -40,7 +41,11 @@ from absl import flags  # noqa: E402
 
 ROWS = ("baseline", "antialias_ft", "ktft")
 
-flags.DEFINE_string("backbone", None, "Backbone of the timing part (default: the pretrain app's model, else small_cnn).")
+flags.DEFINE_string(
+    "backbone",
+    None,
+    "Backbone of the timing part (default: the pretrain app's model, else small_cnn).",
+)
 flags.DEFINE_integer("image_size", 64, "Input size.", lower_bound=8)
 flags.DEFINE_integer("batch_size", 32, "Batch size of the timing part.", lower_bound=1)
 flags.DEFINE_integer("rounds", 7, "Timed rounds per variant (alternating).", lower_bound=1)
@@ -54,25 +59,36 @@ flags.DEFINE_string("runs_dir", os.path.join("runs", "sweep"), "Where the fine-t
 flags.DEFINE_float("fraction", 0.15, "Training fraction of the runs compared.")
 flags.DEFINE_integer("seed", 0, "Seed of the runs compared, and of the drawn shifts.")
 for _row in ROWS:
-    flags.DEFINE_string(f"{_row}_run", None, f"Run directory of the {_row} model (overrides --runs_dir).")
+    flags.DEFINE_string(
+        f"{_row}_run", None, f"Run directory of the {_row} model (overrides --runs_dir)."
+    )
 flags.DEFINE_integer("max_shift", 8, "Largest shift in pixels along each axis.", lower_bound=0)
-flags.DEFINE_integer("num_pairs", 5, "Random shift pairs per test image (consistency).", lower_bound=1)
+flags.DEFINE_integer(
+    "num_pairs", 5, "Random shift pairs per test image (consistency).", lower_bound=1
+)
 flags.DEFINE_enum(
-    "pad_mode", "reflect", ["reflect", "edge", "constant", "wrap", "none"],
+    "pad_mode",
+    "reflect",
+    ["reflect", "edge", "constant", "wrap", "none"],
     "How shifted crops get pixels beyond the border: np.pad mode, or 'none' (images "
     "resized to image_size + 2 * max_shift and cropped, as Zhang's ImageNet protocol).",
 )
-flags.DEFINE_string("plot", os.path.join("runs", "bench_antialias", "accuracy_vs_shift.png"), "PNG path.")
+flags.DEFINE_string(
+    "plot", os.path.join("runs", "bench_antialias", "accuracy_vs_shift.png"), "PNG path."
+)
 flags.DEFINE_boolean("train_quick", False, "Fine-tune the three models briefly first (smoke run).")
 flags.DEFINE_integer("quick_epochs", 3, "Epochs of --train_quick.", lower_bound=1)
-flags.DEFINE_string("quick_dir", os.path.join("runs", "bench_antialias", "quick"), "Runs of --train_quick.")
+flags.DEFINE_string(
+    "quick_dir", os.path.join("runs", "bench_antialias", "quick"), "Runs of --train_quick."
+)
 FLAGS = flags.FLAGS
 
 
 def _run_dirs():
     root = FLAGS.quick_dir if FLAGS.train_quick else FLAGS.runs_dir
     return {
-        row: getattr(FLAGS, f"{row}_run") or os.path.join(root, f"{row}-{FLAGS.fraction:g}-seed{FLAGS.seed}")
+        row: getattr(FLAGS, f"{row}_run")
+        or os.path.join(root, f"{row}-{FLAGS.fraction:g}-seed{FLAGS.seed}")
         for row in ROWS
     }
 
@@ -211,9 +227,16 @@ def _shift_robustness(run_dirs):
         probabilities = model.predict(centre, batch_size=64, verbose=0)
         accuracy = float(np.mean(probabilities.argmax(-1) == labels))
         consistency = evaluation.shift_consistency(
-            model, images, max_shift=shift, num_pairs=FLAGS.num_pairs, seed=FLAGS.seed, pad_mode=pad_mode
+            model,
+            images,
+            max_shift=shift,
+            num_pairs=FLAGS.num_pairs,
+            seed=FLAGS.seed,
+            pad_mode=pad_mode,
         )
-        curve = evaluation.accuracy_vs_shift(model, images, labels, max_shift=shift, pad_mode=pad_mode)
+        curve = evaluation.accuracy_vs_shift(
+            model, images, labels, max_shift=shift, pad_mode=pad_mode
+        )
         curves[row] = curve
         print(
             f"{row:>13} | {accuracy:8.4f} | {consistency:11.4f} | "
@@ -250,7 +273,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     run_dirs = _run_dirs()
     if not FLAGS.skip_shift and not FLAGS.train_quick:
-        missing = [d for d in run_dirs.values() if not os.path.isfile(os.path.join(d, "model.keras"))]
+        missing = [
+            d for d in run_dirs.values() if not os.path.isfile(os.path.join(d, "model.keras"))
+        ]
         if missing:
             sys.exit(
                 "bench_antialias: no fine-tuned model.keras in "

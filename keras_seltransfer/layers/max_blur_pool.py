@@ -54,9 +54,7 @@ class MaxBlurPool(BaseBlurPool):
         super().__init__(filt_size=filt_size, strides=strides, pad_type=pad_type, **kwargs)
         self.pool_size = check_pair(pool_size, "pool_size")
         if padding not in ("valid", "same"):
-            raise ValueError(
-                f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}"
-            )
+            raise ValueError(f"`padding` must be 'valid' or 'same'. Received: padding={padding!r}")
         self.padding = padding
 
     def build(self, input_shape):

@@ -10,7 +10,6 @@ functional Keras model that way with `keras_seltransfer.models.surgery`.
 import keras
 
 from keras_seltransfer.layers.base_blur_pool import BaseBlurPool
-from keras_seltransfer.layers.base_blur_pool import blurred_size
 from keras_seltransfer.layers.base_blur_pool import check_filt_size
 from keras_seltransfer.layers.base_blur_pool import check_pad_type
 from keras_seltransfer.layers.blur_pool import BlurPool
@@ -71,9 +70,10 @@ def _activation_after(name, by_name, consumers):
             return None
         layer = by_name[following[0]]
         if _is_activation(layer):
-            if isinstance(layer, keras.layers.PReLU) and not set(
-                _pair_axes(layer.shared_axes)
-            ) >= {1, 2}:
+            if isinstance(layer, keras.layers.PReLU) and not set(_pair_axes(layer.shared_axes)) >= {
+                1,
+                2,
+            }:
                 raise _cannot(
                     layer,
                     "a PReLU after a strided layer must share its slopes over the spatial "
@@ -388,7 +388,9 @@ def _check_shapes(flat, new, blur_after, actions):
             replacement = aligned_layer_name(new, layer.name)
             if replacement not in new_names:
                 continue
-            before, after = tuple(layer.output.shape), tuple(new.get_layer(replacement).output.shape)
+            before, after = tuple(layer.output.shape), tuple(
+                new.get_layer(replacement).output.shape
+            )
             if before != after:
                 raise ValueError(
                     f"antialias could not keep the output shape of layer {layer.name!r}: "
@@ -424,7 +426,9 @@ def aligned_layer_name(model, name):
 
 def blur_layers(model):
     """Names of the `BlurPool` / `MaxBlurPool` layers of `model`."""
-    return [layer.name for layer in surgery.flatten(model).layers if isinstance(layer, BaseBlurPool)]
+    return [
+        layer.name for layer in surgery.flatten(model).layers if isinstance(layer, BaseBlurPool)
+    ]
 
 
 __all__ = ["aligned_layer_name", "antialias", "blur_layers"]

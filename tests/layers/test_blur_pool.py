@@ -184,7 +184,9 @@ def test_mixed_precision_computes_in_float16():
 
 
 def test_bad_arguments_and_inputs():
-    with pytest.raises(ValueError, match=r"`filt_size` must be an int in \[1, 7\]. Received: filt_size=8"):
+    with pytest.raises(
+        ValueError, match=r"`filt_size` must be an int in \[1, 7\]. Received: filt_size=8"
+    ):
         BlurPool(8)
     with pytest.raises(ValueError, match="`filt_size`"):
         BlurPool(True)

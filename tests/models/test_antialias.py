@@ -30,9 +30,11 @@ def _randomise_batchnorm(model, seed=0):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.set_weights(
                 [
-                    rng.uniform(0.5, 1.5, w.shape).astype("float32")
-                    if i in (0, 3)
-                    else rng.normal(0, 0.2, w.shape).astype("float32")
+                    (
+                        rng.uniform(0.5, 1.5, w.shape).astype("float32")
+                        if i in (0, 3)
+                        else rng.normal(0, 0.2, w.shape).astype("float32")
+                    )
                     for i, w in enumerate(layer.get_weights())
                 ]
             )
@@ -53,7 +55,9 @@ def _aligned_maps(original, new, x):
         == tuple(new.get_layer(aligned_layer_name(new, n)).output.shape)
     ]
     before = keras.Model(original.inputs[0], [original.get_layer(n).output for n in names])(x)
-    after = keras.Model(new.inputs[0], [new.get_layer(aligned_layer_name(new, n)).output for n in names])(x)
+    after = keras.Model(
+        new.inputs[0], [new.get_layer(aligned_layer_name(new, n)).output for n in names]
+    )(x)
     return names, [np.asarray(v) for v in before], [np.asarray(v) for v in after]
 
 
@@ -78,7 +82,16 @@ def _check_preserved(original, new, x, exact=True):
     for name in changed:
         # Only the dense (stride-1) part of a conv -> BN -> activation chain
         # grows, and the blur after it restores the shape.
-        assert isinstance(original.get_layer(name), (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.BatchNormalization, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)), name
+        assert isinstance(
+            original.get_layer(name),
+            (
+                keras.layers.Conv2D,
+                keras.layers.DepthwiseConv2D,
+                keras.layers.BatchNormalization,
+                keras.layers.MaxPooling2D,
+                keras.layers.AveragePooling2D,
+            ),
+        ), name
 
 
 def test_small_cnn_swaps_and_exact_filt_size_one():
@@ -127,7 +140,11 @@ def test_keep_stem_leaves_the_first_downsampling_strided():
     kept = antialias(model, keep_stem=True)
     assert kept.get_layer("stem").strides == (2, 2) and kept.get_layer("side").strides == (2, 2)
     assert blur_layers(kept) == ["later_blurpool"]
-    assert sorted(blur_layers(antialias(model))) == ["later_blurpool", "side_input_blurpool", "stem_blurpool"]
+    assert sorted(blur_layers(antialias(model))) == [
+        "later_blurpool",
+        "side_input_blurpool",
+        "stem_blurpool",
+    ]
     x = _images((2, 16, 16, 1))
     np.testing.assert_array_equal(
         np.asarray(antialias(model, filt_size=1, keep_stem=True)(x)), np.asarray(model(x))
@@ -154,7 +171,9 @@ def test_odd_sizes_and_dynamic_sizes():
 
 def _swap_model():
     inputs = keras.Input((24, 24, 3), name="x")
-    a = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="fused")(inputs)
+    a = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="fused")(
+        inputs
+    )
     b = keras.layers.Conv2D(4, 1, strides=2, name="shortcut")(inputs)
     b = keras.layers.BatchNormalization(name="shortcut_bn")(b)
     c = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="linear")(inputs)
@@ -166,7 +185,9 @@ def _swap_model():
     z = keras.layers.AveragePooling2D(3, strides=2, padding="same", name="avgsame")(x)
     x = keras.layers.Concatenate(name="cat")([y, z])
     x = keras.layers.Conv2D(5, 1, activation="relu", name="mix")(x)
-    x = keras.layers.AveragePooling2D(2, name="box")(keras.layers.ZeroPadding2D(((0, 1), (0, 0)), name="odd")(x))
+    x = keras.layers.AveragePooling2D(2, name="box")(
+        keras.layers.ZeroPadding2D(((0, 1), (0, 0)), name="odd")(x)
+    )
     x = keras.layers.MaxPooling2D((2, 1), strides=(2, 1), name="tall")(x)
     outputs = keras.layers.Dense(2, activation="softmax", name="head")(keras.layers.Flatten()(x))
     return keras.Model(inputs, outputs)
@@ -231,7 +252,9 @@ def test_save_load_saved_model_and_a_training_step(tmp_path):
     reloaded = tf.saved_model.load(export)
     served = reloaded.serve(tf.constant(x.astype("uint8")))
     np.testing.assert_allclose(
-        served["probabilities"].numpy(), np.asarray(model(x.astype("uint8").astype("float32"))), rtol=1e-5
+        served["probabilities"].numpy(),
+        np.asarray(model(x.astype("uint8").astype("float32"))),
+        rtol=1e-5,
     )
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     kernel = model.get_layer("block1_relu_blurpool").kernel.numpy().copy()
@@ -257,7 +280,9 @@ def _check_application(model, expected_blurs):
     for name, a, b in zip(names, before, after):
         # Equal up to float rounding: a 1x1 conv at stride 1 multiplies
         # differently shaped matrices than at stride 2.
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a).max()), err_msg=name)
+        np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a).max()), err_msg=name
+        )
     for name in expected_blurs:
         assert name in blur_layers(four), name
     _, before, after = _aligned_maps(model, four, x)
@@ -278,7 +303,9 @@ def test_resnet50():
     )
     kept = antialias(model, keep_stem=True)
     assert kept.get_layer("conv1_conv").strides == (2, 2)
-    assert "conv1_relu_blurpool" not in blur_layers(kept) and "pool1_pool_blurpool" in blur_layers(kept)
+    assert "conv1_relu_blurpool" not in blur_layers(kept) and "pool1_pool_blurpool" in blur_layers(
+        kept
+    )
     # The shortcut and the 1x1 conv of a conv block both run at stride 1.
     assert four.get_layer("conv3_block1_1_conv").strides == (1, 1)
     assert four.get_layer("conv3_block1_0_conv").strides == (1, 1)
@@ -289,7 +316,11 @@ def test_resnet50():
 def test_mobilenet_v2():
     _, four = _check_application(
         _application("MobileNetV2"),
-        ["Conv1_relu_blurpool", "block_1_depthwise_relu_blurpool", "block_13_depthwise_relu_blurpool"],
+        [
+            "Conv1_relu_blurpool",
+            "block_1_depthwise_relu_blurpool",
+            "block_13_depthwise_relu_blurpool",
+        ],
     )
     assert four.get_layer("Conv1_aa_pad").padding == ((0, 2), (0, 2))
 

@@ -39,7 +39,9 @@ def _pair(seed=0, **kwargs):
     rng = np.random.default_rng(seed + 1)
     for name in ("block2_conv", "target_head"):
         layer = student.get_layer(name)
-        layer.set_weights([w + rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
+        layer.set_weights(
+            [w + rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()]
+        )
     return teacher, student, KnowledgeTransferModel(student, teacher, **kwargs)
 
 
@@ -62,7 +64,12 @@ def _numpy_terms(teacher, student, pairs, x):
     p_t = np.clip(np.asarray(teacher(x), np.float64), 1e-7, 1)
     p_s = np.clip(np.asarray(student(x), np.float64), 1e-7, 1)
     logit = (p_t * np.log(p_t / p_s)).sum(1)
-    return {"pixel": pixel, "global": global_, "logit": logit, "p_s": np.asarray(student(x), np.float64)}
+    return {
+        "pixel": pixel,
+        "global": global_,
+        "logit": logit,
+        "p_s": np.asarray(student(x), np.float64),
+    }
 
 
 def test_stage_outputs_are_the_last_map_of_every_resolution():
@@ -84,14 +91,19 @@ def test_stage_outputs_are_the_last_map_of_every_resolution():
 def test_loss_is_cross_entropy_plus_weighted_terms_against_numpy():
     weights = {"pixel_weight": 0.7, "global_weight": 2.0, "logit_weight": 0.3}
     teacher, student, model = _pair(**weights)
-    assert model.layer_names == [("block1_relu", "block1_relu_blurpool"), ("block2_relu", "block2_relu")]
+    assert model.layer_names == [
+        ("block1_relu", "block1_relu_blurpool"),
+        ("block2_relu", "block2_relu"),
+    ]
     model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
     x, y = _data()
     ref = _numpy_terms(teacher, student, model.layer_names, x)
     assert min(ref["pixel"].min(), ref["global"].min(), ref["logit"].min()) > 1e-6
     ce = -np.log(ref["p_s"][np.arange(len(y)), y]).mean()
     results = model.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
-    expected = ce + 0.7 * ref["pixel"].mean() + 2.0 * ref["global"].mean() + 0.3 * ref["logit"].mean()
+    expected = (
+        ce + 0.7 * ref["pixel"].mean() + 2.0 * ref["global"].mean() + 0.3 * ref["logit"].mean()
+    )
     np.testing.assert_allclose(results["loss"], expected, rtol=1e-4)
     for term in ("pixel", "global", "logit"):
         np.testing.assert_allclose(results[f"{term}_loss"], ref[term].mean(), rtol=1e-4)
@@ -120,11 +132,20 @@ def test_fit_reduces_the_loss_and_keeps_the_teacher_frozen():
     set_batchnorm_mode(student, "train")
     teacher_before = [w.copy() for w in teacher.get_weights()]
     student_before = [w.copy() for w in student.get_weights()]
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     x, y = _data(32)
     first = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
     history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, validation_data=(x, y))
-    for key in ("pixel_loss", "global_loss", "logit_loss", "val_pixel_loss", "val_global_loss", "accuracy"):
+    for key in (
+        "pixel_loss",
+        "global_loss",
+        "logit_loss",
+        "val_pixel_loss",
+        "val_global_loss",
+        "accuracy",
+    ):
         assert key in history.history, key
     assert model.evaluate(x, y, verbose=0, return_dict=True)["loss"] < first
     for a, b in zip(teacher.get_weights(), teacher_before):
@@ -178,7 +199,11 @@ def test_explicit_layers_config_round_trip_and_keras_file(tmp_path):
     config = model.get_config()
     restored = KnowledgeTransferModel.from_config(config)
     assert restored.layer_names == model.layer_names
-    assert (restored.pixel_weight, restored.global_weight, restored.logit_weight) == (0.25, 0.0, 1.0)
+    assert (restored.pixel_weight, restored.global_weight, restored.logit_weight) == (
+        0.25,
+        0.0,
+        1.0,
+    )
     x, _ = _data(4)
     path = str(tmp_path / "kt.keras")
     model.save(path)
@@ -189,7 +214,9 @@ def test_explicit_layers_config_round_trip_and_keras_file(tmp_path):
 
 def test_errors():
     teacher, student, _ = _pair()
-    with pytest.raises(ValueError, match="`pixel_weight` must be a number >= 0. Received: pixel_weight=-1"):
+    with pytest.raises(
+        ValueError, match="`pixel_weight` must be a number >= 0. Received: pixel_weight=-1"
+    ):
         KnowledgeTransferModel(student, teacher, pixel_weight=-1)
     with pytest.raises(ValueError, match="has no layer 'nope'"):
         KnowledgeTransferModel(student, teacher, layer_names=["nope"])

@@ -42,12 +42,16 @@ def _serves_like_the_keras_file(run_dir):
     reloaded = tf.saved_model.load(str(run_dir / "saved_model"))
     served = reloaded.serve(tf.constant(images))["probabilities"].numpy()
     loaded = keras.saving.load_model(str(run_dir / "model.keras"), safe_mode=True)
-    np.testing.assert_allclose(served, np.asarray(loaded(images.astype("float32"))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        served, np.asarray(loaded(images.astype("float32"))), rtol=1e-5, atol=1e-6
+    )
     return loaded
 
 
 def test_antialias_ft_trains_saves_and_exports_the_antialiased_classifier(world, tmp_path):
-    out = training.finetune(_config(world, tmp_path / "run", method="antialias_ft", blur_filt_size=3))
+    out = training.finetune(
+        _config(world, tmp_path / "run", method="antialias_ft", blur_filt_size=3)
+    )
     report = out["report"]
     assert report["antialias"]["filt_size"] == 3
     assert report["antialias"]["blur_layers"] == ["block1_relu_blurpool", "block1_pool_blurpool"]
@@ -57,7 +61,9 @@ def test_antialias_ft_trains_saves_and_exports_the_antialiased_classifier(world,
     assert loaded.get_layer("block1_conv").strides == (1, 1)
     # The run's BatchNorm mode (frozen for fine-tuning) reaches the student.
     assert not any(
-        layer.trainable for layer in loaded.layers if isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable
+        for layer in loaded.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
     )
 
 
