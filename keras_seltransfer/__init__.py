@@ -14,6 +14,7 @@ from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
 from keras_seltransfer import export
 from keras_seltransfer import layers
+from keras_seltransfer import losses
 from keras_seltransfer import models
 from keras_seltransfer import regularizers
 from keras_seltransfer import relevance
@@ -42,6 +43,7 @@ __all__ = [
     "export_saved_model",
     "finetune",
     "layers",
+    "losses",
     "models",
     "pretrain",
     "regularizers",

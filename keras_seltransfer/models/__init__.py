@@ -4,11 +4,15 @@ from keras_seltransfer.models.adafilter import adafilter
 from keras_seltransfer.models.adafilter import gate_controller
 from keras_seltransfer.models.adafilter import gate_usage
 from keras_seltransfer.models.adafilter import gated_layers
+from keras_seltransfer.models.antialias import aligned_layer_name
+from keras_seltransfer.models.antialias import antialias
+from keras_seltransfer.models.antialias import blur_layers
 from keras_seltransfer.models.backbones import FEATURES_LAYER
 from keras_seltransfer.models.backbones import available_backbones
 from keras_seltransfer.models.backbones import cut_backbone
 from keras_seltransfer.models.backbones import is_backbone_path
 from keras_seltransfer.models.backbones import is_builtin_backbone
+from keras_seltransfer.models.backbones import load_keras_file
 from keras_seltransfer.models.backbones import load_backbone
 from keras_seltransfer.models.backbones import reinitialize
 from keras_seltransfer.models.backbones import small_cnn
@@ -24,6 +28,8 @@ from keras_seltransfer.models.filter_transfer import fold_filter_masks
 from keras_seltransfer.models.filter_transfer import next_layers
 from keras_seltransfer.models.filter_transfer import reinitialize_filters
 from keras_seltransfer.models.filter_transfer import selective_filter_transfer
+from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
+from keras_seltransfer.models.knowledge_transfer import stage_outputs
 from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
@@ -32,9 +38,13 @@ from keras_seltransfer.models import surgery
 __all__ = [
     "BATCHNORM_MODES",
     "FEATURES_LAYER",
+    "KnowledgeTransferModel",
     "adafilter",
     "add_filter_masks",
+    "aligned_layer_name",
+    "antialias",
     "available_backbones",
+    "blur_layers",
     "build_classifier",
     "build_multitask_model",
     "cut_backbone",
@@ -49,12 +59,14 @@ __all__ = [
     "iter_layers",
     "joint_compile_args",
     "load_backbone",
+    "load_keras_file",
     "next_layers",
     "reinitialize",
     "reinitialize_filters",
     "selective_filter_transfer",
     "set_batchnorm_mode",
     "small_cnn",
+    "stage_outputs",
     "surgery",
     "target_model",
     "with_dtype_policy",
