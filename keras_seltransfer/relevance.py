@@ -34,7 +34,6 @@ Reference:
 """
 
 import math
-import re
 
 import keras
 import numpy as np

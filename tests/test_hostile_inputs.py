@@ -844,6 +844,8 @@ APP_CASES = [
             match=r"'.*truncated\.npz' is not a readable \.npz archive"),
     AppCase("finetune-target-missing-npz", "finetune", ("--target=numpy:{d}/nowhere.npz", _B, *_FT),
             match=r"NumPy data set '.*nowhere\.npz' not found"),
+    AppCase("finetune-target-unknown-spec", "finetune", ("--target=mnist_typo", _B, *_FT),
+            match=r"Received: spec='mnist_typo'"),
     AppCase("finetune-target-folder-zero-byte-image", "finetune",
             ("--target=folder:{d}/folders/zero_byte", _B, _RUN, *_FT), watch=_GOOD_RUN,
             match=r"Could not read image file .*zero\.png \(UnidentifiedImageError"),

@@ -197,7 +197,6 @@ def _shift_robustness(run_dirs):
     import keras
     import numpy as np
 
-    import keras_seltransfer.models.antialias  # noqa: F401  (registers BlurPool)
     from keras_seltransfer import data as data_lib
     from keras_seltransfer import evaluation
     from keras_seltransfer import training
