@@ -741,11 +741,17 @@ def finetune(config):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    # The strategy comes first: a multi-worker strategy configures
+    # TensorFlow's collective ops, which must happen before anything starts
+    # the runtime (the sjft selection creates variables).
+    strategy = distribute.get_strategy(config.strategy)
     train_full, test, train_ids, val_ids = finetune_split(config)
     train, val = train_full.subset(train_ids), train_full.subset(val_ids)
     joint = _load_joint_selection(config, train_ids) if config.is_joint else None
+    # Building a missing index draws random numbers; seeding again makes the
+    # model's initialisation the same whether or not this run built it.
+    keras.utils.set_random_seed(config.seed)
 
-    strategy = distribute.get_strategy(config.strategy)
     is_chief = distribute.is_chief()
     run_dir = config.output_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -1034,6 +1040,7 @@ def pretrain(config):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    strategy = distribute.get_strategy(config.strategy)  # first: see `finetune`
     train_full, test = load_train_test(
         config.source, config.test_fraction, config.split_seed, channels=config.channels
     )
@@ -1042,7 +1049,6 @@ def pretrain(config):
             data_lib.low_data_subset(train_full.labels, fraction=config.fraction, seed=config.seed)
         )
     train, val = _split_train_val(train_full, config.val_fraction, config.seed)
-    strategy = distribute.get_strategy(config.strategy)
     is_chief = distribute.is_chief()
     run_dir = config.output_dir
     os.makedirs(run_dir, exist_ok=True)

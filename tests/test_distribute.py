@@ -259,8 +259,9 @@ def _free_ports(count):
             sock.close()
 
 
-def _run_two_workers(tmp_path, script):
-    """Runs `script OUTPUT.npz` as two workers on 127.0.0.1; returns the outputs."""
+def _run_two_workers(tmp_path, script, extra_args=(), suffix=".npz"):
+    """Runs `script OUTPUT [extra_args]` as two workers on 127.0.0.1; returns
+    the outputs (npz contents, or the output paths for another `suffix`)."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     env = dict(os.environ)
@@ -273,13 +274,13 @@ def _run_two_workers(tmp_path, script):
             env["TF_CONFIG"] = json.dumps(
                 {"cluster": cluster, "task": {"type": "worker", "index": index}}
             )
-            outputs.append(tmp_path / f"worker{index}.npz")
+            outputs.append(tmp_path / f"worker{index}{suffix}")
             # Logs go to files, not pipes: a full pipe would block a worker
             # while the test waits on the other one.
             logs.append(open(tmp_path / f"worker{index}.log", "wb"))
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, script, str(outputs[-1])],
+                    [sys.executable, script, str(outputs[-1]), *extra_args],
                     cwd=_REPO_ROOT,
                     env=dict(env),
                     stdout=logs[-1],
@@ -310,6 +311,8 @@ def _run_two_workers(tmp_path, script):
             f"{log[-4000:]}"
         )
 
+    if suffix != ".npz":
+        return outputs
     return [dict(np.load(path)) for path in outputs]
 
 

@@ -18,8 +18,8 @@ split of --target: accuracy, consistency (how often two random shifts of up
 to --max_shift pixels, --num_pairs pairs per image, give the same class;
 see `keras_seltransfer.evaluation.shift_consistency`) and accuracy along a
 diagonal sweep of shifts, for the fine-tuned baseline, antialias_ft and ktft
-models of --runs_dir (the layout tools/low_data_sweep.py writes:
-<runs_dir>/<row>-<fraction>-seed<seed>/model.keras), with a PNG plot of
+models that tools/reproduce.py trained (found through its --results file,
+at --fraction and --seed), with a PNG plot of
 accuracy versus shift (--plot). --train_quick first fine-tunes the three
 models itself for --quick_epochs epochs into --quick_dir (a smoke run, not a
 result).
@@ -55,12 +55,16 @@ flags.DEFINE_enum("pad_type", "reflect", ["reflect", "replicate", "zero"], "Blur
 flags.DEFINE_boolean("skip_timing", False, "Skip the step-time part.")
 flags.DEFINE_boolean("skip_shift", False, "Skip the shift-robustness part.")
 flags.DEFINE_string("target", "elpv", "Target data set (its held-out test split is used).")
-flags.DEFINE_string("runs_dir", os.path.join("runs", "sweep"), "Where the fine-tuning runs are.")
+flags.DEFINE_string(
+    "results",
+    os.path.join("docs", "results", "results.json"),
+    "results.json of tools/reproduce.py, which lists the run directory of every cell.",
+)
 flags.DEFINE_float("fraction", 0.15, "Training fraction of the runs compared.")
 flags.DEFINE_integer("seed", 0, "Seed of the runs compared, and of the drawn shifts.")
 for _row in ROWS:
     flags.DEFINE_string(
-        f"{_row}_run", None, f"Run directory of the {_row} model (overrides --runs_dir)."
+        f"{_row}_run", None, f"Run directory of the {_row} model (overrides --results)."
     )
 flags.DEFINE_integer("max_shift", 8, "Largest shift in pixels along each axis.", lower_bound=0)
 flags.DEFINE_integer(
@@ -85,10 +89,23 @@ FLAGS = flags.FLAGS
 
 
 def _run_dirs():
-    root = FLAGS.quick_dir if FLAGS.train_quick else FLAGS.runs_dir
+    if FLAGS.train_quick:
+        return {
+            row: getattr(FLAGS, f"{row}_run")
+            or os.path.join(FLAGS.quick_dir, f"{row}-{FLAGS.fraction:g}-seed{FLAGS.seed}")
+            for row in ROWS
+        }
+    import json
+
+    cells = {}
+    if os.path.isfile(FLAGS.results):
+        with open(FLAGS.results) as f:
+            for run in json.load(f).get("runs", []):
+                if run["fraction"] == FLAGS.fraction and run["seed"] == FLAGS.seed:
+                    cells[run["row"]] = run["run_dir"]
     return {
         row: getattr(FLAGS, f"{row}_run")
-        or os.path.join(root, f"{row}-{FLAGS.fraction:g}-seed{FLAGS.seed}")
+        or cells.get(row, f"<{row} at fraction {FLAGS.fraction:g}, seed {FLAGS.seed}: not in {FLAGS.results}>")
         for row in ROWS
     }
 
@@ -279,8 +296,8 @@ def main(argv):
             sys.exit(
                 "bench_antialias: no fine-tuned model.keras in "
                 + ", ".join(missing)
-                + ".\nRun the fine-tuning first (e.g. tools/low_data_sweep.py with the baseline, "
-                f"antialias_ft and ktft rows at fraction {FLAGS.fraction:g}, seed {FLAGS.seed}), "
+                + ".\nRun the fine-tuning first (tools/reproduce.py --rows=baseline,antialias_ft,ktft "
+                f"--fractions={FLAGS.fraction:g} --seeds={FLAGS.seed}), "
                 "pass --baseline_run/--antialias_ft_run/--ktft_run, use --train_quick for a "
                 "smoke run, or --skip_shift."
             )
