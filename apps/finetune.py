@@ -191,6 +191,12 @@ flags.DEFINE_string(
     "ktft: comma-separated stage-output layer names the losses compare. Unset: every "
     "downsampling stage's output.",
 )
+flags.DEFINE_string(
+    "compose", None,
+    "Model transforms applied before the method's own, in order: antialias, adafilter "
+    "(comma-separated). E.g. --method=sjft --compose=adafilter: selective joint fine-tuning "
+    "of a gated backbone.",
+)
 common.define_training_flags(training.FinetuneConfig)
 
 # List the shared flags in --help, not only in --helpfull.

@@ -160,6 +160,15 @@ class FinetuneConfig:
         ktft_layers: ktft: comma-separated names of the stage outputs the
             losses compare; None picks the output of every downsampling
             stage.
+        compose: comma-separated model transforms applied, in order, to the
+            model (classifier, or the two-head model of the sjft methods)
+            before the method's own: `"antialias"` (BlurPool anti-aliasing
+            with `blur_filt_size` / `blur_pad_type`) and `"adafilter"`
+            (gated filters with the `gate_*` fields). The methods compose:
+            `method="sjft", compose="adafilter"` is selective joint
+            fine-tuning of an AdaFilter backbone; `method="filter_transfer",
+            compose="antialias"` transfers the filters of the anti-aliased
+            network.
         from_scratch: re-initialise the backbone (same architecture).
         backbone_weights: weights for named backbones (None, "imagenet", path).
         cut_layer: layer to cut a saved or application backbone at.
@@ -224,6 +233,7 @@ class FinetuneConfig:
     ktft_global_weight: float = 1.0
     ktft_logit_weight: float = 0.0
     ktft_layers: str = None
+    compose: str = None
     from_scratch: bool = False
     backbone_weights: str = None
     cut_layer: str = None
@@ -305,6 +315,7 @@ class FinetuneConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0. Received: {name}={getattr(self, name)}")
+        recipes.check_compose(self.method, self.compose)
         _check_common(self)
         if self.per_class is None and not 0.0 < float(self.fraction) <= 1.0:
             raise ValueError(
@@ -695,6 +706,7 @@ def _prepare_model(config, strategy, num_classes, data_channels):
         backbone = _load_backbone(config, data_channels)
         model = build_classifier(backbone, num_classes, dropout=config.dropout)
         set_batchnorm_mode(model, config.batchnorm_mode)
+        model = recipes.compose(config, model)
         if config.method == "l2sp":
             apply_l2sp(model, alpha=config.l2sp_alpha, beta=config.l2sp_beta)
     return model
@@ -946,6 +958,7 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
             dropout=config.dropout,
         )
         set_batchnorm_mode(model, config.batchnorm_mode)
+        model = recipes.compose(config, model)
     channels = int(model.inputs[0].shape[-1])
     target_images = data_lib.prepared_images(train, config.image_size, channels)
     train_ds = data_lib.make_joint_dataset(

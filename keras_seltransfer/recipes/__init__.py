@@ -86,6 +86,73 @@ class MethodSetup:
             self.export_model = self.classifier
 
 
+# Model transforms `FinetuneConfig.compose` may apply before a method's own
+# recipe, and the methods that already apply each.
+COMPOSABLE = {"antialias": ("antialias_ft", "ktft"), "adafilter": ("adafilter",)}
+
+
+def compose_names(spec):
+    """The transform names of a `compose` spec (None or comma-separated)."""
+    if spec is None:
+        return []
+    return [name.strip() for name in str(spec).split(",") if name.strip()]
+
+
+def check_compose(method, spec):
+    """Raises ValueError for an unknown, repeated or redundant transform."""
+    names = compose_names(spec)
+    for name in names:
+        if name not in COMPOSABLE:
+            raise ValueError(
+                f"`compose` takes transforms from {tuple(COMPOSABLE)}. Received: compose={spec!r}"
+            )
+        if method in COMPOSABLE[name]:
+            raise ValueError(
+                f"Method {method!r} already applies {name!r}; remove it from `compose`. "
+                f"Received: compose={spec!r}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"`compose` names a transform twice. Received: compose={spec!r}")
+
+
+def antialias_model(config, model, name=None):
+    """`models.antialias` of `model` with the config's BlurPool settings."""
+    from keras_seltransfer.models.antialias import antialias
+
+    return antialias(
+        model, filt_size=config.blur_filt_size, pad_type=config.blur_pad_type, name=name
+    )
+
+
+def adafilter_model(config, model):
+    """`models.adafilter` of `model` with the config's gate settings; the
+    fine-tuned path's batch norms train when the run's BatchNorm mode does."""
+    from keras_seltransfer.models.adafilter import adafilter
+
+    return adafilter(
+        model,
+        layers=config.gated_layers,
+        estimator=config.gate_estimator,
+        temperature=config.gate_temperature,
+        units=config.gate_units,
+        usage_target=config.gate_usage_target,
+        usage_weight=config.gate_usage_weight,
+        train_batchnorm=config.batchnorm_mode == "train",
+        seed=config.seed,
+    )
+
+
+def compose(config, model):
+    """Applies the `config.compose` transforms to `model`, in order (call in
+    the strategy scope, after the BatchNorm mode is set)."""
+    for name in compose_names(config.compose):
+        if name == "antialias":
+            model = antialias_model(config, model)
+        else:
+            model = adafilter_model(config, model)
+    return model
+
+
 def setup(config, classifier, context):
     """The `MethodSetup` of `config.method` (plain fine-tuning when the method
     has no recipe)."""
@@ -96,4 +163,15 @@ def setup(config, classifier, context):
     return module.setup(config, classifier, context)
 
 
-__all__ = ["MethodSetup", "RECIPES", "RecipeContext", "setup"]
+__all__ = [
+    "COMPOSABLE",
+    "MethodSetup",
+    "RECIPES",
+    "RecipeContext",
+    "adafilter_model",
+    "antialias_model",
+    "check_compose",
+    "compose",
+    "compose_names",
+    "setup",
+]

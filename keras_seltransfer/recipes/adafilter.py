@@ -9,10 +9,10 @@ gates are the deterministic hard gates.
 """
 
 from keras_seltransfer import data as data_lib
-from keras_seltransfer.models.adafilter import adafilter
 from keras_seltransfer.models.adafilter import gate_usage
 from keras_seltransfer.models.adafilter import gated_layers
 from keras_seltransfer.recipes import MethodSetup
+from keras_seltransfer.recipes import adafilter_model
 
 
 def setup(config, classifier, context):
@@ -32,17 +32,7 @@ def setup(config, classifier, context):
     validation images.
     """
     with context.strategy.scope():
-        model = adafilter(
-            classifier,
-            layers=config.gated_layers,
-            estimator=config.gate_estimator,
-            temperature=config.gate_temperature,
-            units=config.gate_units,
-            usage_target=config.gate_usage_target,
-            usage_weight=config.gate_usage_weight,
-            train_batchnorm=config.batchnorm_mode == "train",
-            seed=config.seed,
-        )
+        model = adafilter_model(config, classifier)
 
     def report():
         val = data_lib.make_dataset(

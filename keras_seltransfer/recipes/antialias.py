@@ -16,11 +16,11 @@ In both cases `model.keras` and the SavedModel hold the anti-aliased
 classifier alone.
 """
 
-from keras_seltransfer.models.antialias import antialias
 from keras_seltransfer.models.antialias import blur_layers
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
 from keras_seltransfer.recipes import MethodSetup
+from keras_seltransfer.recipes import antialias_model
 
 
 def _layer_names(spec):
@@ -50,12 +50,7 @@ def setup(config, classifier, context):
     """
     layer_names = _layer_names(config.ktft_layers) if config.method == "ktft" else None
     with context.strategy.scope():
-        student = antialias(
-            classifier,
-            filt_size=config.blur_filt_size,
-            pad_type=config.blur_pad_type,
-            name=f"{classifier.name}_antialiased",
-        )
+        student = antialias_model(config, classifier, name=f"{classifier.name}_antialiased")
         set_batchnorm_mode(student, config.batchnorm_mode)
         if config.method == "ktft":
             model = KnowledgeTransferModel(

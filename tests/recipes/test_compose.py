@@ -1,0 +1,68 @@
+"""Methods compose: model transforms applied before a method's own recipe."""
+
+import json
+
+import keras
+import pytest
+
+from keras_seltransfer import layers
+from keras_seltransfer import recipes
+from keras_seltransfer import training
+from tests import helpers
+
+
+def _config(tmp_path, **overrides):
+    kwargs = dict(
+        target="numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=24),
+        source="numpy:"
+        + helpers.write_npz(tmp_path / "source.npz", num_per_class=12, num_classes=3, seed=4),
+        backbone=helpers.saved_backbone(tmp_path / "backbone.keras", pretrain_epochs=1),
+        index_dir=str(tmp_path / "index"),
+        output_dir=str(tmp_path / "run"),
+        image_size=16,
+        batch_size=8,
+        epochs=1,
+        k0=2,
+        k_max=4,
+        gate_units=4,
+        export=False,
+        tensorboard=False,
+        verbose=0,
+    )
+    kwargs.update(overrides)
+    return training.FinetuneConfig(**kwargs)
+
+
+def _layer_types(path):
+    model = keras.saving.load_model(path)
+    return {type(layer) for layer in model.layers}
+
+
+def test_sjft_on_an_adafilter_backbone(tmp_path):
+    out = training.finetune(_config(tmp_path, method="sjft_nogrowth", compose="adafilter"))
+    history = out["report"]["history"]
+    assert "gate_usage" in history and "val_target_crossentropy" in history
+    types = _layer_types(out["model"])
+    assert layers.GatedConv in types and layers.GateController in types
+    assert json.load(open(tmp_path / "run" / "config.json"))["compose"] == "adafilter"
+
+
+def test_adafilter_on_the_antialiased_network(tmp_path):
+    out = training.finetune(_config(tmp_path, method="adafilter", compose="antialias"))
+    types = _layer_types(out["model"])
+    assert layers.GatedConv in types and layers.BlurPool in types
+    assert "adafilter" in out["report"]
+
+
+def test_bad_compose_specs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="takes transforms from"):
+        recipes.check_compose("baseline", "antialias,magic")
+    with pytest.raises(ValueError, match="already applies 'antialias'"):
+        recipes.check_compose("ktft", "antialias")
+    with pytest.raises(ValueError, match="already applies 'adafilter'"):
+        recipes.check_compose("adafilter", "adafilter")
+    with pytest.raises(ValueError, match="twice"):
+        recipes.check_compose("baseline", "adafilter, adafilter")
+    assert recipes.compose_names(" antialias ,adafilter") == ["antialias", "adafilter"]
+    with pytest.raises(ValueError, match="compose"):
+        training.FinetuneConfig(method="antialias_ft", compose="antialias")
