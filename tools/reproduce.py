@@ -138,6 +138,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_boolean("table_only", False, "Train nothing: rebuild tables and plots from the cache.")
 flags.DEFINE_boolean("plots", True, "Write the PNG plots.")
+flags.DEFINE_boolean(
+    "shift", True, "Measure the shift consistency of the baseline and anti-aliased rows' models."
+)
 FLAGS = flags.FLAGS
 
 
@@ -452,6 +455,87 @@ def splice(path, marker, text):
     atomic_write_text(path, block + "\n")
 
 
+# ---- shift robustness -------------------------------------------------------
+
+SHIFT_ROWS = ("baseline", "antialias_ft", "ktft")
+MAX_SHIFT = 8
+
+
+def _test_images(settings):
+    """The target's held-out test split (the one every run is scored on)."""
+    from keras_seltransfer import training
+
+    _, test = training.load_train_test(FLAGS.target)
+    return test
+
+
+def shift_report(run, test_cache):
+    """Zhang's shift consistency and the accuracy along a diagonal shift sweep
+    of one run's model on the test images, cached in `<run_dir>/shift.json`."""
+    path = os.path.join(run["run_dir"], "shift.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    if FLAGS.table_only:
+        return None
+    import keras
+
+    from keras_seltransfer import data as data_lib
+    from keras_seltransfer import evaluation
+    from keras_seltransfer.utils.io import atomic_write_text
+
+    model = keras.saving.load_model(os.path.join(run["run_dir"], "model.keras"), compile=False)
+    channels = int(model.inputs[0].shape[-1])
+    key = (int(model.inputs[0].shape[1]), channels)
+    if key not in test_cache:
+        test = test_cache["source"]
+        test_cache[key] = (data_lib.prepared_images(test, key[0], channels), test.labels)
+    images, labels = test_cache[key]
+    result = {
+        "max_shift": MAX_SHIFT,
+        "consistency": evaluation.shift_consistency(model, images, max_shift=MAX_SHIFT, num_pairs=5),
+        "sweep": evaluation.accuracy_vs_shift(model, images, labels, max_shift=MAX_SHIFT),
+    }
+    atomic_write_text(path, json.dumps(result) + "\n")
+    keras.backend.clear_session()
+    return result
+
+
+def collect_shift(settings, results):
+    """Shift reports of every run of the rows in `SHIFT_ROWS`."""
+    runs = [r for r in results if r["row"] in SHIFT_ROWS]
+    if not runs:
+        return {}
+    test_cache = {"source": _test_images(settings)}
+    out = {}
+    for run in runs:
+        report = shift_report(run, test_cache)
+        if report is not None:
+            out[(run["row"], run["fraction"], run["seed"])] = report
+    return out
+
+
+def shift_table(settings, shift):
+    from keras_seltransfer.training import mean_std
+
+    rows = [r for r in settings.rows if r.name in SHIFT_ROWS]
+    lines = [
+        "| row | " + " | ".join(f"{f:.0%}" for f in settings.fractions) + " |",
+        "|---|" + "---|" * len(settings.fractions),
+    ]
+    for row in rows:
+        cells = []
+        for f in settings.fractions:
+            values = [v["consistency"] for (n, fr, _), v in shift.items() if n == row.name and fr == f]
+            if values:
+                m, s = mean_std(values)
+                cells.append(f"{m:.3f} ± {s:.3f}")
+            else:
+                cells.append("-")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---- plots ----------------------------------------------------------------
 
 
@@ -544,7 +628,77 @@ def write_retrieval_examples(settings, path):
     return True
 
 
-def write_plots(settings, results):
+def plot_shift(settings, shift, path):
+    """Accuracy along the diagonal shift sweep, per row (seed mean), at the
+    smallest and largest fractions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from keras_seltransfer.utils.io import atomic_write_bytes
+
+    if not shift:
+        return False
+    fractions = sorted({f for (_, f, _) in shift})
+    shown = [fractions[0], fractions[-1]] if len(fractions) > 1 else fractions
+    fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.5), squeeze=False)
+    for ax, fraction in zip(axes[0], shown):
+        for row in settings.rows:
+            sweeps = [v["sweep"] for (n, f, _), v in shift.items() if n == row.name and f == fraction]
+            if not sweeps:
+                continue
+            accuracy = np.mean([s["accuracy"] for s in sweeps], axis=0)
+            ax.plot(sweeps[0]["shifts"], accuracy, marker="o", markersize=3, label=row.label)
+        ax.set_title(f"{fraction:.0%} of the training data")
+        ax.set_xlabel("diagonal shift (pixels)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Accuracy versus input shift (mean over seeds)")
+    atomic_write_bytes(path, _figure_bytes(fig))
+    return True
+
+
+def plot_gate_usage(settings, results, path):
+    """AdaFilter: share of fine-tuned filters chosen per gated layer (hard
+    gates on the validation images), per fraction, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from keras_seltransfer.utils.io import atomic_write_bytes
+
+    usage = {}
+    for run in results:
+        if run["row"] != "adafilter":
+            continue
+        with open(os.path.join(run["run_dir"], "report.json")) as f:
+            per_layer = json.load(f).get("adafilter", {}).get("val_gate_usage_per_layer")
+        if per_layer:
+            usage.setdefault(run["fraction"], []).append(per_layer)
+    if not usage:
+        return False
+    layers = list(next(iter(usage.values()))[0])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(usage)
+    for i, fraction in enumerate(sorted(usage)):
+        means = [np.mean([u[name] for u in usage[fraction]]) for name in layers]
+        ax.bar(np.arange(len(layers)) + i * width, means, width, label=f"{fraction:.0%}")
+    ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of fine-tuned filters chosen")
+    ax.set_title("AdaFilter gate usage per layer (validation images, mean over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(title="target data", fontsize=8)
+    atomic_write_bytes(path, _figure_bytes(fig))
+    return True
+
+
+def write_plots(settings, results, shift):
     written = []
     out = settings.output_dir
     if results:
@@ -554,6 +708,10 @@ def write_plots(settings, results):
         written.append("neighbour_growth.png")
     if write_retrieval_examples(settings, os.path.join(out, "retrieval_examples.png")):
         written.append("retrieval_examples.png")
+    if plot_gate_usage(settings, results, os.path.join(out, "adafilter_gate_usage.png")):
+        written.append("adafilter_gate_usage.png")
+    if plot_shift(settings, shift, os.path.join(out, "shift_consistency.png")):
+        written.append("shift_consistency.png")
     return written
 
 
@@ -571,8 +729,15 @@ def main(argv):
     except ValueError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         sys.exit(2)
+    shift = collect_shift(settings, results) if FLAGS.shift else {}
     header = settings_text(settings, results)
     body = table(settings, choices, results)
+    if shift:
+        body += (
+            f"\n\nShift consistency (Zhang, ICML 2019) on the test images: how often "
+            f"two random shifts of up to {MAX_SHIFT} pixels (reflect-padded crops, 5 pairs "
+            "per image) give the same class, mean ± std over seeds.\n\n" + shift_table(settings, shift)
+        )
     atomic_write_text(os.path.join(settings.output_dir, "results_table.md"), header + "\n\n" + body + "\n")
     splice(os.path.join(settings.output_dir, "RESULTS.md"), "<!-- results-table -->", header + "\n\n" + body)
     from keras_seltransfer import training
@@ -585,12 +750,16 @@ def main(argv):
                 "environment": training.run_environment(),
                 "choices": choices,
                 "runs": results,
+                "shift_consistency": [
+                    {"row": n, "fraction": f, "seed": s, "consistency": v["consistency"]}
+                    for (n, f, s), v in sorted(shift.items())
+                ],
             },
             indent=2,
         )
         + "\n",
     )
-    plots = write_plots(settings, results) if FLAGS.plots else []
+    plots = write_plots(settings, results, shift) if FLAGS.plots else []
     print("\n" + header + "\n\n" + body)
     print(
         f"\n{len(results)} runs in the table; this invocation took {time.time() - started:.0f} s; "
