@@ -25,6 +25,25 @@ def write_npz(path, num_per_class=24, size=16, seed=0, num_classes=2):
     return str(path)
 
 
+# The small, quiet budget the end-to-end fine-tuning tests train with.
+SMALL_RUN = dict(
+    image_size=16,
+    epochs=3,
+    patience=3,
+    batch_size=16,
+    learning_rate=1e-2,
+    verbose=0,
+    tensorboard=False,
+)
+
+
+def small_run_config(**fields):
+    """A `FinetuneConfig` of `SMALL_RUN` with `fields` on top."""
+    from keras_seltransfer import training
+
+    return training.FinetuneConfig(**{**SMALL_RUN, **fields})
+
+
 def saved_backbone(path, size=16, widths=(4, 8), num_classes=3, pretrain_epochs=3):
     """A small classifier, briefly pretrained on a related source task and
     saved as .keras, as the pretrain app writes it (so its BatchNorm

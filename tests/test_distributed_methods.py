@@ -64,23 +64,19 @@ def data(tmp_path_factory):
 
 
 def _fields(data, method, run_dir):
+    """The config fields of one run (JSON-serialisable, for the workers)."""
     return dict(
+        helpers.SMALL_RUN,
         target=data["target"],
         source=data["source"],
         backbone=data["backbone"],
         index_dir=data["index_dir"],
         method=method,
         output_dir=str(run_dir),
-        image_size=16,
         batch_size=8,
-        epochs=3,
-        patience=3,
-        learning_rate=1e-2,
         augment="none",
         batchnorm="frozen",
         export=False,
-        tensorboard=False,
-        verbose=0,
         **METHODS[method],
     )
 

@@ -18,21 +18,15 @@ def _config(tmp_path, run="run", **overrides):
     if not backbone.exists():
         helpers.write_npz(target, num_per_class=40)
         helpers.saved_backbone(backbone, pretrain_epochs=1)
-    kwargs = dict(
-        target=f"numpy:{target}",
-        backbone=str(backbone),
-        method="adafilter",
-        output_dir=str(tmp_path / run),
-        image_size=16,
-        epochs=3,
-        patience=3,
-        batch_size=16,
-        learning_rate=1e-2,
-        verbose=0,
-        tensorboard=False,
+    return helpers.small_run_config(
+        **{
+            "target": f"numpy:{target}",
+            "backbone": str(backbone),
+            "method": "adafilter",
+            "output_dir": str(tmp_path / run),
+            **overrides,
+        }
     )
-    kwargs.update(overrides)
-    return training.FinetuneConfig(**kwargs)
 
 
 def _tags(directory):

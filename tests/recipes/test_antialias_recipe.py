@@ -21,20 +21,16 @@ def world(tmp_path_factory):
 
 
 def _config(world, run_dir, **overrides):
-    kwargs = dict(
-        target=world["target"],
-        backbone=world["backbone"],
-        output_dir=str(run_dir),
-        image_size=16,
-        epochs=2,
-        patience=2,
-        batch_size=16,
-        learning_rate=1e-2,
-        verbose=0,
-        tensorboard=False,
+    return helpers.small_run_config(
+        **{
+            "target": world["target"],
+            "backbone": world["backbone"],
+            "output_dir": str(run_dir),
+            "epochs": 2,
+            "patience": 2,
+            **overrides,
+        }
     )
-    kwargs.update(overrides)
-    return training.FinetuneConfig(**kwargs)
 
 
 def _serves_like_the_keras_file(run_dir):

@@ -12,25 +12,23 @@ from tests import helpers
 
 
 def _config(tmp_path, **overrides):
-    kwargs = dict(
-        target="numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=24),
-        source="numpy:"
-        + helpers.write_npz(tmp_path / "source.npz", num_per_class=12, num_classes=3, seed=4),
-        backbone=helpers.saved_backbone(tmp_path / "backbone.keras", pretrain_epochs=1),
-        index_dir=str(tmp_path / "index"),
-        output_dir=str(tmp_path / "run"),
-        image_size=16,
-        batch_size=8,
-        epochs=1,
-        k0=2,
-        k_max=4,
-        gate_units=4,
-        export=False,
-        tensorboard=False,
-        verbose=0,
+    return helpers.small_run_config(
+        **{
+            "target": "numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=24),
+            "source": "numpy:"
+            + helpers.write_npz(tmp_path / "source.npz", num_per_class=12, num_classes=3, seed=4),
+            "backbone": helpers.saved_backbone(tmp_path / "backbone.keras", pretrain_epochs=1),
+            "index_dir": str(tmp_path / "index"),
+            "output_dir": str(tmp_path / "run"),
+            "batch_size": 8,
+            "epochs": 1,
+            "k0": 2,
+            "k_max": 4,
+            "gate_units": 4,
+            "export": False,
+            **overrides,
+        }
     )
-    kwargs.update(overrides)
-    return training.FinetuneConfig(**kwargs)
 
 
 def _layer_types(path):

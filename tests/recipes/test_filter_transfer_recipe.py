@@ -17,22 +17,17 @@ def _config(tmp_path, **overrides):
     backbone = tmp_path / "backbone.keras"
     if not backbone.exists():
         helpers.saved_backbone(backbone, pretrain_epochs=1)
-    kwargs = dict(
-        method="filter_transfer",
-        target="numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=40),
-        source="numpy:" + helpers.write_npz(tmp_path / "source.npz", num_per_class=20, seed=5),
-        backbone=str(backbone),
-        output_dir=str(tmp_path / "run"),
-        image_size=16,
-        epochs=3,
-        patience=3,
-        batch_size=16,
-        learning_rate=1e-2,
-        verbose=0,
-        tensorboard=False,
+    return helpers.small_run_config(
+        **{
+            "method": "filter_transfer",
+            "target": "numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=40),
+            "source": "numpy:"
+            + helpers.write_npz(tmp_path / "source.npz", num_per_class=20, seed=5),
+            "backbone": str(backbone),
+            "output_dir": str(tmp_path / "run"),
+            **overrides,
+        }
     )
-    kwargs.update(overrides)
-    return training.FinetuneConfig(**kwargs)
 
 
 def test_kl_transfer_with_pruning_reports_and_exports(tmp_path):
