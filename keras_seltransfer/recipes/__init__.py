@@ -113,6 +113,17 @@ def check_compose(method, spec):
             )
     if len(set(names)) != len(names):
         raise ValueError(f"`compose` names a transform twice. Received: compose={spec!r}")
+    # Anti-aliasing rebuilds Conv2D layers; the gated convolutions AdaFilter
+    # makes are not among the layers it converts, so it has to come first.
+    if "adafilter" in names and (
+        method in COMPOSABLE["antialias"]
+        or ("antialias" in names and names.index("antialias") > names.index("adafilter"))
+    ):
+        raise ValueError(
+            "Anti-aliasing must come before AdaFilter (it cannot convert gated convolutions): "
+            "use --method=adafilter --compose=antialias, or compose='antialias,adafilter'. "
+            f"Received: method={method!r}, compose={spec!r}"
+        )
 
 
 def antialias_model(config, model, name=None):

@@ -59,6 +59,11 @@ def test_bad_compose_specs_are_refused(tmp_path):
         recipes.check_compose("ktft", "antialias")
     with pytest.raises(ValueError, match="already applies 'adafilter'"):
         recipes.check_compose("adafilter", "adafilter")
+    with pytest.raises(ValueError, match="Anti-aliasing must come before AdaFilter"):
+        recipes.check_compose("ktft", "adafilter")
+    with pytest.raises(ValueError, match="Anti-aliasing must come before AdaFilter"):
+        recipes.check_compose("baseline", "adafilter,antialias")
+    recipes.check_compose("baseline", "antialias,adafilter")
     with pytest.raises(ValueError, match="twice"):
         recipes.check_compose("baseline", "adafilter, adafilter")
     assert recipes.compose_names(" antialias ,adafilter") == ["antialias", "adafilter"]
