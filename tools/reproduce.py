@@ -721,6 +721,14 @@ def main(argv):
     from keras_seltransfer.utils.io import atomic_write_text
 
     settings = resolve_settings()
+    # Import every method's recipe now rather than at its first run, so a
+    # reproduction that runs for hours uses one version of the code throughout.
+    import importlib
+
+    from keras_seltransfer import recipes
+
+    for module in sorted(set(recipes.RECIPES.values())):
+        importlib.import_module(f"keras_seltransfer.recipes.{module}")
     started = time.time()
     os.makedirs(settings.output_dir, exist_ok=True)
     try:
