@@ -95,8 +95,19 @@ ROWS = (
         {"method": "antialias_ft"}, "-"),
     Row("ktft", "Knowledge-transferred fine-tuning (anti-aliased)", "IEEE Access 2022",
         {"method": "ktft"}, "beats fine-tuning at 25 images/class (ImageNet)"),
+    Row("combo", "Best combination (chosen on validation)", "this toolkit", {}),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+# Candidates of the "combo" row: (row, the row whose learning rate it takes).
+# Like every other row it gets two trials, one per candidate, at the tuning
+# fraction and seed 0; the one with the lower validation loss is the row.
+COMBINATIONS = (
+    (Row("sjft+adafilter", "SJFT on an AdaFilter backbone", "this toolkit",
+         {"method": "sjft", "compose": "adafilter"}), "sjft"),
+    (Row("adafilter+antialias", "AdaFilter on the anti-aliased network", "this toolkit",
+         {"method": "adafilter", "compose": "antialias"}), "adafilter"),
+)
 
 FULL_FRACTIONS = ("0.15", "0.3", "0.5", "1")
 QUICK_FRACTIONS = ("0.15", "0.3")
@@ -361,12 +372,49 @@ def tune(settings, row):
     return min(losses, key=losses.get), losses
 
 
+def choose_combination(settings, choices):
+    """The "combo" row's candidate with the lowest validation loss at the
+    tuning fraction and seed 0, run at its base row's learning rate.
+    Returns `(row, lr, {candidate: val loss})`; `(None, None, {})` while a
+    base row or a trial is missing."""
+    losses, rates = {}, {}
+    for candidate, base in COMBINATIONS:
+        lr = choices.get(base, {}).get("learning_rate")
+        if lr is None:
+            lr = tune(settings, ROWS_BY_NAME[base])[0]
+        if lr is None:
+            continue
+        report = run_cell(settings, candidate, FLAGS.tune_fraction, 0, lr)
+        if report is not None:
+            losses[candidate.name], rates[candidate.name] = validation_loss(report), lr
+    if len(losses) < len(COMBINATIONS):
+        return None, None, losses
+    best = min(losses, key=losses.get)
+    row = next(c for c, _ in COMBINATIONS if c.name == best)
+    return row, rates[best], losses
+
+
 def collect(settings):
     """Runs what is missing; returns the per-row choices and cell results."""
     results, choices = [], {}
-    for row in settings.rows:
-        lr, losses = tune(settings, row)
-        choices[row.name] = {"learning_rate": lr, "validation_loss": {f"{k:g}": v for k, v in losses.items()}}
+    for table_row in settings.rows:
+        row = table_row
+        if table_row.name == "combo":
+            row, lr, losses = choose_combination(settings, choices)
+            choices["combo"] = {
+                "learning_rate": lr,
+                "combination": None if row is None else row.name,
+                "label": None if row is None else row.label,
+                "validation_loss": losses,
+            }
+            if row is None:
+                continue
+        else:
+            lr, losses = tune(settings, row)
+            choices[row.name] = {
+                "learning_rate": lr,
+                "validation_loss": {f"{k:g}": v for k, v in losses.items()},
+            }
         if lr is None:
             continue
         for fraction in settings.fractions:
@@ -376,7 +424,7 @@ def collect(settings):
                     continue
                 results.append(
                     {
-                        "row": row.name,
+                        "row": table_row.name,
                         "fraction": fraction,
                         "seed": seed,
                         "learning_rate": lr,
@@ -408,13 +456,15 @@ def table(settings, choices, results):
         "|---|---|---|" + "---|" * len(settings.fractions) + "---|",
     ]
     for row in settings.rows:
-        lr = choices.get(row.name, {}).get("learning_rate")
+        choice = choices.get(row.name, {})
+        lr = choice.get("learning_rate")
         cells = [
             _cell([r for r in results if r["row"] == row.name and r["fraction"] == f])
             for f in settings.fractions
         ]
         lr_text = "-" if lr is None else f"{lr:g}"
-        lines.append(f"| {row.label} | {row.paper} | {lr_text} | " + " | ".join(cells) + f" | {row.reported} |")
+        label = row.label + (f": {choice['label']}" if choice.get("label") else "")
+        lines.append(f"| {label} | {row.paper} | {lr_text} | " + " | ".join(cells) + f" | {row.reported} |")
     return "\n".join(lines)
 
 
