@@ -109,6 +109,29 @@ COMBINATIONS = (
          {"method": "adafilter", "compose": "antialias"}), "adafilter"),
 )
 
+# Ablations that look into why a method does or does not help here: run at
+# the smallest fraction (the low-data regime the methods are for), every
+# seed, with the learning rate chosen for their parent row (not tuned again).
+INVESTIGATIONS = (
+    (Row("baseline_bntrain", "Fine-tuning, BatchNorm trained", "-",
+         {"method": "baseline", "batchnorm": "train"}), "baseline"),
+    (Row("adafilter_bntrain", "AdaFilter, fine-tuned path's BatchNorm trained", "-",
+         {"method": "adafilter", "batchnorm": "train"}), "adafilter"),
+    (Row("adafilter_gumbel", "AdaFilter, Gumbel-softmax gates", "-",
+         {"method": "adafilter", "gate_estimator": "gumbel"}), "adafilter"),
+    (Row("filter_transfer_r25", "Filter transfer, 25% of the filters kept", "-",
+         {"method": "filter_transfer", "transfer_ratio": 0.25}), "filter_transfer"),
+    (Row("filter_transfer_r75", "Filter transfer, 75% of the filters kept", "-",
+         {"method": "filter_transfer", "transfer_ratio": 0.75}), "filter_transfer"),
+    (Row("filter_transfer_kl", "Filter transfer, KL relevance", "-",
+         {"method": "filter_transfer", "relevance_statistic": "kl"}), "filter_transfer"),
+    (Row("ktft_pixel", "KTFT, pixel-level loss only", "-",
+         {"method": "ktft", "ktft_global_weight": 0.0}), "ktft"),
+    (Row("ktft_global", "KTFT, global-level loss only", "-",
+         {"method": "ktft", "ktft_pixel_weight": 0.0}), "ktft"),
+)
+INVESTIGATION_FRACTION = 0.15
+
 FULL_FRACTIONS = ("0.15", "0.3", "0.5", "1")
 QUICK_FRACTIONS = ("0.15", "0.3")
 
@@ -148,6 +171,10 @@ flags.DEFINE_integer(
     "max_source", None, "Use only the first N source training images (default: all; 6000 with --quick)."
 )
 flags.DEFINE_boolean("table_only", False, "Train nothing: rebuild tables and plots from the cache.")
+flags.DEFINE_boolean(
+    "investigations", True,
+    "Also run the ablations of the second table (at 15%, every seed) for the rows run.",
+)
 flags.DEFINE_boolean("plots", True, "Write the PNG plots.")
 flags.DEFINE_boolean(
     "shift", True, "Measure the shift consistency of the baseline and anti-aliased rows' models."
@@ -324,6 +351,11 @@ def cached_report(config):
         return json.load(f)
 
 
+# Seconds of every run this invocation used (tuning trials included), by run
+# directory: the compute the tables cost.
+RUN_SECONDS = {}
+
+
 def run_cell(settings, row, fraction, seed, lr):
     """Runs (or reads from the cache) one cell; returns its report or None."""
     import keras
@@ -332,6 +364,8 @@ def run_cell(settings, row, fraction, seed, lr):
 
     config = run_config(settings, row, fraction, seed, lr)
     report = cached_report(config)
+    if report is not None:
+        RUN_SECONDS[config.output_dir] = report["seconds"]
     if report is not None or FLAGS.table_only:
         return report
     if config.is_joint:
@@ -341,6 +375,7 @@ def run_cell(settings, row, fraction, seed, lr):
     training.finetune(config)
     keras.backend.clear_session()
     report = cached_report(config)
+    RUN_SECONDS[config.output_dir] = report["seconds"]
     _log(
         f"{row.name} fraction {fraction:g} seed {seed} lr {lr:g}: accuracy "
         f"{report['accuracy']:.4f}, balanced {report['balanced_accuracy']:.4f} "
@@ -438,6 +473,51 @@ def collect(settings):
     return choices, results
 
 
+def collect_investigations(settings, choices):
+    """Runs (or reads) the ablations whose parent row was run."""
+    results = []
+    if not FLAGS.investigations:
+        return results
+    for row, parent in INVESTIGATIONS:
+        lr = choices.get(parent, {}).get("learning_rate")
+        if lr is None:
+            continue
+        for seed in settings.seeds:
+            report = run_cell(settings, row, INVESTIGATION_FRACTION, seed, lr)
+            if report is not None:
+                results.append(
+                    {
+                        "row": row.name,
+                        "parent": parent,
+                        "fraction": INVESTIGATION_FRACTION,
+                        "seed": seed,
+                        "learning_rate": lr,
+                        "accuracy": report["accuracy"],
+                        "balanced_accuracy": report["balanced_accuracy"],
+                        "seconds": report["seconds"],
+                        "run_dir": run_config(
+                            settings, row, INVESTIGATION_FRACTION, seed, lr
+                        ).output_dir,
+                    }
+                )
+    return results
+
+
+def investigation_table(settings, results, investigations):
+    """The ablations beside their parent rows, at the investigation fraction."""
+    lines = [
+        f"| row | parent row at {INVESTIGATION_FRACTION:.0%} | ablation at {INVESTIGATION_FRACTION:.0%} |",
+        "|---|---|---|",
+    ]
+    for row, parent in INVESTIGATIONS:
+        runs = [r for r in investigations if r["row"] == row.name]
+        if not runs:
+            continue
+        base = [r for r in results if r["row"] == parent and r["fraction"] == INVESTIGATION_FRACTION]
+        lines.append(f"| {row.label} | {_cell(base)} | {_cell(runs)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _cell(runs):
     from keras_seltransfer.training import mean_std
 
@@ -472,7 +552,7 @@ def settings_text(settings, results):
     from keras_seltransfer import training
 
     env = training.run_environment()
-    seconds = sum(r["seconds"] for r in results)
+    seconds = sum(RUN_SECONDS.values())
     config = training.FinetuneConfig()
     return (
         f"Target {FLAGS.target} (fixed held-out test split), source {FLAGS.source}"
@@ -485,7 +565,9 @@ def settings_text(settings, results):
         f"{FLAGS.tune_fraction:.0%}, seed 0. Cells: test accuracy / balanced accuracy, mean ± "
         f"population std over seeds {', '.join(map(str, settings.seeds))}. "
         f"{env['machine']}, TensorFlow {env['tensorflow']}, Keras {env['keras']}, Python "
-        f"{env['python']}; {len(results)} runs, {seconds / 3600:.2f} h of training time in all."
+        f"{env['python']}; {len(results)} cells, {len(RUN_SECONDS)} runs with the tuning "
+        f"trials and ablations, {seconds / 3600:.2f} h of run time in all (sum of the runs' "
+        "own times)."
     )
 
 
@@ -784,12 +866,19 @@ def main(argv):
     try:
         ensure_backbone(settings)
         choices, results = collect(settings)
+        investigations = collect_investigations(settings, choices)
     except ValueError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         sys.exit(2)
     shift = collect_shift(settings, results) if FLAGS.shift else {}
     header = settings_text(settings, results)
     body = table(settings, choices, results)
+    ablations = investigation_table(settings, results, investigations)
+    if ablations:
+        body += (
+            "\n\nAblations (same budget and learning rate as the parent row; test accuracy / "
+            "balanced accuracy, mean ± std over the same seeds):\n\n" + ablations
+        )
     if shift:
         body += (
             f"\n\nShift consistency (Zhang, ICML 2019) on the test images: how often "
@@ -808,6 +897,7 @@ def main(argv):
                 "environment": training.run_environment(),
                 "choices": choices,
                 "runs": results,
+                "investigations": investigations,
                 "shift_consistency": [
                     {"row": n, "fraction": f, "seed": s, "consistency": v["consistency"]}
                     for (n, f, s), v in sorted(shift.items())
