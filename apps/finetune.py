@@ -173,6 +173,11 @@ flags.DEFINE_enum(
     "blur_pad_type", _D["blur_pad_type"], list(training.BLUR_PAD_TYPES),
     "antialias_ft/ktft: BlurPool padding.",
 )
+flags.DEFINE_boolean(
+    "blur_keep_stem", _D["blur_keep_stem"],
+    "antialias_ft/ktft: keep the input's strided convolution strided (as Zhang's released "
+    "models) instead of running it at full resolution before a blur.",
+)
 flags.DEFINE_float(
     "ktft_pixel_weight", _D["ktft_pixel_weight"],
     "ktft: weight of the pixel-level loss (feature-map MSE to the original network).",

@@ -151,6 +151,9 @@ class FinetuneConfig:
         blur_filt_size: antialias_ft / ktft: BlurPool filter size (1-7).
         blur_pad_type: antialias_ft / ktft: BlurPool padding
             (`"reflect"`, `"replicate"` or `"zero"`).
+        blur_keep_stem: antialias_ft / ktft: leave the strided convolution
+            that reads the input strided (Zhang's released models), instead
+            of running it at full resolution before a blur.
         ktft_pixel_weight: ktft: weight of the pixel-level loss (mean squared
             difference of stage feature maps); 0 disables it.
         ktft_global_weight: ktft: weight of the global-level loss (on the
@@ -229,6 +232,7 @@ class FinetuneConfig:
     prune_action: str = "mask"
     blur_filt_size: int = 4
     blur_pad_type: str = "reflect"
+    blur_keep_stem: bool = False
     ktft_pixel_weight: float = 1.0
     ktft_global_weight: float = 1.0
     ktft_logit_weight: float = 0.0

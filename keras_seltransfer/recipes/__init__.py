@@ -131,7 +131,11 @@ def antialias_model(config, model, name=None):
     from keras_seltransfer.models.antialias import antialias
 
     return antialias(
-        model, filt_size=config.blur_filt_size, pad_type=config.blur_pad_type, name=name
+        model,
+        filt_size=config.blur_filt_size,
+        pad_type=config.blur_pad_type,
+        keep_stem=config.blur_keep_stem,
+        name=name,
     )
 
 

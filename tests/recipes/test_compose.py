@@ -69,3 +69,16 @@ def test_bad_compose_specs_are_refused(tmp_path):
     assert recipes.compose_names(" antialias ,adafilter") == ["antialias", "adafilter"]
     with pytest.raises(ValueError, match="compose"):
         training.FinetuneConfig(method="antialias_ft", compose="antialias")
+
+
+def test_antialias_settings_reach_the_surgery():
+    from keras_seltransfer.models import build_classifier
+    from keras_seltransfer.models import small_cnn
+
+    classifier = build_classifier(small_cnn((16, 16, 1), widths=(4, 8)), 2)
+    full = recipes.antialias_model(training.FinetuneConfig(blur_filt_size=3), classifier)
+    kept = recipes.antialias_model(training.FinetuneConfig(blur_keep_stem=True), classifier)
+    assert full.get_layer("block1_conv").strides == (1, 1)
+    assert kept.get_layer("block1_conv").strides == (2, 2)
+    blurs = [layer for layer in full.layers if isinstance(layer, layers.BlurPool)]
+    assert blurs and all(layer.filt_size == 3 for layer in blurs)
