@@ -41,7 +41,7 @@ setup(
         "data": ["elpv-dataset>=1.0"],
         # Plots of the benchmark and results tools (tools/).
         "plots": ["matplotlib>=3.7"],
-        "dev": ["pytest>=8.0", "elpv-dataset>=1.0", "matplotlib>=3.7"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.0", "elpv-dataset>=1.0", "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [f"kst-{name} = apps.{name}:run" for name in APPS],

@@ -27,7 +27,7 @@ def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
         f"--target=numpy:{target}", f"--source=numpy:{source}", f"--backbone={backbone}",
         f"--output_dir={out}", "--rows=baseline,sjft_nogrowth", "--fractions=0.5,1",
         "--seeds=0", "--epochs=1", "--tune_lrs=0.01,0.001", "--tune_fraction=0.5",
-        "--image_size=16", "--batch_size=8", "--noplots",
+        "--image_size=16", "--batch_size=8", "--noplots", "--noinvestigations",
     ]
     first = _reproduce(*args)
     assert first.returncode == 0, first.stderr[-3000:]
