@@ -47,3 +47,25 @@ def test_save_model_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["m.keras"]
     with pytest.raises(ValueError, match=".keras"):
         save_model_atomic(model, str(tmp_path / "m.h5"))
+
+
+def test_published_outputs_get_the_permissions_of_a_direct_write(tmp_path):
+    # tempfile makes 0600 files and 0700 directories; published outputs must
+    # be as readable as `open`/`mkdir` would have made them.
+    reference_file = tmp_path / "plain.txt"
+    reference_file.write_text("x")
+    reference_dir = tmp_path / "plain"
+    reference_dir.mkdir()
+    atomic_write_text(tmp_path / "f.txt", "x")
+    with atomic_directory(tmp_path / "d") as tmp:
+        open(os.path.join(tmp, "a"), "w").write("x")
+    inputs = keras.Input((3,))
+    save_model_atomic(keras.Model(inputs, keras.layers.Dense(2)(inputs)), str(tmp_path / "m.keras"))
+
+    def mode(p):
+        return os.stat(p).st_mode & 0o777
+
+    assert mode(reference_file) != 0o600  # the usual umask leaves files readable by others
+    assert mode(tmp_path / "f.txt") == mode(reference_file)
+    assert mode(tmp_path / "m.keras") == mode(reference_file)
+    assert mode(tmp_path / "d") == mode(reference_dir)

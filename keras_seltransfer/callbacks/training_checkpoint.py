@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import default_permissions
 
 _STATE = "state.json"
 
@@ -167,6 +168,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         )
         os.close(fd)
         self.model.save_weights(weights_path, overwrite=True)
+        default_permissions(weights_path)
         state = {"epoch": epoch + 1, "weights": os.path.basename(weights_path)}
         random_variables = _random_state_variables(self.model)
         if random_variables:

@@ -7,12 +7,33 @@ and with errors that name the file.
 """
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
 import zipfile
 
 import numpy as np
+
+
+@functools.cache
+def _umask():
+    # Reading the umask means setting it; done once, as the process starts
+    # writing, rather than on every write.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path):
+    """Gives `path` the mode a plain `open` or `mkdir` would have given it.
+
+    `tempfile` creates files 0600 and directories 0700; an atomically
+    published output should be as readable as one written directly
+    (0644 and 0755 under the usual umask of 022).
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())
 
 
 def atomic_write_bytes(path, data):
@@ -33,6 +54,7 @@ def atomic_write_bytes(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -73,6 +95,7 @@ def atomic_directory(path, overwrite=True):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=parent)
     try:
         yield tmp
+        default_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,6 +128,7 @@ def save_model_atomic(model, path):
     os.close(fd)
     try:
         model.save(tmp, overwrite=True)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
