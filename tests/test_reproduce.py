@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,25 @@ def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
     changed = _reproduce(*[a if a != "--epochs=1" else "--epochs=2" for a in args])
     assert changed.returncode == 2
     assert "other settings" in changed.stderr and "epochs" in changed.stderr
+
+    # The diagnostics read the same cache: no AdaFilter row here, and the
+    # anti-aliased pretrained backbone measured on the source's test images.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    diagnosis = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "diagnose_results.py"),
+         f"--results={out / 'results.json'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert diagnosis.returncode == 0, diagnosis.stderr[-3000:]
+    assert "adafilter: no runs" in diagnosis.stdout
+    accuracies = re.findall(r"(as trained|antialias filt_size=\d[^:]*): accuracy (\d\.\d+)", diagnosis.stdout)
+    assert [name for name, _ in accuracies] == [
+        "as trained", "antialias filt_size=2", "antialias filt_size=4", "antialias filt_size=4, stem kept",
+    ]
+    assert all(0 <= float(a) <= 1 for _, a in accuracies)
+    missing = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "diagnose_results.py"),
+         f"--results={tmp_path / 'nothing.json'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert missing.returncode != 0 and "run tools/reproduce.py first" in missing.stderr
