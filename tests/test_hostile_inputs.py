@@ -26,7 +26,8 @@ also run as real `python -m apps.<app>` processes, which must behave exactly
 as in the driver. Loader cases run in this process.
 
 Set `KST_HOSTILE_TABLE=/path/table.json` to write every case with its
-expected and observed behaviour and the message seen.
+expected and observed behaviour and the message seen (with `-n 2`, one
+table per worker: /path/table.gw0.json, /path/table.gw1.json).
 """
 
 import dataclasses
@@ -83,6 +84,13 @@ def _write_table():
     yield
     path = os.environ.get("KST_HOSTILE_TABLE")
     if path:
+        # Under pytest-xdist each worker sees only its share of the cases:
+        # one table per worker (table.gw0.json, ...) instead of one
+        # overwriting another.
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if worker:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.{worker}{ext}"
         with open(path, "w") as f:
             json.dump(sorted(_TABLE, key=lambda row: row["case"]), f, indent=1)
 
