@@ -6,7 +6,6 @@ flag and the library can never disagree on a default.
 """
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -126,16 +125,9 @@ def run_class_names(model_path):
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "report.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"The run report {path!r} beside --model is not valid JSON ({e}).") from e
-    if not isinstance(report, dict):
-        raise ValueError(
-            f"Expected the run report {path!r} beside --model to be a JSON object. "
-            f"Received: a JSON {type(report).__name__}"
-        )
+    from keras_seltransfer.utils.io import load_json_object
+
+    report = load_json_object(path, f"run report {path!r} beside --model")
     names = report.get("class_names")
     if names is not None and (
         not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)

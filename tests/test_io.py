@@ -6,6 +6,7 @@ import pytest
 
 from keras_seltransfer.utils import atomic_directory
 from keras_seltransfer.utils import atomic_write_text
+from keras_seltransfer.utils import load_json_object
 from keras_seltransfer.utils import save_model_atomic
 
 
@@ -69,3 +70,21 @@ def test_published_outputs_get_the_permissions_of_a_direct_write(tmp_path):
     assert mode(tmp_path / "f.txt") == mode(reference_file)
     assert mode(tmp_path / "m.keras") == mode(reference_file)
     assert mode(tmp_path / "d") == mode(reference_dir)
+
+
+def test_load_json_object_names_the_file_and_what_was_wrong(tmp_path):
+    path = tmp_path / "record.json"
+    path.write_text('{"a": [1, 2]}')
+    assert load_json_object(str(path), "record") == {"a": [1, 2]}
+    for content, match in [
+        (b"{not json", r"^The record 'r' is not valid JSON \(.*\); fix it\.$"),
+        (b"\xff\xfe\x00", r"^The record 'r' is not valid JSON \(.*\); fix it\.$"),
+        (b"", r"is not valid JSON"),
+        (b"[1, 2]", r"^Expected the record 'r' to be a JSON object\. Received: a JSON list; fix it\.$"),
+        (b"3.5", r"Received: a JSON float"),
+    ]:
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            load_json_object(str(path), "record 'r'", "; fix it")
+    with pytest.raises(FileNotFoundError):
+        load_json_object(str(tmp_path / "absent.json"), "record")

@@ -110,6 +110,13 @@ def test_corrupt_state_is_a_clear_error(tmp_path):
     (tmp_path / "c" / "state.json").write_text('{"epoch": 2, "weights": "gone.weights.h5"}')
     with pytest.raises(ValueError, match="missing"):
         TrainingCheckpoint(str(tmp_path / "c")).restore(_model())
+    # Bytes that are not UTF-8, and JSON that is not an object, name the file too.
+    (tmp_path / "c" / "state.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"checkpoint state file .*state\.json is not valid JSON"):
+        TrainingCheckpoint(str(tmp_path / "c")).restore(_model())
+    (tmp_path / "c" / "state.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"state\.json to be a JSON object\. Received: a JSON list; delete"):
+        TrainingCheckpoint(str(tmp_path / "c")).restore(_model())
 
 
 def test_argument_errors():

@@ -12,6 +12,7 @@ import numpy as np
 from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import atomic_write_text
 from keras_seltransfer.utils.io import default_permissions
+from keras_seltransfer.utils.io import load_json_object
 
 _STATE = "state.json"
 
@@ -86,14 +87,11 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         path = os.path.join(self.directory, _STATE)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            try:
-                state = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"The checkpoint state file {path} is not valid JSON ({e}); "
-                    "delete the directory to start the run afresh."
-                ) from e
+        state = load_json_object(
+            path,
+            f"checkpoint state file {path}",
+            "; delete the directory to start the run afresh",
+        )
         weights = os.path.join(self.directory, state.get("weights", ""))
         if not os.path.isfile(weights):
             raise ValueError(

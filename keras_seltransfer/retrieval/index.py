@@ -27,6 +27,7 @@ from keras_seltransfer.retrieval.similarity import _channel_weights
 from keras_seltransfer.retrieval.similarity import _check_histograms
 from keras_seltransfer.retrieval.similarity import nearest_sources
 from keras_seltransfer.utils.io import atomic_directory
+from keras_seltransfer.utils.io import load_json_object
 from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.validation import check_int
 from keras_seltransfer.utils.validation import image_size_pair
@@ -368,12 +369,8 @@ class SourceIndex:
                     f"The source index at {path!r} is incomplete: "
                     f"{os.path.basename(required)} is missing."
                 )
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"The source index file {config_path!r} is not valid JSON: {e}") from e
-        found_format = config.get("format") if isinstance(config, dict) else None
+        config = load_json_object(config_path, f"source index file {config_path!r}")
+        found_format = config.get("format")
         if found_format != _FORMAT_NAME:
             raise ValueError(
                 f"Expected {config_path!r} to describe a {_FORMAT_NAME}. "

@@ -26,6 +26,7 @@ from keras_seltransfer.retrieval.index import SourceIndex
 from keras_seltransfer.retrieval.similarity import merge_topk
 from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import load_json_object
 from keras_seltransfer.utils.io import load_npz
 
 BANKS = ("conv", "gabor")
@@ -169,15 +170,9 @@ def _recorded_settings(out):
     path = os.path.join(out, _CONFIG_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"The retrieval run file {path!r} is not valid JSON ({e}); restore it, or "
-            "delete the run directory to rebuild."
-        ) from e
-    if not isinstance(recorded, dict) or not set(RUN_FIELDS) <= set(recorded):
+    remedy = "; restore it, or delete the run directory to rebuild"
+    recorded = load_json_object(path, f"retrieval run file {path!r}", remedy)
+    if not set(RUN_FIELDS) <= set(recorded):
         raise ValueError(
             f"The retrieval run file {path!r} does not record the settings {list(RUN_FIELDS)}; "
             "restore it, or delete the run directory to rebuild."

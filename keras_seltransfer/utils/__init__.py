@@ -3,6 +3,7 @@
 from keras_seltransfer.utils.io import atomic_directory
 from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import load_json_object
 from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.io import save_model_atomic
 
@@ -10,6 +11,7 @@ __all__ = [
     "atomic_directory",
     "atomic_write_bytes",
     "atomic_write_text",
+    "load_json_object",
     "load_npz",
     "save_model_atomic",
 ]

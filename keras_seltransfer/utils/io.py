@@ -3,11 +3,12 @@
 Writers publish a file or directory only once it is complete, so readers see
 the old output or the new one, never half of one. `load_npz` reads NumPy
 archives from anywhere (a run directory, a download) without running code
-and with errors that name the file.
+and `load_json_object` JSON records, both with errors that name the file.
 """
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -134,6 +135,36 @@ def save_model_atomic(model, path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def load_json_object(path, what, remedy=""):
+    """Reads a JSON file that must hold an object (a dict).
+
+    Args:
+        path: the file.
+        what: how errors name it, e.g. `f"checkpoint state file {path!r}"`
+            (the path included, so the phrase can go on, as in "run report
+            '...' beside --model").
+        remedy: appended to every error, e.g. "; delete it to start afresh".
+
+    Returns:
+        The parsed dict.
+
+    Raises:
+        ValueError: if the file is not UTF-8 JSON, or holds something other
+            than an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"The {what} is not valid JSON ({e}){remedy}.") from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"Expected the {what} to be a JSON object. "
+            f"Received: a JSON {type(value).__name__}{remedy}."
+        )
+    return value
 
 
 # What `np.load` raises for a file that is not a readable archive: zip
