@@ -11,20 +11,17 @@ from tests import helpers
 
 
 def _config(tmp_path, **overrides):
-    kwargs = dict(
+    # The shared small budget, trained longer and faster: these tests check
+    # that the runs learn.
+    fields = dict(
         target="numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=80),
         backbone=helpers.saved_backbone(tmp_path / "backbone.keras"),
         output_dir=str(tmp_path / "run"),
-        image_size=16,
         epochs=6,
         patience=6,
-        batch_size=16,
         learning_rate=3e-2,
-        verbose=0,
-        tensorboard=False,
     )
-    kwargs.update(overrides)
-    return training.FinetuneConfig(**kwargs)
+    return helpers.small_run_config(**{**fields, **overrides})
 
 
 def test_finetune_writes_every_output_and_learns(tmp_path):
