@@ -84,3 +84,10 @@ def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert missing.returncode != 0 and "run tools/reproduce.py first" in missing.stderr
+    bad = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "diagnose_results.py"),
+         f"--results={out / 'results.json'}", "--fractions=half"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "--fractions must be numbers" in bad.stderr
+    assert "Traceback" not in bad.stderr

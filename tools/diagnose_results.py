@@ -76,9 +76,26 @@ def _relative_change(new, old):
     return float(np.linalg.norm(new - old) / np.linalg.norm(old))
 
 
+def _selection():
+    """`(fractions, seeds)` from the flags, None for all; bad values raise
+    a UsageError naming the flag."""
+    try:
+        fractions = {float(f) for f in FLAGS.fractions} if FLAGS.fractions else None
+    except ValueError:
+        raise app.UsageError(
+            f"--fractions must be numbers such as 0.15,1. Received: {','.join(FLAGS.fractions)}"
+        ) from None
+    try:
+        seeds = {int(s) for s in FLAGS.seeds} if FLAGS.seeds else None
+    except ValueError:
+        raise app.UsageError(
+            f"--seeds must be integers such as 0,1. Received: {','.join(FLAGS.seeds)}"
+        ) from None
+    return fractions, seeds
+
+
 def _runs(results, row):
-    fractions = {float(f) for f in FLAGS.fractions} if FLAGS.fractions else None
-    seeds = {int(s) for s in FLAGS.seeds} if FLAGS.seeds else None
+    fractions, seeds = _selection()
     chosen = {}
     for run in results["runs"]:
         if run["row"] != row:
@@ -111,7 +128,10 @@ def diagnose_adafilter(results, settings):
     adafilter_runs = _runs(results, "adafilter")
     baseline_runs = _runs(results, "baseline")
     if not adafilter_runs:
-        print("adafilter: no runs in the results file")
+        print(
+            "adafilter: no runs in the results file"
+            + (" at the chosen --fractions/--seeds" if FLAGS.fractions or FLAGS.seeds else "")
+        )
         return
     pretrained = _load(settings["backbone"])
     size = settings["image_size"]
@@ -192,6 +212,7 @@ def main(argv):
         )
     with open(config_path) as f:
         settings = json.load(f)
+    _selection()  # bad --fractions/--seeds fail before any model is loaded
     if FLAGS.adafilter:
         diagnose_adafilter(results, settings)
     if FLAGS.antialias:
