@@ -231,15 +231,15 @@ def _train_quick(run_dirs):
 
 
 def _shift_robustness(run_dirs):
-    import keras
     import numpy as np
 
     from keras_seltransfer import data as data_lib
     from keras_seltransfer import evaluation
+    from keras_seltransfer import models as models_lib
     from keras_seltransfer import training
 
     models = {
-        row: keras.saving.load_model(os.path.join(d, "model.keras"), compile=False, safe_mode=True)
+        row: models_lib.load_keras_file(os.path.join(d, "model.keras"))
         for row, d in run_dirs.items()
     }
     size = int(models["baseline"].inputs[0].shape[1])

@@ -48,13 +48,11 @@ DEPENDENT_BAND = (0.05, 0.95)
 
 
 def _load(path):
-    import keras
+    from keras_seltransfer.models import load_keras_file
 
-    # The custom layers register when keras_seltransfer.models is imported,
-    # which every caller has done.
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Model file not found: {path}. Run tools/reproduce.py first.")
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    return load_keras_file(path)
 
 
 def _find_layer(model, name):

@@ -618,9 +618,10 @@ def shift_report(run, test_cache):
 
     from keras_seltransfer import data as data_lib
     from keras_seltransfer import evaluation
+    from keras_seltransfer.models import load_keras_file
     from keras_seltransfer.utils.io import atomic_write_text
 
-    model = keras.saving.load_model(os.path.join(run["run_dir"], "model.keras"), compile=False)
+    model = load_keras_file(os.path.join(run["run_dir"], "model.keras"))
     channels = int(model.inputs[0].shape[-1])
     key = (int(model.inputs[0].shape[1]), channels)
     if key not in test_cache:
