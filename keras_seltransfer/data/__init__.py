@@ -18,6 +18,7 @@ from keras_seltransfer.data.pipeline import augment_batch
 from keras_seltransfer.data.pipeline import distributed_dataset
 from keras_seltransfer.data.pipeline import make_dataset
 from keras_seltransfer.data.pipeline import steps_per_epoch
+from keras_seltransfer.data.protocol import load_train_test
 from keras_seltransfer.data.sources import ImageSource
 from keras_seltransfer.data.sources import from_image_folder
 from keras_seltransfer.data.sources import from_numpy
@@ -43,6 +44,7 @@ __all__ = [
     "load_dataset",
     "load_elpv",
     "load_fashion_mnist",
+    "load_train_test",
     "low_data_subset",
     "make_dataset",
     "make_joint_dataset",

@@ -121,7 +121,8 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
             layer.trainable = True
             layer.momentum = 0.0
 
-        @tf.function(reduce_retracing=True)
+        # One trace per call: every batch size shares the signature.
+        @tf.function(input_signature=[tf.TensorSpec((None, *model.inputs[0].shape[1:]), "float32")])
         def forward(images):
             model(images, training=True)
 
@@ -133,7 +134,7 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
             count = int(images.shape[0])
             if count == 0:
                 continue
-            forward(images)
+            forward(tf.cast(images, "float32"))
             # With momentum 0 the moving statistics are this batch's.
             for i, layer in enumerate(layers):
                 mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
