@@ -20,6 +20,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer.data import sources as data_sources
 from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
 from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer import distribute
@@ -448,8 +449,8 @@ def dtype_policy(name):
 def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
     """Loads a data set spec as `(train, test)` ImageSources.
 
-    Data sets with their own test split (Fashion-MNIST, TFDS, image folders
-    with `train/` and `test/` sub-folders) use it; others (ELPV, a single
+    Data sets with their own test split (Fashion-MNIST, the textures, TFDS,
+    image folders with `train/` and `test/` sub-folders) use it; others (ELPV, a single
     folder, a `.npz`) are split once, stratified, with `split_seed`, so the
     held-out images never depend on the training seed or fraction.
 
@@ -458,7 +459,7 @@ def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
     `channels` (None, 1 or 3) converts the images of folders that mix
     grayscale, RGB and RGBA (see `load_dataset`).
     """
-    if spec == "fashion_mnist" or spec.startswith("tfds:"):
+    if spec in data_sources.SPECS_WITH_TEST_SPLIT or spec.startswith("tfds:"):
         return data_lib.load_dataset(spec, "train"), data_lib.load_dataset(spec, "test")
     if spec.startswith("folder:"):
         root = spec[len("folder:"):]
