@@ -39,7 +39,7 @@ _D = common.defaults(training.FinetuneConfig)
 flags.DEFINE_string(
     "target",
     _D["target"],
-    "Target data: elpv, fashion_mnist, folder:/path (one sub-folder per class, "
+    "Target data: elpv, textures, fashion_mnist, folder:/path (one sub-folder per class, "
     "or train/ and test/ inside), tfds:name, numpy:/path/file.npz.",
 )
 flags.DEFINE_enum("method", _D["method"], list(training.METHODS), "Fine-tuning method.")

@@ -6,6 +6,7 @@ fraction, so every data set is split the same way by every app and tool.
 
 import os
 
+from keras_seltransfer.data.sources import SPECS_WITH_TEST_SPLIT
 from keras_seltransfer.data.sources import load_dataset
 from keras_seltransfer.data.splits import holdout_split
 
@@ -13,9 +14,9 @@ from keras_seltransfer.data.splits import holdout_split
 def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
     """Loads a data set spec as `(train, test)` ImageSources.
 
-    Data sets with their own test split (Fashion-MNIST, TFDS, image folders
-    with `train/` and `test/` sub-folders) use it; others (ELPV, a single
-    folder, a `.npz`) are split once, stratified, with `split_seed`, so the
+    Data sets with their own test split (Fashion-MNIST, the textures, TFDS,
+    image folders with `train/` and `test/` sub-folders) use it; others (ELPV,
+    a single folder, a `.npz`) are split once, stratified, with `split_seed`, so the
     held-out images never depend on the training seed or fraction.
 
     The test split of a folder takes the training split's classes, so a
@@ -23,7 +24,7 @@ def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
     `channels` (None, 1 or 3) converts the images of folders that mix
     grayscale, RGB and RGBA (see `load_dataset`).
     """
-    if spec == "fashion_mnist" or spec.startswith("tfds:"):
+    if spec in SPECS_WITH_TEST_SPLIT or spec.startswith("tfds:"):
         return load_dataset(spec, "train"), load_dataset(spec, "test")
     if spec.startswith("folder:"):
         root = spec[len("folder:"):]
