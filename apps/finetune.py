@@ -179,10 +179,10 @@ flags.DEFINE_boolean(
     "models) instead of running it at full resolution before a blur.",
 )
 flags.DEFINE_enum(
-    "recalibrate_batchnorm", _D["recalibrate_batchnorm"], ["source", "target", "none"],
+    "recalibrate_batchnorm", _D["recalibrate_batchnorm"], ["target", "source", "none"],
     "antialias_ft/ktft/--compose=antialias: re-estimate the anti-aliased network's BatchNorm "
-    "statistics on the --source training images (the backbone's pretraining data), on the "
-    "target training images, or keep the copied statistics (none).",
+    "statistics on the target training images, on the --source training images (when they "
+    "are the backbone's pretraining data), or keep the copied statistics (none).",
 )
 flags.DEFINE_integer(
     "recalibration_images", _D["recalibration_images"],

@@ -160,10 +160,11 @@ class FinetuneConfig:
             statistics are re-estimated right after the BlurPool layers go
             in (`models.recalibrate_batchnorm`; the blur changes every
             activation's variance after the first subsampling, so the copied
-            statistics are wrong): `"source"` (the training split of
-            `source`, the data the backbone was pretrained on), `"target"`
-            (the target training images) or `"none"` (keep the copied
-            statistics).
+            statistics are wrong): `"target"` (the target training images:
+            the default, lowest validation cross-entropy on ELPV at 15%, and
+            needs no source data), `"source"` (the training split of
+            `source`, when that is the data the backbone was pretrained on)
+            or `"none"` (keep the copied statistics).
         recalibration_images: at most this many images are used for it.
         ktft_pixel_weight: ktft: weight of the pixel-level loss (mean squared
             difference of stage feature maps); 0 disables it.
@@ -244,7 +245,7 @@ class FinetuneConfig:
     blur_filt_size: int = 4
     blur_pad_type: str = "reflect"
     blur_keep_stem: bool = False
-    recalibrate_batchnorm: str = "source"
+    recalibrate_batchnorm: str = "target"
     recalibration_images: int = 2000
     ktft_pixel_weight: float = 1.0
     ktft_global_weight: float = 1.0
