@@ -1,21 +1,37 @@
 """Selective filter transfer: keep the relevant pretrained filters, re-initialise the rest.
 
-Jung & Kim (2019) transfer only the pretrained filters that are relevant to
-the target data. The paper's abstract gives neither the relevance statistic
-nor what happens to the other filters; this module makes these choices
-[inferred, DESIGN.md §3.3], documented where they are made:
+What the paper specifies. Jung & Kim (2019) transfer, "among the weights
+pre-trained with source data, only the ones relevant to the target data",
+with relevance "measured statistically", and report +2% classification
+accuracy on a downsized 50-class subset of ImageNet 2012 [paper: abstract,
+the only part that is public]. The relevance statistic, the unit of
+selection, what happens to the other weights and how the network is then
+trained are not public; this module makes these choices [inferred,
+DESIGN.md §3.3], documented where they are made:
 
 - Relevance is one of the statistics of `keras_seltransfer.relevance`
   ("mean", "frequency", "kl") measured on the target data with the
   pretrained network; per conv layer the top `ratio` of filters is
-  transferred (`select_top_fraction`).
+  transferred (`select_top_fraction`) [inferred: the filter as the unit].
 - Every other filter is re-initialised with its layer's own initializers:
   its kernel slice and bias, and the matching channel of the
   BatchNormalization that follows the conv (scale and offset from the
   layer's initializers; moving mean and variance either from the
   initializers or estimated on the target data, see
-  `reinitialize_filters`). Optionally the next layers' input slices that
-  read the filter are re-initialised too (`reinit_next`).
+  `reinitialize_filters`) [inferred: "transfer only the relevant" read as
+  "start the others afresh"]. Optionally the next layers' input slices
+  that read the filter are re-initialised too (`reinit_next`) [inferred:
+  otherwise the next layers' pretrained weights read channels that now
+  carry random features; the stricter reading of transferring only the
+  relevant filters' connections].
+- The BatchNormalization of each masked conv becomes a
+  `PartiallyFrozenBatchNormalization`, so that when the run freezes
+  BatchNormalization the re-initialised channels can still train (batch
+  statistics, learnt scale and offset) while the transferred ones keep
+  their pretrained values (`set_reinitialized_batchnorm`) [inferred: a
+  re-initialised filter has no pretrained statistics; frozen, the
+  statistics estimated at initialisation go stale as its kernel trains,
+  `batchnorm_statistics_gap` measures by how much].
 - A `FilterMask` after each scored conv's response (see
   `relevance.response_points`) records which filters were transferred
   (its `transferred` weight) and can prune filters (its `mask`, all ones
@@ -25,7 +41,9 @@ nor what happens to the other filters; this module makes these choices
   (exporting the model as it is) serves identically.
 
 Reference:
-    Jung & Kim, "Selective filter transfer", 2019.
+    Jung & Kim, "Selective filter transfer", Advances in Intelligent
+    Systems and Computing, vol. 751, Springer, 2019,
+    doi:10.1007/978-3-319-78452-6_3.
 """
 
 import zlib
