@@ -59,13 +59,13 @@ def _parse_runs(entries):
     for entry in entries or []:
         name, sep, pattern = entry.partition("=")
         if not sep or not name or "{seed}" not in pattern:
-            raise ValueError(
+            raise app.UsageError(
                 "Each --runs entry must be NAME=DIR_PATTERN with {seed} in the pattern. "
                 f"Received: {entry!r}"
             )
         groups[name] = pattern
     if not groups:
-        raise ValueError("Pass at least one --runs entry. Received: --runs=None")
+        raise app.UsageError("Pass at least one --runs entry. Received: --runs=None")
     return groups
 
 
