@@ -37,11 +37,19 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        # The ELPV solar-cell images (CC BY-NC-SA 4.0), the default target data.
-        "data": ["elpv-dataset>=1.0"],
+        # The ELPV solar-cell images (CC BY-NC-SA 4.0), the default target data,
+        # and scikit-image, whose wheel holds the brick/grass/gravel texture
+        # photographs (CC0) of the `textures` target.
+        "data": ["elpv-dataset>=1.0", "scikit-image>=0.19"],
         # Plots of the benchmark and results tools (tools/).
         "plots": ["matplotlib>=3.7"],
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.0", "elpv-dataset>=1.0", "matplotlib>=3.7"],
+        "dev": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.0",
+            "elpv-dataset>=1.0",
+            "scikit-image>=0.19",
+            "matplotlib>=3.7",
+        ],
     },
     entry_points={
         "console_scripts": [f"kst-{name} = apps.{name}:run" for name in APPS],

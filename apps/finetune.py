@@ -39,7 +39,7 @@ _D = common.defaults(training.FinetuneConfig)
 flags.DEFINE_string(
     "target",
     _D["target"],
-    "Target data: elpv, fashion_mnist, folder:/path (one sub-folder per class, "
+    "Target data: elpv, textures, fashion_mnist, folder:/path (one sub-folder per class, "
     "or train/ and test/ inside), tfds:name, numpy:/path/file.npz.",
 )
 flags.DEFINE_enum("method", _D["method"], list(training.METHODS), "Fine-tuning method.")
@@ -184,6 +184,16 @@ flags.DEFINE_boolean(
     "blur_keep_stem", _D["blur_keep_stem"],
     "antialias_ft/ktft: keep the input's strided convolution strided (as Zhang's released "
     "models) instead of running it at full resolution before a blur.",
+)
+flags.DEFINE_enum(
+    "recalibrate_batchnorm", _D["recalibrate_batchnorm"], ["source", "target", "none"],
+    "antialias_ft/ktft/--compose=antialias: re-estimate the anti-aliased network's BatchNorm "
+    "statistics on the --source training images (the backbone's pretraining data), on the "
+    "target training images, or keep the copied statistics (none).",
+)
+flags.DEFINE_integer(
+    "recalibration_images", _D["recalibration_images"],
+    "Images used to re-estimate BatchNorm statistics (at most).", lower_bound=1,
 )
 flags.DEFINE_float(
     "ktft_pixel_weight", _D["ktft_pixel_weight"],

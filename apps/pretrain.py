@@ -21,7 +21,7 @@ _D = common.defaults(training.PretrainConfig)
 flags.DEFINE_string(
     "source",
     _D["source"],
-    "Source data: fashion_mnist, elpv, folder:/path, tfds:name, numpy:/path/file.npz.",
+    "Source data: fashion_mnist, elpv, textures, folder:/path, tfds:name, numpy:/path/file.npz.",
 )
 flags.DEFINE_float(
     "fraction", _D["fraction"], "Fraction of each source class to train on (0, 1].",

@@ -20,6 +20,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer.data.protocol import load_train_test
 from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
 from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer import distribute
@@ -165,6 +166,16 @@ class FinetuneConfig:
         blur_keep_stem: antialias_ft / ktft: leave the strided convolution
             that reads the input strided (Zhang's released models), instead
             of running it at full resolution before a blur.
+        recalibrate_batchnorm: antialias_ft / ktft / compose="antialias":
+            images on which the anti-aliased network's BatchNorm moving
+            statistics are re-estimated right after the BlurPool layers go
+            in (`models.recalibrate_batchnorm`; the blur changes every
+            activation's variance after the first subsampling, so the copied
+            statistics are wrong): `"source"` (the training split of
+            `source`, the data the backbone was pretrained on), `"target"`
+            (the target training images) or `"none"` (keep the copied
+            statistics).
+        recalibration_images: at most this many images are used for it.
         ktft_pixel_weight: ktft: weight of the pixel-level loss (mean squared
             difference of stage feature maps); 0 disables it.
         ktft_global_weight: ktft: weight of the global-level loss (on the
@@ -245,6 +256,8 @@ class FinetuneConfig:
     blur_filt_size: int = 4
     blur_pad_type: str = "reflect"
     blur_keep_stem: bool = False
+    recalibrate_batchnorm: str = "source"
+    recalibration_images: int = 2000
     ktft_pixel_weight: float = 1.0
     ktft_global_weight: float = 1.0
     ktft_logit_weight: float = 0.0
@@ -293,8 +306,12 @@ class FinetuneConfig:
         _check_choice("prune_action", self.prune_action, PRUNE_ACTIONS)
         _check_choice("reinit_batchnorm", self.reinit_batchnorm, REINIT_BATCHNORM)
         _check_choice("blur_pad_type", self.blur_pad_type, BLUR_PAD_TYPES)
+        _check_choice(
+            "recalibrate_batchnorm", self.recalibrate_batchnorm, recipes.RECALIBRATION_DATA
+        )
         for name, low, high in (
             ("gate_units", 1, None),
+            ("recalibration_images", 1, None),
             ("prune_period", 0, None),
             ("blur_filt_size", 1, 7),
         ):
@@ -456,38 +473,6 @@ def dtype_policy(name):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
-    """Loads a data set spec as `(train, test)` ImageSources.
-
-    Data sets with their own test split (Fashion-MNIST, TFDS, image folders
-    with `train/` and `test/` sub-folders) use it; others (ELPV, a single
-    folder, a `.npz`) are split once, stratified, with `split_seed`, so the
-    held-out images never depend on the training seed or fraction.
-
-    The test split of a folder takes the training split's classes, so a
-    label means the same class in both; a class may be missing from it.
-    `channels` (None, 1 or 3) converts the images of folders that mix
-    grayscale, RGB and RGBA (see `load_dataset`).
-    """
-    if spec == "fashion_mnist" or spec.startswith("tfds:"):
-        return data_lib.load_dataset(spec, "train"), data_lib.load_dataset(spec, "test")
-    if spec.startswith("folder:"):
-        root = spec[len("folder:"):]
-        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(
-            os.path.join(root, "test")
-        ):
-            train = data_lib.load_dataset(spec, "train", channels=channels)
-            test = data_lib.load_dataset(
-                spec, "test", channels=channels, class_names=train.class_names
-            )
-            return train, test
-    source = data_lib.load_dataset(spec, channels=channels)
-    train_idx, test_idx = data_lib.holdout_split(
-        source.labels, test_fraction=test_fraction, seed=split_seed
-    )
-    return source.subset(train_idx), source.subset(test_idx)
 
 
 def _metrics():
@@ -717,13 +702,18 @@ def _load_backbone(config, data_channels):
     return backbone
 
 
-def _prepare_model(config, strategy, num_classes, data_channels):
-    """Builds the classifier for `config.method` inside the strategy scope."""
+def _prepare_model(config, strategy, num_classes, data_channels, train):
+    """Builds the classifier for `config.method` inside the strategy scope
+    (`train`: the target training images, for BatchNorm recalibration)."""
     with strategy.scope():
         backbone = _load_backbone(config, data_channels)
         model = build_classifier(backbone, num_classes, dropout=config.dropout)
         set_batchnorm_mode(model, config.batchnorm_mode)
-        model = recipes.compose(config, model)
+        model = recipes.compose(
+            config,
+            model,
+            recipes.recalibration_dataset(config, train, int(model.inputs[0].shape[-1])),
+        )
         if config.method == "l2sp":
             apply_l2sp(model, alpha=config.l2sp_alpha, beta=config.l2sp_beta)
     return model
@@ -793,7 +783,9 @@ def finetune(config):
     extra = {}
     with dtype_policy(config.precision):
         if joint is None:
-            model = _prepare_model(config, strategy, train_full.num_classes, train_full.channels)
+            model = _prepare_model(
+                config, strategy, train_full.num_classes, train_full.channels, train
+            )
             steps = data_lib.steps_per_epoch(len(train), config.batch_size)
             context = recipes.RecipeContext(
                 strategy=strategy,
@@ -803,6 +795,12 @@ def finetune(config):
                 is_chief=is_chief,
                 steps_per_epoch=steps,
                 channels=int(model.inputs[0].shape[-1]),
+                # The methods that anti-alias in their recipe (compose did it above otherwise).
+                recalibration=(
+                    recipes.recalibration_dataset(config, train, int(model.inputs[0].shape[-1]))
+                    if config.method in recipes.COMPOSABLE["antialias"]
+                    else None
+                ),
             )
             method = recipes.setup(config, model, context)
             with strategy.scope():
@@ -975,7 +973,11 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
             dropout=config.dropout,
         )
         set_batchnorm_mode(model, config.batchnorm_mode)
-        model = recipes.compose(config, model)
+        model = recipes.compose(
+            config,
+            model,
+            recipes.recalibration_dataset(config, train, int(model.inputs[0].shape[-1])),
+        )
     channels = int(model.inputs[0].shape[-1])
     target_images = data_lib.prepared_images(train, config.image_size, channels)
     train_ds = data_lib.make_joint_dataset(

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 
@@ -127,6 +128,19 @@ def test_default_output_dir_names_the_run():
     config = training.FinetuneConfig(method="l2sp", fraction=0.15, seed=2)
     assert config.output_dir == os.path.join("runs", "finetune", "l2sp-elpv-0.15-seed2")
 
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("skimage") is None,
+    reason="scikit-image is not installed (pip install scikit-image)",
+)
+def test_textures_keep_their_spatially_disjoint_test_split():
+    # A random held-out split would put neighbours of training tiles into
+    # the test set; the textures' own split keeps whole tile rows apart.
+    train, test = training.load_train_test("textures")
+    np.testing.assert_array_equal(train.class_counts(), [192, 192, 192])
+    np.testing.assert_array_equal(test.class_counts(), [64, 64, 64])
+    assert train.metadata["row"].max() < test.metadata["row"].min()
 
 def test_mixed_precision_run_keeps_head_float32_and_restores_policy(tmp_path):
     out = training.finetune(_config(tmp_path, precision="mixed_bfloat16", export=False))

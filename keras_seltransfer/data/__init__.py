@@ -1,8 +1,8 @@
 """Data sources, stratified splits and tf.data input pipelines.
 
 `sources` turns arrays, image folders, TFDS splits and the offline real data
-sets (Fashion-MNIST, ELPV) into `ImageSource` records; `splits` makes the
-held-out, low-data and validation index sets; `pipeline` builds batched
+sets (Fashion-MNIST, ELPV, scikit-image's textures) into `ImageSource`
+records; `splits` makes the held-out, low-data and validation index sets; `pipeline` builds batched
 `tf.data` pipelines from a source, also per replica under a strategy;
 `joint` mixes target images with their selected source neighbours for
 selective joint fine-tuning.
@@ -18,6 +18,7 @@ from keras_seltransfer.data.pipeline import augment_batch
 from keras_seltransfer.data.pipeline import distributed_dataset
 from keras_seltransfer.data.pipeline import make_dataset
 from keras_seltransfer.data.pipeline import steps_per_epoch
+from keras_seltransfer.data.protocol import load_train_test
 from keras_seltransfer.data.sources import ImageSource
 from keras_seltransfer.data.sources import from_image_folder
 from keras_seltransfer.data.sources import from_numpy
@@ -25,6 +26,7 @@ from keras_seltransfer.data.sources import from_tfds
 from keras_seltransfer.data.sources import load_dataset
 from keras_seltransfer.data.sources import load_elpv
 from keras_seltransfer.data.sources import load_fashion_mnist
+from keras_seltransfer.data.sources import load_textures
 from keras_seltransfer.data.splits import holdout_split
 from keras_seltransfer.data.splits import low_data_subset
 from keras_seltransfer.data.splits import train_val_split
@@ -43,6 +45,8 @@ __all__ = [
     "load_dataset",
     "load_elpv",
     "load_fashion_mnist",
+    "load_textures",
+    "load_train_test",
     "low_data_subset",
     "make_dataset",
     "make_joint_dataset",

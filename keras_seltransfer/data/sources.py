@@ -37,6 +37,14 @@ FASHION_MNIST_CLASS_NAMES = (
 
 ELPV_CLASS_NAMES = ("functional", "defective")
 
+# The three CC0 texture photographs that scikit-image ships inside its wheel
+# (`skimage.data.brick()`, `grass()`, `gravel()`), one class each.
+TEXTURE_CLASS_NAMES = ("brick", "grass", "gravel")
+
+# Specs whose loader has its own test split (`load_dataset(spec, "test")`),
+# so `holdout_split` is not applied to them.
+SPECS_WITH_TEST_SPLIT = ("fashion_mnist", "textures")
+
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 _FASHION_MNIST_FILES = {
@@ -60,6 +68,7 @@ _GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 _SPEC_FORMS = (
     "'fashion_mnist' (split 'train' or 'test')",
     "'elpv' (split None or 'all')",
+    "'textures' (split None, 'all', 'train' or 'test')",
     "'folder:/path' (split optional: reads /path/<split>)",
     "'tfds:name' (split required)",
     "'numpy:/path/file.npz' (arrays 'images', 'labels', optional 'class_names')",
@@ -869,15 +878,21 @@ def _read_idx(path, expected_magic, expected_rank):
     return np.frombuffer(data, np.uint8, offset=header_size).reshape(shape)
 
 
-def _elpv_data_dir():
-    spec = importlib.util.find_spec("elpv_dataset")
+def _package_data_dir(module, pip_name, what, contents):
+    """The `data` folder inside an installed package, or a clear ImportError."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "The ELPV data set is not installed. Install it with "
-            "`pip install elpv-dataset`, or pass `root` pointing to a folder "
-            "with labels.csv and images/."
+            f"{what} is not installed. Install it with `pip install {pip_name}`, "
+            f"or pass `root` pointing to a folder with {contents}."
         )
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
+def _elpv_data_dir():
+    return _package_data_dir(
+        "elpv_dataset", "elpv-dataset", "The ELPV data set", "labels.csv and images/"
+    )
 
 
 def load_elpv(root=None, defect_threshold=0.5):
@@ -964,6 +979,121 @@ def load_elpv(root=None, defect_threshold=0.5):
     )
 
 
+def load_textures(split=None, tile_size=32, root=None):
+    """Loads three texture classes (brick, grass, gravel) as image tiles.
+
+    scikit-image ships three 512x512 grayscale texture photographs inside
+    its wheel (`skimage.data.brick`, `grass` and `gravel`, each CC0). Each
+    photograph is cut into non-overlapping `tile_size` x `tile_size` tiles
+    labelled with its texture, as texture benchmarks cut one photograph per
+    class into patches (Brodatz, Kylberg). With the default 32 px that is
+    256 tiles per class, 768 in all, exactly balanced.
+
+    Tiles of one photograph are correlated, so a random held-out split would
+    score the neighbours of training tiles. The test split is therefore
+    spatially disjoint: the bottom quarter of each photograph's tile rows
+    (64 tiles per class at 32 px); the training split is the rest (192 per
+    class). Pixels left over at the right and bottom edges (none at 32 px)
+    are dropped.
+
+    Args:
+        split: `"train"`, `"test"`, or None / `"all"` for every tile.
+        tile_size: side of the square tiles in pixels; each photograph must
+            hold at least two rows and one column of tiles.
+        root: folder holding `brick.png`, `grass.png` and `gravel.png`.
+            Defaults to the data folder of the installed `scikit-image`.
+
+    Returns:
+        An in-memory `ImageSource` named `"textures"` with `channels=1`,
+        uint8 images of shape `[N, tile_size, tile_size, 1]`, class names
+        `("brick", "grass", "gravel")`, and metadata `"row"` and `"col"`
+        (int64): the tile's position in its photograph, in tiles.
+
+    Raises:
+        ImportError: if `root` is None and `scikit-image` is not installed.
+        FileNotFoundError: if one of the three files is missing.
+        ValueError: for a bad `split` or `tile_size`, or a file that is not
+            a readable image.
+
+    Example:
+
+    >>> train = load_textures("train")  # doctest: +SKIP
+    >>> train.images.shape, train.class_counts().tolist()  # doctest: +SKIP
+    ((576, 32, 32, 1), [192, 192, 192])
+
+    Reference:
+        The photographs come from CC0Textures (Bricks25, Gravel04) and
+        DeviantArt user linolafett (Grass 01), as `skimage.data` documents;
+        all are licensed CC0. They are read from the installed package and
+        never copied into this repository.
+    """
+    if split not in (None, "all", "train", "test"):
+        raise ValueError(
+            "Expected `split` to be 'train', 'test', 'all' or None. "
+            f"Received: split={split!r}"
+        )
+    if (
+        isinstance(tile_size, bool)
+        or not isinstance(tile_size, (int, np.integer))
+        or tile_size < 1
+    ):
+        raise ValueError(
+            f"Expected `tile_size` to be a positive int. Received: tile_size={tile_size!r}"
+        )
+    files = tuple(f"{name}.png" for name in TEXTURE_CLASS_NAMES)
+    if root is None:
+        root = _package_data_dir(
+            "skimage", "scikit-image", "scikit-image (for its texture images)", ", ".join(files)
+        )
+    root = os.path.abspath(os.fspath(root))
+    tiles, labels, rows, cols = [], [], [], []
+    for label, file_name in enumerate(files):
+        path = os.path.join(root, file_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Texture image {path} not found; `root` must hold {', '.join(files)}. "
+                f"Received: root={root}"
+            )
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("L"))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Could not read texture image {path} ({type(error).__name__}: {error})."
+            ) from error
+        num_rows, num_cols = pixels.shape[0] // tile_size, pixels.shape[1] // tile_size
+        if num_rows < 2 or num_cols < 1:
+            raise ValueError(
+                "Expected `tile_size` to fit at least 2 rows and 1 column of tiles into "
+                f"{path} ({pixels.shape[1]}x{pixels.shape[0]} px). "
+                f"Received: tile_size={tile_size}"
+            )
+        # [rows*t, cols*t] -> [rows, cols, t, t], where tile (r, c) is
+        # pixels[r*t:(r+1)*t, c*t:(c+1)*t].
+        grid = pixels[: num_rows * tile_size, : num_cols * tile_size]
+        grid = grid.reshape(num_rows, tile_size, num_cols, tile_size).swapaxes(1, 2)
+        first_test_row = num_rows - max(1, num_rows // 4)
+        kept_rows = {
+            "train": range(first_test_row),
+            "test": range(first_test_row, num_rows),
+        }.get(split, range(num_rows))
+        for r in kept_rows:
+            tiles.append(grid[r])
+            labels.append(np.full(num_cols, label))
+            rows.append(np.full(num_cols, r))
+            cols.append(np.arange(num_cols))
+    source = from_numpy(
+        np.concatenate(tiles), np.concatenate(labels), TEXTURE_CLASS_NAMES, name="textures"
+    )
+    return dataclasses.replace(
+        source,
+        metadata={
+            "row": np.concatenate(rows).astype(np.int64),
+            "col": np.concatenate(cols).astype(np.int64),
+        },
+    )
+
+
 def load_dataset(spec, split=None, *, download=False, channels=None, class_names=None):
     """Resolves a data set spec string, as used by the command-line apps.
 
@@ -973,6 +1103,9 @@ def load_dataset(spec, split=None, *, download=False, channels=None, class_names
       (the default when None) or `"test"`.
     - `"elpv"`: `load_elpv()`; split must be None or `"all"` (ELPV has no
       official split; use `holdout_split`).
+    - `"textures"`: `load_textures(split)`; split None or `"all"` (every
+      tile), `"train"` or `"test"` (spatially disjoint parts of each
+      texture photograph).
     - `"folder:/path"`: `from_image_folder("/path")`, or
       `from_image_folder("/path/<split>")` when `split` is given.
     - `"tfds:name"`: `from_tfds(name, split, download=download)`; split
@@ -1014,6 +1147,8 @@ def load_dataset(spec, split=None, *, download=False, channels=None, class_names
     if spec == "elpv":
         _check_no_split(spec, split)
         return load_elpv()
+    if spec == "textures":
+        return load_textures(split)
     kind, sep, target = spec.partition(":")
     if sep and target:
         if kind == "folder":

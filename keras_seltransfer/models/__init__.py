@@ -17,6 +17,8 @@ from keras_seltransfer.models.backbones import load_backbone
 from keras_seltransfer.models.backbones import reinitialize
 from keras_seltransfer.models.backbones import small_cnn
 from keras_seltransfer.models.backbones import with_dtype_policy
+from keras_seltransfer.models.batchnorm import batchnorm_layers
+from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
 from keras_seltransfer.models.classifier import BATCHNORM_MODES
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import iter_layers
@@ -47,6 +49,7 @@ __all__ = [
     "aligned_layer_name",
     "antialias",
     "available_backbones",
+    "batchnorm_layers",
     "blur_layers",
     "build_classifier",
     "build_multitask_model",
@@ -64,6 +67,7 @@ __all__ = [
     "load_backbone",
     "load_keras_file",
     "next_layers",
+    "recalibrate_batchnorm",
     "reinitialize",
     "reinitialize_filters",
     "selective_filter_transfer",

@@ -18,6 +18,11 @@ import importlib
 from typing import Any
 from typing import Callable
 
+import numpy as np
+
+from keras_seltransfer import data as data_lib
+from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
+
 # Method name -> recipe module (under keras_seltransfer.recipes).
 RECIPES = {
     "adafilter": "adafilter",
@@ -40,6 +45,8 @@ class RecipeContext:
         is_chief: whether this worker writes outputs.
         steps_per_epoch: training steps per epoch.
         channels: input channels of the model.
+        recalibration: the images an anti-aliased network's BatchNorm
+            statistics are re-estimated on (`recalibration_dataset`), or None.
     """
 
     strategy: Any
@@ -49,6 +56,7 @@ class RecipeContext:
     is_chief: bool
     steps_per_epoch: int
     channels: int
+    recalibration: Any = None
 
 
 @dataclasses.dataclass
@@ -126,17 +134,56 @@ def check_compose(method, spec):
         )
 
 
-def antialias_model(config, model, name=None):
-    """`models.antialias` of `model` with the config's BlurPool settings."""
+# Where anti-aliasing re-estimates BatchNorm statistics (`recalibrate_batchnorm`).
+RECALIBRATION_DATA = ("source", "target", "none")
+
+
+def uses_antialias(config):
+    """Whether the run anti-aliases its network (its method or `compose`)."""
+    return config.method in COMPOSABLE["antialias"] or "antialias" in compose_names(config.compose)
+
+
+def recalibration_dataset(config, train, channels):
+    """The images an anti-aliased network's BatchNorm statistics are
+    re-estimated on, as a dataset (None when `config.recalibrate_batchnorm`
+    is `"none"` or the run does not anti-alias).
+
+    `"source"`: up to `config.recalibration_images` images of the training
+    split of `config.source` (the data the backbone was pretrained on, whose
+    statistics the copied BatchNorm layers held), drawn with `config.seed`;
+    `"target"`: as many of the target training images `train`.
+    """
+    if config.recalibrate_batchnorm == "none" or not uses_antialias(config):
+        return None
+    if config.recalibrate_batchnorm == "source":
+        images, _ = data_lib.load_train_test(config.source, config.test_fraction, config.split_seed)
+    else:
+        images = train
+    count = min(len(images), int(config.recalibration_images))
+    if count < len(images):
+        rng = np.random.default_rng(config.seed)
+        images = images.subset(np.sort(rng.choice(len(images), count, replace=False)))
+    return data_lib.make_dataset(images, config.image_size, config.batch_size, channels=channels)
+
+
+def antialias_model(config, model, name=None, recalibration=None):
+    """`models.antialias` of `model` with the config's BlurPool settings,
+    its BatchNorm statistics re-estimated on `recalibration` (a dataset from
+    `recalibration_dataset`) when given: the blur changes the variance of
+    every activation after the first subsampling, so the copied statistics
+    no longer normalise what the layers see."""
     from keras_seltransfer.models.antialias import antialias
 
-    return antialias(
+    model = antialias(
         model,
         filt_size=config.blur_filt_size,
         pad_type=config.blur_pad_type,
         keep_stem=config.blur_keep_stem,
         name=name,
     )
+    if recalibration is not None:
+        recalibrate_batchnorm(model, recalibration)
+    return model
 
 
 def adafilter_model(config, model):
@@ -157,12 +204,13 @@ def adafilter_model(config, model):
     )
 
 
-def compose(config, model):
+def compose(config, model, recalibration=None):
     """Applies the `config.compose` transforms to `model`, in order (call in
-    the strategy scope, after the BatchNorm mode is set)."""
+    the strategy scope, after the BatchNorm mode is set); `recalibration` as
+    in `antialias_model`."""
     for name in compose_names(config.compose):
         if name == "antialias":
-            model = antialias_model(config, model)
+            model = antialias_model(config, model, recalibration=recalibration)
         else:
             model = adafilter_model(config, model)
     return model
@@ -181,6 +229,7 @@ def setup(config, classifier, context):
 __all__ = [
     "COMPOSABLE",
     "MethodSetup",
+    "RECALIBRATION_DATA",
     "RECIPES",
     "RecipeContext",
     "adafilter_model",
@@ -188,5 +237,7 @@ __all__ = [
     "check_compose",
     "compose",
     "compose_names",
+    "recalibration_dataset",
     "setup",
+    "uses_antialias",
 ]

@@ -50,7 +50,12 @@ def setup(config, classifier, context):
     """
     layer_names = _layer_names(config.ktft_layers) if config.method == "ktft" else None
     with context.strategy.scope():
-        student = antialias_model(config, classifier, name=f"{classifier.name}_antialiased")
+        student = antialias_model(
+            config,
+            classifier,
+            name=f"{classifier.name}_antialiased",
+            recalibration=context.recalibration,
+        )
         set_batchnorm_mode(student, config.batchnorm_mode)
         if config.method == "ktft":
             model = KnowledgeTransferModel(
@@ -69,6 +74,9 @@ def setup(config, classifier, context):
             "filt_size": config.blur_filt_size,
             "pad_type": config.blur_pad_type,
             "blur_layers": blur_layers(student),
+            "recalibrate_batchnorm": (
+                config.recalibrate_batchnorm if context.recalibration is not None else "none"
+            ),
         }
     }
     if config.method == "ktft":

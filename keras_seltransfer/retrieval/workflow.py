@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer.data.protocol import load_train_test
 from keras_seltransfer.models import backbones
 from keras_seltransfer.retrieval import descriptors
 from keras_seltransfer.retrieval import filter_banks
@@ -120,8 +121,6 @@ def target_training_images(config, channels=None):
 
     `channels` overrides `config.channels` for loading image folders.
     """
-    from keras_seltransfer.training import load_train_test
-
     train_full, _ = load_train_test(
         config.target,
         config.test_fraction,
@@ -459,8 +458,6 @@ def source_training_images(config, channels=None):
 
     `channels` overrides `config.channels` for loading image folders.
     """
-    from keras_seltransfer.training import load_train_test
-
     source, _ = load_train_test(
         config.source,
         config.test_fraction,

@@ -19,6 +19,7 @@ from keras_seltransfer.data.sources import from_tfds
 from keras_seltransfer.data.sources import load_dataset
 from keras_seltransfer.data.sources import load_elpv
 from keras_seltransfer.data.sources import load_fashion_mnist
+from keras_seltransfer.data.sources import load_textures
 
 REAL_FASHION_MNIST = all(
     os.path.isfile(os.path.join(sources.FASHION_MNIST_DIR, f))
@@ -26,6 +27,7 @@ REAL_FASHION_MNIST = all(
     for f in pair
 )
 ELPV_INSTALLED = importlib.util.find_spec("elpv_dataset") is not None
+SKIMAGE_INSTALLED = importlib.util.find_spec("skimage") is not None
 
 
 def _memory_source(num=6, channels=3):
@@ -447,6 +449,96 @@ def test_load_elpv_not_installed(monkeypatch):
         load_elpv()
 
 
+# Textures ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not SKIMAGE_INSTALLED, reason="scikit-image is not installed (pip install scikit-image)"
+)
+def test_load_textures_real():
+    import skimage.data
+
+    everything = load_textures()
+    train, test = load_textures("train"), load_textures("test")
+    assert everything.class_names == ("brick", "grass", "gravel")
+    assert everything.name == "textures" and everything.channels == 1 and everything.in_memory
+    assert everything.images.shape == (768, 32, 32, 1) and everything.images.dtype == np.uint8
+    np.testing.assert_array_equal(everything.class_counts(), [256, 256, 256])
+    assert train.images.shape == (576, 32, 32, 1) and test.images.shape == (192, 32, 32, 1)
+    np.testing.assert_array_equal(train.class_counts(), [192, 192, 192])
+    np.testing.assert_array_equal(test.class_counts(), [64, 64, 64])
+    # The test split is the bottom quarter of every photograph: no tile row
+    # is shared with the training split.
+    assert train.metadata["row"].max() == 11 and test.metadata["row"].min() == 12
+    # Every tile is the matching block of the photograph as scikit-image
+    # itself loads it.
+    photos = [skimage.data.brick(), skimage.data.grass(), skimage.data.gravel()]
+    for source in (train, test):
+        for image, label, r, c in zip(
+            source.images, source.labels, source.metadata["row"], source.metadata["col"]
+        ):
+            block = photos[label][32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)]
+            np.testing.assert_array_equal(image[..., 0], block)
+    assert load_dataset("textures").class_counts().tolist() == [256, 256, 256]
+    np.testing.assert_array_equal(load_dataset("textures", "test").images, test.images)
+    coarse = load_textures("train", tile_size=64)
+    np.testing.assert_array_equal(coarse.class_counts(), [48, 48, 48])
+
+
+def test_load_textures_tiles_and_split(tmp_path):
+    # 70x50 photographs with 16 px tiles: 4 rows and 3 columns of tiles,
+    # the 6 px at the bottom and 2 px at the right are dropped, and the
+    # last row (a quarter of 4) is the test split.
+    photos = [
+        (np.arange(70 * 50).reshape(70, 50) * (k + 1) % 251).astype(np.uint8) for k in range(3)
+    ]
+    for name, photo in zip(("brick", "grass", "gravel"), photos):
+        _save(str(tmp_path / f"{name}.png"), photo)
+    train = load_textures("train", tile_size=16, root=tmp_path)
+    test = load_textures("test", tile_size=16, root=tmp_path)
+    everything = load_textures("all", tile_size=16, root=tmp_path)
+    np.testing.assert_array_equal(train.class_counts(), [9, 9, 9])
+    np.testing.assert_array_equal(test.class_counts(), [3, 3, 3])
+    assert len(everything) == 36 and everything.images.shape[1:] == (16, 16, 1)
+    assert set(test.metadata["row"]) == {3} and set(train.metadata["row"]) == {0, 1, 2}
+    for source in (train, test):
+        for image, label, r, c in zip(
+            source.images, source.labels, source.metadata["row"], source.metadata["col"]
+        ):
+            block = photos[label][16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)]
+            np.testing.assert_array_equal(image[..., 0], block)
+    # RGB files are read as grayscale, as scikit-image's are.
+    _save(str(tmp_path / "grass.png"), np.stack([photos[1]] * 3, axis=-1))
+    np.testing.assert_array_equal(
+        load_textures("all", tile_size=16, root=tmp_path).images, everything.images
+    )
+
+
+def test_load_textures_bad_inputs(tmp_path):
+    for name in ("brick", "grass"):
+        _save(str(tmp_path / f"{name}.png"), np.zeros((64, 64), np.uint8))
+    with pytest.raises(FileNotFoundError, match=r"gravel.png not found.*Received: root="):
+        load_textures(root=tmp_path)
+    (tmp_path / "gravel.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="Could not read texture image .*gravel.png"):
+        load_textures(root=tmp_path)
+    _save(str(tmp_path / "gravel.png"), np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match=r"\(64x64 px\)\. Received: tile_size=33"):
+        load_textures(tile_size=33, root=tmp_path)
+    for bad in (0, -4, 2.5, True, "32"):
+        with pytest.raises(ValueError, match=f"Received: tile_size={bad!r}"):
+            load_textures(tile_size=bad, root=tmp_path)
+    with pytest.raises(ValueError, match="split='val'"):
+        load_textures("val", root=tmp_path)
+    assert len(load_textures(tile_size=32, root=tmp_path)) == 12
+
+
+def test_load_textures_not_installed(monkeypatch):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install scikit-image"):
+        load_textures()
+
+
 # TFDS and specs --------------------------------------------------------------
 
 
@@ -490,6 +582,7 @@ _BAD_SPECS = [
         ("folder:", None, ValueError, "spec='folder:'"),
         ("csv:/tmp/x.csv", None, ValueError, "'numpy:/path/file.npz'"),
         ("elpv", "train", ValueError, "split='train'"),
+        ("textures", "val", ValueError, "split='val'"),
         ("numpy:/tmp/x.npz", "test", ValueError, "split='test'"),
         ("tfds:mnist", None, ValueError, "Expected a `split`"),
         ("fashion_mnist", "val", ValueError, "split='val'"),

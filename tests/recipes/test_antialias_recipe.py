@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from keras_seltransfer import training
 from keras_seltransfer.layers.blur_pool import BlurPool
+from keras_seltransfer.models.antialias import antialias
 from keras_seltransfer.models.antialias import blur_layers
 from tests import helpers
 
@@ -16,6 +17,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("antialias_world")
     return {
         "target": "numpy:" + helpers.write_npz(root / "target.npz", num_per_class=40),
+        "source": "numpy:" + helpers.write_npz(root / "source.npz", num_per_class=12, seed=5),
         "backbone": helpers.saved_backbone(root / "backbone.keras"),
     }
 
@@ -28,6 +30,7 @@ def _config(world, run_dir, **overrides):
             "output_dir": str(run_dir),
             "epochs": 2,
             "patience": 2,
+            "recalibrate_batchnorm": "target",
             **overrides,
         }
     )
@@ -118,3 +121,51 @@ def test_bad_ktft_layers(world, tmp_path):
         training.finetune(_config(world, tmp_path / "a", method="ktft", ktft_layers="block9_relu"))
     with pytest.raises(ValueError, match="`ktft_layers` must be a comma-separated list"):
         training.finetune(_config(world, tmp_path / "b", method="ktft", ktft_layers=" , "))
+
+
+def _first_batchnorm_statistics(model, images):
+    """Mean and variance over images and positions of `block1_conv`'s output:
+    what the first BatchNormalization layer normalises."""
+    probe = keras.Model(model.inputs, model.get_layer("block1_conv").output)
+    features = np.asarray(probe.predict(images, verbose=0), np.float64)
+    return features.mean(axis=(0, 1, 2)), features.var(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("where", ["target", "source", "none"])
+def test_antialias_ft_starts_from_recalibrated_batchnorm_statistics(world, tmp_path, where):
+    from keras_seltransfer import data as data_lib
+
+    config = _config(
+        world,
+        tmp_path / "run",
+        method="antialias_ft",
+        source=world["source"],
+        recalibrate_batchnorm=where,
+        epochs=1,
+        export=False,
+    )
+    out = training.finetune(config)
+    assert out["report"]["antialias"]["recalibrate_batchnorm"] == where
+    loaded = keras.saving.load_model(str(tmp_path / "run" / "model.keras"), safe_mode=True)
+    if where == "target":
+        train_full, _, train_ids, _ = training.finetune_split(config)
+        images = train_full.subset(train_ids)
+    else:
+        images, _ = data_lib.load_train_test(world["source"])
+    # The first BatchNorm's input before fine-tuning moved the kernels: the
+    # pretrained convolution, unstrided by anti-aliasing.
+    pretrained = keras.saving.load_model(world["backbone"], safe_mode=True)
+    mean, var = _first_batchnorm_statistics(
+        antialias(pretrained, filt_size=config.blur_filt_size),
+        data_lib.prepared_images(images, 16, 1),
+    )
+    bn = loaded.get_layer("block1_bn")
+    # Frozen BatchNorm keeps what the recalibration measured through training.
+    if where == "none":
+        np.testing.assert_array_equal(
+            bn.moving_mean.numpy(), pretrained.get_layer("block1_bn").moving_mean.numpy()
+        )
+        assert np.abs(bn.moving_mean.numpy() - mean).max() > 1e-3
+    else:
+        np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-3, atol=1e-4)
