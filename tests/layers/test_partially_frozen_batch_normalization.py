@@ -159,3 +159,19 @@ def test_bad_arguments():
     layer = PartiallyFrozenBatchNormalization()
     with pytest.raises(ValueError, match="does not take a mask"):
         layer(_x(), mask=tf.ones((3, 5, 5), bool))
+
+
+def test_recalibration_re_estimates_frozen_channels_too_and_keeps_them_frozen():
+    from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
+
+    inputs = keras.Input((5, 5, 4))
+    bn = PartiallyFrozenBatchNormalization(name="bn")
+    model = keras.Model(inputs, bn(inputs))
+    bn.frozen.assign(FROZEN)
+    bn.trainable = False
+    x = _x((8, 5, 5, 4), seed=7)
+    recalibrate_batchnorm(model, x, batch_size=8)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(axis=(0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), x.var(axis=(0, 1, 2)), rtol=1e-4)
+    np.testing.assert_array_equal(bn.frozen.numpy(), FROZEN)
+    assert not bn.trainable
