@@ -150,6 +150,13 @@ flags.DEFINE_boolean(
     "reinit_next", _D["reinit_next"],
     "filter_transfer: also re-initialise the next layer's input slices of re-initialised filters.",
 )
+flags.DEFINE_enum(
+    "reinit_batchnorm", _D["reinit_batchnorm"], list(training.REINIT_BATCHNORM),
+    "filter_transfer with frozen BatchNorm: channels trains the re-initialised filters' BatchNorm "
+    "channels (batch statistics, learnt scale/offset) while transferred channels stay frozen; "
+    "layer trains each BatchNorm layer holding a re-initialised channel; frozen keeps them at "
+    "scale 1, offset 0 and statistics estimated once at initialisation.",
+)
 flags.DEFINE_integer(
     "prune_period", _D["prune_period"],
     "filter_transfer: epochs between relevance-pruning rounds during fine-tuning (0: none).",

@@ -30,6 +30,7 @@ from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import set_batchnorm_mode
+from keras_seltransfer.models.filter_transfer import REINIT_BATCHNORM
 from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
@@ -142,7 +143,17 @@ class FinetuneConfig:
         transfer_ratio: filter transfer: fraction of each layer's filters
             transferred (the most relevant); the rest are re-initialised.
         reinit_next: filter transfer: also re-initialise the next layer's
-            input slices of the re-initialised filters.
+            input slices of the re-initialised filters (the next layers'
+            pretrained weights would otherwise read random channels).
+        reinit_batchnorm: filter transfer, when the run's BatchNorm is
+            frozen: what the BatchNorm channels of re-initialised filters do
+            (`set_reinitialized_batchnorm`): `"channels"` trains them (batch
+            statistics, moving statistics kept current, scale and offset
+            learnt) while transferred channels keep their pretrained ones;
+            `"layer"` trains every BatchNorm layer that has a re-initialised
+            channel as a whole; `"frozen"` keeps them at scale 1, offset 0
+            and the statistics estimated once on the target images (stale
+            once the filters train; the behaviour before this option).
         prune_period: filter transfer: epochs between `RelevancePruning`
             rounds during fine-tuning; 0 disables the callback.
         prune_fraction: filter transfer: fraction of each layer's filters
@@ -239,6 +250,7 @@ class FinetuneConfig:
     relevance_statistic: str = "mean"
     transfer_ratio: float = 0.5
     reinit_next: bool = False
+    reinit_batchnorm: str = "channels"
     prune_period: int = 0
     prune_fraction: float = 0.25
     prune_action: str = "mask"
@@ -293,6 +305,7 @@ class FinetuneConfig:
         _check_choice("gate_estimator", self.gate_estimator, GATE_ESTIMATORS)
         _check_choice("relevance_statistic", self.relevance_statistic, RELEVANCE_STATISTICS)
         _check_choice("prune_action", self.prune_action, PRUNE_ACTIONS)
+        _check_choice("reinit_batchnorm", self.reinit_batchnorm, REINIT_BATCHNORM)
         _check_choice("blur_pad_type", self.blur_pad_type, BLUR_PAD_TYPES)
         _check_choice(
             "recalibrate_batchnorm", self.recalibrate_batchnorm, recipes.RECALIBRATION_DATA

@@ -6,6 +6,9 @@ from keras_seltransfer.layers.gate_controller import GateController
 from keras_seltransfer.layers.gated_conv import GatedConv
 from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
 from keras_seltransfer.layers.max_blur_pool import MaxBlurPool
+from keras_seltransfer.layers.partially_frozen_batch_normalization import (
+    PartiallyFrozenBatchNormalization,
+)
 
 __all__ = [
     "BlurPool",
@@ -14,4 +17,5 @@ __all__ = [
     "GatedConv",
     "ImagePreprocessing",
     "MaxBlurPool",
+    "PartiallyFrozenBatchNormalization",
 ]

@@ -24,12 +24,14 @@ from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import iter_layers
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.filter_transfer import add_filter_masks
+from keras_seltransfer.models.filter_transfer import batchnorm_statistics_gap
 from keras_seltransfer.models.filter_transfer import filter_masks
 from keras_seltransfer.models.filter_transfer import filter_transfer_summary
 from keras_seltransfer.models.filter_transfer import fold_filter_masks
 from keras_seltransfer.models.filter_transfer import next_layers
 from keras_seltransfer.models.filter_transfer import reinitialize_filters
 from keras_seltransfer.models.filter_transfer import selective_filter_transfer
+from keras_seltransfer.models.filter_transfer import set_reinitialized_batchnorm
 from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
 from keras_seltransfer.models.knowledge_transfer import stage_outputs
 from keras_seltransfer.models.multitask import build_multitask_model
@@ -43,6 +45,7 @@ __all__ = [
     "KnowledgeTransferModel",
     "adafilter",
     "add_filter_masks",
+    "batchnorm_statistics_gap",
     "aligned_layer_name",
     "antialias",
     "available_backbones",
@@ -69,6 +72,7 @@ __all__ = [
     "reinitialize_filters",
     "selective_filter_transfer",
     "set_batchnorm_mode",
+    "set_reinitialized_batchnorm",
     "small_cnn",
     "stage_outputs",
     "surgery",

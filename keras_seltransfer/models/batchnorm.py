@@ -13,6 +13,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_seltransfer.layers.partially_frozen_batch_normalization import (
+    PartiallyFrozenBatchNormalization,
+)
 from keras_seltransfer.models.classifier import iter_layers
 
 
@@ -52,9 +55,10 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
     images together (the per-channel mean and the pooled variance, weighted
     by batch size), as in AdaBN (Li et al., 2016) and precise BatchNorm (Wu
     and Johnson, 2021). Kernels, scales and offsets do not change, and each
-    layer's `trainable` flag and momentum are restored afterwards, so a
-    frozen layer (see `set_batchnorm_mode`) stays frozen with the new
-    statistics.
+    layer's `trainable` flag and momentum (and the `frozen` channels of a
+    `PartiallyFrozenBatchNormalization`, which are recalibrated too) are
+    restored afterwards, so a frozen layer (see `set_batchnorm_mode`) stays
+    frozen with the new statistics.
 
     As in training, each layer normalises a batch with that batch's
     statistics while the statistics of the layers after it are measured; the
@@ -109,6 +113,10 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
         )
         return 0
     saved = [(layer.trainable, layer.momentum) for layer in layers]
+    # Channels a PartiallyFrozenBatchNormalization keeps frozen would keep
+    # their old statistics through the pass: unfreeze them for it.
+    partial = [layer for layer in layers if isinstance(layer, PartiallyFrozenBatchNormalization)]
+    frozen = [keras.ops.convert_to_numpy(layer.frozen) for layer in partial]
     # The statistics to put back if the pass fails half-way.
     original = [
         (keras.ops.convert_to_numpy(layer.moving_mean), keras.ops.convert_to_numpy(layer.moving_variance))
@@ -120,6 +128,8 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
         for layer in layers:
             layer.trainable = True
             layer.momentum = 0.0
+        for layer in partial:
+            layer.frozen.assign(np.zeros(layer.frozen.shape, np.float32))
 
         # One trace per call: every batch size shares the signature.
         @tf.function(input_signature=[tf.TensorSpec((None, *model.inputs[0].shape[1:]), "float32")])
@@ -157,6 +167,8 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
         for layer, (trainable, momentum) in zip(layers, saved):
             layer.trainable = trainable
             layer.momentum = momentum
+        for layer, value in zip(partial, frozen):
+            layer.frozen.assign(value)
     return len(layers)
 
 

@@ -1,21 +1,37 @@
 """Selective filter transfer: keep the relevant pretrained filters, re-initialise the rest.
 
-Jung & Kim (2019) transfer only the pretrained filters that are relevant to
-the target data. The paper's abstract gives neither the relevance statistic
-nor what happens to the other filters; this module makes these choices
-[inferred, DESIGN.md §3.3], documented where they are made:
+What the paper specifies. Jung & Kim (2019) transfer, "among the weights
+pre-trained with source data, only the ones relevant to the target data",
+with relevance "measured statistically", and report +2% classification
+accuracy on a downsized 50-class subset of ImageNet 2012 [paper: abstract,
+the only part that is public]. The relevance statistic, the unit of
+selection, what happens to the other weights and how the network is then
+trained are not public; this module makes these choices [inferred,
+DESIGN.md §3.3], documented where they are made:
 
 - Relevance is one of the statistics of `keras_seltransfer.relevance`
   ("mean", "frequency", "kl") measured on the target data with the
   pretrained network; per conv layer the top `ratio` of filters is
-  transferred (`select_top_fraction`).
+  transferred (`select_top_fraction`) [inferred: the filter as the unit].
 - Every other filter is re-initialised with its layer's own initializers:
   its kernel slice and bias, and the matching channel of the
   BatchNormalization that follows the conv (scale and offset from the
   layer's initializers; moving mean and variance either from the
   initializers or estimated on the target data, see
-  `reinitialize_filters`). Optionally the next layers' input slices that
-  read the filter are re-initialised too (`reinit_next`).
+  `reinitialize_filters`) [inferred: "transfer only the relevant" read as
+  "start the others afresh"]. Optionally the next layers' input slices
+  that read the filter are re-initialised too (`reinit_next`) [inferred:
+  otherwise the next layers' pretrained weights read channels that now
+  carry random features; the stricter reading of transferring only the
+  relevant filters' connections].
+- The BatchNormalization of each masked conv becomes a
+  `PartiallyFrozenBatchNormalization`, so that when the run freezes
+  BatchNormalization the re-initialised channels can still train (batch
+  statistics, learnt scale and offset) while the transferred ones keep
+  their pretrained values (`set_reinitialized_batchnorm`) [inferred: a
+  re-initialised filter has no pretrained statistics; frozen, the
+  statistics estimated at initialisation go stale as its kernel trains,
+  `batchnorm_statistics_gap` measures by how much].
 - A `FilterMask` after each scored conv's response (see
   `relevance.response_points`) records which filters were transferred
   (its `transferred` weight) and can prune filters (its `mask`, all ones
@@ -25,7 +41,9 @@ nor what happens to the other filters; this module makes these choices
   (exporting the model as it is) serves identically.
 
 Reference:
-    Jung & Kim, "Selective filter transfer", 2019.
+    Jung & Kim, "Selective filter transfer", Advances in Intelligent
+    Systems and Computing, vol. 751, Springer, 2019,
+    doi:10.1007/978-3-319-78452-6_3.
 """
 
 import zlib
@@ -35,10 +53,17 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seltransfer.layers.filter_mask import FilterMask
+from keras_seltransfer.layers.partially_frozen_batch_normalization import (
+    PartiallyFrozenBatchNormalization,
+)
 from keras_seltransfer.models import surgery
 from keras_seltransfer import relevance as relevance_lib
 
 BN_STATISTICS = ("target", "initializer")
+
+# What the BatchNormalization of re-initialised filters does when the run's
+# BatchNormalization is frozen (see `set_reinitialized_batchnorm`).
+REINIT_BATCHNORM = ("frozen", "channels", "layer")
 
 MASK_SUFFIX = "_filter_mask"
 
@@ -158,9 +183,14 @@ def add_filter_masks(model, layers=None, name=None):
 
     Each mask is named `<conv name>_filter_mask`, computes in the dtype
     policy of the layer it follows, and starts as the identity (mask and
-    `transferred` all ones), so the new model computes exactly what
-    `model` does, with copies of all its weights. Conv layers that already
-    have a mask keep it (with its values).
+    `transferred` all ones). The `BatchNormalization` in each such conv's
+    response chain becomes a `PartiallyFrozenBatchNormalization` of the
+    same name, config and weights, with no channel frozen (so it is the
+    same computation; `set_reinitialized_batchnorm` later lets the
+    channels of re-initialised filters train while the others stay
+    frozen). So the new model computes exactly what `model` does, with
+    copies of all its weights. Conv layers that already have a mask keep
+    it (with its values).
 
     Args:
         model: a functional `keras.Model` (nested functional models are
@@ -178,7 +208,15 @@ def add_filter_masks(model, layers=None, name=None):
     chains = relevance_lib.response_chains(flat, layers)
     existing = filter_masks(flat)
     channel_axes = {}
+    swap = set()
     for conv, chain in chains.items():
+        swap.update(
+            name
+            for name in chain[1:]
+            if type(by_name[name]) is keras.layers.BatchNormalization
+            and isinstance(by_name[name].axis, int)
+            and not by_name[name].renorm
+        )
         if conv in existing:
             continue
         mask_name = conv + MASK_SUFFIX
@@ -190,7 +228,15 @@ def add_filter_masks(model, layers=None, name=None):
         channel_axes[chain[-1]] = (mask_name, relevance_lib._channel_axis(by_name[conv]))
 
     def call(layer, original, *args, **kwargs):
-        outputs = layer(*args, **kwargs)
+        if original.name in swap:
+            layer = PartiallyFrozenBatchNormalization.from_config(original.get_config())
+            outputs = layer(*args, **kwargs)
+            # A different class, so `surgery.rebuild` does not copy these.
+            for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+                if getattr(original, name, None) is not None:
+                    getattr(layer, name).assign(getattr(original, name))
+        else:
+            outputs = layer(*args, **kwargs)
         if original.name in channel_axes:
             mask_name, axis = channel_axes[original.name]
             outputs = FilterMask(axis=axis, dtype=layer.dtype_policy, name=mask_name)(outputs)
@@ -415,7 +461,9 @@ def reinitialize_filters(
       SeparableConv2D, `kernel[c, :]` of a Dense layer); their biases and
       other channels are untouched;
     - the conv's `FilterMask`, if it has one, gets `transferred[c] = 0`
-      (its `mask` is unchanged).
+      (its `mask` is unchanged), and a `PartiallyFrozenBatchNormalization`
+      in the chain `frozen[c] = 0` (the channel trains whenever the layer
+      is trainable, see `set_reinitialized_batchnorm`).
 
     Nothing else changes; in particular optimizer slots (momenta) of the
     re-initialised entries are left as they are.
@@ -498,6 +546,9 @@ def reinitialize_filters(
                 for variable, initializer in filter(None, pairs):
                     fresh = _fresh_values(initializer, variable, name, base_seed)
                     _assign_slices(variable, fresh, channels)
+                if isinstance(layer, PartiallyFrozenBatchNormalization):
+                    # No pretrained statistics are left to keep for the channel.
+                    _assign_slices(layer.frozen, np.zeros(layer.frozen.shape, np.float32), channels)
                 if bn_statistics == "target":
                     estimate.append((conv_name, layer, channels))
             elif isinstance(layer, keras.layers.PReLU) and int(layer.alpha.shape[-1]) > 1:
@@ -680,6 +731,157 @@ def filter_transfer_summary(model):
     return summary
 
 
+def _masked_batchnorms(graph):
+    """`[(conv name, BatchNormalization layer, FilterMask layer)]`: the first
+    BatchNormalization in the response chain of every masked conv."""
+    masks = filter_masks(graph.flat)
+    chains = relevance_lib.response_chains(graph.flat, list(masks)) if masks else {}
+    found = []
+    for conv, mask in masks.items():
+        for name in chains[conv][1:]:
+            layer = graph.by_name[name]
+            if isinstance(layer, keras.layers.BatchNormalization):
+                found.append((conv, layer, mask))
+                break
+    return found
+
+
+def set_reinitialized_batchnorm(model, mode="channels"):
+    """Chooses what the BatchNormalization of re-initialised filters does
+    when a selective-filter-transfer model fine-tunes with frozen batch norm.
+
+    A re-initialised filter's channel starts with scale 1, offset 0 and
+    moving statistics estimated once on the target images (see
+    `reinitialize_filters`). Under frozen batch normalization (this
+    toolkit's fine-tuning default, `set_batchnorm_mode(model, "frozen")`)
+    those stay fixed while the filter's kernel trains, so its statistics go
+    stale and its scale and offset never adapt. Call this after
+    `set_batchnorm_mode(model, "frozen")` and before `compile`; it changes
+    only the BatchNormalization in the response chain of each conv that has
+    a `FilterMask` (see `add_filter_masks`):
+
+    - `"frozen"`: those layers stay frozen, as every other (the behaviour
+      before this option existed);
+    - `"channels"`: each becomes trainable with its channels frozen one by
+      one (`PartiallyFrozenBatchNormalization.frozen` = the mask's
+      `transferred`): transferred filters keep their pretrained statistics,
+      scale and offset, while re-initialised ones are normalised with batch
+      statistics, keep their moving statistics current and learn their
+      scale and offset [inferred: the paper transfers the relevant filters
+      and trains the rest; a re-initialised filter has no pretrained
+      statistics to keep]. Filters that `RelevancePruning` re-initialises
+      later start training too;
+    - `"layer"`: each layer with at least one re-initialised channel trains
+      as a whole (all its channels, transferred ones included, use batch
+      statistics), the others stay frozen [inferred].
+
+    With BatchNormalization trained everywhere (`set_batchnorm_mode(model,
+    "train")`), do not call it: every channel already trains.
+
+    Args:
+        model: a functional `keras.Model` built by `selective_filter_transfer`
+            (or `add_filter_masks` + `reinitialize_filters`).
+        mode: `"frozen"`, `"channels"` or `"layer"`.
+
+    Returns:
+        A dict `{batchnorm layer name: number of its channels that train}`.
+
+    Raises:
+        ValueError: for an unknown `mode`, or `"channels"` when a masked
+            conv's BatchNormalization is not a
+            `PartiallyFrozenBatchNormalization`.
+    """
+    _check_choice("mode", mode, REINIT_BATCHNORM)
+    training = {}
+    for _, layer, mask in _masked_batchnorms(_Graph(model)):
+        reinitialized = np.asarray(mask.transferred.numpy()) != 1
+        partial = isinstance(layer, PartiallyFrozenBatchNormalization)
+        if mode == "channels" and not partial:
+            raise ValueError(
+                f'mode="channels" freezes BatchNormalization channels one by one, which layer '
+                f"{layer.name!r} cannot: rebuild the model with `add_filter_masks`, which makes "
+                f"it a PartiallyFrozenBatchNormalization. Received: {type(layer).__name__}"
+            )
+        if mode == "frozen":
+            layer.trainable = False
+        elif mode == "channels":
+            layer.trainable = True
+            layer.frozen.assign((~reinitialized).astype(np.float32))
+        else:
+            layer.trainable = bool(reinitialized.any())
+            if partial:
+                layer.frozen.assign(np.zeros(reinitialized.shape, np.float32))
+        if not layer.trainable:
+            count = 0
+        elif partial:
+            count = int((np.asarray(layer.frozen.numpy()) == 0).sum())
+        else:
+            count = int(reinitialized.size)
+        training[layer.name] = count
+    return training
+
+
+def batchnorm_statistics_gap(model, data, *, strategy=None):
+    """How far the moving statistics of each masked conv's BatchNormalization
+    are from the statistics of what it actually normalises.
+
+    The diagnostic of stale statistics: for every conv with a `FilterMask`
+    and a BatchNormalization in its response chain, the mean and population
+    variance of the BatchNormalization's input per channel over all images
+    and positions of `data` (inference mode, the model as it is), compared
+    with the layer's moving mean m and variance v:
+
+    - `mean_gap` = |mean - m| / sqrt(v + epsilon): how many moving standard
+      deviations the channel's actual mean is off (0 when current);
+    - `log_variance_ratio` = |log((variance + epsilon) / (v + epsilon))|:
+      0 when current, log 2 = 0.69 when off by a factor of 2.
+
+    Both are summarised (median) separately over the layer's transferred
+    and re-initialised channels (the mask's `transferred`).
+
+    Args:
+        model: a functional `keras.Model` with `FilterMask` layers.
+        data: a finite `tf.data.Dataset` of image batches or `(images,
+            labels)` batches.
+        strategy: strategy of the pass; default the model's.
+
+    Returns:
+        A dict `{conv layer name: {"batchnorm": name, "transferred": {...},
+        "reinitialized": {...}}}`, each inner dict with `channels`,
+        `mean_gap` and `log_variance_ratio` (medians; None without
+        channels), plain floats and ints (JSON serialisable).
+
+    Raises:
+        ValueError: for empty `data`.
+    """
+    graph = _Graph(model)
+    found = _masked_batchnorms(graph)
+    if not found:
+        return {}
+    strategy = strategy or getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    submodel = keras.Model(graph.flat.inputs[0], [layer.input for _, layer, _ in found])
+    moments = _stream_channel_moments(
+        strategy, submodel, [1 if layer.axis in (1, -3) else -1 for _, layer, _ in found], data
+    )()
+    result = {}
+    for (conv, layer, mask), (mean, variance) in zip(found, moments):
+        eps = float(layer.epsilon)
+        moving_mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+        moving_variance = np.asarray(layer.moving_variance.numpy(), np.float64)
+        mean_gap = np.abs(mean - moving_mean) / np.sqrt(moving_variance + eps)
+        ratio = np.abs(np.log((variance + eps) / (moving_variance + eps)))
+        transferred = np.asarray(mask.transferred.numpy()) == 1
+        entry = {"batchnorm": layer.name}
+        for key, chosen in (("transferred", transferred), ("reinitialized", ~transferred)):
+            entry[key] = {
+                "channels": int(chosen.sum()),
+                "mean_gap": float(np.median(mean_gap[chosen])) if chosen.any() else None,
+                "log_variance_ratio": float(np.median(ratio[chosen])) if chosen.any() else None,
+            }
+        result[conv] = entry
+    return result
+
+
 def _activation_of(conv, chain, by_name):
     """`(description, callable on a float32 array, positively homogeneous)`
     of the activation at the end of a response chain (identity when none)."""
@@ -721,7 +923,9 @@ def fold_filter_masks(model, name=None):
     folded network's outputs equal the masked one's.
 
     The `transferred` records are not kept (the folded model has no
-    masks); keep the model itself to keep them.
+    masks), and every `PartiallyFrozenBatchNormalization` becomes a plain
+    `BatchNormalization` with the same weights (they compute the same in
+    inference mode); keep the model itself to keep them.
 
     Args:
         model: a functional `keras.Model` whose `FilterMask` layers each
@@ -798,6 +1002,15 @@ def fold_filter_masks(model, name=None):
     def call(layer, original, *args, **kwargs):
         if isinstance(original, FilterMask):
             return args[0]
+        if isinstance(original, PartiallyFrozenBatchNormalization):
+            # Per-channel freezing only matters while training: serve plain
+            # BatchNormalization.
+            layer = keras.layers.BatchNormalization.from_config(original.get_config())
+            outputs = layer(*args, **kwargs)
+            for weight in ("gamma", "beta", "moving_mean", "moving_variance"):
+                if getattr(original, weight, None) is not None:
+                    getattr(layer, weight).assign(getattr(original, weight))
+            return outputs
         return layer(*args, **kwargs)
 
     folded = surgery.rebuild(flat, call, name=name)
@@ -823,11 +1036,14 @@ def fold_filter_masks(model, name=None):
 
 __all__ = [
     "BN_STATISTICS",
+    "REINIT_BATCHNORM",
     "add_filter_masks",
+    "batchnorm_statistics_gap",
     "filter_masks",
     "filter_transfer_summary",
     "fold_filter_masks",
     "next_layers",
     "reinitialize_filters",
     "selective_filter_transfer",
+    "set_reinitialized_batchnorm",
 ]

@@ -5,7 +5,10 @@ on the target training images (`config.relevance_statistic`; "kl" also
 reads a sample of `config.source`'s training split); per conv layer the
 top `config.transfer_ratio` of the filters keep their pretrained weights
 and the rest are re-initialised (`selective_filter_transfer`, with
-`config.reinit_next`). With `config.prune_period` > 0, a `RelevancePruning`
+`config.reinit_next`). When the run's BatchNorm is frozen, the BatchNorm
+channels of the re-initialised filters train as `config.reinit_batchnorm`
+says (`set_reinitialized_batchnorm`; with trained BatchNorm every channel
+trains anyway). With `config.prune_period` > 0, a `RelevancePruning`
 callback then prunes the least relevant filters during fine-tuning (masks
 or re-initialises them, `config.prune_action`) up to
 `config.prune_fraction` of each layer by the last epoch. Everything is
@@ -22,6 +25,7 @@ from keras_seltransfer.callbacks.relevance_pruning import RelevancePruning
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.filter_transfer import filter_transfer_summary
 from keras_seltransfer.models.filter_transfer import selective_filter_transfer
+from keras_seltransfer.models.filter_transfer import set_reinitialized_batchnorm
 from keras_seltransfer.recipes import MethodSetup
 
 # Source images the "kl" statistic compares the target images with: enough
@@ -71,6 +75,8 @@ def setup(config, classifier, context):
             seed=config.seed,
         )
         set_batchnorm_mode(model, config.batchnorm_mode)
+        if config.batchnorm_mode == "frozen":
+            set_reinitialized_batchnorm(model, config.reinit_batchnorm)
 
     pruning = None
     if config.prune_period > 0:
@@ -92,6 +98,9 @@ def setup(config, classifier, context):
             "statistic": config.relevance_statistic,
             "transfer_ratio": config.transfer_ratio,
             "reinit_next": config.reinit_next,
+            "reinit_batchnorm": (
+                config.reinit_batchnorm if config.batchnorm_mode == "frozen" else "train"
+            ),
             "layers": filter_transfer_summary(model),
         }
         if pruning is not None:

@@ -8,6 +8,10 @@ import tensorflow as tf
 from keras_seltransfer import relevance as relevance_lib
 from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.layers.filter_mask import FilterMask
+from keras_seltransfer.layers.partially_frozen_batch_normalization import (
+    PartiallyFrozenBatchNormalization,
+)
+from keras_seltransfer.models import set_batchnorm_mode
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import load_backbone
 from keras_seltransfer.models import small_cnn
@@ -205,8 +209,12 @@ def test_folded_and_kept_masks_serve_identically(tmp_path):
     # The masked channels are exactly zero.
     mask_out = keras.Model(model.inputs[0], model.get_layer("block1_conv_filter_mask").output)(x)
     assert np.all(np.asarray(mask_out)[..., 1] == 0)
+    assert isinstance(model.get_layer("block1_bn"), PartiallyFrozenBatchNormalization)
+    ft.set_reinitialized_batchnorm(model, "channels")
     folded = ft.fold_filter_masks(model)
     assert not any(isinstance(layer, FilterMask) for layer in folded.layers)
+    # Per-channel freezing only matters in training: the fold serves plain BN.
+    assert type(folded.get_layer("block1_bn")) is keras.layers.BatchNormalization
     assert len(folded.layers) == len(model.layers) - 2
     np.testing.assert_array_equal(folded(x), model(x))
     np.testing.assert_array_equal(folded.get_layer("block1_bn").gamma.numpy()[1], 0.0)
@@ -266,10 +274,121 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="`bn_statistics` must be one of"):
         ft.selective_filter_transfer(model, data, bn_statistics="source")
     masked = ft.add_filter_masks(model)
+    with pytest.raises(ValueError, match=r"`mode` must be one of .*Received: mode='train'"):
+        ft.set_reinitialized_batchnorm(masked, "train")
+    plain = _pretrained()
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(2, 1, name="c")(inputs))
+    plain = keras.Model(inputs, FilterMask(name="c_filter_mask")(keras.layers.ReLU()(x)))
+    with pytest.raises(ValueError, match="cannot: rebuild the model with `add_filter_masks`"):
+        ft.set_reinitialized_batchnorm(plain, "channels")
     with pytest.raises(ValueError, match="pass them as `data`"):
         ft.reinitialize_filters(masked, {"block1_conv": np.ones(4, bool)}, bn_statistics="target")
     with pytest.raises(ValueError, match=r"bool array of shape \(4,\)"):
         ft.reinitialize_filters(masked, {"block1_conv": np.ones(3, bool)})
+
+
+def _fine_tune(mode, x, steps=6):
+    """A small_cnn transferred on `x` / 255 * 4 (moving statistics of the
+    re-initialised channels estimated on those images), fine-tuned on them
+    for a few full-batch steps with frozen BatchNorm and `mode` for the
+    re-initialised channels; BatchNorm momentum 0, so moving statistics are
+    those of the last batch seen."""
+    x = x / 255.0 * 4
+    model = ft.selective_filter_transfer(
+        _pretrained(), _data(x), ratio=0.5, relevance=RELEVANCE, seed=3
+    )
+    set_batchnorm_mode(model, "frozen")
+    training = ft.set_reinitialized_batchnorm(model, mode)
+    for name in ("block1_bn", "block2_bn"):
+        model.get_layer(name).momentum = 0.0
+    initial = _weights(model)
+    model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    labels = np.arange(len(x)) % 3
+    model.fit(x, labels, epochs=steps, batch_size=len(x), verbose=0)
+    # One more training-mode pass: the statistics of the final weights.
+    model(x, training=True)
+    return model, initial, training
+
+
+@pytest.mark.parametrize("mode", ["channels", "layer"])
+def test_reinitialized_batchnorm_trains_and_tracks_its_filters(mode):
+    x = _images(8)
+    model, initial, training = _fine_tune(mode, x)
+    after = _weights(model)
+    if mode == "channels":
+        assert training == {"block1_bn": 2, "block2_bn": 4}
+    else:
+        assert training == {"block1_bn": 4, "block2_bn": 8}
+    for i in (1, 2):
+        reinit = ~KEPT[f"block{i}_conv"]
+        moved = reinit if mode == "channels" else np.ones_like(reinit)
+        # The kernels trained, so estimates made at initialisation are stale...
+        assert np.all(after[f"block{i}_conv/kernel"][..., reinit] != initial[f"block{i}_conv/kernel"][..., reinit])
+        # ...but the moving statistics are the final filters' batch statistics
+        # (a float64 NumPy reduction of the conv outputs).
+        mean, variance = _moments(model, f"block{i}_conv", x / 255.0 * 4)
+        np.testing.assert_allclose(
+            after[f"block{i}_bn/moving_mean"][moved], mean[moved], rtol=1e-3, atol=1e-4
+        )
+        np.testing.assert_allclose(
+            after[f"block{i}_bn/moving_variance"][moved], variance[moved], rtol=1e-3, atol=1e-4
+        )
+        for w in ("gamma", "beta"):
+            assert np.all(after[f"block{i}_bn/{w}"][moved] != initial[f"block{i}_bn/{w}"][moved])
+        # Transferred channels keep every pretrained BatchNorm value ("channels").
+        for w in ("gamma", "beta", "moving_mean", "moving_variance"):
+            np.testing.assert_array_equal(
+                after[f"block{i}_bn/{w}"][~moved], initial[f"block{i}_bn/{w}"][~moved]
+            )
+
+
+def test_frozen_reinitialized_batchnorm_goes_stale():
+    """The behaviour before `reinit_batchnorm`: the statistics estimated at
+    initialisation no longer describe the trained filters."""
+    x = _images(8)
+    model, initial, training = _fine_tune("frozen", x)
+    assert training == {"block1_bn": 0, "block2_bn": 0}
+    after = _weights(model)
+    for i in (1, 2):
+        for w in ("gamma", "beta", "moving_mean", "moving_variance"):
+            np.testing.assert_array_equal(after[f"block{i}_bn/{w}"], initial[f"block{i}_bn/{w}"])
+    # Six steps move block2's new kernels by about their own size: the
+    # channels' actual means are then far off, in moving standard deviations.
+    mean, _ = _moments(model, "block2_conv", x / 255.0 * 4)
+    reinit = ~KEPT["block2_conv"]
+    gap = np.abs(mean - after["block2_bn/moving_mean"]) / np.sqrt(
+        after["block2_bn/moving_variance"] + 1e-3
+    )
+    assert gap[reinit].max() > 0.5
+
+
+def test_batchnorm_statistics_gap_matches_numpy():
+    x = _images(8)
+    model, _, _ = _fine_tune("frozen", x)
+    gaps = ft.batchnorm_statistics_gap(model, _data(x / 255.0 * 4, 3))
+    assert sorted(gaps) == ["block1_conv", "block2_conv"]
+    for i in (1, 2):
+        bn = model.get_layer(f"block{i}_bn")
+        mean, variance = _moments(model, f"block{i}_conv", x / 255.0 * 4)
+        m, v = bn.moving_mean.numpy().astype(np.float64), bn.moving_variance.numpy()
+        eps = bn.epsilon
+        mean_gap = np.abs(mean - m) / np.sqrt(v + eps)
+        ratio = np.abs(np.log((variance + eps) / (v + eps)))
+        kept = KEPT[f"block{i}_conv"]
+        entry = gaps[f"block{i}_conv"]
+        assert entry["batchnorm"] == f"block{i}_bn"
+        for key, chosen in (("transferred", kept), ("reinitialized", ~kept)):
+            assert entry[key]["channels"] == int(chosen.sum())
+            np.testing.assert_allclose(entry[key]["mean_gap"], np.median(mean_gap[chosen]), rtol=1e-4)
+            np.testing.assert_allclose(
+                entry[key]["log_variance_ratio"], np.median(ratio[chosen]), rtol=1e-3, atol=1e-6
+            )
+    # After a pass that makes every statistic current, the gap is ~0.
+    current, _, _ = _fine_tune("layer", x)
+    for entry in ft.batchnorm_statistics_gap(current, _data(x / 255.0 * 4)).values():
+        assert entry["reinitialized"]["mean_gap"] < 1e-3
+        assert entry["reinitialized"]["log_variance_ratio"] < 1e-3
 
 
 @pytest.mark.slow

@@ -125,3 +125,24 @@ def test_interrupted_reinit_pruning_run_resumes_to_the_same_result(tmp_path, mon
     b = keras.saving.load_model(resumed["model"])
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+def test_reinitialized_channels_batchnorm_trains_under_frozen_batchnorm(tmp_path):
+    config = _config(tmp_path, export=False, reinit_batchnorm="channels")
+    assert config.batchnorm_mode == "frozen"
+    out = training.finetune(config)
+    assert out["report"]["filter_transfer"]["reinit_batchnorm"] == "channels"
+    pretrained = keras.saving.load_model(config.backbone, safe_mode=True)
+    tuned = keras.saving.load_model(out["model"], safe_mode=True)
+    for conv, mask in ft.filter_masks(tuned).items():
+        bn_name = conv.replace("conv", "bn")
+        kept = mask.transferred.numpy() == 1
+        bn, original = tuned.get_layer(bn_name), pretrained.get_layer(bn_name)
+        np.testing.assert_array_equal(bn.frozen.numpy(), kept.astype(np.float32))
+        for w in ("gamma", "beta", "moving_mean", "moving_variance"):
+            value = getattr(bn, w).numpy()
+            # Transferred channels keep their pretrained BatchNorm exactly...
+            np.testing.assert_array_equal(value[kept], getattr(original, w).numpy()[kept])
+        # ...while the re-initialised ones learnt a scale and offset (they
+        # would stay at 1 and 0 with their BatchNorm frozen).
+        assert np.all(bn.gamma.numpy()[~kept] != 1.0) and np.all(bn.beta.numpy()[~kept] != 0.0)
