@@ -16,6 +16,7 @@ estimators that every gated layer uses.
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 ESTIMATORS = ("ste", "gumbel")
@@ -136,6 +137,42 @@ def discrete_gates(logits, estimator="ste", temperature=1.0, training=False, see
     return straight_through_threshold(logits)
 
 
+def gate_entropy(logits):
+    """The binary entropy, in bits, of the gate probabilities `sigmoid(logits)`.
+
+    Computed from the logits (`H = (log(1 + e^z) - z * sigmoid(z)) / log 2`,
+    with a stable softplus), so it stays finite for saturated gates.
+
+    Args:
+        logits: float tensor of gate logits.
+
+    Returns:
+        A float32 tensor of the same shape, in [0, 1].
+    """
+    _check_logits(logits)
+    z = ops.cast(logits, "float32")
+    nats = ops.softplus(z) - z * ops.sigmoid(z)
+    return ops.maximum(nats, 0.0) / float(np.log(2.0))
+
+
+def input_dependence(gates):
+    """The fraction of filters whose gate differs across a batch's examples.
+
+    A filter's gate is input-dependent on the batch when it is open (1) for
+    some examples and closed (0) for others.
+
+    Args:
+        gates: `[batch, filters]` gates in {0, 1}.
+
+    Returns:
+        A float32 scalar in [0, 1] (0 for a batch of one example).
+    """
+    gates = ops.cast(gates, "float32")
+    opened = ops.max(gates, axis=0)
+    closed = 1.0 - ops.min(gates, axis=0)
+    return ops.mean(opened * closed)
+
+
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -166,6 +203,19 @@ class GateController(keras.layers.Layer):
     Gate usage, the fraction of gates that choose the fine-tuned filter, is
     tracked by metrics of this layer: `"gate_usage"` over all steps (every
     filter of every example counted once) and `"gate_usage_<name>"` per step.
+    Two diagnostics of whether the gates learn are tracked the same way:
+    - `"gate_entropy"` (and `"gate_entropy_<name>"`): the mean binary
+      entropy, in bits, of the soft gate probabilities `sigmoid(logits)`
+      over the batch's examples and filters. 1 is a coin flip (where the
+      gates start, with zero output biases); 0 a confident choice.
+    - `"gate_input_dependence"` (and `"gate_input_dependence_<name>"`): the
+      fraction of filters whose gate is input-dependent on the batch, that
+      is open for some of its examples and closed for others. 0 means every
+      filter takes the same path for every image of the batch (a static
+      choice). It is a per-batch statistic, averaged over the epoch's
+      batches (per replica under a distribution strategy), so it depends on
+      the batch size; Gumbel noise makes training gates vary by chance, so
+      read it on the validation logs (`val_...`), which use the hard gates.
     Keras reports the metrics tracked by any layer of a model (a model's
     `metrics` gather its layers'), resets them with the model's at every
     epoch and evaluation and aggregates them across replicas, so the usage
@@ -335,6 +385,14 @@ class GateController(keras.layers.Layer):
         self.bias = self.add_weight(shape=(4 * units,), initializer=lstm_bias, name="bias")
         self.usage = keras.metrics.Mean(name="gate_usage")
         self.step_usage = [keras.metrics.Mean(name=f"gate_usage_{n}") for n in self.step_names]
+        self.entropy = keras.metrics.Mean(name="gate_entropy")
+        self.step_entropy = [
+            keras.metrics.Mean(name=f"gate_entropy_{n}") for n in self.step_names
+        ]
+        self.input_dependence = keras.metrics.Mean(name="gate_input_dependence")
+        self.step_input_dependence = [
+            keras.metrics.Mean(name=f"gate_input_dependence_{n}") for n in self.step_names
+        ]
 
     def _check_call(self, inputs, step):
         if not _is_int(step) or not 0 <= step < self.num_steps:
@@ -375,10 +433,15 @@ class GateController(keras.layers.Layer):
         # Per-example means, so batches of different sizes weigh right; the
         # overall metric weighs each layer by its filter count.
         per_example = ops.mean(ops.stop_gradient(gates), axis=-1)
+        weight = ops.full_like(per_example, self.filters[step])
         self.step_usage[step].update_state(per_example)
-        self.usage.update_state(
-            per_example, sample_weight=ops.full_like(per_example, self.filters[step])
-        )
+        self.usage.update_state(per_example, sample_weight=weight)
+        entropy = ops.mean(gate_entropy(ops.stop_gradient(logits)), axis=-1)
+        self.step_entropy[step].update_state(entropy)
+        self.entropy.update_state(entropy, sample_weight=weight)
+        dependence = input_dependence(ops.stop_gradient(gates))
+        self.step_input_dependence[step].update_state(dependence)
+        self.input_dependence.update_state(dependence, sample_weight=float(self.filters[step]))
         if self.usage_target is not None and step == self.num_steps - 1 and self.usage_weight:
             usage = ops.mean(used) / float(sum(self.filters))
             self.add_loss(self.usage_weight * ops.square(usage - self.usage_target))
@@ -420,7 +483,9 @@ __all__ = [
     "ESTIMATORS",
     "GateController",
     "discrete_gates",
+    "gate_entropy",
     "hard_gates",
+    "input_dependence",
     "straight_through_gumbel",
     "straight_through_threshold",
 ]
