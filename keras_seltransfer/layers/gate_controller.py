@@ -234,6 +234,21 @@ class GateController(keras.layers.Layer):
     bias initialised to 1). Output biases start at 0, so about half of the
     gates start open.
 
+    Sources. [paper] One recurrent gate network shared by all layers decides
+    each layer's filters from the activations of the previous layer
+    ("layerwise recurrent gated network"); the choice is discrete, trained
+    end to end. [code] The authors' earlier SpotTune code (Guo et al., CVPR
+    2019, github.com/gyhui14/spottune) discretises with a straight-through
+    Gumbel-softmax (hard one-hot forward, relaxed gradient) and trains its
+    policy network with its own SGD optimizer and learning rate, on the
+    same step schedule as the network; hence `estimator="gumbel"` and the
+    gate network's learning-rate multiplier of the `finetune` app
+    (`gate_lr_multiplier`). [inferred] The default `"ste"` (threshold at
+    probability 1/2, sigmoid gradient), the pooling, the per-layer
+    projections and the cell width. The AdaFilter paper's text beyond its
+    abstract and method overview could not be consulted for this
+    implementation; where it fixes these details, they take precedence.
+
     Args:
         input_channels: channels of the activations entering each step's
             gated layer.
