@@ -153,6 +153,11 @@ flags.DEFINE_enum(
     "layer's frozen pretrained filters) or input (its pooled input: one brightness value "
     "per grayscale image).",
 )
+flags.DEFINE_boolean(
+    "gate_input_norm", _D["gate_input_norm"],
+    "adafilter: standardise each gate's pooled input over the batch (moving averages at "
+    "inference) before the gate network reads it (not in the paper).",
+)
 # Selective filter transfer (--method=filter_transfer).
 flags.DEFINE_enum(
     "relevance_statistic", _D["relevance_statistic"], list(training.RELEVANCE_STATISTICS),

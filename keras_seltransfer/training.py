@@ -155,6 +155,10 @@ class FinetuneConfig:
             `"features"` (the pooled output of the first gated layer's
             frozen pretrained path) or `"input"` (its pooled input, for a
             grayscale image one brightness value).
+        gate_input_norm: AdaFilter: standardise each gate's pooled input per
+            channel over the batch (moving averages at inference) before the
+            gate network reads it, so it sees how an image differs from the
+            others [inferred: not in the paper].
         relevance_statistic: filter transfer: `"mean"` (mean post-activation
             response), `"frequency"` (fraction of positive responses) or
             `"kl"` (symmetric KL between the filter's response distributions
@@ -248,6 +252,7 @@ class FinetuneConfig:
     gated_batchnorm: str = "train"
     gate_lr_multiplier: float = 10.0
     first_gate_input: str = "features"
+    gate_input_norm: bool = False
     relevance_statistic: str = "mean"
     transfer_ratio: float = 0.5
     reinit_next: bool = False

@@ -262,6 +262,12 @@ class GateController(keras.layers.Layer):
         usage_weight: weight of the sparsity loss.
         step_names: names of the steps in the usage metrics (default
             `"step<i>"`), usually the gated layers' names.
+        normalize_inputs: standardise each step's pooled inputs per channel
+            over the batch (batch statistics in training, moving averages at
+            inference, no affine parameters) before the projection, so the
+            gates see how an image differs from the others rather than the
+            features all images share [inferred: not in the paper].
+        momentum: momentum of those moving averages.
         seed: seed of the Gumbel noise (int or None). Its generator's
             position is layer state outside the weights (like a Dropout
             layer's); as in Keras' own random layers, every replica of a
@@ -312,6 +318,8 @@ class GateController(keras.layers.Layer):
         usage_weight=0.1,
         step_names=None,
         seed=None,
+        normalize_inputs=False,
+        momentum=0.9,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -353,6 +361,10 @@ class GateController(keras.layers.Layer):
         self.usage_weight = float(usage_weight)
         self.step_names = step_names
         self.seed = seed
+        if isinstance(momentum, bool) or not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum!r}")
+        self.normalize_inputs = bool(normalize_inputs)
+        self.momentum = float(momentum)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @property
@@ -398,6 +410,16 @@ class GateController(keras.layers.Layer):
             shape=(units, 4 * units), initializer="orthogonal", name="recurrent_kernel"
         )
         self.bias = self.add_weight(shape=(4 * units,), initializer=lstm_bias, name="bias")
+        self.input_means, self.input_variances = [], []
+        if self.normalize_inputs:
+            for i, channels in enumerate(self.input_channels):
+                stats = dict(shape=(channels,), trainable=False, autocast=False)
+                self.input_means.append(
+                    self.add_weight(initializer="zeros", name=f"input_moving_mean_{i}", **stats)
+                )
+                self.input_variances.append(
+                    self.add_weight(initializer="ones", name=f"input_moving_variance_{i}", **stats)
+                )
         self.usage = keras.metrics.Mean(name="gate_usage")
         self.step_usage = [keras.metrics.Mean(name=f"gate_usage_{n}") for n in self.step_names]
         self.entropy = keras.metrics.Mean(name="gate_entropy")
@@ -425,6 +447,8 @@ class GateController(keras.layers.Layer):
         x = inputs
         if len(x.shape) > 2:
             x = ops.mean(x, axis=tuple(range(1, len(x.shape) - 1)))
+        if self.normalize_inputs:
+            x = self._standardize(x, step, training)
         z = ops.matmul(x, self.input_kernels[step]) + self.input_biases[step]
         if states is None:
             zeros = ops.zeros_like(z)
@@ -462,6 +486,22 @@ class GateController(keras.layers.Layer):
             self.add_loss(self.usage_weight * ops.square(usage - self.usage_target))
         return gates, [h, c, used]
 
+    def _standardize(self, x, step, training):
+        # Batch normalisation without affine parameters (the projection that
+        # follows has its own): batch statistics in training, moving averages
+        # at inference.
+        x = ops.cast(x, "float32")
+        mean_var, var_var = self.input_means[step], self.input_variances[step]
+        if training:
+            mean, variance = ops.moments(x, axes=[0])
+            mean_var.assign(mean_var * self.momentum + ops.stop_gradient(mean) * (1 - self.momentum))
+            var_var.assign(
+                var_var * self.momentum + ops.stop_gradient(variance) * (1 - self.momentum)
+            )
+        else:
+            mean, variance = mean_var, var_var
+        return (x - mean) * ops.rsqrt(variance + 1e-3)
+
     def compute_output_spec(self, inputs, states=None, step=0, training=None):
         # Spelled out rather than traced: a model calls this layer once per
         # gated layer, and tracing the cell each time dominates the cost of
@@ -489,6 +529,8 @@ class GateController(keras.layers.Layer):
                 "usage_weight": self.usage_weight,
                 "step_names": list(self.step_names),
                 "seed": self.seed,
+                "normalize_inputs": self.normalize_inputs,
+                "momentum": self.momentum,
             }
         )
         return config

@@ -192,6 +192,7 @@ def adafilter(
     usage_weight=0.1,
     train_batchnorm=True,
     first_gate_input="features",
+    normalize_gate_inputs=False,
     seed=None,
     name=None,
 ):
@@ -267,6 +268,8 @@ def adafilter(
         first_gate_input: what the first gate reads: `"features"` (the
             pooled output of the first gated layer's frozen pretrained path)
             or `"input"` (the pooled input of that layer).
+        normalize_gate_inputs: standardise the gates' pooled inputs over the
+            batch (see `GateController`'s `normalize_inputs`).
         seed: seed of the Gumbel noise.
         name: name of the new model (default: the original's).
 
@@ -363,6 +366,7 @@ def adafilter(
         usage_weight=usage_weight,
         step_names=order,
         seed=seed,
+        normalize_inputs=normalize_gate_inputs,
         # The gate network is small; float32 keeps its logits and the
         # Gumbel noise exact under mixed precision.
         dtype="float32",

@@ -160,6 +160,7 @@ def adafilter_model(config, model):
         usage_weight=config.gate_usage_weight,
         train_batchnorm=config.gated_batchnorm == "train",
         first_gate_input=config.first_gate_input,
+        normalize_gate_inputs=config.gate_input_norm,
         seed=config.seed,
     )
 

@@ -22,7 +22,7 @@ def setup(config, classifier, context):
 
     Uses the config fields `gated_layers`, `gate_estimator`,
     `gate_temperature`, `gate_units`, `gate_usage_target`,
-    `gate_usage_weight`, `gated_batchnorm` (whether the fine-tuned path's
+    `gate_usage_weight`, `gate_input_norm`, `gated_batchnorm` (whether the fine-tuned path's
     batch norms train; the pretrained path's never do), `first_gate_input`
     and `gate_lr_multiplier` (the gate network's learning-rate multiplier,
     returned as the setup's `lr_multipliers`). The Gumbel noise is
@@ -52,6 +52,7 @@ def setup(config, classifier, context):
                 "fine_tuned_batchnorm": config.gated_batchnorm == "train",
                 "gate_lr_multiplier": config.gate_lr_multiplier,
                 "first_gate_input": config.first_gate_input,
+                "gate_input_norm": config.gate_input_norm,
                 "val_gate_usage": usage["overall"],
                 "val_gate_usage_per_layer": usage["layers"],
             }

@@ -232,6 +232,39 @@ def test_entropy_and_input_dependence_metrics_in_the_logs_match_numpy():
         assert len(history.history[key]) == 1
 
 
+def test_normalized_inputs_match_a_numpy_batch_norm():
+    controller = GateController(input_channels=[3], filters=[2], units=4, normalize_inputs=True,
+                                momentum=0.8)
+    rng = np.random.default_rng(6)
+    x = rng.normal(5.0, 0.01, (16, 4, 4, 3)).astype("float32")  # images that look alike
+    controller(x, step=0)
+    plain = GateController(input_channels=[3], filters=[2], units=4)
+    plain(x, step=0)
+    for a, b in zip(plain.trainable_weights, controller.trainable_weights):
+        b.assign(a)
+    pooled = x.mean(axis=(1, 2)).astype("float64")
+    mean, var = pooled.mean(0), pooled.var(0)
+    standardized = (pooled - mean) / np.sqrt(var + 1e-3)
+    g_train, _ = controller(x, step=0, training=True)
+    g_ref, _ = plain(standardized.astype("float32"), step=0)
+    np.testing.assert_array_equal(g_train, g_ref)
+    np.testing.assert_allclose(controller.input_means[0].numpy(), 0.2 * mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        controller.input_variances[0].numpy(), 0.8 + 0.2 * var, rtol=1e-5
+    )
+    # Inference uses the moving averages, and leaves them alone.
+    moving_mean = controller.input_means[0].numpy()
+    moving_var = controller.input_variances[0].numpy()
+    g_infer, _ = controller(x, step=0)
+    expected = (pooled - moving_mean) / np.sqrt(moving_var + 1e-3)
+    np.testing.assert_array_equal(g_infer, plain(expected.astype("float32"), step=0)[0])
+    np.testing.assert_array_equal(controller.input_means[0].numpy(), moving_mean)
+    config = controller.get_config()
+    assert config["normalize_inputs"] is True and config["momentum"] == 0.8
+    with pytest.raises(ValueError, match="Received: momentum=1.0"):
+        GateController(input_channels=[3], filters=[2], momentum=1.0)
+
+
 def test_sparsity_loss_value_and_pull_toward_the_target():
     model, probe = _gated_model(usage_target=0.0, usage_weight=5.0)
     x, y = _data()
