@@ -150,7 +150,9 @@ class FinetuneConfig:
             a multiple of `learning_rate` (same schedule; applied inside the
             Adam or SGD update, see `optimizers.MultiplierAdam`). The gates'
             gradient is a difference of two nearly equal paths, so with the
-            shared rate they hardly move in a short run.
+            shared rate they hardly move in a short run. Default 10, chosen
+            on validation (ELPV 15%, 6 seeds; x1 and x100 tie on balanced
+            accuracy, x10 has the lowest validation cross-entropy).
         first_gate_input: AdaFilter: what the first gate reads,
             `"features"` (the pooled output of the first gated layer's
             frozen pretrained path) or `"input"` (its pooled input, for a
