@@ -135,6 +135,29 @@ flags.DEFINE_float(
     "gate_usage_weight", _D["gate_usage_weight"], "adafilter: weight of the sparsity loss.",
     lower_bound=0.0,
 )
+flags.DEFINE_enum(
+    "gated_batchnorm", _D["gated_batchnorm"], list(training.GATED_BATCHNORM_MODES),
+    "adafilter: the fine-tuned path's batch norm: train (its own batch statistics and affine "
+    "parameters, as in the paper) or frozen (a frozen copy of the pretrained one). "
+    "Independent of --batchnorm, which governs the other batch norms.",
+)
+flags.DEFINE_float(
+    "gate_lr_multiplier", _D["gate_lr_multiplier"],
+    "adafilter: learning rate of the gate network as a multiple of --learning_rate "
+    "(same schedule, Adam or SGD).",
+    lower_bound=1e-6,
+)
+flags.DEFINE_enum(
+    "first_gate_input", _D["first_gate_input"], list(training.FIRST_GATE_INPUTS),
+    "adafilter: what the first gate reads: features (the pooled output of the first gated "
+    "layer's frozen pretrained filters) or input (its pooled input: one brightness value "
+    "per grayscale image).",
+)
+flags.DEFINE_boolean(
+    "gate_input_norm", _D["gate_input_norm"],
+    "adafilter: standardise each gate's pooled input over the batch (moving averages at "
+    "inference) before the gate network reads it (not in the paper).",
+)
 # Selective filter transfer (--method=filter_transfer).
 flags.DEFINE_enum(
     "relevance_statistic", _D["relevance_statistic"], list(training.RELEVANCE_STATISTICS),

@@ -16,6 +16,7 @@ from keras_seltransfer import export
 from keras_seltransfer import layers
 from keras_seltransfer import losses
 from keras_seltransfer import models
+from keras_seltransfer import optimizers
 from keras_seltransfer import regularizers
 from keras_seltransfer import relevance
 from keras_seltransfer import training
@@ -45,6 +46,7 @@ __all__ = [
     "layers",
     "losses",
     "models",
+    "optimizers",
     "pretrain",
     "regularizers",
     "relevance",

@@ -117,6 +117,10 @@ def test_missing_default_backbone_says_how_to_make_it(tmp_path, monkeypatch):
         ({"val_fraction": 1.0}, "`val_fraction` must be in"),
         ({"channels": 2}, "`channels` must be 1, 3 or None"),
         ({"precision": "float8"}, "`precision` must be one of"),
+        ({"gated_batchnorm": "mixed"}, "`gated_batchnorm` must be one of"),
+        ({"first_gate_input": "pixels"}, "`first_gate_input` must be one of"),
+        ({"gate_lr_multiplier": 0.0}, "`gate_lr_multiplier` must be a number > 0"),
+        ({"gate_lr_multiplier": True}, "Received: gate_lr_multiplier=True"),
     ],
 )
 def test_config_errors(overrides, message):

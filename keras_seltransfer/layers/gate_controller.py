@@ -16,6 +16,7 @@ estimators that every gated layer uses.
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 ESTIMATORS = ("ste", "gumbel")
@@ -136,6 +137,42 @@ def discrete_gates(logits, estimator="ste", temperature=1.0, training=False, see
     return straight_through_threshold(logits)
 
 
+def gate_entropy(logits):
+    """The binary entropy, in bits, of the gate probabilities `sigmoid(logits)`.
+
+    Computed from the logits (`H = (log(1 + e^z) - z * sigmoid(z)) / log 2`,
+    with a stable softplus), so it stays finite for saturated gates.
+
+    Args:
+        logits: float tensor of gate logits.
+
+    Returns:
+        A float32 tensor of the same shape, in [0, 1].
+    """
+    _check_logits(logits)
+    z = ops.cast(logits, "float32")
+    nats = ops.softplus(z) - z * ops.sigmoid(z)
+    return ops.maximum(nats, 0.0) / float(np.log(2.0))
+
+
+def input_dependence(gates):
+    """The fraction of filters whose gate differs across a batch's examples.
+
+    A filter's gate is input-dependent on the batch when it is open (1) for
+    some examples and closed (0) for others.
+
+    Args:
+        gates: `[batch, filters]` gates in {0, 1}.
+
+    Returns:
+        A float32 scalar in [0, 1] (0 for a batch of one example).
+    """
+    gates = ops.cast(gates, "float32")
+    opened = ops.max(gates, axis=0)
+    closed = 1.0 - ops.min(gates, axis=0)
+    return ops.mean(opened * closed)
+
+
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -166,6 +203,19 @@ class GateController(keras.layers.Layer):
     Gate usage, the fraction of gates that choose the fine-tuned filter, is
     tracked by metrics of this layer: `"gate_usage"` over all steps (every
     filter of every example counted once) and `"gate_usage_<name>"` per step.
+    Two diagnostics of whether the gates learn are tracked the same way:
+    - `"gate_entropy"` (and `"gate_entropy_<name>"`): the mean binary
+      entropy, in bits, of the soft gate probabilities `sigmoid(logits)`
+      over the batch's examples and filters. 1 is a coin flip (where the
+      gates start, with zero output biases); 0 a confident choice.
+    - `"gate_input_dependence"` (and `"gate_input_dependence_<name>"`): the
+      fraction of filters whose gate is input-dependent on the batch, that
+      is open for some of its examples and closed for others. 0 means every
+      filter takes the same path for every image of the batch (a static
+      choice). It is a per-batch statistic, averaged over the epoch's
+      batches (per replica under a distribution strategy), so it depends on
+      the batch size; Gumbel noise makes training gates vary by chance, so
+      read it on the validation logs (`val_...`), which use the hard gates.
     Keras reports the metrics tracked by any layer of a model (a model's
     `metrics` gather its layers'), resets them with the model's at every
     epoch and evaluation and aggregates them across replicas, so the usage
@@ -184,6 +234,21 @@ class GateController(keras.layers.Layer):
     bias initialised to 1). Output biases start at 0, so about half of the
     gates start open.
 
+    Sources. [paper] One recurrent gate network shared by all layers decides
+    each layer's filters from the activations of the previous layer
+    ("layerwise recurrent gated network"); the choice is discrete, trained
+    end to end. [code] The authors' earlier SpotTune code (Guo et al., CVPR
+    2019, github.com/gyhui14/spottune) discretises with a straight-through
+    Gumbel-softmax (hard one-hot forward, relaxed gradient) and trains its
+    policy network with its own SGD optimizer and learning rate, on the
+    same step schedule as the network; hence `estimator="gumbel"` and the
+    gate network's learning-rate multiplier of the `finetune` app
+    (`gate_lr_multiplier`). [inferred] The default `"ste"` (threshold at
+    probability 1/2, sigmoid gradient), the pooling, the per-layer
+    projections and the cell width. The AdaFilter paper's text beyond its
+    abstract and method overview could not be consulted for this
+    implementation; where it fixes these details, they take precedence.
+
     Args:
         input_channels: channels of the activations entering each step's
             gated layer.
@@ -197,6 +262,12 @@ class GateController(keras.layers.Layer):
         usage_weight: weight of the sparsity loss.
         step_names: names of the steps in the usage metrics (default
             `"step<i>"`), usually the gated layers' names.
+        normalize_inputs: standardise each step's pooled inputs per channel
+            over the batch (batch statistics in training, moving averages at
+            inference, no affine parameters) before the projection, so the
+            gates see how an image differs from the others rather than the
+            features all images share [inferred: not in the paper].
+        momentum: momentum of those moving averages.
         seed: seed of the Gumbel noise (int or None). Its generator's
             position is layer state outside the weights (like a Dropout
             layer's); as in Keras' own random layers, every replica of a
@@ -247,6 +318,8 @@ class GateController(keras.layers.Layer):
         usage_weight=0.1,
         step_names=None,
         seed=None,
+        normalize_inputs=False,
+        momentum=0.9,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -288,6 +361,10 @@ class GateController(keras.layers.Layer):
         self.usage_weight = float(usage_weight)
         self.step_names = step_names
         self.seed = seed
+        if isinstance(momentum, bool) or not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1). Received: momentum={momentum!r}")
+        self.normalize_inputs = bool(normalize_inputs)
+        self.momentum = float(momentum)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @property
@@ -333,8 +410,26 @@ class GateController(keras.layers.Layer):
             shape=(units, 4 * units), initializer="orthogonal", name="recurrent_kernel"
         )
         self.bias = self.add_weight(shape=(4 * units,), initializer=lstm_bias, name="bias")
+        self.input_means, self.input_variances = [], []
+        if self.normalize_inputs:
+            for i, channels in enumerate(self.input_channels):
+                stats = dict(shape=(channels,), trainable=False, autocast=False)
+                self.input_means.append(
+                    self.add_weight(initializer="zeros", name=f"input_moving_mean_{i}", **stats)
+                )
+                self.input_variances.append(
+                    self.add_weight(initializer="ones", name=f"input_moving_variance_{i}", **stats)
+                )
         self.usage = keras.metrics.Mean(name="gate_usage")
         self.step_usage = [keras.metrics.Mean(name=f"gate_usage_{n}") for n in self.step_names]
+        self.entropy = keras.metrics.Mean(name="gate_entropy")
+        self.step_entropy = [
+            keras.metrics.Mean(name=f"gate_entropy_{n}") for n in self.step_names
+        ]
+        self.input_dependence = keras.metrics.Mean(name="gate_input_dependence")
+        self.step_input_dependence = [
+            keras.metrics.Mean(name=f"gate_input_dependence_{n}") for n in self.step_names
+        ]
 
     def _check_call(self, inputs, step):
         if not _is_int(step) or not 0 <= step < self.num_steps:
@@ -352,6 +447,8 @@ class GateController(keras.layers.Layer):
         x = inputs
         if len(x.shape) > 2:
             x = ops.mean(x, axis=tuple(range(1, len(x.shape) - 1)))
+        if self.normalize_inputs:
+            x = self._standardize(x, step, training)
         z = ops.matmul(x, self.input_kernels[step]) + self.input_biases[step]
         if states is None:
             zeros = ops.zeros_like(z)
@@ -375,14 +472,35 @@ class GateController(keras.layers.Layer):
         # Per-example means, so batches of different sizes weigh right; the
         # overall metric weighs each layer by its filter count.
         per_example = ops.mean(ops.stop_gradient(gates), axis=-1)
+        weight = ops.full_like(per_example, self.filters[step])
         self.step_usage[step].update_state(per_example)
-        self.usage.update_state(
-            per_example, sample_weight=ops.full_like(per_example, self.filters[step])
-        )
+        self.usage.update_state(per_example, sample_weight=weight)
+        entropy = ops.mean(gate_entropy(ops.stop_gradient(logits)), axis=-1)
+        self.step_entropy[step].update_state(entropy)
+        self.entropy.update_state(entropy, sample_weight=weight)
+        dependence = input_dependence(ops.stop_gradient(gates))
+        self.step_input_dependence[step].update_state(dependence)
+        self.input_dependence.update_state(dependence, sample_weight=float(self.filters[step]))
         if self.usage_target is not None and step == self.num_steps - 1 and self.usage_weight:
             usage = ops.mean(used) / float(sum(self.filters))
             self.add_loss(self.usage_weight * ops.square(usage - self.usage_target))
         return gates, [h, c, used]
+
+    def _standardize(self, x, step, training):
+        # Batch normalisation without affine parameters (the projection that
+        # follows has its own): batch statistics in training, moving averages
+        # at inference.
+        x = ops.cast(x, "float32")
+        mean_var, var_var = self.input_means[step], self.input_variances[step]
+        if training:
+            mean, variance = ops.moments(x, axes=[0])
+            mean_var.assign(mean_var * self.momentum + ops.stop_gradient(mean) * (1 - self.momentum))
+            var_var.assign(
+                var_var * self.momentum + ops.stop_gradient(variance) * (1 - self.momentum)
+            )
+        else:
+            mean, variance = mean_var, var_var
+        return (x - mean) * ops.rsqrt(variance + 1e-3)
 
     def compute_output_spec(self, inputs, states=None, step=0, training=None):
         # Spelled out rather than traced: a model calls this layer once per
@@ -411,6 +529,8 @@ class GateController(keras.layers.Layer):
                 "usage_weight": self.usage_weight,
                 "step_names": list(self.step_names),
                 "seed": self.seed,
+                "normalize_inputs": self.normalize_inputs,
+                "momentum": self.momentum,
             }
         )
         return config
@@ -420,7 +540,9 @@ __all__ = [
     "ESTIMATORS",
     "GateController",
     "discrete_gates",
+    "gate_entropy",
     "hard_gates",
+    "input_dependence",
     "straight_through_gumbel",
     "straight_through_threshold",
 ]

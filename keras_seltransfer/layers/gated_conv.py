@@ -52,6 +52,14 @@ class GatedConv(keras.layers.Layer):
     updated) and is frozen like one otherwise. Since both paths start equal,
     the output at initialisation does not depend on the gates.
 
+    The gradient reaching a gate `g` is `sum(dL/dy * (ft - pre))`: zero while
+    the two paths compute the same thing. With `train_batchnorm` the
+    fine-tuned path normalises with batch statistics in training while the
+    pretrained path uses its stored ones, so the paths, and the gates'
+    gradient, differ from the first step [paper: separate batch norms for
+    the two paths, "gated batch normalization"]; with a frozen fine-tuned
+    batch norm they differ only once the fine-tuned kernel has moved.
+
     The convolution can be a regular or grouped `Conv2D` (`groups`) or a
     `DepthwiseConv2D` (`depthwise=True`, with `filters` the number of output
     channels, `input channels * depth_multiplier`, and the depthwise kernel

@@ -39,6 +39,8 @@ _CONVOLUTIONS = tuple(
     )
 )
 CONTROLLER_NAME = "gate_controller"
+# What the first gate reads (see `adafilter`).
+FIRST_GATE_INPUTS = ("features", "input")
 
 
 def _is_supported(layer):
@@ -188,7 +190,9 @@ def adafilter(
     units=32,
     usage_target=None,
     usage_weight=0.1,
-    train_batchnorm=None,
+    train_batchnorm=True,
+    first_gate_input="features",
+    normalize_gate_inputs=False,
     seed=None,
     name=None,
 ):
@@ -208,14 +212,41 @@ def adafilter(
     Both paths start from the same weights, so the new model computes
     exactly what `model` does at inference, whatever the gates.
 
+    Gated batch normalisation [paper: "gated batch normalization", separate
+    BN layers for the outputs of the pretrained and the fine-tuned filters,
+    whose statistics differ]: the fine-tuned path's batch norm trains by
+    default (`train_batchnorm=True`: batch statistics in training, moving
+    averages and affine parameters updated) whatever the mode of the rest of
+    the network, which the caller sets beforehand (`set_batchnorm_mode`)
+    and which the pretrained path's batch norm never leaves (it always uses
+    the stored statistics). Besides being the paper's design, this is what
+    lets the gates learn from the first step: the gradient reaching a gate
+    is the difference between the two paths' outputs, exactly zero while
+    both paths compute the same function (equal kernels and the same frozen
+    batch norm); with batch statistics on the fine-tuned path the paths
+    differ from the first training step. `train_batchnorm=False` freezes it
+    (what earlier versions did in a frozen-BatchNorm run).
+
+    The first gate [paper: every gate reads "the activations of the previous
+    layer", globally average pooled; the paper's backbones are ImageNet
+    ResNets, whose first gated layer already reads a 64-channel feature
+    map]: when the first gated layer reads raw images, pooling its input
+    leaves one brightness value per channel (one per image for grayscale),
+    which cannot tell images apart. With `first_gate_input="features"`
+    (default) the first gate reads instead the globally pooled output of
+    that layer's frozen pretrained path (a frozen copy of the pretrained
+    convolution and its absorbed batch norm, then ReLU when the convolution
+    has no activation of its own) [inferred: the nearest per-image
+    descriptor to "the previous layer's activations" that the network
+    computes anyway]; `"input"` pools the layer's input as the later gates
+    do. The probe adds one frozen convolution over the first layer's input.
+
     Where the paper is silent [inferred]: a batch norm is absorbed only when
     it normalises the channel axis, with no renormalisation, synchronisation,
     regularizers or constraints, called without arguments (a call with
     `training=False` pins its mode), and only after a convolution without an
-    activation; otherwise it stays a separate layer shared by the two paths.
-    The fine-tuned path's batch norm trains when the absorbed batch norm was
-    trainable (see `set_batchnorm_mode`), unless `train_batchnorm` says
-    otherwise; batch norms that are not absorbed keep their setting.
+    activation; otherwise it stays a separate layer shared by the two paths
+    and keeps its setting.
 
     Args:
         model: a functional `keras.Model` (nested functional models such as
@@ -230,8 +261,15 @@ def adafilter(
         usage_target: target overall gate usage in [0, 1] for the sparsity
             loss, or None for none.
         usage_weight: weight of the sparsity loss.
-        train_batchnorm: whether the fine-tuned batch norms train; None
-            follows each absorbed batch norm's `trainable`.
+        train_batchnorm: whether the fine-tuned path's batch norms train
+            (default True, as in the paper); False freezes them at the
+            pretrained statistics; None follows each absorbed batch norm's
+            `trainable` (so the run's BatchNorm mode).
+        first_gate_input: what the first gate reads: `"features"` (the
+            pooled output of the first gated layer's frozen pretrained path)
+            or `"input"` (the pooled input of that layer).
+        normalize_gate_inputs: standardise the gates' pooled inputs over the
+            batch (see `GateController`'s `normalize_inputs`).
         seed: seed of the Gumbel noise.
         name: name of the new model (default: the original's).
 
@@ -276,6 +314,11 @@ def adafilter(
         raise ValueError(
             f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}"
         )
+    if first_gate_input not in FIRST_GATE_INPUTS:
+        raise ValueError(
+            f"`first_gate_input` must be one of {FIRST_GATE_INPUTS}. "
+            f"Received: first_gate_input={first_gate_input!r}"
+        )
     if train_batchnorm not in (None, True, False):
         raise ValueError(
             "`train_batchnorm` must be True, False or None. "
@@ -309,7 +352,12 @@ def adafilter(
     while controller_name in taken:
         controller_name += "_"
     controller = GateController(
-        input_channels=[int(flat.get_layer(n).input.shape[-1]) for n in order],
+        input_channels=[
+            int(flat.get_layer(n).output.shape[-1])
+            if i == 0 and first_gate_input == "features"
+            else int(flat.get_layer(n).input.shape[-1])
+            for i, n in enumerate(order)
+        ],
         filters=[int(flat.get_layer(n).output.shape[-1]) for n in order],
         units=units,
         estimator=estimator,
@@ -318,6 +366,7 @@ def adafilter(
         usage_weight=usage_weight,
         step_names=order,
         seed=seed,
+        normalize_inputs=normalize_gate_inputs,
         # The gate network is small; float32 keeps its logits and the
         # Gumbel noise exact under mixed precision.
         dtype="float32",
@@ -340,7 +389,11 @@ def adafilter(
             )
         inputs = args[0]
         bn = flat.get_layer(absorbed[original.name]) if original.name in absorbed else None
-        gates, states[0] = controller(inputs, states[0], step=steps[original.name])
+        step = steps[original.name]
+        gate_input = inputs
+        if step == 0 and first_gate_input == "features":
+            gate_input = _pretrained_probe(original, bn, inputs, f"{controller_name}_probe")
+        gates, states[0] = controller(gate_input, states[0], step=step)
         gated = GatedConv.from_config(gated_conv_config(original, bn, train_batchnorm))
         outputs = gated(inputs, gates)
         values = {"kernel": original.kernel}
@@ -356,6 +409,48 @@ def adafilter(
         return outputs
 
     return surgery.rebuild(flat, call, name=name)
+
+
+def _pretrained_probe(conv, bn, inputs, name):
+    """A frozen copy of `conv` with `bn` folded in, and ReLU, applied to
+    `inputs`: the features the first gate reads (see `first_gate_input`).
+
+    Folding the batch norm (inference form) into the kernel and bias keeps
+    the probe one frozen layer that no BatchNorm mode can switch to batch
+    statistics.
+    """
+    config = conv.get_config()
+    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    kernel = np.asarray(conv.get_weights()[0], dtype="float64")
+    filters = int(conv.output.shape[-1])
+    bias = (
+        np.asarray(conv.bias.numpy(), dtype="float64") if conv.use_bias else np.zeros(filters)
+    )
+    if bn is not None:
+        gamma = bn.gamma.numpy() if bn.scale else np.ones(filters)
+        beta = bn.beta.numpy() if bn.center else np.zeros(filters)
+        scale = np.asarray(gamma, "float64") / np.sqrt(
+            np.asarray(bn.moving_variance.numpy(), "float64") + bn.epsilon
+        )
+        # A depthwise kernel [h, w, channels, multiplier] writes output
+        # channel `c * multiplier + m` from entry [..., c, m].
+        kernel = kernel * (scale.reshape(kernel.shape[-2:]) if depthwise else scale)
+        bias = (bias - np.asarray(bn.moving_mean.numpy(), "float64")) * scale + beta
+    config.update(name=name, trainable=False, use_bias=True)
+    # Frozen: no penalties or constraints of the original's weights.
+    for key in list(config):
+        if key.endswith(("_regularizer", "_constraint")):
+            config[key] = None
+    probe = type(conv).from_config(config)
+    x = probe(inputs)
+    probe.set_weights([kernel.astype(probe.kernel.dtype), bias.astype(probe.bias.dtype)])
+    if _has_no_activation(conv):
+        x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def _has_no_activation(conv):
+    return conv.get_config()["activation"] in ("linear", None)
 
 
 def gated_layers(model):
@@ -413,6 +508,7 @@ def gate_usage(model, data, batch_size=32):
 
 __all__ = [
     "CONTROLLER_NAME",
+    "FIRST_GATE_INPUTS",
     "SUPPORTED_LAYERS",
     "adafilter",
     "gate_controller",

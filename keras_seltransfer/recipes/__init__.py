@@ -15,6 +15,7 @@ inside `context.strategy.scope()`.
 
 import dataclasses
 import importlib
+import re
 from typing import Any
 from typing import Callable
 
@@ -75,6 +76,9 @@ class MethodSetup:
         state_variables: training state outside the model's weights
             (`name -> tf.Variable`), checkpointed for resume.
         compile_kwargs: overrides of `compile` arguments (loss, metrics...).
+        lr_multipliers: learning-rate multipliers of the optimizer
+            (`{regular expression on variable paths: factor}`, see
+            `keras_seltransfer.optimizers.make_optimizer`), or None.
         report: called after training; returns extra report entries
             (JSON-serialisable).
     """
@@ -85,6 +89,7 @@ class MethodSetup:
     callbacks: list = dataclasses.field(default_factory=list)
     state_variables: dict = dataclasses.field(default_factory=dict)
     compile_kwargs: dict = dataclasses.field(default_factory=dict)
+    lr_multipliers: dict = None
     report: Callable[[], dict] = None
 
     def __post_init__(self):
@@ -187,8 +192,9 @@ def antialias_model(config, model, name=None, recalibration=None):
 
 
 def adafilter_model(config, model):
-    """`models.adafilter` of `model` with the config's gate settings; the
-    fine-tuned path's batch norms train when the run's BatchNorm mode does."""
+    """`models.adafilter` of `model` with the config's gate settings (the
+    fine-tuned path's batch norms per `config.gated_batchnorm`, whatever the
+    run's BatchNorm mode)."""
     from keras_seltransfer.models.adafilter import adafilter
 
     return adafilter(
@@ -199,9 +205,23 @@ def adafilter_model(config, model):
         units=config.gate_units,
         usage_target=config.gate_usage_target,
         usage_weight=config.gate_usage_weight,
-        train_batchnorm=config.batchnorm_mode == "train",
+        train_batchnorm=config.gated_batchnorm == "train",
+        first_gate_input=config.first_gate_input,
+        normalize_gate_inputs=config.gate_input_norm,
         seed=config.seed,
     )
+
+
+def lr_multipliers(config, model):
+    """The optimizer's learning-rate multipliers for `model`: the gate
+    network's `config.gate_lr_multiplier` when `model` has one (AdaFilter,
+    as the method or composed), else None."""
+    from keras_seltransfer.layers.gate_controller import GateController
+
+    controllers = [layer for layer in model.layers if isinstance(layer, GateController)]
+    if not controllers or config.gate_lr_multiplier == 1:
+        return None
+    return {f"^{re.escape(c.name)}/": float(config.gate_lr_multiplier) for c in controllers}
 
 
 def compose(config, model, recalibration=None):
@@ -238,6 +258,7 @@ __all__ = [
     "compose",
     "compose_names",
     "recalibration_dataset",
+    "lr_multipliers",
     "setup",
     "uses_antialias",
 ]

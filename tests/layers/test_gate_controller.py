@@ -5,7 +5,9 @@ import tensorflow as tf
 
 from keras_seltransfer.layers.gate_controller import GateController
 from keras_seltransfer.layers.gate_controller import discrete_gates
+from keras_seltransfer.layers.gate_controller import gate_entropy
 from keras_seltransfer.layers.gate_controller import hard_gates
+from keras_seltransfer.layers.gate_controller import input_dependence
 from keras_seltransfer.layers.gate_controller import straight_through_gumbel
 from keras_seltransfer.layers.gate_controller import straight_through_threshold
 from keras_seltransfer.layers.gated_conv import GatedConv
@@ -152,6 +154,117 @@ def test_usage_metrics_in_the_logs_match_the_gates():
         assert len(history.history[key]) == 1 and 0 <= history.history[key][-1] <= 1
 
 
+def _numpy_entropy_bits(logits):
+    p = _sigmoid(np.asarray(logits, "float64"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return np.nan_to_num(h)
+
+
+def _numpy_input_dependence(gates):
+    gates = np.asarray(gates)
+    return np.mean([0 < column.sum() < len(column) for column in gates.T])
+
+
+def test_entropy_and_input_dependence_match_numpy():
+    logits = np.array([[0.0, 3.0, -40.0, 1.0], [0.5, -2.0, 60.0, 1.0]], "float32")
+    np.testing.assert_allclose(gate_entropy(logits), _numpy_entropy_bits(logits), atol=1e-6)
+    assert float(gate_entropy(np.zeros((1, 1), "float32"))[0, 0]) == pytest.approx(1.0)
+    gates = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]], "float32")
+    assert float(input_dependence(gates)) == pytest.approx(0.5)
+    assert float(input_dependence(gates[:1])) == 0.0
+
+
+def _logits_model(model):
+    """The gate logits of `_gated_model`'s controller, recomputed in NumPy."""
+    controller = model.get_layer("controller")
+    w = {v.path.split("/")[-1]: v.numpy().astype("float64") for v in controller.weights}
+
+    def run(x):
+        h = c = np.zeros((len(x[0]), controller.units))
+        out = []
+        for step, inputs in enumerate(x):
+            pooled = inputs.mean(axis=(1, 2))
+            z = pooled @ w[f"input_kernel_{step}"] + w[f"input_bias_{step}"]
+            fused = z @ w["kernel"] + h @ w["recurrent_kernel"] + w["bias"]
+            i, f, g, o = np.split(fused, 4, axis=-1)
+            c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+            h = _sigmoid(o) * np.tanh(c)
+            out.append(h @ w[f"output_kernel_{step}"] + w[f"output_bias_{step}"])
+        return out
+
+    return run
+
+
+def test_entropy_and_input_dependence_metrics_in_the_logs_match_numpy():
+    model, probe = _gated_model()
+    controller = model.get_layer("controller")
+    rng = np.random.default_rng(4)
+    for v in controller.trainable_weights:
+        v.assign(rng.normal(0, 0.7, v.shape))
+    x, y = _data(30)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    logs = model.evaluate(x, y, batch_size=10, return_dict=True, verbose=0)
+    first_layer = keras.Model(model.input, model.get_layer("a").output)
+    hidden = np.asarray(first_layer(x), "float64")
+    logits = _logits_model(model)([x.astype("float64"), hidden])
+    gates = [np.asarray(g) for g in probe(x)]
+    for name, lg, g in zip(("a", "b"), logits, gates):
+        np.testing.assert_array_equal(g, (lg > 0).astype("float32"))
+        entropy = _numpy_entropy_bits(lg).mean()
+        assert logs[f"gate_entropy_{name}"] == pytest.approx(entropy, abs=1e-5)
+        # Per-batch statistic, averaged over the three batches of 10.
+        dependence = np.mean([_numpy_input_dependence(g[i : i + 10]) for i in (0, 10, 20)])
+        assert logs[f"gate_input_dependence_{name}"] == pytest.approx(dependence, abs=1e-6)
+    filters = np.array([4, 2])
+    overall_entropy = sum(
+        f * _numpy_entropy_bits(lg).mean() for f, lg in zip(filters, logits)
+    ) / filters.sum()
+    assert logs["gate_entropy"] == pytest.approx(overall_entropy, abs=1e-5)
+    overall_dependence = sum(
+        f * np.mean([_numpy_input_dependence(g[i : i + 10]) for i in (0, 10, 20)])
+        for f, g in zip(filters, gates)
+    ) / filters.sum()
+    assert logs["gate_input_dependence"] == pytest.approx(overall_dependence, abs=1e-6)
+    assert 0 < logs["gate_input_dependence"] < 1
+    history = model.fit(x, y, batch_size=10, epochs=1, verbose=0, validation_data=(x, y))
+    for key in ("gate_entropy", "gate_input_dependence_b", "val_gate_entropy_a"):
+        assert len(history.history[key]) == 1
+
+
+def test_normalized_inputs_match_a_numpy_batch_norm():
+    controller = GateController(input_channels=[3], filters=[2], units=4, normalize_inputs=True,
+                                momentum=0.8)
+    rng = np.random.default_rng(6)
+    x = rng.normal(5.0, 0.01, (16, 4, 4, 3)).astype("float32")  # images that look alike
+    controller(x, step=0)
+    plain = GateController(input_channels=[3], filters=[2], units=4)
+    plain(x, step=0)
+    for a, b in zip(plain.trainable_weights, controller.trainable_weights):
+        b.assign(a)
+    pooled = x.mean(axis=(1, 2)).astype("float64")
+    mean, var = pooled.mean(0), pooled.var(0)
+    standardized = (pooled - mean) / np.sqrt(var + 1e-3)
+    g_train, _ = controller(x, step=0, training=True)
+    g_ref, _ = plain(standardized.astype("float32"), step=0)
+    np.testing.assert_array_equal(g_train, g_ref)
+    np.testing.assert_allclose(controller.input_means[0].numpy(), 0.2 * mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        controller.input_variances[0].numpy(), 0.8 + 0.2 * var, rtol=1e-5
+    )
+    # Inference uses the moving averages, and leaves them alone.
+    moving_mean = controller.input_means[0].numpy()
+    moving_var = controller.input_variances[0].numpy()
+    g_infer, _ = controller(x, step=0)
+    expected = (pooled - moving_mean) / np.sqrt(moving_var + 1e-3)
+    np.testing.assert_array_equal(g_infer, plain(expected.astype("float32"), step=0)[0])
+    np.testing.assert_array_equal(controller.input_means[0].numpy(), moving_mean)
+    config = controller.get_config()
+    assert config["normalize_inputs"] is True and config["momentum"] == 0.8
+    with pytest.raises(ValueError, match="Received: momentum=1.0"):
+        GateController(input_channels=[3], filters=[2], momentum=1.0)
+
+
 def test_sparsity_loss_value_and_pull_toward_the_target():
     model, probe = _gated_model(usage_target=0.0, usage_weight=5.0)
     x, y = _data()
@@ -200,7 +313,11 @@ def test_config_and_keras_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded(x), model(x))
     restored = loaded.get_layer("controller")
     assert restored.get_config() == config and restored.num_steps == 2
-    assert [m.name for m in restored.metrics] == ["gate_usage", "gate_usage_a", "gate_usage_b"]
+    assert [m.name for m in restored.metrics] == [
+        f"gate_{kind}{step}"
+        for kind in ("usage", "entropy", "input_dependence")
+        for step in ("", "_a", "_b")
+    ]
 
 
 BAD_ARGUMENTS = [

@@ -210,17 +210,81 @@ def test_layer_selection_errors():
         gate_controller(model)
 
 
-def test_finetuned_batchnorm_follows_the_batchnorm_mode():
-    for mode, trains in (("frozen", False), ("train", True)):
+def test_finetuned_batchnorm_trains_by_default_whatever_the_batchnorm_mode():
+    for mode in ("frozen", "train"):
         classifier = _classifier()
         set_batchnorm_mode(classifier, mode)
         layers = gated_layers(adafilter(classifier))
-        assert all(layer.train_batchnorm is trains for layer in layers)
+        assert all(layer.train_batchnorm for layer in layers)
         names = {w.name for layer in layers for w in layer.trainable_weights}
-        assert names == ({"kernel", "gamma", "beta"} if trains else {"kernel"})
+        assert names == {"kernel", "gamma", "beta"}
+    # train_batchnorm=None follows the mode; False freezes.
+    for mode, trains in (("frozen", False), ("train", True)):
+        classifier = _classifier()
+        set_batchnorm_mode(classifier, mode)
+        layers = gated_layers(adafilter(classifier, train_batchnorm=None))
+        assert all(layer.train_batchnorm is trains for layer in layers)
     classifier = _classifier()
-    set_batchnorm_mode(classifier, "frozen")
-    assert all(l.train_batchnorm for l in gated_layers(adafilter(classifier, train_batchnorm=True)))
+    set_batchnorm_mode(classifier, "train")
+    layers = gated_layers(adafilter(classifier, train_batchnorm=False))
+    assert not any(layer.train_batchnorm for layer in layers)
+    assert {w.name for layer in layers for w in layer.trainable_weights} == {"kernel"}
+
+
+def _gate_gradients_at_initialisation(**kwargs):
+    classifier = _classifier()
+    _randomise_batchnorm(classifier)
+    set_batchnorm_mode(classifier, "frozen")  # the finetune app's default
+    model = adafilter(classifier, **kwargs)
+    x, y = _images(8), np.arange(8) % 3
+    controller = gate_controller(model)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
+    grads = tape.gradient(loss, controller.trainable_weights)
+    return {w.path: np.abs(np.asarray(g)).max() for w, g in zip(controller.trainable_weights, grads)}
+
+
+def test_gate_gradient_is_nonzero_at_initialisation_with_a_frozen_batchnorm_run():
+    # Both paths start from the same weights: with the fine-tuned path's batch
+    # norm frozen too they compute the same function and the gates get no
+    # gradient at all; the trained (batch-statistics) batch norm separates them
+    # from the first step.
+    grads = _gate_gradients_at_initialisation()
+    output_kernels = [g for path, g in grads.items() if "output_kernel" in path]
+    assert all(g > 0 for g in output_kernels), grads
+    frozen = _gate_gradients_at_initialisation(train_batchnorm=False)
+    assert all(g == 0 for g in frozen.values()), frozen
+
+
+def test_first_gate_reads_pretrained_features_not_the_pooled_image():
+    classifier = _classifier()
+    _randomise_batchnorm(classifier)
+    # Images with the same mean brightness and different contrast: their
+    # pooled inputs are equal, their pretrained features are not.
+    rng = np.random.default_rng(0)
+    pattern = rng.choice([-1.0, 1.0], (8, 16, 16, 1))
+    pattern -= pattern.mean(axis=(1, 2, 3), keepdims=True)
+    x = (128.0 + np.linspace(0, 120, 8)[:, None, None, None] * pattern).astype("float32")
+    for first, distinct in (("input", False), ("features", True)):
+        model = adafilter(classifier, first_gate_input=first)
+        controller = gate_controller(model)
+        assert controller.input_channels[0] == (4 if first == "features" else 1)
+        differ = []
+        for seed in range(5):
+            _scramble_gates(model, seed=seed)
+            gates = np.asarray(_probe(model)(x)[0])
+            differ.append(np.abs(gates - gates[:1]).sum() > 0)
+        assert any(differ) is distinct, differ
+    probe_layers = [layer for layer in model.layers if layer.name.startswith("gate_controller_probe")]
+    assert probe_layers and not any(layer.trainable_weights for layer in probe_layers)
+    # The probe is the pretrained first layer: conv, batch norm (folded), ReLU.
+    expected = keras.Model(classifier.input, classifier.get_layer("block1_relu").output)(x)
+    probe = keras.Model(model.input, model.get_layer("gate_controller_probe_relu").output)
+    np.testing.assert_allclose(probe(x), expected, rtol=1e-5, atol=1e-5)
+    # Still the original function at initialisation.
+    np.testing.assert_allclose(model(x), classifier(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="Received: first_gate_input='pixels'"):
+        adafilter(classifier, first_gate_input="pixels")
 
 
 def test_straight_through_gradients_reach_the_gate_network():

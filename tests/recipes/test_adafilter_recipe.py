@@ -43,10 +43,19 @@ def test_adafilter_run_trains_reports_gate_usage_and_exports_hard_gates(tmp_path
     ada = report["adafilter"]
     assert ada["gated_layers"] == ["block1_conv", "block2_conv"]
     assert ada["fine_tuned_batchnorm"] is True
+    assert ada["gate_lr_multiplier"] == training.FinetuneConfig.gate_lr_multiplier
+    assert ada["first_gate_input"] == "features"
     assert 0 <= ada["val_gate_usage"] <= 1
     assert set(ada["val_gate_usage_per_layer"]) == {"block1_conv", "block2_conv"}
     history = report["history"]
-    for key in ("gate_usage", "gate_usage_block1_conv", "val_gate_usage_block2_conv"):
+    for key in (
+        "gate_usage",
+        "gate_usage_block1_conv",
+        "val_gate_usage_block2_conv",
+        "gate_entropy",
+        "val_gate_input_dependence",
+        "val_gate_input_dependence_block1_conv",
+    ):
         assert len(history[key]) == report["epochs_run"], key
     # The report's usage is measured with hard gates on the validation
     # images: the last validation epoch logged the same (best epoch = last,
@@ -55,8 +64,15 @@ def test_adafilter_run_trains_reports_gate_usage_and_exports_hard_gates(tmp_path
         assert ada["val_gate_usage"] == pytest.approx(history["val_gate_usage"][-1], abs=1e-6)
     # TensorBoard logs what is in the logs.
     train_tags = _tags(tmp_path / "run/logs/train")
-    assert {"epoch_gate_usage", "epoch_gate_usage_block1_conv"} <= train_tags
-    assert "epoch_gate_usage" in _tags(tmp_path / "run/logs/validation")
+    assert {
+        "epoch_gate_usage",
+        "epoch_gate_usage_block1_conv",
+        "epoch_gate_entropy",
+        "epoch_gate_input_dependence_block2_conv",
+    } <= train_tags
+    assert {"epoch_gate_usage", "epoch_gate_input_dependence"} <= _tags(
+        tmp_path / "run/logs/validation"
+    )
 
     loaded = keras.saving.load_model(out["model"])
     layers = gated_layers(loaded)
@@ -116,6 +132,54 @@ def test_interrupted_gumbel_run_resumes_to_the_same_result(tmp_path, monkeypatch
     assert report["adafilter"]["gated_layers"] == ["block2_conv"]
     a = keras.saving.load_model(reference["model"])
     b = keras.saving.load_model(resumed["model"])
-    assert not any(layer.train_batchnorm for layer in gated_layers(b))  # default: frozen
+    assert all(layer.train_batchnorm for layer in gated_layers(b))  # default: trained
     for wa, wb in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+class _Context:
+    """The parts of a `RecipeContext` the adafilter recipe reads to build."""
+
+    def __init__(self):
+        self.strategy = tf.distribute.get_strategy()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_gate_network_steps_with_the_multiplied_learning_rate(tmp_path, optimizer):
+    from keras_seltransfer import recipes
+    from keras_seltransfer.models import backbones
+    from keras_seltransfer.models import build_classifier
+    from keras_seltransfer.models import set_batchnorm_mode
+    from keras_seltransfer.models.adafilter import gate_controller
+
+    config = _config(tmp_path, optimizer=optimizer, learning_rate=1e-3, gate_lr_multiplier=25.0)
+    assert config.batchnorm_mode == "frozen"
+    classifier = build_classifier(backbones.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    set_batchnorm_mode(classifier, config.batchnorm_mode)
+    setup = recipes.setup(config, classifier, _Context())
+    model = setup.model
+    controller = gate_controller(model)
+    assert setup.lr_multipliers == {f"^{controller.name}/": 25.0}
+    opt = training._make_optimizer(config, 10, setup.lr_multipliers)
+    images, labels = helpers.easy_images(8, seed=1)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(
+            labels, model(images.astype("float32"), training=True)
+        )
+    variables = model.trainable_variables
+    grads = tape.gradient(loss, variables)
+    before = [v.numpy().copy() for v in variables]
+    opt.apply_gradients(zip(grads, variables))
+    gate_paths = {v.path for v in controller.trainable_variables}
+    # Nonzero gate gradients at initialisation (the fine-tuned path's batch
+    # norm trains in this frozen-BatchNorm run).
+    assert max(np.abs(g).max() for v, g in zip(variables, grads) if v.path in gate_paths) > 0
+    for v, g, w in zip(variables, grads, before):
+        rate = 1e-3 * (25.0 if v.path in gate_paths else 1.0)
+        g = np.asarray(g, "float64")
+        if optimizer == "sgd":  # first step of momentum SGD: -rate * g
+            expected = w - rate * g
+        else:  # first Adam step: -rate * g / (|g| + eps / sqrt(1 - beta2))
+            expected = w - rate * g / (np.abs(g) + 1e-7 / np.sqrt(1 - 0.999))
+        # float32 arithmetic: compare to within 0.1% of a full step.
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-4, atol=1e-3 * rate, err_msg=v.path)
