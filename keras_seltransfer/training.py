@@ -21,7 +21,9 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from keras_seltransfer import data as data_lib
 from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
+from keras_seltransfer.callbacks import BatchNormRecalibration
 from keras_seltransfer.callbacks import TrainingCheckpoint
+from keras_seltransfer.callbacks import ValidationCollapseMonitor
 from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
 from keras_seltransfer import recipes
@@ -59,6 +61,11 @@ PRUNE_ACTIONS = ("mask", "reinit")
 BLUR_PAD_TYPES = ("reflect", "replicate", "zero")
 INDEX_BANKS = ("conv", "gabor")
 OPTIMIZERS = ("adam", "sgd")
+# Which BatchNorm statistics an sjft model with trained BatchNorm validates
+# and serves with (see FinetuneConfig.joint_bn_stats).
+JOINT_BN_STATS = ("target", "mixture")
+# When neighbour lists grow (see FinetuneConfig.growth_mode).
+GROWTH_MODES = ("epochs", "rounds")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -96,9 +103,10 @@ class FinetuneConfig:
         dropout: dropout before the classification head.
         batchnorm: `"frozen"` (pretrained statistics) or `"train"`; None
             takes the method's default: frozen for baseline and l2sp, train
-            for the sjft methods (BatchNorm statistics from the mixed
-            source/target batch, as in the authors' code). Runs from scratch
-            always train it.
+            for the sjft methods (BatchNorm normalises each mixed
+            source/target batch with its own statistics, as in the authors'
+            code; see `joint_bn_stats` for the statistics served). Runs from
+            scratch always train it.
         augment: training augmentation name (see `make_dataset`).
         class_weight: `"none"` or `"balanced"` (inverse class frequency).
         l2sp_alpha: L2-SP pull toward the pretrained weights (method l2sp).
@@ -116,7 +124,29 @@ class FinetuneConfig:
         k0: initial neighbours per target image.
         k_max: neighbours kept per target when building the index (the cap
             on growth).
+        max_level: sjft methods: highest sampling level, the authors'
+            `highest_sample_level` (10 in their released prototxt): a list
+            grows to at most `max_level * k0` neighbours and no target image
+            is drawn more than `max_level` times per epoch. 0: no cap (the
+            behaviour before this option: lists grow to `k_max`, 20 x k0 by
+            default, and one hard image could take 18 of an epoch's 240
+            target draws on ELPV at 15%).
         growth_period: epochs per neighbour-growth round (method sjft).
+        growth_mode: method sjft: `"epochs"` grows the lists every
+            `growth_period` epochs under one learning-rate schedule;
+            `"rounds"` makes every `growth_period` epochs a round with its
+            own learning-rate schedule (cosine restarted at each round) and
+            grows the lists between rounds, as the authors train each round
+            as a separate run and measure hard images at its end.
+        joint_bn_stats: sjft methods with BatchNorm trained: the statistics
+            the model validates and serves with. `"target"` re-estimates
+            every BatchNorm layer's moving statistics on the target training
+            images (unaugmented) before every validation and after training
+            (`BatchNormRecalibration`); `"mixture"` keeps the moving averages
+            of the mixed source/target batches (the behaviour before this
+            option, which collapses on targets unlike the source). Training
+            is the same either way (training batches use their own
+            statistics); ignored when BatchNorm is frozen.
         sigma0: growth of misclassified images, in units of `k0`.
         sigma1: growth of correct but uncertain images, in units of `k0`.
         delta: entropy threshold (nats) for "uncertain"; None is half the
@@ -212,7 +242,10 @@ class FinetuneConfig:
     index_bank: str = "conv"
     k0: int = 10
     k_max: int = 200
+    max_level: int = 10
     growth_period: int = 2
+    growth_mode: str = "epochs"
+    joint_bn_stats: str = "target"
     sigma0: float = 4.0
     sigma1: float = 2.0
     delta: float = None
@@ -254,6 +287,17 @@ class FinetuneConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("batchnorm", self.batchnorm, (None, "frozen", "train"))
         _check_choice("index_bank", self.index_bank, INDEX_BANKS)
+        _check_choice("growth_mode", self.growth_mode, GROWTH_MODES)
+        _check_choice("joint_bn_stats", self.joint_bn_stats, JOINT_BN_STATS)
+        if (
+            isinstance(self.max_level, bool)
+            or not isinstance(self.max_level, (int, np.integer))
+            or self.max_level < 0
+        ):
+            raise ValueError(
+                "`max_level` must be an int >= 0 (0: no cap). "
+                f"Received: max_level={self.max_level!r}"
+            )
         for name in ("k0", "k_max", "growth_period"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -351,6 +395,11 @@ class FinetuneConfig:
     def is_joint(self):
         """Whether the method is one of the selective joint fine-tuning ones."""
         return self.method in JOINT_VARIANTS
+
+    @property
+    def sampling_cap(self):
+        """The sampler's `max_level`: None when `max_level` is 0 (no cap)."""
+        return self.max_level or None
 
     @property
     def batchnorm_mode(self):
@@ -486,10 +535,26 @@ def _metrics():
     ]
 
 
+def _learning_rate_schedule(config, steps_per_epoch):
+    """Cosine decay over the run, or one cosine cycle per growth round."""
+    if getattr(config, "method", None) == "sjft" and config.growth_mode == "rounds":
+        # One cosine cycle per growth round: each round starts again from the
+        # initial learning rate, as each of the authors' rounds is a new run.
+        schedule = keras.optimizers.schedules.CosineDecayRestarts(
+            config.learning_rate,
+            first_decay_steps=max(1, config.growth_period * steps_per_epoch),
+            t_mul=1.0,
+            m_mul=1.0,
+        )
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
+        )
+    return schedule
+
+
 def _make_optimizer(config, steps_per_epoch):
-    schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
-    )
+    schedule = _learning_rate_schedule(config, steps_per_epoch)
     kwargs = {"weight_decay": config.weight_decay or None}
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(schedule, momentum=0.9, **kwargs)
@@ -524,6 +589,7 @@ def _fit(
     steps=None,
     class_weight=None,
     monitor="val_crossentropy",
+    accuracy="accuracy",
     callbacks=(),
     state_variables=None,
 ):
@@ -534,7 +600,10 @@ def _fit(
 
     `callbacks` run after early stopping and before the checkpoint (so the
     checkpoint saves the state they leave at the end of an epoch) and
-    TensorBoard (so it logs what they add to the logs).
+    TensorBoard (so it logs what they add to the logs). A
+    `ValidationCollapseMonitor` on the `accuracy` metric warns when
+    validation accuracy falls while training accuracy rises; the returned
+    `validation_collapse` lists the flagged epochs.
 
     The chief writes `config.json` here, once everything before training has
     succeeded.
@@ -572,8 +641,9 @@ def _fit(
     if callable(train_ds):
         # A pipeline that starts where the interrupted run stopped.
         train_ds = train_ds(initial_epoch)
+    collapse = ValidationCollapseMonitor(accuracy)
     # The checkpoint comes after early stopping so it can re-apply its state.
-    all_callbacks = [early_stopping, *callbacks, checkpoint]
+    all_callbacks = [early_stopping, *callbacks, collapse, checkpoint]
     if config.tensorboard:
         all_callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
     with warnings.catch_warnings():
@@ -599,6 +669,12 @@ def _fit(
         "best_" + monitor: (
             None if early_stopping.best is None else float(early_stopping.best)
         ),
+        "validation_collapse": {
+            "detected": bool(collapse.collapsed_epochs),
+            "epochs": [epoch + 1 for epoch in collapse.collapsed_epochs],
+            "window": collapse.window,
+            "min_drop": collapse.min_drop,
+        },
     }
 
 
@@ -946,6 +1022,7 @@ def _load_joint_selection(config, train_ids):
         k0=config.k0,
         k_max=config.k_max,
         seed=config.seed,
+        max_level=config.sampling_cap if JOINT_VARIANTS[config.method].startswith("selected") else None,
     )
     return {"sampler": sampler, "source": source}
 
@@ -987,6 +1064,11 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
             **joint_compile_args(config.target_weight, config.source_weight),
         )
     callbacks = [sampler]
+    # Training normalises every batch with its own statistics; only the
+    # moving statistics served in inference mode depend on this choice.
+    bn_stats = "frozen" if config.batchnorm_mode == "frozen" else config.joint_bn_stats
+    if bn_stats == "target":
+        callbacks.append(BatchNormRecalibration(target_images, batch_size=config.batch_size))
     if config.method == "sjft":
         callbacks.append(
             AdaptiveNeighbourGrowth(
@@ -1012,6 +1094,7 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
         run_dir,
         is_chief,
         monitor="val_target_crossentropy",
+        accuracy="target_accuracy",
         callbacks=callbacks,
         state_variables=sampler.state_variables(),
     )
@@ -1022,14 +1105,26 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
         "source_candidates": int(len(sampler.candidate_ids)),
         "source_classes": [source.class_names[c] for c in sampler.source_classes],
         "steps_per_epoch": steps,
+        "batchnorm_statistics": bn_stats,
     }
     if sampler.uses_neighbours:
         counts = sampler.get_neighbour_counts()
         extra["neighbour_counts"] = {
             "k0": sampler.k0,
+            "k_cap": sampler.k_max,
+            "max_level": sampler.max_level,
             "mean": float(counts.mean()),
             "max": int(counts.max()),
             "grown": int((counts > sampler.k0).sum()),
+        }
+        # How often each target image would be drawn in an epoch with the
+        # final lists: the repetition the growth rule ended at.
+        draws = sampler.repetition_counts(
+            steps * (config.batch_size // 2), epoch=fit_info["epochs_run"]
+        )
+        extra["repetition"] = {
+            "max_draws_per_epoch": int(draws.max()),
+            "histogram": np.bincount(draws).tolist(),
         }
     return model, fit_info, extra
 
