@@ -105,8 +105,9 @@ flags.DEFINE_enum(
     "joint_bn_stats", _D["joint_bn_stats"], list(training.JOINT_BN_STATS),
     "sjft with BatchNorm trained: statistics used for validation and serving. target: "
     "re-estimated on the target training images before every validation and after "
-    "training; mixture: moving averages of the mixed source/target batches (the "
-    "behaviour before this flag; collapses on targets unlike the source).",
+    "training; mixture_exact: re-estimated then on the epoch's mixed training batches; "
+    "mixture: moving averages of the mixed batches (the behaviour before this flag; "
+    "collapses on targets unlike the source).",
 )
 flags.DEFINE_float(
     "sigma0", _D["sigma0"], "sjft: growth of misclassified images, in units of k0.", lower_bound=0.0

@@ -63,7 +63,7 @@ INDEX_BANKS = ("conv", "gabor")
 OPTIMIZERS = ("adam", "sgd")
 # Which BatchNorm statistics an sjft model with trained BatchNorm validates
 # and serves with (see FinetuneConfig.joint_bn_stats).
-JOINT_BN_STATS = ("target", "mixture")
+JOINT_BN_STATS = ("target", "mixture_exact", "mixture")
 # When neighbour lists grow (see FinetuneConfig.growth_mode).
 GROWTH_MODES = ("epochs", "rounds")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -142,11 +142,15 @@ class FinetuneConfig:
             the model validates and serves with. `"target"` re-estimates
             every BatchNorm layer's moving statistics on the target training
             images (unaugmented) before every validation and after training
-            (`BatchNormRecalibration`); `"mixture"` keeps the moving averages
-            of the mixed source/target batches (the behaviour before this
-            option, which collapses on targets unlike the source). Training
-            is the same either way (training batches use their own
-            statistics); ignored when BatchNorm is frozen.
+            (`BatchNormRecalibration`); `"mixture_exact"` re-estimates them
+            at the same times on the epoch's mixed source/target training
+            batches (the statistics training normalised with, exact instead
+            of moving averages that lag the weights by several epochs when
+            an epoch has few steps); `"mixture"` keeps the moving averages
+            of the mixed batches (the behaviour before this option, which
+            collapses on targets unlike the source). Training is the same
+            either way (training batches use their own statistics); ignored
+            when BatchNorm is frozen.
         sigma0: growth of misclassified images, in units of `k0`.
         sigma1: growth of correct but uncertain images, in units of `k0`.
         delta: entropy threshold (nats) for "uncertain"; None is half the
@@ -1069,23 +1073,38 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
     bn_stats = "frozen" if config.batchnorm_mode == "frozen" else config.joint_bn_stats
     if bn_stats == "target":
         callbacks.append(BatchNormRecalibration(target_images, batch_size=config.batch_size))
-    if config.method == "sjft":
-        callbacks.append(
-            AdaptiveNeighbourGrowth(
-                sampler,
-                target_images,
-                train.labels,
-                period=config.growth_period,
-                sigma0=config.sigma0,
-                sigma1=config.sigma1,
-                delta=config.delta,
-                log_dir=(
-                    os.path.join(run_dir, "logs", "growth")
-                    if config.tensorboard and is_chief
-                    else None
-                ),
-            )
+    elif bn_stats == "mixture_exact":
+        # A plain (undistributed) copy of the training pipeline: it draws
+        # the batches of the epoch the sampler callback has set.
+        mixed = data_lib.make_joint_dataset(
+            train,
+            source,
+            sampler,
+            config.image_size,
+            config.batch_size,
+            channels=channels,
+            augment=config.augment,
+            target_images=target_images,
         )
+        callbacks.append(BatchNormRecalibration(mixed))
+    growth = None
+    if config.method == "sjft":
+        growth = AdaptiveNeighbourGrowth(
+            sampler,
+            target_images,
+            train.labels,
+            period=config.growth_period,
+            sigma0=config.sigma0,
+            sigma1=config.sigma1,
+            delta=config.delta,
+            log_dir=(
+                os.path.join(run_dir, "logs", "growth")
+                if config.tensorboard and is_chief
+                else None
+            ),
+            draws_per_epoch=steps * (config.batch_size // 2),
+        )
+        callbacks.append(growth)
     fit_info = _fit(
         model,
         train_ds,
@@ -1117,15 +1136,18 @@ def _finetune_joint(config, strategy, joint, train, val, train_full, run_dir, is
             "max": int(counts.max()),
             "grown": int((counts > sampler.k0).sum()),
         }
-        # How often each target image would be drawn in an epoch with the
-        # final lists: the repetition the growth rule ended at.
+        # How often each target image is drawn per epoch: at the end, and in
+        # the epoch where one image was drawn the most (growth runs only).
         draws = sampler.repetition_counts(
             steps * (config.batch_size // 2), epoch=fit_info["epochs_run"]
         )
         extra["repetition"] = {
-            "max_draws_per_epoch": int(draws.max()),
-            "histogram": np.bincount(draws).tolist(),
+            "final_max_draws": int(draws.max()),
+            "final_histogram": np.bincount(draws).tolist(),
         }
+        if growth is not None and growth.max_draws:
+            extra["repetition"]["max_draws_per_epoch"] = max(growth.max_draws)
+            extra["repetition"]["worst_histogram"] = growth.worst_histogram
     return model, fit_info, extra
 
 

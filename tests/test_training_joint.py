@@ -380,7 +380,7 @@ def _first_batchnorm_input(model, images):
     return norm, np.asarray(probe(images, training=False), np.float64)
 
 
-@pytest.mark.parametrize("bn_stats", ["target", "mixture"])
+@pytest.mark.parametrize("bn_stats", ["target", "mixture_exact", "mixture"])
 def test_sjft_serves_the_target_with_target_batchnorm_statistics(world, tmp_path, bn_stats):
     from keras_seltransfer import data as data_lib
 
@@ -403,8 +403,8 @@ def test_sjft_serves_the_target_with_target_batchnorm_statistics(world, tmp_path
         np.testing.assert_allclose(moving_mean, target_mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(moving_var, target_var, rtol=1e-3, atol=1e-5)
     else:
-        # Moving averages of mixed batches: not the target's statistics
-        # (the behaviour before joint_bn_stats).
+        # Statistics of mixed batches (exact or moving averages): not the
+        # target's (the behaviour before joint_bn_stats is "mixture").
         assert np.abs(moving_mean - target_mean).max() > 1e-2
 
 
@@ -418,8 +418,10 @@ def test_sjft_capped_growth_and_repetition_report(world, tmp_path):
     counts = report["neighbour_counts"]
     assert counts["k_cap"] == 4 and counts["max_level"] == 2 and counts["max"] == 4
     repetition = report["repetition"]
-    assert repetition["max_draws_per_epoch"] <= 2
-    assert sum(repetition["histogram"]) == report["train_examples"]
+    assert repetition["max_draws_per_epoch"] <= 2 and repetition["final_max_draws"] <= 2
+    assert sum(repetition["worst_histogram"]) == report["train_examples"]
+    assert sum(repetition["final_histogram"]) == report["train_examples"]
+    assert max(report["history"]["draws_max"]) == repetition["max_draws_per_epoch"]
     assert report["validation_collapse"]["detected"] in (True, False)
     assert len(report["history"]["validation_collapse"]) == 3
     uncapped = _config(world, tmp_path / "uncapped", epochs=1, max_level=0)
