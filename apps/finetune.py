@@ -82,7 +82,8 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("k0", _D["k0"], "sjft: initial neighbours per target image.", lower_bound=1)
 flags.DEFINE_integer(
-    "k_max", _D["k_max"], "sjft: neighbours kept per target in a new index (the growth cap).",
+    "k_max", _D["k_max"], "sjft: neighbours kept per target in a new index; lists grow to at most "
+    "min(k_max, max_level*k0).",
     lower_bound=1,
 )
 flags.DEFINE_integer(
@@ -103,7 +104,8 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "joint_bn_stats", _D["joint_bn_stats"], list(training.JOINT_BN_STATS),
-    "sjft with BatchNorm trained: statistics used for validation and serving. target: "
+    "sjft with BatchNorm trained: statistics used for validation and serving (default "
+    "mixture_exact, chosen on validation). target: "
     "re-estimated on the target training images before every validation and after "
     "training; mixture_exact: re-estimated then on the epoch's mixed training batches; "
     "mixture: moving averages of the mixed batches (the behaviour before this flag; "

@@ -236,7 +236,9 @@ def test_ablation_variants(world, tmp_path, method):
     assert selected < len(source_train)  # so "all" and "random" differ
     if method == "sjft_nogrowth":
         assert report["source_candidates"] == selected
-        assert report["neighbour_counts"] == {"k0": K0, "mean": float(K0), "max": K0, "grown": 0}
+        assert report["neighbour_counts"] == {
+            "k0": K0, "k_cap": K_MAX, "max_level": 10, "mean": float(K0), "max": K0, "grown": 0
+        }
     elif method == "sjft_all":
         assert report["source_candidates"] == len(source_train) == 90
         assert "neighbour_counts" not in report
@@ -250,6 +252,7 @@ def test_sjft_from_scratch_trains_batchnorm_and_reinitialises(world, tmp_path):
         world, tmp_path / "scratch", from_scratch=True, batchnorm="frozen", learning_rate=1e-3
     )
     assert config.batchnorm_mode == "train"
+    assert training.FinetuneConfig().joint_bn_stats == "mixture_exact"
     out = training.finetune(config)
     model = keras.saving.load_model(out["model"])
     norms = [
@@ -386,6 +389,7 @@ def test_sjft_serves_the_target_with_target_batchnorm_statistics(world, tmp_path
 
     config = _config(world, tmp_path / bn_stats, epochs=2, joint_bn_stats=bn_stats)
     assert config.batchnorm_mode == "train"
+    assert training.FinetuneConfig().joint_bn_stats == "mixture_exact"
     out = training.finetune(config)
     report = out["report"]
     assert report["batchnorm_statistics"] == bn_stats
@@ -402,9 +406,9 @@ def test_sjft_serves_the_target_with_target_batchnorm_statistics(world, tmp_path
     if bn_stats == "target":
         np.testing.assert_allclose(moving_mean, target_mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(moving_var, target_var, rtol=1e-3, atol=1e-5)
-    else:
-        # Statistics of mixed batches (exact or moving averages): not the
-        # target's (the behaviour before joint_bn_stats is "mixture").
+    elif bn_stats == "mixture":
+        # Moving averages of mixed batches: not the target's statistics
+        # (the behaviour before joint_bn_stats).
         assert np.abs(moving_mean - target_mean).max() > 1e-2
 
 
