@@ -55,7 +55,8 @@ flags.DEFINE_float("dropout", _D["dropout"], "Dropout before the head.", lower_b
 flags.DEFINE_enum(
     "batchnorm", _D["batchnorm"], ["frozen", "train"],
     "BatchNorm during fine-tuning: frozen (pretrained statistics) or train. "
-    "Unset: frozen for baseline/l2sp, train (mixed batches) for the sjft methods.",
+    "Unset: frozen for baseline/l2sp, train (mixed batches) for the sjft methods "
+    "(served with --joint_bn_stats).",
 )
 flags.DEFINE_enum(
     "class_weight", _D["class_weight"], ["none", "balanced"], "Loss weighting of classes."
@@ -81,11 +82,34 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("k0", _D["k0"], "sjft: initial neighbours per target image.", lower_bound=1)
 flags.DEFINE_integer(
-    "k_max", _D["k_max"], "sjft: neighbours kept per target in a new index (the growth cap).",
+    "k_max", _D["k_max"], "sjft: neighbours kept per target in a new index; lists grow to at most "
+    "min(k_max, max_level*k0).",
     lower_bound=1,
 )
 flags.DEFINE_integer(
+    "max_level", _D["max_level"],
+    "sjft: highest sampling level (the authors' highest_sample_level): lists grow to at most "
+    "max_level*k0 neighbours and no target image is drawn more than max_level times per "
+    "epoch. 0: no cap (lists grow to k_max; the behaviour before this flag).",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
     "growth_period", _D["growth_period"], "sjft: epochs per neighbour-growth round.", lower_bound=1
+)
+flags.DEFINE_enum(
+    "growth_mode", _D["growth_mode"], list(training.GROWTH_MODES),
+    "sjft: epochs: grow every growth_period epochs under one learning-rate schedule; "
+    "rounds: every growth_period epochs is a round with its own (restarted) cosine "
+    "schedule, lists grow between rounds (as the authors' separate training rounds).",
+)
+flags.DEFINE_enum(
+    "joint_bn_stats", _D["joint_bn_stats"], list(training.JOINT_BN_STATS),
+    "sjft with BatchNorm trained: statistics used for validation and serving (default "
+    "mixture_exact, chosen on validation). target: "
+    "re-estimated on the target training images before every validation and after "
+    "training; mixture_exact: re-estimated then on the epoch's mixed training batches; "
+    "mixture: moving averages of the mixed batches (the behaviour before this flag; "
+    "collapses on targets unlike the source).",
 )
 flags.DEFINE_float(
     "sigma0", _D["sigma0"], "sjft: growth of misclassified images, in units of k0.", lower_bound=0.0

@@ -236,7 +236,9 @@ def test_ablation_variants(world, tmp_path, method):
     assert selected < len(source_train)  # so "all" and "random" differ
     if method == "sjft_nogrowth":
         assert report["source_candidates"] == selected
-        assert report["neighbour_counts"] == {"k0": K0, "mean": float(K0), "max": K0, "grown": 0}
+        assert report["neighbour_counts"] == {
+            "k0": K0, "k_cap": K_MAX, "max_level": 10, "mean": float(K0), "max": K0, "grown": 0
+        }
     elif method == "sjft_all":
         assert report["source_candidates"] == len(source_train) == 90
         assert "neighbour_counts" not in report
@@ -250,6 +252,7 @@ def test_sjft_from_scratch_trains_batchnorm_and_reinitialises(world, tmp_path):
         world, tmp_path / "scratch", from_scratch=True, batchnorm="frozen", learning_rate=1e-3
     )
     assert config.batchnorm_mode == "train"
+    assert training.FinetuneConfig().joint_bn_stats == "mixture_exact"
     out = training.finetune(config)
     model = keras.saving.load_model(out["model"])
     norms = [
@@ -352,6 +355,9 @@ def test_sampler_counts_restored_by_the_checkpoint(tmp_path):
         ({"k0": 6, "k_max": 5}, r"`k0` \(6\) must not exceed `k_max` \(5\)"),
         ({"k0": 0}, "`k0` must be a positive int"),
         ({"target_weight": 0.0}, "`target_weight` must be > 0"),
+        ({"max_level": -1}, r"`max_level` must be an int >= 0 .* Received: max_level=-1"),
+        ({"growth_mode": "steps"}, "Received: growth_mode='steps'"),
+        ({"joint_bn_stats": "domain"}, "Received: joint_bn_stats='domain'"),
     ],
 )
 def test_joint_config_errors(overrides, message):
@@ -366,3 +372,78 @@ def test_conv_bank_without_saved_backbone_or_index_is_refused(world, tmp_path):
         training.finetune(config)
     assert str(index_dir) in str(info.value) and "--index_bank=gabor" in str(info.value)
     assert not index_dir.exists() and not (tmp_path / "run").exists()
+
+
+def _first_batchnorm_input(model, images):
+    """The first BatchNormalization layer of `model` and what it reads on `images`."""
+    norm = next(
+        layer for layer in iter_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    probe = keras.Model(model.inputs, norm.input)
+    return norm, np.asarray(probe(images, training=False), np.float64)
+
+
+@pytest.mark.parametrize("bn_stats", ["target", "mixture_exact", "mixture"])
+def test_sjft_serves_the_target_with_target_batchnorm_statistics(world, tmp_path, bn_stats):
+    from keras_seltransfer import data as data_lib
+
+    config = _config(world, tmp_path / bn_stats, epochs=2, joint_bn_stats=bn_stats)
+    assert config.batchnorm_mode == "train"
+    assert training.FinetuneConfig().joint_bn_stats == "mixture_exact"
+    out = training.finetune(config)
+    report = out["report"]
+    assert report["batchnorm_statistics"] == bn_stats
+    model = keras.saving.load_model(out["model"])
+    train_full, _, train_ids, _ = training.finetune_split(config)
+    images = data_lib.prepared_images(train_full.subset(train_ids), 16, 1)
+    norm, x = _first_batchnorm_input(model, images)
+    # The first BatchNorm layer's statistics are exactly those of its input
+    # on the target training images (mean and biased variance per channel).
+    axes = tuple(range(x.ndim - 1))
+    target_mean, target_var = x.mean(axis=axes), x.var(axis=axes)
+    moving_mean = np.asarray(norm.moving_mean)
+    moving_var = np.asarray(norm.moving_variance)
+    if bn_stats == "target":
+        np.testing.assert_allclose(moving_mean, target_mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(moving_var, target_var, rtol=1e-3, atol=1e-5)
+    elif bn_stats == "mixture":
+        # Moving averages of mixed batches: not the target's statistics
+        # (the behaviour before joint_bn_stats).
+        assert np.abs(moving_mean - target_mean).max() > 1e-2
+
+
+def test_sjft_capped_growth_and_repetition_report(world, tmp_path):
+    # delta 0 and increments of k0 grow every list each epoch; max_level 2
+    # stops them at 2 * k0 = 4 < k_max = 5.
+    config = _config(
+        world, tmp_path / "capped", epochs=3, delta=0.0, sigma0=1.0, sigma1=1.0, max_level=2
+    )
+    report = training.finetune(config)["report"]
+    counts = report["neighbour_counts"]
+    assert counts["k_cap"] == 4 and counts["max_level"] == 2 and counts["max"] == 4
+    repetition = report["repetition"]
+    assert repetition["max_draws_per_epoch"] <= 2 and repetition["final_max_draws"] <= 2
+    assert sum(repetition["worst_histogram"]) == report["train_examples"]
+    assert sum(repetition["final_histogram"]) == report["train_examples"]
+    assert max(report["history"]["draws_max"]) == repetition["max_draws_per_epoch"]
+    assert report["validation_collapse"]["detected"] in (True, False)
+    assert len(report["history"]["validation_collapse"]) == 3
+    uncapped = _config(world, tmp_path / "uncapped", epochs=1, max_level=0)
+    report = training.finetune(uncapped)["report"]
+    assert report["neighbour_counts"]["k_cap"] == K_MAX
+    assert report["neighbour_counts"]["max_level"] is None
+
+
+def test_rounds_restart_the_learning_rate_at_each_round():
+    config = training.FinetuneConfig(
+        method="sjft", epochs=6, growth_period=3, growth_mode="rounds", learning_rate=0.1
+    )
+    schedule = training._learning_rate_schedule(config, 10)
+    lr = [float(schedule(step)) for step in (0, 15, 29, 30, 45)]
+    assert lr[0] == pytest.approx(0.1) and lr[3] == pytest.approx(0.1)
+    assert lr[1] == pytest.approx(0.05, rel=1e-3) and lr[4] == pytest.approx(0.05, rel=1e-3)
+    assert lr[2] < 0.001
+    # Growth every period under one schedule (the default): no restart.
+    config = training.FinetuneConfig(method="sjft", epochs=6, growth_period=3, learning_rate=0.1)
+    schedule = training._learning_rate_schedule(config, 10)
+    assert float(schedule(30)) == pytest.approx(0.05, rel=1e-3)  # half-way through one cycle

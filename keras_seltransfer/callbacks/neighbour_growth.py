@@ -79,8 +79,13 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
     `keras.callbacks.TensorBoard` comes after it in the callback list, to
     TensorBoard): `neighbours_mean`, `neighbours_median`, `neighbours_max`
     (the distribution of `K_i`) and `neighbours_grown` (images grown at this
-    epoch, 0 between rounds). With `log_dir` it also writes a histogram of
-    `K_i` per round.
+    epoch, 0 between rounds). With `draws_per_epoch` it also adds
+    `draws_max`: the most times one target image will be drawn in the next
+    epoch (`JointSampler.repetition_counts`), the repetition of hard images
+    that the growth leaves; `max_draws` keeps it per epoch and
+    `worst_histogram` the histogram of draws per target (index: draws,
+    value: target images) of the epoch with the most. With `log_dir` it also writes a histogram of
+    `K_i` (and of the draws per target) per round.
 
     Args:
         sampler: the `JointSampler` of the training pipeline.
@@ -97,6 +102,9 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
             probabilities.
         batch_size: prediction batch size for array inputs.
         log_dir: optional TensorBoard directory for the `K_i` histogram.
+        draws_per_epoch: target draws per epoch of the pipeline
+            (`joint_steps_per_epoch(...) * global_batch_size // 2`); None
+            skips the repetition diagnostic.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
         output="target",
         batch_size=128,
         log_dir=None,
+        draws_per_epoch=None,
     ):
         super().__init__()
         if not getattr(sampler, "uses_neighbours", False):
@@ -137,7 +146,14 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
         self.output = output
         self.batch_size = int(batch_size)
         self.log_dir = log_dir
+        self.draws_per_epoch = None if draws_per_epoch is None else int(draws_per_epoch)
+        self.max_draws = []
+        self.worst_histogram = None
         self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self.max_draws = []
+        self.worst_histogram = None
 
     def _probabilities(self):
         predictions = self.model.predict(
@@ -174,12 +190,22 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
             )
             self.sampler.set_neighbour_counts(counts)
             grown = int(mask.sum())
+        draws = None
+        if self.draws_per_epoch is not None:
+            # The next epoch's draws, with the counts as they are now.
+            draws = self.sampler.repetition_counts(self.draws_per_epoch, epoch + 1)
+            self.max_draws.append(int(draws.max()))
+            if self.max_draws[-1] == max(self.max_draws):
+                self.worst_histogram = np.bincount(draws).tolist()
+        if (epoch + 1) % self.period == 0:
             if self.log_dir:
                 if self._writer is None:
                     self._writer = tf.summary.create_file_writer(self.log_dir)
                 with self._writer.as_default():
                     tf.summary.histogram("neighbour_counts", counts, step=epoch)
                     tf.summary.scalar("neighbours_grown", grown, step=epoch)
+                    if draws is not None:
+                        tf.summary.histogram("draws_per_target", draws, step=epoch)
                 self._writer.flush()
         counts = self.sampler.get_neighbour_counts()
         if logs is not None:
@@ -187,6 +213,8 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
             logs["neighbours_median"] = float(np.median(counts))
             logs["neighbours_max"] = float(counts.max())
             logs["neighbours_grown"] = float(grown)
+            if draws is not None:
+                logs["draws_max"] = float(draws.max())
 
     def on_train_end(self, logs=None):
         if self._writer is not None:

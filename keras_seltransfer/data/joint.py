@@ -24,8 +24,16 @@ runs are reproducible and a resumed run draws the same batches):
    a shuffled pass over the targets, padded to whole batches. A target whose
    list grew gets proportionally more of the batches, so each of its
    neighbours is drawn about as often as those of a target that did not
-   grow [inferred from the authors' code, which repeats grown target images
-   in the training list].
+   grow [code: the authors repeat a target image `level` times in the
+   training list and give it `level * K0` neighbours].
+   With `max_level` (the authors' `highest_sample_level`, 10 in their
+   released prototxt) the lists stop growing at `max_level * K0` and no
+   target is drawn more than `max_level` times in an epoch: the expected
+   counts are capped at `max_level` and the draws the cap frees go to the
+   other targets in proportion to their weights (water-filling) before the
+   systematic allocation. Without it (the behaviour before the cap), a list
+   may grow to all `k_max` stored neighbours (200 = 20 K0 by default) and a
+   hard target that grew alone takes up to `num_draws * K_i / sum(K)` draws.
 2. Source draws. Each target draw is paired with one source image: a
    uniformly random entry among the first `K_i` of its list, or a uniformly
    random image of the pool (variants `all` and `random`).
@@ -93,9 +101,23 @@ class JointSampler(keras.callbacks.Callback):
             every target draws uniformly from all candidates.
         k0: initial number of neighbours per target (neighbour samplers).
         seed: int seed of the draws.
+        max_level: highest sampling level (neighbour samplers): lists grow
+            to at most `max_level * k0` neighbours, and no target is drawn
+            more than `max_level` times per epoch. None: no cap (lists grow
+            to every stored neighbour, draws proportional to `K_i`).
     """
 
-    def __init__(self, candidate_ids, candidate_labels, num_targets, *, neighbours=None, k0=None, seed=0):
+    def __init__(
+        self,
+        candidate_ids,
+        candidate_labels,
+        num_targets,
+        *,
+        neighbours=None,
+        k0=None,
+        seed=0,
+        max_level=None,
+    ):
         super().__init__()
         if tf.distribute.has_strategy():
             raise ValueError(
@@ -125,7 +147,15 @@ class JointSampler(keras.callbacks.Callback):
         self.neighbours = None
         self.k0 = None
         self.k_max = None
+        self.max_level = None
         self.neighbour_counts = None
+        if max_level is not None:
+            if neighbours is None:
+                raise ValueError(
+                    "`max_level` applies to neighbour samplers only; a pool sampler has no "
+                    f"levels. Received: max_level={max_level!r}"
+                )
+            self.max_level = check_int(max_level, "max_level", 1)
         if neighbours is not None:
             neighbours = _int_array(neighbours, "neighbours", 2)
             if neighbours.shape[0] != self.num_targets or neighbours.shape[1] < 1:
@@ -139,8 +169,11 @@ class JointSampler(keras.callbacks.Callback):
                     f"(0..{len(candidate_ids) - 1}). Received values in "
                     f"[{neighbours.min()}, {neighbours.max()}]"
                 )
-            self.k_max = int(neighbours.shape[1])
             self.k0 = check_int(k0, "k0", 1)
+            if self.max_level is not None:
+                # The authors give a target at level L the first L * K0 neighbours.
+                neighbours = neighbours[:, : self.k0 * self.max_level]
+            self.k_max = int(neighbours.shape[1])
             if self.k0 > self.k_max:
                 raise ValueError(
                     f"`k0` ({self.k0}) exceeds the neighbours stored per target "
@@ -162,7 +195,7 @@ class JointSampler(keras.callbacks.Callback):
     # ---------------------------------------------------------------- builders
 
     @classmethod
-    def from_neighbours(cls, neighbour_ids, source_labels, *, k0, k_max=None, seed=0):
+    def from_neighbours(cls, neighbour_ids, source_labels, *, k0, k_max=None, seed=0, max_level=None):
         """A sampler over per-target neighbour lists (the selective method).
 
         Args:
@@ -175,11 +208,16 @@ class JointSampler(keras.callbacks.Callback):
             k_max: keep only the first `k_max` columns (the growth cap);
                 None keeps all.
             seed: int seed of the draws.
+            max_level: highest sampling level (see the class); also keeps
+                only the first `max_level * k0` columns.
         """
         ids = _int_array(neighbour_ids, "neighbour_ids", 2)
         source_labels = _int_array(source_labels, "source_labels", 1)
         if k_max is not None:
             ids = ids[:, : check_int(k_max, "k_max", 1)]
+        if max_level is not None:
+            # Only the neighbours a capped list can reach are candidates.
+            ids = ids[:, : check_int(k0, "k0", 1) * check_int(max_level, "max_level", 1)]
         if ids.size and (ids.min() < 0 or ids.max() >= len(source_labels)):
             raise ValueError(
                 f"Neighbour ids must be positions in the source set (0..{len(source_labels) - 1}). "
@@ -194,6 +232,7 @@ class JointSampler(keras.callbacks.Callback):
             neighbours=inverse.reshape(ids.shape),
             k0=k0,
             seed=seed,
+            max_level=max_level,
         )
 
     @classmethod
@@ -283,11 +322,17 @@ class JointSampler(keras.callbacks.Callback):
         # Systematic sampling: one uniform offset, evenly spaced points over
         # the cumulative weights; every target gets floor or ceil of its
         # expected count.
-        cumulative = tf.cumsum(weights)
         offset = tf.random.stateless_uniform([], seed=keys[0], dtype=tf.float64)
-        points = (offset + tf.range(num_draws, dtype=tf.float64)) * (
-            cumulative[-1] / num_draws
-        )
+        if self.max_level is None:
+            cumulative = tf.cumsum(weights)
+            points = (offset + tf.range(num_draws, dtype=tf.float64)) * (
+                cumulative[-1] / num_draws
+            )
+        else:
+            # Expected counts capped at max_level sum to num_draws, so points
+            # one apart give each target floor or ceil of a count <= the cap.
+            cumulative = tf.cumsum(capped_shares(weights, num_draws, self.max_level))
+            points = offset + tf.range(num_draws, dtype=tf.float64)
         targets = tf.searchsorted(cumulative, points, side="right", out_type=tf.int32)
         targets = tf.minimum(targets, self.num_targets - 1)
         order = tf.argsort(tf.random.stateless_uniform([num_draws], seed=keys[1]))
@@ -301,6 +346,59 @@ class JointSampler(keras.callbacks.Callback):
             pool = len(self.candidate_ids)
             positions = tf.minimum(tf.cast(u * pool, tf.int32), pool - 1)
         return targets, positions
+
+    def repetition_counts(self, num_draws, epoch=0):
+        """How often each target image is drawn in one epoch (a diagnostic).
+
+        Args:
+            num_draws: target draws per epoch (`joint_steps_per_epoch(...) *
+                global_batch_size / 2`).
+            epoch: the epoch whose draws to count, with the current
+                neighbour counts.
+
+        Returns:
+            An int `[num_targets]` array: the draws of each target image.
+        """
+        targets, _ = self.draw(check_int(num_draws, "num_draws", 1), tf.constant(int(epoch), tf.int64))
+        return np.bincount(targets.numpy(), minlength=self.num_targets)
+
+
+def capped_shares(weights, num_draws, cap):
+    """Shares of `num_draws` proportional to `weights`, none above `cap`.
+
+    Water-filling: a target whose proportional share exceeds `cap` gets
+    exactly `cap`, and the draws this frees are shared among the others in
+    proportion to their weights, until no share exceeds the cap. Pure
+    TensorFlow (runs in the input pipeline).
+
+    Args:
+        weights: float64 `[N]` positive weights.
+        num_draws: total to share; at most `N * cap`.
+        cap: the largest share.
+
+    Returns:
+        float64 `[N]` shares summing to `num_draws`.
+    """
+    weights = tf.convert_to_tensor(weights, tf.float64)
+    total = tf.cast(num_draws, tf.float64)
+    cap = tf.cast(cap, tf.float64)
+
+    def shares(saturated):
+        free = tf.where(saturated, tf.zeros_like(weights), weights)
+        left = total - cap * tf.reduce_sum(tf.cast(saturated, tf.float64))
+        return tf.where(saturated, cap, left * free / tf.reduce_sum(free))
+
+    def body(saturated, _):
+        grown = saturated | (shares(saturated) > cap)
+        return grown, tf.reduce_any(grown != saturated)
+
+    # Each round saturates at least one more target or stops: at most N rounds.
+    saturated, _ = tf.while_loop(
+        lambda _, changed: changed,
+        body,
+        [tf.zeros_like(weights, tf.bool), tf.constant(True)],
+    )
+    return tf.minimum(shares(saturated), cap)
 
 
 def joint_steps_per_epoch(num_targets, global_batch_size):
@@ -450,6 +548,12 @@ def make_joint_dataset(
     steps = joint_steps_per_epoch(len(target), global_batch_size)
     half = global_batch_size // (2 * replicas)
     num_draws = steps * replicas * half
+    if sampler.max_level is not None and num_draws > sampler.num_targets * sampler.max_level:
+        raise ValueError(
+            f"An epoch makes {num_draws} target draws (whole batches), more than "
+            f"{sampler.num_targets} targets x max_level={sampler.max_level} allows; "
+            "raise `max_level` or lower `global_batch_size`."
+        )
 
     def dataset_fn(input_context=None):
         pipelines = input_context.num_input_pipelines if input_context else 1
@@ -537,24 +641,32 @@ def random_pool(num_source, size, seed=0):
     return np.sort(np.random.default_rng(seed).choice(num_source, size, replace=False))
 
 
-def make_sampler(variant, neighbour_ids, source_labels, *, k0, k_max=None, seed=0):
+def make_sampler(variant, neighbour_ids, source_labels, *, k0, k_max=None, seed=0, max_level=None):
     """The sampler of one of `VARIANTS` from a target's neighbour lists.
 
     - `selected`, `selected_nogrowth`: neighbour lists (growth is the
-      callback's business; the sampler is the same).
+      callback's business; the sampler is the same), capped at `max_level`
+      (see `JointSampler`).
     - `all`: every source image, uniformly.
     - `random`: as many uniformly chosen source images as the lists select
-      (distinct ids in their first `k_max` columns), drawn uniformly.
+      (distinct ids in the columns a list can reach: the first `k_max`, and
+      at most `max_level * k0`), drawn uniformly.
     """
     if variant not in VARIANTS:
         raise ValueError(f"Expected `variant` in {VARIANTS}. Received: variant={variant!r}")
     source_labels = _int_array(source_labels, "source_labels", 1)
     ids = _int_array(neighbour_ids, "neighbour_ids", 2)
     if variant in ("selected", "selected_nogrowth"):
-        return JointSampler.from_neighbours(ids, source_labels, k0=k0, k_max=k_max, seed=seed)
+        return JointSampler.from_neighbours(
+            ids, source_labels, k0=k0, k_max=k_max, seed=seed, max_level=max_level
+        )
     if variant == "all":
         return JointSampler.from_pool(np.arange(len(source_labels)), source_labels, ids.shape[0], seed=seed)
-    selected = len(np.unique(ids[:, :k_max] if k_max else ids))
+    columns = k_max
+    if max_level is not None:
+        cap = check_int(k0, "k0", 1) * check_int(max_level, "max_level", 1)
+        columns = cap if columns is None else min(columns, cap)
+    selected = len(np.unique(ids[:, :columns] if columns else ids))
     pool = random_pool(len(source_labels), selected, seed=seed)
     return JointSampler.from_pool(pool, source_labels, ids.shape[0], seed=seed)
 
@@ -562,6 +674,7 @@ def make_sampler(variant, neighbour_ids, source_labels, *, k0, k_max=None, seed=
 __all__ = [
     "JointSampler",
     "VARIANTS",
+    "capped_shares",
     "joint_steps_per_epoch",
     "joint_validation_dataset",
     "make_joint_dataset",

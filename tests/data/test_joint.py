@@ -10,6 +10,7 @@ from PIL import Image
 
 from keras_seltransfer import data as data_lib
 from keras_seltransfer.data.joint import JointSampler
+from keras_seltransfer.data.joint import capped_shares
 from keras_seltransfer.data.joint import joint_steps_per_epoch
 from keras_seltransfer.data.joint import make_joint_dataset
 from keras_seltransfer.data.joint import make_sampler
@@ -378,3 +379,79 @@ def test_resize_and_channels_match_the_plain_pipeline():
             assert min(np.abs(plain_target - image).max(axis=(1, 2, 3))) < 1e-4
         for image in images[2:]:
             assert min(np.abs(plain_source - image).max(axis=(1, 2, 3))) < 1e-3
+
+
+def _water_filling(weights, total, cap):
+    """NumPy reference of `capped_shares`: saturate, re-share, repeat."""
+    weights = np.asarray(weights, np.float64)
+    saturated = np.zeros(len(weights), bool)
+    while True:
+        free = np.where(saturated, 0.0, weights)
+        shares = np.where(saturated, cap, (total - cap * saturated.sum()) * free / free.sum())
+        grown = saturated | (shares > cap)
+        if (grown == saturated).all():
+            return np.minimum(shares, cap)
+        saturated = grown
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_capped_shares_match_a_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    weights = rng.choice([1.0, 1.0, 1.0, 3.0, 10.0, 20.0], size=50)
+    total, cap = 120, 4
+    shares = capped_shares(weights, total, cap).numpy()
+    np.testing.assert_allclose(shares, _water_filling(weights, total, cap), rtol=1e-12)
+    assert shares.sum() == pytest.approx(total) and shares.max() <= cap
+    # Below the cap, shares stay proportional to the weights.
+    free = shares < cap
+    np.testing.assert_allclose(shares[free] / weights[free], (shares[free] / weights[free])[0])
+    # Nothing to cap: plain proportional shares.
+    np.testing.assert_allclose(capped_shares(weights, 10, cap).numpy(), 10 * weights / weights.sum())
+
+
+def _elpv_sized_sampler(max_level):
+    """A sampler shaped like the app's defaults on ELPV at 15%: 236 targets,
+    k0 10, an index of 200 neighbours, batch 32 (240 draws per epoch)."""
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(3000)[:200] for _ in range(236)])
+    return make_sampler(
+        "selected", ids, rng.integers(0, 10, 3000), k0=10, k_max=200, max_level=max_level
+    )
+
+
+def test_capped_sampler_never_draws_a_target_more_than_max_level_times():
+    sampler = _elpv_sized_sampler(max_level=10)
+    assert sampler.k_max == 100  # lists stop at max_level * k0, as in the authors' code
+    num_draws = joint_steps_per_epoch(236, 32) * 16
+    # One image grown to the top (the growth rule's worst case), a few half-way.
+    counts = np.full(236, 10)
+    counts[0], counts[1:4] = sampler.k_max, 50
+    sampler.set_neighbour_counts(counts)
+    for epoch in range(5):
+        draws = sampler.repetition_counts(num_draws, epoch)
+        assert draws.sum() == num_draws
+        assert draws.max() <= 10, draws.max()
+    # Without the cap (the behaviour before max_level) that image's list
+    # reaches all 200 neighbours and it takes 18 of the epoch's 240 draws.
+    uncapped = _elpv_sized_sampler(max_level=None)
+    assert uncapped.k_max == 200
+    counts[0] = 200
+    uncapped.set_neighbour_counts(counts)
+    assert uncapped.repetition_counts(num_draws, 0).max() > 10
+
+
+def test_capped_sampler_candidates_and_growth_stop_at_the_cap():
+    source = _source()
+    ids = _neighbours(k=10)
+    sampler = JointSampler.from_neighbours(ids, source.labels, k0=2, max_level=3)
+    assert sampler.k_max == 6
+    # Only the neighbours a capped list can reach are candidates.
+    np.testing.assert_array_equal(sampler.candidate_ids, np.unique(ids[:, :6]))
+    with pytest.raises(ValueError, match=r"values in \[1, 6\]"):
+        sampler.set_neighbour_counts(np.full(NUM_TARGETS, 7))
+    # An epoch that needs more draws than targets x max_level is refused.
+    small = JointSampler.from_neighbours(ids, source.labels, k0=1, max_level=1)
+    with pytest.raises(ValueError, match="raise `max_level`"):
+        make_joint_dataset(_target(), source, small, SIZE, 32)
+    with pytest.raises(ValueError, match="pool sampler has no levels"):
+        JointSampler(np.arange(5), np.zeros(5, int), 3, max_level=2)
