@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 from keras_seltransfer.callbacks import BatchNormRecalibration
 
@@ -73,3 +74,16 @@ def test_training_is_the_same_with_and_without_it():
     # losses and the learned kernels match; only the moving statistics differ.
     np.testing.assert_allclose(a[5].history["loss"], b[5].history["loss"], rtol=1e-5)
     np.testing.assert_allclose(a[0].layers[-1].get_weights()[0], b[0].layers[-1].get_weights()[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size` must be a positive int. Received: batch_size=0"),
+        ({"max_images": -1}, "max_images` must be a positive int or None. Received: max_images=-1"),
+        ({"batch_size": True}, "Received: batch_size=True"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BatchNormRecalibration(np.zeros((2, 8, 8, 1), "float32"), **kwargs)

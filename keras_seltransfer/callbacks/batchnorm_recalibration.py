@@ -11,6 +11,8 @@ can be re-estimated on the target images before every validation without
 changing what the network learns.
 """
 
+import contextlib
+
 import keras
 
 from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
@@ -52,6 +54,16 @@ class BatchNormRecalibration(keras.callbacks.Callback):
 
     def __init__(self, data, *, batch_size=32, max_images=None):
         super().__init__()
+        # Bad arguments fail here, not at the first validation of a long fit.
+        for name, value, optional in (
+            ("batch_size", batch_size, False),
+            ("max_images", max_images, True),
+        ):
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                kind = "a positive int or None" if optional else "a positive int"
+                raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
         self.data = data
         self.batch_size = batch_size
         self.max_images = max_images
@@ -62,12 +74,7 @@ class BatchNormRecalibration(keras.callbacks.Callback):
 
     def _recalibrate(self):
         strategy = getattr(self.model, "distribute_strategy", None)
-        if strategy is not None:
-            with strategy.scope():
-                recalibrate_batchnorm(
-                    self.model, self.data, batch_size=self.batch_size, max_images=self.max_images
-                )
-        else:
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
             recalibrate_batchnorm(
                 self.model, self.data, batch_size=self.batch_size, max_images=self.max_images
             )
