@@ -12,7 +12,7 @@ with open(os.path.join(here, "keras_seltransfer", "__init__.py")) as f:
 with open(os.path.join(here, "README.md")) as f:
     long_description = f.read()
 
-APPS = ("pretrain", "finetune", "evaluate", "export")
+APPS = ("pretrain", "finetune", "evaluate", "export", "build_index")
 
 setup(
     name="keras_seltransfer",
@@ -21,7 +21,7 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_seltransfer", "keras_seltransfer.*", "apps"]),
+    packages=find_packages(include=["keras_seltransfer", "keras_seltransfer.*"]),
     # TensorFlow itself comes from an extra: `cpu` (tensorflow-cpu) or `gpu`
     # (tensorflow with the CUDA libraries); the two wheels must not be mixed.
     install_requires=[
@@ -52,7 +52,9 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": [f"kst-{name} = apps.{name}:run" for name in APPS],
+        "console_scripts": [
+            f"kst-{name.replace('_', '-')} = keras_seltransfer.apps.{name}:run" for name in APPS
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

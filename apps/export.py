@@ -1,53 +1,19 @@
-r"""Exports a saved classifier as a SavedModel that serves raw images.
-
-The `serve` signature takes uint8 images [batch, height, width, channels] of
-any size and returns class probabilities and class ids. Class names are read
-from the run's report.json beside the model when present. The model is loaded
-in Keras safe mode (no code from the file runs), and the SavedModel is written
-atomically: a failed export leaves an existing one at --output intact.
-
-Example:
-
-  python -m apps.export --model=runs/finetune/baseline-elpv-1-seed0/model.keras \
-      --output=exported/elpv_classifier
-"""
+"""Launcher of `keras_seltransfer.apps.export` (`python -m apps.export`)."""
 
 import os
 
-from absl import app
-from absl import flags
+# Quiet TensorFlow's start-up logging and keep its default float32 kernels,
+# before anything imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from apps import common
+from keras_seltransfer.apps import export as _app  # noqa: E402
+from keras_seltransfer.apps.export import FLAGS  # noqa: E402,F401
+from keras_seltransfer.apps.export import main  # noqa: E402,F401
+from keras_seltransfer.apps.export import run  # noqa: E402
 
-flags.DEFINE_string("model", None, "Path to a .keras classifier.")
-flags.DEFINE_string("output", None, "SavedModel directory to write.")
-flags.DEFINE_boolean("overwrite", False, "Replace an existing export at --output.")
-flags.mark_flags_as_required(["model", "output"])
-
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    common.reject_extra_args(argv)
-    try:
-        if not os.path.isfile(FLAGS.model):
-            raise FileNotFoundError(f"--model file not found: {FLAGS.model!r}")
-        from keras_seltransfer.export import export_saved_model
-        from keras_seltransfer.models.backbones import load_keras_file
-
-        model = load_keras_file(FLAGS.model, what="model")
-        class_names = common.run_class_names(FLAGS.model)
-        path = export_saved_model(
-            model, FLAGS.output, class_names=class_names, overwrite=FLAGS.overwrite
-        )
-    except common.USER_ERRORS as e:
-        common.fail("export", e)
-    print(f"SavedModel written to {path}")
-
-
-def run():
-    app.run(main)
-
+# absl prints the __main__ module's docstring as the usage of --help.
+__doc__ = _app.__doc__
 
 if __name__ == "__main__":
     run()

@@ -1,60 +1,19 @@
-r"""Pretrains a backbone on a source data set and saves it as a .keras file.
+"""Launcher of `keras_seltransfer.apps.pretrain` (`python -m apps.pretrain`)."""
 
-Pretrained backbones for offline work come from here: by default the built-in
-small_cnn is trained on Fashion-MNIST at 64x64 for 3 epochs (a few minutes on
-two CPU cores) and saved to runs/pretrain/fashion_mnist-small_cnn-64/model.keras,
-which is the default --backbone of apps.finetune.
+import os
 
-Example:
+# Quiet TensorFlow's start-up logging and keep its default float32 kernels,
+# before anything imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-  python -m apps.pretrain --source=fashion_mnist --epochs=3
-"""
+from keras_seltransfer.apps import pretrain as _app  # noqa: E402
+from keras_seltransfer.apps.pretrain import FLAGS  # noqa: E402,F401
+from keras_seltransfer.apps.pretrain import main  # noqa: E402,F401
+from keras_seltransfer.apps.pretrain import run  # noqa: E402
 
-from absl import app
-from absl import flags
-
-from apps import common
-from keras_seltransfer import training
-
-_D = common.defaults(training.PretrainConfig)
-
-flags.DEFINE_string(
-    "source",
-    _D["source"],
-    "Source data: fashion_mnist, elpv, textures, folder:/path, tfds:name, numpy:/path/file.npz.",
-)
-flags.DEFINE_float(
-    "fraction", _D["fraction"], "Fraction of each source class to train on (0, 1].",
-    lower_bound=0.0, upper_bound=1.0,
-)
-common.define_training_flags(training.PretrainConfig)
-
-# List the shared flags in --help, not only in --helpfull.
-flags.adopt_module_key_flags(common)
-
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    common.reject_extra_args(argv)
-    try:
-        config = common.config_from_flags(training.PretrainConfig)
-        outputs = training.pretrain(config)
-    except common.USER_ERRORS as e:
-        common.fail("pretrain", e)
-    report = outputs["report"]
-    print(
-        f"\npretrained {config.backbone} on {config.source}: test accuracy "
-        f"{report['accuracy']:.4f} ({report['num_examples']} test images)"
-    )
-    for key, label in (("model", "backbone"), ("report_md", "report")):
-        if key in outputs:
-            print(f"  {label}: {outputs[key]}")
-
-
-def run():
-    app.run(main)
-
+# absl prints the __main__ module's docstring as the usage of --help.
+__doc__ = _app.__doc__
 
 if __name__ == "__main__":
     run()

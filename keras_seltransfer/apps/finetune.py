@@ -1,0 +1,76 @@
+"""Fine-tunes a pretrained backbone on a small target data set.
+
+Methods (--method):
+{methods}
+
+Writes the fine-tuned classifier (model.keras), a test report (report.json,
+report.md: accuracy, balanced accuracy, per-class accuracy, confusion matrix),
+a SavedModel serving raw images (saved_model/), TensorBoard logs and resumable
+checkpoints into --output_dir. Rerunning an interrupted command resumes it.
+Every option below is an option of keras_seltransfer.training.FinetuneConfig,
+declared by the method that reads it (keras_seltransfer/methods/).
+
+Example (after `python -m apps.pretrain`):
+
+  python -m apps.finetune --target=elpv --fraction=0.15 --seed=1
+  python -m apps.finetune --method=sjft --source=fashion_mnist --target=elpv --fraction=0.15
+"""
+
+import textwrap
+
+from absl import app
+from absl import flags
+
+from keras_seltransfer import methods
+from keras_seltransfer import training
+from keras_seltransfer.apps import common
+
+
+def _method_list():
+    lines = []
+    for name in methods.names():
+        lines.extend(textwrap.wrap(
+            f"{name:<13} {methods.get(name).summary}",
+            width=78, initial_indent="  ", subsequent_indent=" " * 16,
+        ))
+    return "\n".join(lines)
+
+
+__doc__ = __doc__.format(methods=_method_list())
+
+common.define_config_flags(training.FinetuneConfig)
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    common.reject_extra_args(argv)
+    try:
+        config = common.config_from_flags(training.FinetuneConfig)
+        outputs = training.finetune(config)
+    except common.USER_ERRORS as e:
+        common.fail("finetune", e)
+    report = outputs["report"]
+    print(
+        f"\n{config.method} on {config.target}: test accuracy {report['accuracy']:.4f}, "
+        f"balanced accuracy {report['balanced_accuracy']:.4f} "
+        f"({report['num_examples']} test images, {report['train_examples']} training images)"
+    )
+    keys = (
+        ("report_md", "report"),
+        ("model", "model"),
+        ("multitask_model", "two-head model"),
+        ("saved_model", "SavedModel"),
+    )
+    for key, label in keys:
+        if key in outputs:
+            print(f"  {label}: {outputs[key]}")
+
+
+def run():
+    """Runs the app with the command line's flags."""
+    common.run_app(main)
+
+
+if __name__ == "__main__":
+    run()

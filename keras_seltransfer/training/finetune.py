@@ -1,0 +1,240 @@
+"""`finetune`: one run of any registered method, end to end."""
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from keras_seltransfer import data as data_lib
+from keras_seltransfer import distribute
+from keras_seltransfer import evaluation
+from keras_seltransfer import methods
+from keras_seltransfer.export import export_saved_model
+from keras_seltransfer.models import backbones
+from keras_seltransfer.models.classifier import set_batchnorm_mode
+from keras_seltransfer.training import loop
+from keras_seltransfer.training.config import FinetuneConfig
+from keras_seltransfer.training.defaults import DEFAULT_BACKBONE
+from keras_seltransfer.training.reporting import run_environment
+from keras_seltransfer.utils.io import save_model_atomic
+
+
+def finetune_split(config):
+    """The images a fine-tuning run uses, chosen exactly as `finetune` does.
+
+    Returns:
+        `(train_full, test, train_ids, val_ids)`: the target's whole training
+        split, its test split, and the positions in `train_full` of the
+        images trained on and of those kept for validation.
+    """
+    train_full, test = data_lib.load_train_test(
+        config.target, config.test_fraction, config.split_seed, channels=config.channels
+    )
+    kept = data_lib.low_data_subset(
+        train_full.labels,
+        fraction=None if config.per_class is not None else config.fraction,
+        per_class=config.per_class,
+        seed=config.seed,
+    )
+    train_idx, val_idx = data_lib.train_val_split(
+        train_full.labels[kept], val_fraction=config.val_fraction, seed=config.seed
+    )
+    return train_full, test, np.asarray(kept)[train_idx], np.asarray(kept)[val_idx]
+
+
+def load_backbone(config, data_channels):
+    """The backbone of `config` (call inside the strategy scope)."""
+    shape_channels = config.channels
+    if shape_channels is None and not backbones.is_backbone_path(config.backbone):
+        if backbones.is_builtin_backbone(config.backbone):
+            shape_channels = data_channels
+    backbone = backbones.load_backbone(
+        config.backbone,
+        (config.image_size, config.image_size, shape_channels),
+        weights=config.backbone_weights,
+        cut_layer=config.cut_layer,
+    )
+    if config.precision != "float32" and backbones.is_backbone_path(config.backbone):
+        backbone = backbones.with_dtype_policy(backbone, config.precision)
+    if getattr(config, "from_scratch", False):
+        backbone = backbones.reinitialize(backbone, seed=config.seed)
+    return backbone
+
+
+def _check_backbone_file(config):
+    if backbones.is_backbone_path(config.backbone) and not os.path.isfile(config.backbone):
+        hint = (
+            " Run `python -m apps.pretrain` first to create it."
+            if os.path.normpath(config.backbone) == os.path.normpath(DEFAULT_BACKBONE)
+            else ""
+        )
+        raise FileNotFoundError(f"Backbone file not found: {config.backbone!r}.{hint}")
+
+
+def _class_weight(config, labels):
+    if config.class_weight != "balanced":
+        return None
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights)}
+
+
+def finetune(config):
+    """Fine-tunes a backbone on a target data set and writes the run's outputs.
+
+    The loop is the same for every method (`keras_seltransfer.methods`):
+    data -> the method's model (a classifier, or SJFT's two-head model) ->
+    BatchNorm mode -> `config.compose` transforms -> the method's setup ->
+    compile -> `fit` -> evaluation -> saving.
+
+    Writes into `config.output_dir`: `config.json`, `model.keras` (the
+    fine-tuned classifier), `report.json` / `report.md` (test-set accuracy,
+    balanced accuracy, per-class accuracy, confusion matrix, history),
+    `saved_model/` (when `config.export`), `logs/` (TensorBoard) and any
+    extra model the method saves (SJFT: `multitask.keras`). An interrupted
+    run resumes from `backup/` when rerun with the same output directory.
+    Every file is written atomically.
+
+    Args:
+        config: a `FinetuneConfig`.
+
+    Returns:
+        A dict with the report and the paths written.
+
+    Example:
+
+    ```python
+    outputs = finetune(FinetuneConfig(target="elpv", method="sjft", fraction=0.15))
+    print(outputs["report"]["balanced_accuracy"], outputs["model"])
+    ```
+    """
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(
+            f"`config` must be a FinetuneConfig. Received: config of type {type(config).__name__}"
+        )
+    _check_backbone_file(config)
+    start = time.time()
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    # The strategy comes first: a multi-worker strategy configures
+    # TensorFlow's collective ops, which must happen before anything starts
+    # the runtime (the sjft selection creates variables).
+    strategy = distribute.get_strategy(config.strategy)
+    train_full, test, train_ids, val_ids = finetune_split(config)
+    train, val = train_full.subset(train_ids), train_full.subset(val_ids)
+    method = methods.get(config.method)
+    context = methods.MethodContext(
+        strategy=strategy,
+        train=train,
+        val=val,
+        num_classes=train_full.num_classes,
+        data_channels=train_full.channels,
+        run_dir=config.output_dir,
+        is_chief=distribute.is_chief(),
+        class_weight=_class_weight(config, train.labels),
+        load_backbone=lambda: load_backbone(config, train_full.channels),
+        state={"train_ids": train_ids},
+    )
+    method.prepare(config, context)
+    # Preparing (building a missing index) may draw random numbers; seeding
+    # again makes the model's initialisation the same either way.
+    keras.utils.set_random_seed(config.seed)
+    os.makedirs(config.output_dir, exist_ok=True)
+
+    with loop.dtype_policy(config.precision):
+        with strategy.scope():
+            model = method.build_model(config, context)
+            set_batchnorm_mode(model, config.batchnorm_mode)
+            model = methods.apply_transforms(config, model, context)
+        setup = method.setup(config, model, context)
+        if setup.train_data is None:
+            channels = int(setup.model.inputs[0].shape[-1])
+            train_data, val_data, steps = loop.classifier_data(
+                strategy, train, val, config, channels
+            )
+            fit_steps, class_weight = steps, context.class_weight
+        else:
+            train_data, val_data, steps = setup.train_data, setup.val_data, setup.steps_per_epoch
+            fit_steps = None if setup.epoch_dataset else steps
+            class_weight = None
+        lr_multipliers = {
+            **(methods.transform_lr_multipliers(config, setup.model) or {}),
+            **(setup.lr_multipliers or {}),
+        }
+        with strategy.scope():
+            setup.model.compile(
+                optimizer=loop.optimizer_for(
+                    config, steps, lr_multipliers or None, setup.learning_rate_schedule
+                ),
+                **{
+                    "loss": "sparse_categorical_crossentropy",
+                    "metrics": loop.classifier_metrics(),
+                    **setup.compile_kwargs,
+                },
+            )
+        fit_info = loop.fit(
+            setup.model,
+            train_data,
+            val_data,
+            config,
+            config.output_dir,
+            context.is_chief,
+            steps=fit_steps,
+            class_weight=class_weight,
+            monitor=setup.monitor,
+            accuracy=setup.accuracy,
+            callbacks=setup.callbacks,
+            state_variables=setup.state_variables,
+        )
+        extra = setup.report(fit_info) if setup.report is not None else {}
+
+    report = loop.evaluate_model(
+        setup.classifier,
+        test,
+        config.batch_size,
+        {
+            "method": config.method,
+            "target": config.target,
+            "backbone": config.backbone,
+            "fraction": config.fraction if config.per_class is None else None,
+            "per_class": config.per_class,
+            "seed": config.seed,
+            "train_examples": len(train),
+            "val_examples": len(val),
+            **fit_info,
+            **extra,
+            "strategy": distribute.describe_strategy(strategy),
+            "seconds": round(time.time() - start, 1),
+            "environment": run_environment(),
+        },
+    )
+    return _save(config, setup, report, test.class_names, context.is_chief)
+
+
+def _save(config, setup, report, class_names, is_chief):
+    run_dir = config.output_dir
+    outputs = {"report": report, "output_dir": os.path.abspath(run_dir)}
+    if not is_chief:
+        return outputs
+    outputs["model"] = os.path.join(run_dir, "model.keras")
+    save_model_atomic(setup.classifier, outputs["model"])
+    for filename, model in setup.saved_models.items():
+        # multitask.keras -> outputs["multitask_model"]
+        key = os.path.splitext(filename)[0] + "_model"
+        outputs[key] = os.path.join(run_dir, filename)
+        save_model_atomic(model, outputs[key])
+    if config.export:
+        outputs["saved_model"] = export_saved_model(
+            setup.export_model, os.path.join(run_dir, "saved_model"), class_names=class_names
+        )
+    outputs["report_json"], outputs["report_md"] = evaluation.write_report(
+        report, run_dir, title=f"Fine-tuning report: {config.method} on {config.target}"
+    )
+    return outputs
+
+
+__all__ = ["finetune", "finetune_split", "load_backbone"]

@@ -1,0 +1,204 @@
+"""The general training loop: optimizer, `fit` with early stopping and
+resumable checkpoints, and evaluation, shared by every method and by
+pretraining."""
+
+import contextlib
+import dataclasses
+import json
+import os
+import warnings
+
+import keras
+
+from keras_seltransfer import data as data_lib
+from keras_seltransfer import evaluation
+from keras_seltransfer.callbacks import TrainingCheckpoint
+from keras_seltransfer.callbacks import ValidationCollapseMonitor
+from keras_seltransfer.optimizers import make_optimizer
+from keras_seltransfer.utils.io import atomic_write_text
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Sets the global Keras dtype policy for the duration of a block."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def classifier_metrics():
+    """Accuracy and the plain cross-entropy, reported beside `loss` (which
+    also holds any weight penalties) so early stopping can monitor it."""
+    return [
+        "accuracy",
+        keras.metrics.SparseCategoricalCrossentropy(name="crossentropy"),
+    ]
+
+
+def optimizer_for(config, steps_per_epoch, lr_multipliers=None, schedule=None):
+    """The run's optimizer: `config.optimizer` with cosine decay of
+    `config.learning_rate` over the run (or `schedule(config, steps)`),
+    `config.weight_decay` and optional per-variable learning-rate
+    multipliers."""
+    if schedule is None:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
+        )
+    else:
+        learning_rate = schedule(config, steps_per_epoch)
+    kwargs = {"weight_decay": config.weight_decay or None}
+    if config.optimizer == "sgd":
+        kwargs["momentum"] = 0.9
+    return make_optimizer(config.optimizer, learning_rate, lr_multipliers=lr_multipliers, **kwargs)
+
+
+def classifier_data(strategy, train, val, config, channels):
+    """`(train_data, val_data, steps)`: the single-task pipelines of
+    `train` (a function of the epochs already done, skipping the batches an
+    interrupted run had consumed) and of `val`."""
+    steps = data_lib.steps_per_epoch(len(train), config.batch_size)
+
+    def train_data(initial_epoch):
+        return data_lib.distributed_dataset(
+            strategy,
+            train,
+            config.batch_size,
+            config.image_size,
+            training=True,
+            channels=channels,
+            augment=config.augment,
+            seed=config.seed,
+            repeat=True,
+            skip_steps=initial_epoch * steps,
+        )
+
+    val_data = data_lib.make_dataset(val, config.image_size, config.batch_size, channels=channels)
+    return train_data, val_data, steps
+
+
+def fit(
+    model,
+    train_data,
+    val_data,
+    config,
+    run_dir,
+    is_chief,
+    *,
+    steps=None,
+    class_weight=None,
+    monitor="val_crossentropy",
+    accuracy="accuracy",
+    callbacks=(),
+    state_variables=None,
+):
+    """Trains with early stopping, resumable checkpoints and logs.
+
+    `train_data` is a function from the number of epochs already finished
+    (nonzero when resuming) to the dataset to train on from there.
+    `steps` is None when that dataset ends after each epoch.
+
+    `callbacks` run after early stopping and before the checkpoint (so the
+    checkpoint saves the state they leave at the end of an epoch) and
+    TensorBoard (so it logs what they add to the logs). A
+    `ValidationCollapseMonitor` on the `accuracy` metric warns when
+    validation accuracy falls while training accuracy rises; the returned
+    `validation_collapse` lists the flagged epochs.
+
+    The chief writes `config.json` here, once everything before training has
+    succeeded.
+
+    Returns:
+        A dict: `history`, `epochs_run`, `resumed_from_epoch`,
+        `best_<monitor>` and `validation_collapse`.
+    """
+    # Only the chief keeps checkpoints and logs; other workers write to a
+    # scratch directory that is discarded.
+    work_dir = run_dir if is_chief else os.path.join(run_dir, ".worker_scratch")
+    # Early stopping and model selection watch the validation cross-entropy,
+    # not `val_loss`: Keras adds weight penalties (L2-SP) to `val_loss`, and a
+    # penalty that grows as the weights leave their start would stop training
+    # for the wrong reason.
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor=monitor,
+        mode="min",
+        patience=config.patience,
+        restore_best_weights=True,
+        verbose=min(config.verbose, 1),
+    )
+    checkpoint = TrainingCheckpoint(
+        os.path.join(work_dir, "backup"),
+        early_stopping=early_stopping,
+        state_variables=state_variables or None,
+    )
+    initial_epoch = checkpoint.restore(model)
+    if is_chief:
+        # Written only now that data, model and method are set up: a rerun
+        # that fails on bad input leaves the record of the run whose model
+        # and report are in the directory.
+        atomic_write_text(
+            os.path.join(run_dir, "config.json"),
+            json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n",
+        )
+    if initial_epoch and config.verbose:
+        print(f"Resuming from the checkpoint after epoch {initial_epoch}.")
+    collapse = ValidationCollapseMonitor(accuracy)
+    # The checkpoint comes after early stopping so it can re-apply its state.
+    all_callbacks = [early_stopping, *callbacks, collapse, checkpoint]
+    if config.tensorboard:
+        all_callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, "logs")))
+    with warnings.catch_warnings():
+        # A finite distributed dataset (the joint pipeline) ends its first
+        # epoch with this warning because its length is unknown until then.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        history = model.fit(
+            train_data(initial_epoch),
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            validation_data=val_data,
+            callbacks=all_callbacks,
+            class_weight=class_weight,
+            # The pipelines shuffle, seeded, themselves.
+            shuffle=False,
+            verbose=config.verbose,
+        )
+    return {
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "epochs_run": initial_epoch + len(history.epoch),
+        "resumed_from_epoch": initial_epoch,
+        "best_" + monitor: (
+            None if early_stopping.best is None else float(early_stopping.best)
+        ),
+        "validation_collapse": {
+            "detected": bool(collapse.collapsed_epochs),
+            "epochs": [epoch + 1 for epoch in collapse.collapsed_epochs],
+            "window": collapse.window,
+            "min_drop": collapse.min_drop,
+        },
+    }
+
+
+def evaluate_model(model, images, batch_size, extra=None):
+    """The classification report (`evaluation.classification_report`) of
+    `model` on `images` (an `ImageSource`), resized to the model's input
+    size and converted to its channels, with `extra` entries added.
+
+    Example:
+
+    ```python
+    _, test = keras_seltransfer.data.load_train_test("elpv")
+    report = evaluate_model(keras.saving.load_model("model.keras"), test, batch_size=64)
+    ```
+    """
+    height, width, channels = (int(d) for d in model.inputs[0].shape[1:])
+    dataset = data_lib.make_dataset(images, (height, width), batch_size, channels=channels)
+    probabilities, labels = evaluation.predict_dataset(model, dataset)
+    report = evaluation.classification_report(labels, probabilities, images.class_names)
+    report.update(extra or {})
+    return report
+
+
+__all__ = ["classifier_data", "classifier_metrics", "dtype_policy", "evaluate_model", "fit", "optimizer_for"]
