@@ -50,6 +50,7 @@ from PIL import Image
 
 from keras_seltransfer import evaluation
 from keras_seltransfer import training
+from keras_seltransfer.methods import sjft
 from keras_seltransfer.data.sources import from_image_folder
 from keras_seltransfer.data.sources import from_numpy
 from keras_seltransfer.data.sources import load_dataset
@@ -438,7 +439,7 @@ def _load_neighbours(h, name):
         index_dir=h(f"neighbours/{name}"), k0=2, k_max=5, image_size=16, verbose=0,
     )
     _, _, train_ids, _ = training.finetune_split(config)
-    return training.load_neighbours(config, train_ids)
+    return sjft.load_neighbours(config, train_ids)
 
 
 FOLDER = "data.from_image_folder"
@@ -447,7 +448,7 @@ SPEC = "data.load_dataset"
 SPLITS = "training.load_train_test"
 BACKBONE = "models.load_backbone"
 INDEX = "SourceIndex.load"
-NEIGHBOURS = "training.load_neighbours"
+NEIGHBOURS = "methods.sjft.load_neighbours"
 BUILD = "retrieval.build_neighbours"
 
 

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_seltransfer import methods
 from keras_seltransfer import training
+from keras_seltransfer.methods import sjft
+from keras_seltransfer.training import loop
 from keras_seltransfer.models.classifier import iter_layers
 from keras_seltransfer.retrieval import workflow
 from tests import helpers
@@ -227,7 +230,7 @@ def test_ablation_variants(world, tmp_path, method):
     # Two epochs with growth_period=1: sjft would have grown twice.
     config = _config(world, tmp_path / method, method=method, epochs=2)
     report = training.finetune(config)["report"]
-    assert report["sampling"] == training.JOINT_VARIANTS[method]
+    assert report["sampling"] == methods.get(method).sampling
     assert report["epochs_run"] == 2
     assert (tmp_path / method / "multitask.keras").is_file()
     assert "neighbours_mean" not in report["history"]  # no growth callback
@@ -293,13 +296,13 @@ def test_interrupted_sjft_run_resumes_to_the_same_result(world, tmp_path, monkey
     # interruption matter.
     assert len(set(ref_history["neighbours_mean"])) > 1
 
-    class Interrupted(training.TrainingCheckpoint):
+    class Interrupted(loop.TrainingCheckpoint):
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)  # the checkpoint is committed...
             if epoch + 1 == interrupt_after:
                 raise KeyboardInterrupt  # ...then the process dies
 
-    monkeypatch.setattr(training, "TrainingCheckpoint", Interrupted)
+    monkeypatch.setattr(loop, "TrainingCheckpoint", Interrupted)
     config = _config(world, tmp_path / "b", **growth)
     with pytest.raises(KeyboardInterrupt):
         training.finetune(config)
@@ -438,12 +441,13 @@ def test_rounds_restart_the_learning_rate_at_each_round():
     config = training.FinetuneConfig(
         method="sjft", epochs=6, growth_period=3, growth_mode="rounds", learning_rate=0.1
     )
-    schedule = training._learning_rate_schedule(config, 10)
+    schedule = sjft.schedule_for(config)(config, 10)
     lr = [float(schedule(step)) for step in (0, 15, 29, 30, 45)]
     assert lr[0] == pytest.approx(0.1) and lr[3] == pytest.approx(0.1)
     assert lr[1] == pytest.approx(0.05, rel=1e-3) and lr[4] == pytest.approx(0.05, rel=1e-3)
     assert lr[2] < 0.001
     # Growth every period under one schedule (the default): no restart.
     config = training.FinetuneConfig(method="sjft", epochs=6, growth_period=3, learning_rate=0.1)
-    schedule = training._learning_rate_schedule(config, 10)
+    assert sjft.schedule_for(config) is None  # the loop's cosine decay over the run
+    schedule = loop.optimizer_for(config, 10)._learning_rate
     assert float(schedule(30)) == pytest.approx(0.05, rel=1e-3)  # half-way through one cycle

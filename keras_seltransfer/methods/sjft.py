@@ -213,6 +213,15 @@ def rounds_schedule(config, steps_per_epoch):
     )
 
 
+def schedule_for(config):
+    """The learning-rate schedule maker of an sjft run: `rounds_schedule`
+    with `growth_mode="rounds"` (method sjft), else None (the training
+    loop's cosine decay over the run)."""
+    if config.method == "sjft" and config.growth_mode == "rounds":
+        return rounds_schedule
+    return None
+
+
 class JointFinetuning(Method):
     """Joint fine-tuning on the target and a (selected) source sample."""
 
@@ -329,9 +338,7 @@ class JointFinetuning(Method):
             steps_per_epoch=steps,
             monitor="val_target_crossentropy",
             accuracy="target_accuracy",
-            learning_rate_schedule=(
-                rounds_schedule if self.grows and config.growth_mode == "rounds" else None
-            ),
+            learning_rate_schedule=schedule_for(config),
             saved_models={"multitask.keras": model},
             report=report,
         )

@@ -169,7 +169,7 @@ def _docstring(summary, fields):
 
 def _validate_fields(config):
     for field in dataclasses.fields(config):
-        if field.name == "fraction" and config.per_class is not None:
+        if field.name == "fraction" and getattr(config, "per_class", None) is not None:
             continue  # ignored when per_class is set
         if field.name == "channels" and config.channels not in (None, 1, 3):
             raise ValueError(

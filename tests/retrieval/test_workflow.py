@@ -251,7 +251,7 @@ def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 index.json = types.SimpleNamespace(dump=die, dumps=json.dumps, load=json.load, loads=json.loads)
-from apps import build_index
+from keras_seltransfer.apps import build_index
 sys.argv = ["build_index", *sys.argv[1:]]
 build_index.run()
 """

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_seltransfer import training
+from keras_seltransfer.training import loop
 from keras_seltransfer.layers.blur_pool import BlurPool
 from keras_seltransfer.models.antialias import antialias
 from keras_seltransfer.models.antialias import blur_layers
@@ -99,12 +100,12 @@ def test_ktft_logs_every_term_and_saves_only_the_student(world, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_ktft_run_resumes(world, tmp_path, monkeypatch):
-    class Interrupted(training.TrainingCheckpoint):
+    class Interrupted(loop.TrainingCheckpoint):
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "TrainingCheckpoint", Interrupted)
+    monkeypatch.setattr(loop, "TrainingCheckpoint", Interrupted)
     config = _config(world, tmp_path / "run", method="ktft", ktft_layers="block2_relu")
     with pytest.raises(KeyboardInterrupt):
         training.finetune(config)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_seltransfer import training
+from keras_seltransfer.training import loop
 from keras_seltransfer.layers.filter_mask import FilterMask
 from keras_seltransfer.models import filter_transfer as ft
 from tests import helpers
@@ -98,13 +99,13 @@ def test_interrupted_reinit_pruning_run_resumes_to_the_same_result(tmp_path, mon
     )
     reference = training.finetune(_config(tmp_path, output_dir=str(tmp_path / "a"), **settings))
 
-    class Interrupted(training.TrainingCheckpoint):
+    class Interrupted(loop.TrainingCheckpoint):
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)  # the checkpoint is committed...
             if epoch + 1 == interrupt_after:
                 raise KeyboardInterrupt  # ...then the process dies
 
-    monkeypatch.setattr(training, "TrainingCheckpoint", Interrupted)
+    monkeypatch.setattr(loop, "TrainingCheckpoint", Interrupted)
     config = _config(tmp_path, output_dir=str(tmp_path / "b"), **settings)
     with pytest.raises(KeyboardInterrupt):
         training.finetune(config)

@@ -1,4 +1,4 @@
-"""Methods compose: model transforms applied before a method's own recipe."""
+"""Methods compose: model transforms applied before a method's own setup."""
 
 import json
 
@@ -6,8 +6,9 @@ import keras
 import pytest
 
 from keras_seltransfer import layers
-from keras_seltransfer import recipes
+from keras_seltransfer import methods
 from keras_seltransfer import training
+from keras_seltransfer.methods.antialias import antialias_model
 from tests import helpers
 
 
@@ -54,19 +55,19 @@ def test_adafilter_on_the_antialiased_network(tmp_path):
 
 def test_bad_compose_specs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="takes transforms from"):
-        recipes.check_compose("baseline", "antialias,magic")
+        methods.check_compose("baseline", "antialias,magic")
     with pytest.raises(ValueError, match="already applies 'antialias'"):
-        recipes.check_compose("ktft", "antialias")
+        methods.check_compose("ktft", "antialias")
     with pytest.raises(ValueError, match="already applies 'adafilter'"):
-        recipes.check_compose("adafilter", "adafilter")
+        methods.check_compose("adafilter", "adafilter")
     with pytest.raises(ValueError, match="Anti-aliasing must come before AdaFilter"):
-        recipes.check_compose("ktft", "adafilter")
+        methods.check_compose("ktft", "adafilter")
     with pytest.raises(ValueError, match="Anti-aliasing must come before AdaFilter"):
-        recipes.check_compose("baseline", "adafilter,antialias")
-    recipes.check_compose("baseline", "antialias,adafilter")
+        methods.check_compose("baseline", "adafilter,antialias")
+    methods.check_compose("baseline", "antialias,adafilter")
     with pytest.raises(ValueError, match="twice"):
-        recipes.check_compose("baseline", "adafilter, adafilter")
-    assert recipes.compose_names(" antialias ,adafilter") == ["antialias", "adafilter"]
+        methods.check_compose("baseline", "adafilter, adafilter")
+    assert methods.compose_names(" antialias ,adafilter") == ["antialias", "adafilter"]
     with pytest.raises(ValueError, match="compose"):
         training.FinetuneConfig(method="antialias_ft", compose="antialias")
 
@@ -76,8 +77,8 @@ def test_antialias_settings_reach_the_surgery():
     from keras_seltransfer.models import small_cnn
 
     classifier = build_classifier(small_cnn((16, 16, 1), widths=(4, 8)), 2)
-    full = recipes.antialias_model(training.FinetuneConfig(blur_filt_size=3), classifier)
-    kept = recipes.antialias_model(training.FinetuneConfig(blur_keep_stem=True), classifier)
+    full = antialias_model(training.FinetuneConfig(blur_filt_size=3), classifier)
+    kept = antialias_model(training.FinetuneConfig(blur_keep_stem=True), classifier)
     assert full.get_layer("block1_conv").strides == (1, 1)
     assert kept.get_layer("block1_conv").strides == (2, 2)
     blurs = [layer for layer in full.layers if isinstance(layer, layers.BlurPool)]

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from keras_seltransfer import training
+from keras_seltransfer.training import loop
 from keras_seltransfer.layers.gated_conv import GatedConv
 from keras_seltransfer.models.adafilter import gated_layers
 from tests import helpers
@@ -103,13 +104,13 @@ def test_interrupted_gumbel_run_resumes_to_the_same_result(tmp_path, monkeypatch
     reference = training.finetune(_config(tmp_path, "a", **settings))
     ref_history = reference["report"]["history"]
 
-    class Interrupted(training.TrainingCheckpoint):
+    class Interrupted(loop.TrainingCheckpoint):
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)  # the checkpoint is committed...
             if epoch + 1 == interrupt_after:
                 raise KeyboardInterrupt  # ...then the process dies
 
-    monkeypatch.setattr(training, "TrainingCheckpoint", Interrupted)
+    monkeypatch.setattr(loop, "TrainingCheckpoint", Interrupted)
     config = _config(tmp_path, "b", **settings)
     with pytest.raises(KeyboardInterrupt):
         training.finetune(config)
@@ -138,7 +139,7 @@ def test_interrupted_gumbel_run_resumes_to_the_same_result(tmp_path, monkeypatch
 
 
 class _Context:
-    """The parts of a `RecipeContext` the adafilter recipe reads to build."""
+    """The parts of a `MethodContext` the adafilter method reads to build."""
 
     def __init__(self):
         self.strategy = tf.distribute.get_strategy()
@@ -146,7 +147,7 @@ class _Context:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_gate_network_steps_with_the_multiplied_learning_rate(tmp_path, optimizer):
-    from keras_seltransfer import recipes
+    from keras_seltransfer import methods
     from keras_seltransfer.models import backbones
     from keras_seltransfer.models import build_classifier
     from keras_seltransfer.models import set_batchnorm_mode
@@ -156,11 +157,12 @@ def test_gate_network_steps_with_the_multiplied_learning_rate(tmp_path, optimize
     assert config.batchnorm_mode == "frozen"
     classifier = build_classifier(backbones.small_cnn((16, 16, 1), widths=(4, 8)), 3)
     set_batchnorm_mode(classifier, config.batchnorm_mode)
-    setup = recipes.setup(config, classifier, _Context())
+    setup = methods.get("adafilter").setup(config, classifier, _Context())
     model = setup.model
     controller = gate_controller(model)
-    assert setup.lr_multipliers == {f"^{controller.name}/": 25.0}
-    opt = training._make_optimizer(config, 10, setup.lr_multipliers)
+    multipliers = methods.transform_lr_multipliers(config, model)
+    assert multipliers == {f"^{controller.name}/": 25.0}
+    opt = loop.optimizer_for(config, 10, multipliers)
     images, labels = helpers.easy_images(8, seed=1)
     with tf.GradientTape() as tape:
         loss = keras.losses.sparse_categorical_crossentropy(
