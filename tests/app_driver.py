@@ -127,7 +127,10 @@ def _load_app(name, loaded):
     for flag_name in list(FLAGS):
         if flag_name not in loaded["base_flags"]:
             delattr(FLAGS, flag_name)
+    # The launcher (apps.<name>) and the app it runs (keras_seltransfer.apps.<name>,
+    # which defines the flags) are both imported afresh.
     sys.modules.pop(name, None)
+    sys.modules.pop(f"keras_seltransfer.{name}", None)
     module = importlib.import_module(name)
     loaded.update(name=name, module=module)
     # absl's short usage prints the main module's docstring.

@@ -95,9 +95,10 @@ def option_info(field):
 
 
 def _range_text(kind, info):
-    low, high = info[_LOWER], info[_UPPER]
-    above, below = info[_ABOVE], info[_BELOW]
-    if kind is int and low == 1 and high is None and above is None and below is None:
+    low, high, above, below = (
+        None if info[key] is None else f"{info[key]:g}" for key in (_LOWER, _UPPER, _ABOVE, _BELOW)
+    )
+    if kind is int and low == "1" and high is None and above is None and below is None:
         return "a positive int"
     text = "an int" if kind is int else "a number"
     start = f"[{low}" if low is not None else (f"({above}" if above is not None else None)
