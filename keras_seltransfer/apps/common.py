@@ -29,7 +29,7 @@ def defaults(config_cls):
     return {f.name: f.default for f in dataclasses.fields(config_cls)}
 
 
-def define_config_flags(config_cls, skip=(), help_overrides=None):
+def define_config_flags(config_cls, skip=(), help_overrides=None, choices=None):
     """Defines one flag per option of `config_cls` (a `FinetuneConfig` or
     `PretrainConfig`), named like the option, with its default, help text,
     allowed values and bounds (see `keras_seltransfer.methods.option`).
@@ -38,8 +38,11 @@ def define_config_flags(config_cls, skip=(), help_overrides=None):
         config_cls: the config dataclass.
         skip: option names that get no flag.
         help_overrides: `{name: help}` where an app words an option its own way.
+        choices: `{name: allowed values}` for options whose allowed values
+            are known only when the app starts (the registered methods).
     """
     help_overrides = help_overrides or {}
+    choices = choices or {}
     for field in dataclasses.fields(config_cls):
         info = option_info(field)
         name = field.name
@@ -49,11 +52,12 @@ def define_config_flags(config_cls, skip=(), help_overrides=None):
         text = help_overrides.get(name, info["help"])
         lower = info["lower"] if info["lower"] is not None else info["above"]
         upper = info["upper"] if info["upper"] is not None else info["below"]
-        if info["choices"] is not None:
+        allowed = choices.get(name, info["choices"])
+        if allowed is not None:
             flags.DEFINE_enum(
                 name,
                 None if default is None else str(default),
-                [str(choice) for choice in info["choices"]],
+                [str(choice) for choice in allowed],
                 text,
             )
         elif kind is bool:

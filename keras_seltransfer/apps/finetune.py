@@ -38,7 +38,7 @@ def _method_list():
 
 __doc__ = __doc__.format(methods=_method_list())
 
-common.define_config_flags(training.FinetuneConfig)
+common.define_config_flags(training.FinetuneConfig, choices={"method": methods.names()})
 
 FLAGS = flags.FLAGS
 

@@ -100,7 +100,6 @@ def _finetune_general():
             "baseline",
             f"Fine-tuning method: one of {', '.join(methods.names())} (each a module of "
             "keras_seltransfer.methods; apps.finetune --help describes them).",
-            choices=methods.names(),
         ),
         "per_class": option(
             None, "Keep exactly this many training images per class (overrides --fraction).",
@@ -180,6 +179,9 @@ def _validate_fields(config):
 
 class _FinetuneConfigBase:
     def __post_init__(self):
+        # Checked against the registry now, not when the class was made:
+        # a method registered later (without options of its own) runs too.
+        methods.get(self.method)
         _validate_fields(self)
         methods.check_compose(self.method, self.compose)
         for cls in methods.options_classes():
