@@ -125,17 +125,16 @@ def finetune(config):
     # the runtime (the sjft selection creates variables).
     strategy = distribute.get_strategy(config.strategy)
     train_full, test, train_ids, val_ids = finetune_split(config)
-    train, val = train_full.subset(train_ids), train_full.subset(val_ids)
     method = methods.get(config.method)
     context = methods.MethodContext(
         strategy=strategy,
-        train=train,
-        val=val,
+        train=train_full.subset(train_ids),
+        val=train_full.subset(val_ids),
         num_classes=train_full.num_classes,
         data_channels=train_full.channels,
         run_dir=config.output_dir,
         is_chief=distribute.is_chief(),
-        class_weight=_class_weight(config, train.labels),
+        class_weight=_class_weight(config, train_full.labels[train_ids]),
         load_backbone=lambda: load_backbone(config, train_full.channels),
         state={"train_ids": train_ids},
     )
@@ -144,54 +143,10 @@ def finetune(config):
     # again makes the model's initialisation the same either way.
     keras.utils.set_random_seed(config.seed)
     os.makedirs(config.output_dir, exist_ok=True)
-
     with loop.dtype_policy(config.precision):
-        with strategy.scope():
-            model = method.build_model(config, context)
-            set_batchnorm_mode(model, config.batchnorm_mode)
-            model = methods.apply_transforms(config, model, context)
-        setup = method.setup(config, model, context)
-        if setup.train_data is None:
-            channels = int(setup.model.inputs[0].shape[-1])
-            train_data, val_data, steps = loop.classifier_data(
-                strategy, train, val, config, channels
-            )
-            fit_steps, class_weight = steps, context.class_weight
-        else:
-            train_data, val_data, steps = setup.train_data, setup.val_data, setup.steps_per_epoch
-            fit_steps = None if setup.epoch_dataset else steps
-            class_weight = None
-        lr_multipliers = {
-            **(methods.transform_lr_multipliers(config, setup.model) or {}),
-            **(setup.lr_multipliers or {}),
-        }
-        with strategy.scope():
-            setup.model.compile(
-                optimizer=loop.optimizer_for(
-                    config, steps, lr_multipliers or None, setup.learning_rate_schedule
-                ),
-                **{
-                    "loss": "sparse_categorical_crossentropy",
-                    "metrics": loop.classifier_metrics(),
-                    **setup.compile_kwargs,
-                },
-            )
-        fit_info = loop.fit(
-            setup.model,
-            train_data,
-            val_data,
-            config,
-            config.output_dir,
-            context.is_chief,
-            steps=fit_steps,
-            class_weight=class_weight,
-            monitor=setup.monitor,
-            accuracy=setup.accuracy,
-            callbacks=setup.callbacks,
-            state_variables=setup.state_variables,
-        )
+        setup = _setup(config, method, context)
+        fit_info = _compile_and_fit(config, setup, context)
         extra = setup.report(fit_info) if setup.report is not None else {}
-
     report = loop.evaluate_model(
         setup.classifier,
         test,
@@ -203,8 +158,8 @@ def finetune(config):
             "fraction": config.fraction if config.per_class is None else None,
             "per_class": config.per_class,
             "seed": config.seed,
-            "train_examples": len(train),
-            "val_examples": len(val),
+            "train_examples": len(context.train),
+            "val_examples": len(context.val),
             **fit_info,
             **extra,
             "strategy": distribute.describe_strategy(strategy),
@@ -213,6 +168,61 @@ def finetune(config):
         },
     )
     return _save(config, setup, report, test.class_names, context.is_chief)
+
+
+def _setup(config, method, context):
+    """The method's model, BatchNorm mode and composed transforms (in the
+    strategy scope), then its `MethodSetup`."""
+    with context.strategy.scope():
+        model = method.build_model(config, context)
+        set_batchnorm_mode(model, config.batchnorm_mode)
+        model = methods.apply_transforms(config, model, context)
+    return method.setup(config, model, context)
+
+
+def _compile_and_fit(config, setup, context):
+    """Compiles `setup.model` (optimizer with the schedule and learning-rate
+    multipliers of the method and transforms) and fits it on the method's
+    data, or on the single-task pipelines of the target images."""
+    if setup.train_data is None:
+        channels = int(setup.model.inputs[0].shape[-1])
+        train_data, val_data, steps = loop.classifier_data(
+            context.strategy, context.train, context.val, config, channels
+        )
+        fit_steps, class_weight = steps, context.class_weight
+    else:
+        train_data, val_data, steps = setup.train_data, setup.val_data, setup.steps_per_epoch
+        # The method's pipeline applies the class weights itself.
+        fit_steps, class_weight = (None if setup.epoch_dataset else steps), None
+    multipliers = {
+        **(methods.transform_lr_multipliers(config, setup.model) or {}),
+        **(setup.lr_multipliers or {}),
+    }
+    with context.strategy.scope():
+        setup.model.compile(
+            optimizer=loop.optimizer_for(
+                config, steps, multipliers or None, setup.learning_rate_schedule
+            ),
+            **{
+                "loss": "sparse_categorical_crossentropy",
+                "metrics": loop.classifier_metrics(),
+                **setup.compile_kwargs,
+            },
+        )
+    return loop.fit(
+        setup.model,
+        train_data,
+        val_data,
+        config,
+        config.output_dir,
+        context.is_chief,
+        steps=fit_steps,
+        class_weight=class_weight,
+        monitor=setup.monitor,
+        accuracy=setup.accuracy,
+        callbacks=setup.callbacks,
+        state_variables=setup.state_variables,
+    )
 
 
 def _save(config, setup, report, class_names, is_chief):
