@@ -29,13 +29,11 @@ import glob
 import io
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_multi_string(
     "runs", [], "label=glob of run directories (one per seed); the first is the reference."
@@ -199,8 +197,7 @@ def _plot(variants, layers, path):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     if not FLAGS.runs:
         raise app.UsageError("Give at least one --runs=label=glob.")
     variants = _variants(FLAGS.runs)
