@@ -10,14 +10,15 @@ from tools.results import cache
 from tools.results import grid
 
 
-def _config(tmp_path, **settings_overrides):
-    values = dict(
-        rows=list(grid.ROWS), fractions=[0.15], seeds=[0], lrs=[1e-3], epochs=3, patience=3,
-        output_dir=str(tmp_path), runs_dir=str(tmp_path / "runs"), backbone="small_cnn",
-        max_source=None, quick=True,
-    )
-    values.update(settings_overrides)
-    return grid.run_config(grid.Settings(**values), grid.ROWS_BY_NAME["baseline"], 0.15, 0, 1e-3)
+@pytest.fixture
+def config_of(make_settings):
+    """The baseline cell's config under settings with the given overrides."""
+
+    def config(**overrides):
+        settings = make_settings(**overrides)
+        return grid.run_config(settings, grid.ROWS_BY_NAME["baseline"], 0.15, 0, 1e-3)
+
+    return config
 
 
 def _finish(config, stored=None, report=None):
@@ -30,19 +31,19 @@ def _finish(config, stored=None, report=None):
         json.dump(report or {"accuracy": 0.75, "seconds": 3.0}, f)
 
 
-def test_unfinished_run_is_none(tmp_path):
-    assert cache.cached_report(_config(tmp_path)) is None
+def test_unfinished_run_is_none(config_of):
+    assert cache.cached_report(config_of()) is None
 
 
-def test_finished_run_with_the_same_settings_is_reused(tmp_path):
-    config = _config(tmp_path)
+def test_finished_run_with_the_same_settings_is_reused(config_of):
+    config = config_of()
     _finish(config)
     assert cache.cached_report(config) == {"accuracy": 0.75, "seconds": 3.0}
 
 
-def test_mismatch_is_an_error_naming_every_changed_field(tmp_path):
-    _finish(_config(tmp_path))
-    asked = _config(tmp_path, epochs=20, batch_size=16)
+def test_mismatch_is_an_error_naming_every_changed_field(config_of):
+    _finish(config_of())
+    asked = config_of(epochs=20, batch_size=16)
     with pytest.raises(ValueError, match="other settings") as error:
         cache.cached_report(asked)
     message = str(error.value)
@@ -51,8 +52,8 @@ def test_mismatch_is_an_error_naming_every_changed_field(tmp_path):
     assert asked.output_dir in message and "--runs_dir" in message
 
 
-def test_fields_that_do_not_change_the_run_are_not_compared(tmp_path):
-    config = _config(tmp_path)
+def test_fields_that_do_not_change_the_run_are_not_compared(config_of):
+    config = config_of()
     stored = dataclasses.asdict(config)
     stored.update(verbose=2, tensorboard=True, export=True, index_dir="elsewhere", output_dir="old")
     _finish(config, stored=stored)
@@ -60,8 +61,8 @@ def test_fields_that_do_not_change_the_run_are_not_compared(tmp_path):
     assert cache.changed_fields(stored, dataclasses.asdict(config)) == []
 
 
-def test_a_cache_older_than_a_new_option_is_still_reused(tmp_path):
-    config = _config(tmp_path)
+def test_a_cache_older_than_a_new_option_is_still_reused(config_of):
+    config = config_of()
     stored = dataclasses.asdict(config)
     del stored["joint_bn_stats"]  # an option added after the run was cached
     _finish(config, stored=stored)

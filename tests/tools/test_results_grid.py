@@ -1,25 +1,13 @@
 """tools/results/grid.py: rows, the methods they name, one cell's configuration."""
 
-import dataclasses
-
 import pytest
 
 from keras_seltransfer import training
 from tools.results import grid
 
 
-def _settings(tmp_path, **overrides):
-    values = dict(
-        rows=list(grid.ROWS), fractions=[0.15], seeds=[0], lrs=[1e-3], epochs=3, patience=3,
-        output_dir=str(tmp_path), runs_dir=str(tmp_path / "runs"), backbone="small_cnn",
-        max_source=None, quick=True,
-    )
-    values.update(overrides)
-    return grid.Settings(**values)
-
-
-def test_every_row_builds_a_valid_finetune_config(tmp_path):
-    settings = _settings(tmp_path, target="numpy:t.npz", source="numpy:s.npz", image_size=16)
+def test_every_row_builds_a_valid_finetune_config(make_settings):
+    settings = make_settings(target="numpy:t.npz", source="numpy:s.npz", image_size=16)
     rows = [row for row in grid.all_rows() if row.overrides]
     assert len(rows) == len(grid.all_rows()) - 1  # only "combo" is chosen, not configured
     for row in rows:
@@ -45,12 +33,12 @@ def test_validate_rows_names_the_row_and_the_method():
         grid.validate_rows([bad])
 
 
-def test_is_joint_and_the_index_of_joint_rows(tmp_path):
+def test_is_joint_and_the_index_of_joint_rows(tmp_path, make_settings):
     assert grid.is_joint("sjft") and grid.is_joint("sjft_random")
     assert not grid.is_joint("baseline") and not grid.is_joint("ktft")
     with pytest.raises(ValueError, match=r"`method` must be one of .*Received: method='nope'"):
         grid.is_joint("nope")
-    settings = _settings(tmp_path)
+    settings = make_settings()
     gabor = grid.run_config(settings, grid.ROWS_BY_NAME["sjft_gabor"], 0.3, 0, 1e-3)
     assert gabor.index_dir == str(tmp_path / "runs" / "index" / "gabor")
     assert grid.run_config(settings, grid.ROWS_BY_NAME["sjft"], 0.3, 0, 1e-3).index_dir.endswith(
@@ -61,17 +49,11 @@ def test_is_joint_and_the_index_of_joint_rows(tmp_path):
     )
 
 
-def test_run_directories_keep_the_cache_layout(tmp_path):
+def test_run_directories_keep_the_cache_layout(tmp_path, make_settings):
     """An existing run cache is found again only if this layout never changes."""
-    settings = _settings(tmp_path)
+    settings = make_settings()
     config = grid.run_config(settings, grid.ROWS_BY_NAME["baseline"], 0.15, 2, 0.001)
     assert config.output_dir == str(tmp_path / "runs" / "baseline" / "lr0.001-f0.15-seed2")
     assert grid.run_dir(settings, grid.ROWS_BY_NAME["l2sp"], 1.0, 0, 3e-4).endswith(
         "l2sp/lr0.0003-f1-seed0"
     )
-
-
-def test_settings_fields_match_the_flags_they_come_from(tmp_path):
-    fields = {f.name for f in dataclasses.fields(grid.Settings)}
-    assert {"target", "source", "image_size", "batch_size", "tune_fraction", "table_only"} <= fields
-    assert _settings(tmp_path).table_only is False

@@ -4,18 +4,13 @@ import json
 
 import pytest
 
-from tools.results import grid
 from tools.results import plots
 
 pytest.importorskip("matplotlib")
 
 
-def test_write_plots_skips_what_has_no_runs(tmp_path):
-    settings = grid.Settings(
-        rows=[grid.ROWS_BY_NAME["baseline"], grid.ROWS_BY_NAME["adafilter"]], fractions=[0.15, 1.0],
-        seeds=[0], lrs=[1e-3], epochs=3, patience=3, output_dir=str(tmp_path),
-        runs_dir=str(tmp_path / "runs"), backbone="b.keras", max_source=None, quick=True,
-    )
+def test_write_plots_skips_what_has_no_runs(tmp_path, make_settings):
+    settings = make_settings(rows=("baseline", "adafilter"), fractions=[0.15, 1.0])
     run_dir = tmp_path / "runs" / "adafilter" / "lr0.001-f0.15-seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "report.json").write_text(json.dumps(

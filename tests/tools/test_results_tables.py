@@ -2,15 +2,16 @@
 
 import json
 
-from tools.results import grid
+import pytest
+
 from tools.results import tables
 
 
-def _settings(tmp_path, rows=("baseline", "sjft", "combo")):
-    return grid.Settings(
-        rows=[grid.ROWS_BY_NAME[n] for n in rows], fractions=[0.15, 1.0], seeds=[0, 1],
-        lrs=[1e-3, 3e-4], epochs=20, patience=20, output_dir=str(tmp_path),
-        runs_dir=str(tmp_path / "runs"), backbone="b.keras", max_source=None, quick=False,
+@pytest.fixture
+def settings(make_settings):
+    return make_settings(
+        rows=("baseline", "sjft", "combo"), fractions=[0.15, 1.0], seeds=[0, 1],
+        lrs=[1e-3, 3e-4], epochs=20, patience=20, quick=False,
     )
 
 
@@ -37,8 +38,8 @@ def test_cell_is_mean_and_population_std():
     assert tables.cell(RESULTS[:2]) == "0.750 ± 0.050 / 0.550 ± 0.050"
 
 
-def test_table_text(tmp_path):
-    assert tables.table(_settings(tmp_path), CHOICES, RESULTS).splitlines() == [
+def test_table_text(settings):
+    assert tables.table(settings, CHOICES, RESULTS).splitlines() == [
         "| row | paper | lr | 15% | 100% | authors' figure (their data) |",
         "|---|---|---|---|---|---|",
         "| Fine-tuning (no source) | Ge & Yu 2017 | 0.001 | 0.750 ± 0.050 / 0.550 ± 0.050 | "
@@ -48,7 +49,7 @@ def test_table_text(tmp_path):
         "| Best combination (chosen on validation) | this toolkit | - | - | - | - |",
     ]
     chosen = dict(CHOICES, combo={"learning_rate": 3e-4, "label": "SJFT on an AdaFilter backbone"})
-    last = tables.table(_settings(tmp_path), chosen, RESULTS).splitlines()[-1]
+    last = tables.table(settings, chosen, RESULTS).splitlines()[-1]
     assert last.startswith("| Best combination (chosen on validation): SJFT on an AdaFilter backbone |")
 
 
@@ -63,8 +64,7 @@ def test_investigation_table_beside_the_parent_row():
     ]
 
 
-def test_body_adds_ablations_and_shift_only_when_present(tmp_path):
-    settings = _settings(tmp_path)
+def test_body_adds_ablations_and_shift_only_when_present(settings):
     plain = tables.body(settings, CHOICES, RESULTS, [], {})
     assert plain == tables.table(settings, CHOICES, RESULTS)
     shift = {("baseline", 0.15, 0): {"consistency": 0.9,
@@ -76,10 +76,10 @@ def test_body_adds_ablations_and_shift_only_when_present(tmp_path):
     assert tables.shifted_accuracy(shift[("baseline", 0.15, 0)]["sweep"]) == 0.7
 
 
-def test_settings_text(tmp_path):
+def test_settings_text(settings):
     environment = {"machine": "x86_64 Linux, 2 CPUs", "tensorflow": "2.x", "keras": "3.x",
                    "python": "3.11"}
-    text = tables.settings_text(_settings(tmp_path), RESULTS, {"a": 1800.0, "b": 1800.0}, environment)
+    text = tables.settings_text(settings, RESULTS, {"a": 1800.0, "b": 1800.0}, environment)
     assert text.startswith("Target elpv (fixed held-out test split), source fashion_mnist, ")
     assert "from {0.001, 0.0003} by validation cross-entropy at 15%, seed 0." in text
     assert "4 cells, 2 runs with the tuning trials and ablations, 1.00 h of run time" in text

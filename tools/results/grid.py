@@ -274,12 +274,12 @@ class Settings:
     backbone: str
     max_source: int
     quick: bool
-    target: str = "elpv"
-    source: str = "fashion_mnist"
-    image_size: int = 64
-    batch_size: int = 32
-    tune_fraction: float = 0.15
-    table_only: bool = False
+    target: str
+    source: str
+    image_size: int
+    batch_size: int
+    tune_fraction: float
+    table_only: bool
 
 
 def index_bank(row):
