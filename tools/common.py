@@ -12,6 +12,9 @@ when it is first imported, which is why this happens when the module is
 imported rather than in a function; the variable is only defaulted, so a
 value set by the caller wins. Tools whose figures must repeat exactly call
 `repeatable_cpu_arithmetic()` next, before anything imports TensorFlow.
+
+To load a tool as a module (a test calling one of its functions), put
+tools/ first on `sys.path` as `python tools/<name>.py` does, then import it.
 """
 
 import contextlib

@@ -101,15 +101,10 @@ def _validation(run_dir, cache={}):
     return metrics
 
 
-def _mean_std(values):
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std())
-
-
 def _summary(variants):
     import numpy as np
+
+    from keras_seltransfer.training import mean_std
 
     reference = {r["seed"]: r for r in variants[0][1]}
     lines = [
@@ -132,7 +127,7 @@ def _summary(variants):
                 for k, _ in KINDS
             ]
         columns = [
-            fmt.format(*_mean_std([r[k] for r in reports]))
+            fmt.format(*mean_std([r[k] for r in reports]))
             for k in (
                 "best_val_crossentropy",
                 "val_balanced_accuracy",

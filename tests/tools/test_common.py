@@ -50,9 +50,9 @@ def test_repeatable_cpu_arithmetic_refuses_after_tensorflow(monkeypatch):
 
 
 def test_a_tool_runs_from_the_root_without_pythonpath():
-    """`python tools/x.py` finds the package through tools/common.py alone,
-    with TensorFlow's logging quiet; a stray argument is a usage error."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
+    """`python tools/x.py` finds the package through tools/common.py alone
+    (no PYTHONPATH); a stray argument is a usage error."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "tools/show_neighbours.py", "--index_dir=/nonexistent"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
