@@ -16,7 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "diagnose_filter_transfer.py")
 
 
-def _tool_module():
+def _tool_module(monkeypatch):
+    # Load the tool as `python tools/x.py` runs it: with tools/ first on
+    # sys.path, where its start-up helper (tools/common.py) is found.
+    monkeypatch.syspath_prepend(os.path.dirname(TOOL))
     spec = importlib.util.spec_from_file_location("diagnose_filter_transfer", TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -24,7 +27,7 @@ def _tool_module():
 
 
 @pytest.mark.slow
-def test_measures_validation_test_and_gap_of_a_run(tmp_path):
+def test_measures_validation_test_and_gap_of_a_run(tmp_path, monkeypatch):
     backbone = helpers.saved_backbone(tmp_path / "backbone.keras", pretrain_epochs=1)
     target = "numpy:" + helpers.write_npz(tmp_path / "target.npz", num_per_class=40)
     run = tmp_path / "runs" / "ft-seed0"
@@ -33,7 +36,7 @@ def test_measures_validation_test_and_gap_of_a_run(tmp_path):
         export=False,
     )
     training.finetune(config)
-    result = _tool_module().measure_run(str(run))
+    result = _tool_module(monkeypatch).measure_run(str(run))
     report = json.load(open(run / "report.json"))
     history = report["history"]
     best = int(np.argmin(history["val_crossentropy"]))

@@ -58,6 +58,13 @@ def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
     assert text.startswith("intro\n") and text.endswith("discussion\n")
     assert "Fine-tuning (no source)" in text
 
+    # --table_only trains nothing and rebuilds the same tables from the cache.
+    table_only = _reproduce(*args, "--table_only")
+    assert table_only.returncode == 0, table_only.stderr[-3000:]
+    assert ": training" not in table_only.stdout
+    assert json.load(open(out / "results.json"))["runs"] == results["runs"]
+    assert (out / "results_table.md").read_text() == table
+
     # A cache made with another budget is refused, not silently reused.
     changed = _reproduce(*[a if a != "--epochs=1" else "--epochs=2" for a in args])
     assert changed.returncode == 2

@@ -24,12 +24,11 @@ architecture with random weights at --image_size.
 
 import os
 import statistics
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
+
+common.repeatable_cpu_arithmetic()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -53,8 +52,7 @@ def _count(weights):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     import keras
     import numpy as np
     import tensorflow as tf

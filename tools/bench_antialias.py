@@ -30,14 +30,12 @@ result).
 
 import os
 import statistics
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 ROWS = ("baseline", "antialias_ft", "ktft")
 
@@ -305,16 +303,15 @@ def _plot(curves):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     run_dirs = _run_dirs()
     if not FLAGS.skip_shift and not FLAGS.train_quick:
         missing = [
             d for d in run_dirs.values() if not os.path.isfile(os.path.join(d, "model.keras"))
         ]
         if missing:
-            sys.exit(
-                "bench_antialias: no fine-tuned model.keras in "
+            common.fail(
+                "no fine-tuned model.keras in "
                 + ", ".join(missing)
                 + ".\nRun the fine-tuning first (tools/reproduce.py --rows=baseline,antialias_ft,ktft "
                 f"--fractions={FLAGS.fraction:g} --seeds={FLAGS.seed}), "

@@ -14,14 +14,12 @@ is not the bottleneck when it is at least 0.9.
 
 import os
 import statistics
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_string("data", "elpv", "Data set spec (see apps.finetune --target).")
 flags.DEFINE_integer("image_size", 64, "Input size.", lower_bound=8)
@@ -33,8 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     import keras
     import tensorflow as tf
 

@@ -22,12 +22,10 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_integer("targets", 512, "Target descriptors in the throughput test.")
 flags.DEFINE_integer("sources", 8192, "Source descriptors in the throughput test.")
@@ -64,8 +62,7 @@ def _current_rss_mib():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     global np
     import numpy as np
 
@@ -163,7 +160,7 @@ def main(argv):
         })
         result = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f"--memory_child={spec}"],
-            capture_output=True, text=True, check=True, cwd=ROOT,
+            capture_output=True, text=True, check=True, cwd=common.ROOT,
         )
         m = json.loads(result.stdout.strip().splitlines()[-1])
         memory.append((sources, m["peak_mib"] - m["rss_before_mib"], m["descriptors_mib"]))

@@ -27,13 +27,11 @@ per-seed difference to the `--reference` group) and writes every number to
 
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_list("runs", None, "NAME=DIR_PATTERN entries; DIR_PATTERN contains {seed}.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every group.")
@@ -139,8 +137,7 @@ def _paired(values, reference):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     from keras_seltransfer.utils.io import atomic_write_text
 
     groups = _parse_runs(FLAGS.runs)

@@ -27,13 +27,11 @@ statistics explain.
 
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_string(
     "results",
@@ -221,8 +219,7 @@ def diagnose_antialias(settings):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     if not os.path.isfile(FLAGS.results):
         raise app.UsageError(
             f"--results={FLAGS.results} does not exist: run tools/reproduce.py first."

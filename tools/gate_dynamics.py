@@ -29,13 +29,11 @@ import glob
 import io
 import json
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_multi_string(
     "runs", [], "label=glob of run directories (one per seed); the first is the reference."
@@ -103,15 +101,10 @@ def _validation(run_dir, cache={}):
     return metrics
 
 
-def _mean_std(values):
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std())
-
-
 def _summary(variants):
     import numpy as np
+
+    from keras_seltransfer.training import mean_std
 
     reference = {r["seed"]: r for r in variants[0][1]}
     lines = [
@@ -134,7 +127,7 @@ def _summary(variants):
                 for k, _ in KINDS
             ]
         columns = [
-            fmt.format(*_mean_std([r[k] for r in reports]))
+            fmt.format(*mean_std([r[k] for r in reports]))
             for k in (
                 "best_val_crossentropy",
                 "val_balanced_accuracy",
@@ -199,8 +192,7 @@ def _plot(variants, layers, path):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     if not FLAGS.runs:
         raise app.UsageError("Give at least one --runs=label=glob.")
     variants = _variants(FLAGS.runs)

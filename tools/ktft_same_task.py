@@ -33,14 +33,12 @@ the Markdown table goes to --table.
 
 import json
 import os
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_string(
     "backbone",
@@ -74,11 +72,6 @@ ROWS = {
     "KTFT recal": (True, True, "train", (1.0, 1.0, 0.0)),
     "KTFT recal + logit": (True, True, "train", (1.0, 1.0, 1.0)),
 }
-
-
-def _fail(message):
-    print(f"ktft_same_task: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _load_cells():
@@ -243,8 +236,7 @@ def _table(cells, seeds):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     try:
         seeds = [int(s) for s in FLAGS.seeds]
         rates = [float(r) for r in FLAGS.learning_rates]
@@ -253,7 +245,7 @@ def main(argv):
     if not seeds or not rates:
         raise app.UsageError("--seeds and --learning_rates must not be empty.")
     if not os.path.isfile(FLAGS.backbone):
-        _fail(f"{FLAGS.backbone} does not exist: run `python -m apps.pretrain` first.")
+        common.fail(f"{FLAGS.backbone} does not exist: run `python -m apps.pretrain` first.")
     from keras_seltransfer import models
     from keras_seltransfer.utils.io import atomic_write_text
 

@@ -9,13 +9,11 @@ see what the retrieval selected and what it rejected.
 """
 
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # tools/common.py: environment, repository root on sys.path
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app
+from absl import flags
 
 flags.DEFINE_string("index_dir", os.path.join("runs", "index", "default"), "An apps.build_index output_dir.")
 flags.DEFINE_string("output", None, "PNG to write (default: <index_dir>/neighbours.png).")
@@ -27,8 +25,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.reject_arguments(argv)
     from keras_seltransfer.retrieval import neighbour_grid
     from keras_seltransfer.utils.io import atomic_write_bytes
 
