@@ -9,7 +9,6 @@ grid learns the list of methods in one place.
 """
 
 import dataclasses
-import importlib
 import os
 
 
@@ -145,9 +144,9 @@ def known_methods():
     >>> "baseline" in known_methods()
     True
     """
-    from keras_seltransfer import training
+    from keras_seltransfer import methods
 
-    return tuple(training.METHODS)
+    return methods.names()
 
 
 def is_joint(method):
@@ -168,13 +167,9 @@ def is_joint(method):
     >>> is_joint("sjft_nogrowth"), is_joint("adafilter")
     (True, False)
     """
-    from keras_seltransfer import training
+    from keras_seltransfer import methods
 
-    if method not in known_methods():
-        raise ValueError(
-            f"`method` must be one of {list(known_methods())}. Received: method={method!r}"
-        )
-    return method in training.JOINT_VARIANTS
+    return methods.get(method).joint
 
 
 def import_methods():
@@ -185,10 +180,10 @@ def import_methods():
 
     >>> import_methods()
     """
-    from keras_seltransfer import recipes
+    # Importing the registry imports every method's module.
+    from keras_seltransfer import methods
 
-    for module in sorted(set(recipes.RECIPES.values())):
-        importlib.import_module(f"keras_seltransfer.recipes.{module}")
+    return methods.names()
 
 
 def all_rows():
