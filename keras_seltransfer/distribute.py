@@ -202,6 +202,15 @@ def describe_strategy(strategy):
 
     Raises:
         ValueError: if `strategy` is not a `tf.distribute.Strategy`.
+
+    Example:
+
+    ```python
+    describe_strategy(get_strategy("default"))
+    # "default strategy with 1 replica on the default device"
+    describe_strategy(get_strategy("mirrored"))
+    # e.g. "MirroredStrategy with 2 replicas on /cpu:0, /cpu:1"
+    ```
     """
     if not isinstance(strategy, tf.distribute.Strategy):
         raise ValueError(
@@ -249,6 +258,13 @@ def is_chief():
 
     Raises:
         ValueError: if `TF_CONFIG` is set but malformed.
+
+    Example:
+
+    ```python
+    if is_chief():
+        model.save("runs/model.keras")  # one writer per cluster
+    ```
     """
     config = _read_tf_config(required=False)
     if config is None:
@@ -402,3 +418,12 @@ def _short_device_name(name):
     if spec.job in (None, "localhost"):
         return device
     return f"/job:{spec.job}/task:{spec.task}{device}"
+
+
+__all__ = [
+    "STRATEGY_NAMES",
+    "configure_logical_cpus",
+    "describe_strategy",
+    "get_strategy",
+    "is_chief",
+]

@@ -15,6 +15,13 @@ def predict_dataset(model, dataset):
 
     Returns:
         `(probabilities [N, classes], labels [N])` as NumPy arrays.
+
+    Example:
+
+    ```python
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32)
+    probabilities, labels = predict_dataset(model, dataset)
+    ```
     """
     probs, labels = [], []
     for images, batch_labels in dataset:
@@ -43,6 +50,19 @@ def classification_report(labels, probabilities, class_names):
         `per_class_accuracy` (name -> recall, None for a class absent from
         `labels`), `confusion_matrix` (rows true, columns predicted),
         `support`, `num_examples`, `class_names`.
+
+    Example:
+
+    ```python
+    report = classification_report(
+        labels=np.array([0, 0, 0, 1]),
+        probabilities=np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]),
+        class_names=["ok", "defect"],
+    )
+    report["accuracy"]  # 0.75
+    report["balanced_accuracy"]  # 0.5: the always-"ok" model finds no defect
+    report["confusion_matrix"]  # [[3, 0], [1, 0]]
+    ```
     """
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities)
@@ -78,7 +98,14 @@ def classification_report(labels, probabilities, class_names):
 
 
 def format_markdown(report, title="Evaluation report"):
-    """Renders a report dict (plus any extra keys) as Markdown."""
+    """Renders a report dict (plus any extra keys) as Markdown.
+
+    Example:
+
+    ```python
+    print(format_markdown(report, title="ELPV test set"))
+    ```
+    """
     lines = [f"# {title}", ""]
     for key in ("method", "target", "backbone", "fraction", "seed", "epochs_run"):
         if key in report:
@@ -108,6 +135,12 @@ def write_report(report, directory, stem="report", title="Evaluation report"):
 
     Returns:
         `(json_path, markdown_path)`.
+
+    Example:
+
+    ```python
+    json_path, markdown_path = write_report(report, "runs/elpv", stem="test_report")
+    ```
     """
     report = dict(report)
     report.setdefault("written_at", datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -222,6 +255,14 @@ def shift_consistency(
     Raises:
         ValueError: for bad arguments or images of the wrong size.
 
+    Example:
+
+    ```python
+    # `model` maps [N, 32, 32, 1] raw images to class probabilities.
+    shift_consistency(model, images, max_shift=4, num_pairs=5)  # e.g. 0.93
+    shift_consistency(model, images, max_shift=4, num_pairs=None)  # every pair, exactly
+    ```
+
     Reference:
         Zhang. Making Convolutional Networks Shift-Invariant Again. ICML 2019.
     """
@@ -273,6 +314,14 @@ def accuracy_vs_shift(
 
     Raises:
         ValueError: for bad arguments or images of the wrong size.
+
+    Example:
+
+    ```python
+    curve = accuracy_vs_shift(model, images, labels, max_shift=4, direction="horizontal")
+    curve["shifts"]  # [-4, -3, ..., 4]
+    curve["accuracy"]  # accuracy at each shift
+    ```
     """
     if direction not in SHIFT_DIRECTIONS:
         raise ValueError(
@@ -296,3 +345,15 @@ def accuracy_vs_shift(
         "accuracy": [float(v) for v in (classes == labels[:, None]).mean(axis=0)],
         "agreement": [float(v) for v in (classes == centre[:, None]).mean(axis=0)],
     }
+
+
+__all__ = [
+    "SHIFT_DIRECTIONS",
+    "SHIFT_PAD_MODES",
+    "accuracy_vs_shift",
+    "classification_report",
+    "format_markdown",
+    "predict_dataset",
+    "shift_consistency",
+    "write_report",
+]

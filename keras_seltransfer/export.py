@@ -101,9 +101,24 @@ def export_saved_model(model, path, class_names=None, overwrite=True):
 
 
 def load_class_names(path):
-    """Reads the class names stored with an export, or None if absent."""
+    """Reads the class names stored with an export, or None if absent.
+
+    Example:
+
+    ```python
+    export_saved_model(model, "exports/elpv", class_names=["ok", "defect"])
+    load_class_names("exports/elpv")  # ["ok", "defect"]
+    ```
+    """
     names = os.path.join(path, "assets.extra", "class_names.json")
     if not os.path.isfile(names):
         return None
     with open(names) as f:
         return json.load(f)
+
+
+__all__ = [
+    "SERVING_ENDPOINT",
+    "export_saved_model",
+    "load_class_names",
+]

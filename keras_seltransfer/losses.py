@@ -61,6 +61,15 @@ def pixel_level_loss(teacher_features, student_features):
     Returns:
         `[batch]`: for each example, the mean over every position and
         channel of `(student - teacher)^2`, averaged over the stages.
+
+    Example:
+
+    ```python
+    teacher = np.zeros((2, 4, 4, 3), "float32")
+    student = np.ones((2, 4, 4, 3), "float32")
+    pixel_level_loss(teacher, student)  # [1., 1.]
+    pixel_level_loss([teacher, teacher], [student, teacher])  # [0.5, 0.5]: two stages
+    ```
     """
     teacher, student = _check_pairs(teacher_features, student_features)
     total = 0.0
@@ -72,7 +81,14 @@ def pixel_level_loss(teacher_features, student_features):
 
 
 def global_pool(features):
-    """Global average pooling over every axis but the first and the last."""
+    """Global average pooling over every axis but the first and the last.
+
+    Example:
+
+    ```python
+    global_pool(np.ones((2, 4, 4, 3))).shape  # (2, 3)
+    ```
+    """
     features = ops.cast(features, "float32")
     if len(features.shape) <= 2:
         return features
@@ -94,6 +110,14 @@ def global_level_loss(teacher_features, student_features, epsilon=1e-12):
 
     Returns:
         `[batch]`, in [0, 2], averaged over the stages.
+
+    Example:
+
+    ```python
+    teacher = np.ones((2, 4, 4, 3), "float32")
+    global_level_loss(teacher, 2.0 * teacher)  # [0., 0.]: same direction, any scale
+    global_level_loss(teacher, -teacher)  # [2., 2.]: opposite directions
+    ```
     """
     teacher, student = _check_pairs(teacher_features, student_features)
     total = 0.0
@@ -116,6 +140,17 @@ class PixelLevelLoss(keras.losses.Loss):
         reduction: Keras loss reduction. Default `"sum_over_batch_size"`.
         name: loss name.
         dtype: dtype of the loss computation.
+
+    Example:
+
+    ```python
+    loss = PixelLevelLoss()
+    loss(np.zeros((2, 4, 4, 3)), np.ones((2, 4, 4, 3)))  # 1.0, the batch mean
+    # In a model whose "stages" output lists the student's stage features and
+    # whose targets are the teacher's:
+    model.compile("adam", loss={"classes": "sparse_categorical_crossentropy",
+                                "stages": PixelLevelLoss()})
+    ```
     """
 
     def __init__(self, reduction="sum_over_batch_size", name="pixel_level_loss", dtype=None):
@@ -140,6 +175,14 @@ class GlobalLevelLoss(keras.losses.Loss):
         reduction: Keras loss reduction. Default `"sum_over_batch_size"`.
         name: loss name.
         dtype: dtype of the loss computation.
+
+    Example:
+
+    ```python
+    loss = GlobalLevelLoss()
+    teacher = np.ones((2, 4, 4, 3), "float32")
+    loss(teacher, 2.0 * teacher)  # 0.0: the pooled features point the same way
+    ```
     """
 
     def __init__(

@@ -118,6 +118,12 @@ class MultiplierSGD(_LearningRateMultipliers, keras.optimizers.SGD):
         *args: `keras.optimizers.SGD` arguments.
         lr_multipliers: as in `MultiplierAdam`.
         **kwargs: `keras.optimizers.SGD` arguments.
+
+    Example:
+
+    ```python
+    optimizer = MultiplierSGD(0.01, momentum=0.9, lr_multipliers={"^gate_controller/": 10.0})
+    ```
     """
 
 
@@ -133,6 +139,13 @@ def make_optimizer(name, learning_rate, lr_multipliers=None, **kwargs):
 
     Returns:
         A `keras.optimizers.Optimizer`.
+
+    Example:
+
+    ```python
+    make_optimizer("sgd", 0.01, momentum=0.9)  # a plain keras.optimizers.SGD
+    make_optimizer("adam", 3e-4, lr_multipliers={"^gate_controller/": 30.0})  # MultiplierAdam
+    ```
     """
     classes = {
         "adam": (keras.optimizers.Adam, MultiplierAdam),

@@ -21,6 +21,13 @@ class L2SP(keras.regularizers.Regularizer):
         alpha: penalty strength.
         reference: the starting-point values (array-like, the variable's shape).
 
+    Example:
+
+    ```python
+    penalty = L2SP(alpha=0.1, reference=np.zeros((3, 2)))
+    penalty(keras.ops.ones((3, 2)))  # 0.3 = 0.1 / 2 * 6
+    ```
+
     Reference:
         Li, Grandvalet, Davoine. Explicit Inductive Bias for Transfer
         Learning with Convolutional Networks. ICML 2018.
@@ -63,6 +70,15 @@ def apply_l2sp(model, alpha=0.1, beta=0.01, head_layers=("target_head",)):
 
     Returns:
         `(num_l2sp, num_head)`: how many variables got each penalty.
+
+    Example:
+
+    ```python
+    model = build_classifier(small_cnn((32, 32, 1), widths=(8, 16)), num_classes=5)
+    # ... load the pretrained backbone weights into `model` here ...
+    apply_l2sp(model, alpha=0.1, beta=0.01)  # (6, 2): (num_l2sp, num_head) variables
+    model.compile("adam", "sparse_categorical_crossentropy")
+    ```
     """
     if float(beta) < 0:
         raise ValueError(f"`beta` must be >= 0. Received: beta={beta}")
@@ -89,10 +105,25 @@ def apply_l2sp(model, alpha=0.1, beta=0.01, head_layers=("target_head",)):
 
 
 def l2sp_penalty(model):
-    """Sum of the weight penalties attached to `model`'s variables."""
+    """Sum of the weight penalties attached to `model`'s variables.
+
+    Example:
+
+    ```python
+    apply_l2sp(model)
+    l2sp_penalty(model)  # only the head's weight decay until the weights move
+    ```
+    """
     terms = [
         v.regularizer(v) for v in model.trainable_weights if v.regularizer is not None
     ]
     if not terms:
         return ops.convert_to_tensor(0.0)
     return ops.sum(ops.stack(terms))
+
+
+__all__ = [
+    "L2SP",
+    "apply_l2sp",
+    "l2sp_penalty",
+]

@@ -1,9 +1,18 @@
-"""Small real data sets and backbones the tests train on."""
+"""Small real data sets and backbones the tests train on, and shared checks."""
 
+import inspect
+import json
+import os
+from pathlib import Path
+
+import keras
 import numpy as np
 
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import small_cnn
+
+# The repository root, for tests that run its tools and apps as processes.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def easy_images(num_per_class=24, size=16, seed=0, num_classes=2):
@@ -48,8 +57,6 @@ def saved_backbone(path, size=16, widths=(4, 8), num_classes=3, pretrain_epochs=
     """A small classifier, briefly pretrained on a related source task and
     saved as .keras, as the pretrain app writes it (so its BatchNorm
     statistics and features are those of a trained network)."""
-    import keras
-
     model = build_classifier(
         small_cnn((size, size, 1), widths=widths), num_classes, head_name="source_head"
     )
@@ -59,3 +66,115 @@ def saved_backbone(path, size=16, widths=(4, 8), num_classes=3, pretrain_epochs=
         model.fit(images.astype("float32"), labels, epochs=pretrain_epochs, batch_size=16, verbose=0)
     model.save(str(path))
     return str(path)
+
+
+def _plain(config):
+    """`config` as it comes back from a `.keras` file's JSON (tuples -> lists)."""
+    return json.loads(json.dumps(config))
+
+
+def _arrays(outputs):
+    if isinstance(outputs, dict):
+        return [np.asarray(outputs[key]) for key in sorted(outputs)]
+    if isinstance(outputs, (list, tuple)):
+        return [np.asarray(x) for x in outputs]
+    return [np.asarray(outputs)]
+
+
+def _assert_same_outputs(actual, expected, what, rtol, atol):
+    actual, expected = _arrays(actual), _arrays(expected)
+    assert len(actual) == len(expected), f"{what}: {len(actual)} outputs, expected {len(expected)}"
+    for a, b in zip(actual, expected):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=what)
+
+
+def _assert_same_weights(actual, expected, what):
+    names = [w.path.split("/")[-1] for w in actual.weights]
+    expected_names = [w.path.split("/")[-1] for w in expected.weights]
+    assert names == expected_names, f"{what}: weights {names}, expected {expected_names}"
+    for a, b in zip(actual.weights, expected.weights):
+        np.testing.assert_array_equal(
+            np.asarray(a.numpy()), np.asarray(b.numpy()), err_msg=f"{what}: weight {a.path}"
+        )
+
+
+def assert_layer_round_trip(layer, inputs, tmp_path, model=None, safe_mode=True, rtol=1e-6, atol=1e-6):
+    """Checks that `layer` is rebuilt exactly by its config and by a `.keras` file.
+
+    Four checks, each of which a layer that loses state fails:
+    1. every named argument of the layer's `__init__` is a key of `get_config()`;
+    2. the config is JSON-serialisable and `from_config(config).get_config()`
+       gives it back;
+    3. the model, with `layer` rebuilt by `from_config` and given the same
+       weights, computes the same outputs on `inputs`;
+    4. the model saved as `.keras` and loaded (with `safe_mode`) holds a layer of
+       the same class and name, with the same config, the same weights (names
+       and values) and the same outputs on `inputs`.
+
+    Args:
+        layer: the layer under test, with the state it should keep (assigned
+            weights, moving statistics) already set.
+        inputs: an array, or a list of arrays, for the model.
+        tmp_path: a directory for the `.keras` file.
+        model: a functional model that holds `layer`. Default: a tiny model
+            `keras.Input -> layer` with one input per array in `inputs` (a list
+            is passed to the layer as positional arguments).
+        safe_mode: passed to `keras.saving.load_model`.
+        rtol, atol: tolerances of the output comparisons.
+
+    Returns:
+        The layer of the loaded model, for further checks.
+
+    Example:
+
+    ```python
+    layer = FilterMask(name="mask")
+    layer.build((None, 4))
+    layer.mask.assign([1.0, 0.0, 1.0, 0.0])
+    assert_layer_round_trip(layer, np.ones((2, 4), "float32"), tmp_path)
+    ```
+    """
+    cls = type(layer)
+    config = layer.get_config()
+    arguments = [
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name != "self"
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+    missing = [name for name in arguments if name not in config]
+    assert not missing, f"{cls.__name__}.get_config() drops constructor arguments {missing}"
+    try:
+        plain = _plain(config)
+    except TypeError as error:
+        raise AssertionError(f"{cls.__name__}.get_config() is not JSON-serialisable: {error}")
+    rebuilt = cls.from_config(config)
+    assert _plain(rebuilt.get_config()) == plain, (
+        f"{cls.__name__}.from_config(config).get_config() differs from config"
+    )
+
+    if model is None:
+        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        symbolic = [keras.Input(np.shape(x)[1:], dtype=str(np.asarray(x).dtype)) for x in arrays]
+        outputs = layer(*symbolic)
+        model = keras.Model(symbolic if isinstance(inputs, (list, tuple)) else symbolic[0], outputs)
+    expected = model(inputs)
+
+    clone = keras.models.clone_model(
+        model,
+        clone_function=lambda other: (
+            other.__class__.from_config(other.get_config()) if other is layer else other
+        ),
+    )
+    clone.set_weights(model.get_weights())
+    _assert_same_outputs(clone(inputs), expected, f"{cls.__name__}.from_config", rtol, atol)
+
+    path = str(Path(tmp_path) / f"{layer.name}_round_trip.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=safe_mode)
+    restored = loaded.get_layer(layer.name)
+    assert type(restored) is cls, f"loaded {type(restored).__name__}, expected {cls.__name__}"
+    assert _plain(restored.get_config()) == plain, f"{cls.__name__} config changed in .keras"
+    _assert_same_weights(restored, layer, f"{cls.__name__} in .keras")
+    _assert_same_outputs(loaded(inputs), expected, f"{cls.__name__} in .keras", rtol, atol)
+    return restored

@@ -20,7 +20,7 @@ good run (model.keras, saved_model/, report, an export, an index) that must
 stay byte-identical, and untrusted model files would create a marker file if
 any of their code ran.
 
-The app cases run through `tests/app_driver.py`, one process that imports
+The app cases run through `tests/apps/app_driver.py`, one process that imports
 the apps once and runs every command line as `absl.app.run` would; a few
 also run as real `python -m apps.<app>` processes, which must behave exactly
 as in the driver. Loader cases run in this process.
@@ -997,7 +997,7 @@ def _driver(hostile, tmp_path_factory):
     # A file, not a pipe: nothing the driver prints can fill a pipe and stall it.
     log = open(work / "driver.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.app_driver", str(work / "cases.json"), str(work / "out.json")],
+        [sys.executable, "-m", "tests.apps.app_driver", str(work / "cases.json"), str(work / "out.json")],
         cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
     )
     try:

@@ -20,7 +20,15 @@ import tensorflow as tf
 
 
 def prediction_entropy(probabilities):
-    """Entropy in nats of each row of `probabilities` (`0 log 0 = 0`)."""
+    """Entropy in nats of each row of `probabilities` (`0 log 0 = 0`).
+
+    Example:
+
+    ```python
+    prediction_entropy(np.array([[1.0, 0.0], [0.5, 0.5]]))
+    # [0.0, 0.693...]: ln 2 for the uniform row
+    ```
+    """
     p = np.asarray(probabilities, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(
@@ -47,6 +55,22 @@ def grow_neighbour_counts(counts, labels, probabilities, *, k0, sigma0=4.0, sigm
     Returns:
         `(new_counts, grown)`: int64 `[N]` counts and a bool `[N]` mask of
         the images whose count changed.
+
+    Example:
+
+    ```python
+    counts, grown = grow_neighbour_counts(
+        counts=np.array([4, 4, 4]),
+        labels=np.array([0, 1, 0]),
+        probabilities=np.array([[0.9, 0.1], [0.8, 0.2], [0.55, 0.45]]),
+        k0=4,
+        delta=0.5,
+        k_max=32,
+    )
+    # counts: [4, 20, 12]: the misclassified image grows by sigma0 * K0 = 16,
+    # the correct but uncertain one (entropy 0.69 > delta) by sigma1 * K0 = 8.
+    # grown: [False, True, True]
+    ```
     """
     counts = np.asarray(counts, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -105,6 +129,19 @@ class AdaptiveNeighbourGrowth(keras.callbacks.Callback):
         draws_per_epoch: target draws per epoch of the pipeline
             (`joint_steps_per_epoch(...) * global_batch_size // 2`); None
             skips the repetition diagnostic.
+
+    Example:
+
+    ```python
+    # `target` and `source`: in-memory `ImageSource`s; `neighbour_ids`:
+    # [num_targets, K] nearest source images per target (the source index);
+    # `model`: a two-head model from `build_multitask_model`.
+    sampler = JointSampler.from_neighbours(neighbour_ids, source.labels, k0=4)
+    dataset = make_joint_dataset(target, source, sampler, image_size=64, global_batch_size=32)
+    growth = AdaptiveNeighbourGrowth(sampler, target.images, target.labels, period=2)
+    model.fit(dataset, epochs=10, callbacks=[sampler, growth])
+    sampler.get_neighbour_counts()  # the grown K_i
+    ```
     """
 
     def __init__(

@@ -233,3 +233,8 @@ def _npz_bytes(arrays):
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+__all__ = [
+    "TrainingCheckpoint",
+]

@@ -32,6 +32,15 @@ def validation_collapse(train_accuracy, val_accuracy, *, window=2, min_drop=0.1)
 
     Raises:
         ValueError: for histories of different lengths or bad parameters.
+
+    Example:
+
+    ```python
+    validation_collapse([0.5, 0.6, 0.7, 0.8], [0.8, 0.8, 0.6, 0.6])
+    # True: validation fell by 0.2 while training rose
+    validation_collapse([0.5, 0.6, 0.7, 0.8], [0.6, 0.7, 0.7, 0.8])
+    # False
+    ```
     """
     train = np.asarray(train_accuracy, dtype=np.float64)
     val = np.asarray(val_accuracy, dtype=np.float64)
@@ -67,6 +76,14 @@ class ValidationCollapseMonitor(keras.callbacks.Callback):
             model's is `"target_accuracy"`).
         window: epochs per compared window (see `validation_collapse`).
         min_drop: smallest fall of the mean validation accuracy that counts.
+
+    Example:
+
+    ```python
+    monitor = ValidationCollapseMonitor("accuracy", window=2, min_drop=0.1)
+    model.fit(x, y, validation_data=(x_val, y_val), epochs=20, callbacks=[monitor])
+    monitor.collapsed_epochs  # e.g. [] when validation accuracy kept up
+    ```
     """
 
     def __init__(self, accuracy="accuracy", *, window=2, min_drop=0.1):

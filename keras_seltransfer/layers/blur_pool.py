@@ -65,3 +65,8 @@ class BlurPool(BaseBlurPool):
 
     def compute_output_shape(self, input_shape):
         return self.blurred_shape(input_shape)
+
+
+__all__ = [
+    "BlurPool",
+]

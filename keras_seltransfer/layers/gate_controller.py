@@ -44,6 +44,12 @@ def hard_gates(logits):
 
     Returns:
         A tensor of the same shape and dtype holding exact zeros and ones.
+
+    Example:
+
+    ```python
+    hard_gates(keras.ops.convert_to_tensor([-0.5, 0.0, 0.5]))  # [0., 0., 1.]
+    ```
     """
     _check_logits(logits)
     return ops.cast(ops.greater(logits, 0), logits.dtype)
@@ -69,6 +75,16 @@ def straight_through_threshold(logits):
 
     Returns:
         Gates in {0, 1} (exactly), differentiable with respect to `logits`.
+
+    Example:
+
+    ```python
+    logits = tf.Variable([[2.0, -2.0, 0.0]])
+    with tf.GradientTape() as tape:
+        gates = straight_through_threshold(logits)  # [[1., 0., 0.]]
+        total = keras.ops.sum(gates)
+    tape.gradient(total, logits)  # sigmoid'(logits): [[0.105, 0.105, 0.25]]
+    ```
     """
     _check_logits(logits)
     return _straight_through(hard_gates(logits), ops.sigmoid(logits))
@@ -92,6 +108,16 @@ def straight_through_gumbel(logits, temperature=1.0, seed=None):
     Returns:
         Sampled gates in {0, 1} (exactly), differentiable with respect to
         `logits`.
+
+    Example:
+
+    ```python
+    logits = tf.Variable([[2.0, -2.0, 0.0]])
+    with tf.GradientTape() as tape:
+        gates = straight_through_gumbel(logits, temperature=0.5, seed=0)
+        total = keras.ops.sum(gates)
+    tape.gradient(total, logits)  # the relaxed sample's gradient, non-zero
+    ```
 
     Reference:
     - [Jang, Gu, Poole, "Categorical Reparameterization with
@@ -125,6 +151,14 @@ def discrete_gates(logits, estimator="ste", temperature=1.0, training=False, see
 
     Returns:
         Gates in {0, 1}, with the estimator's straight-through gradient.
+
+    Example:
+
+    ```python
+    logits = keras.ops.convert_to_tensor([[-1.0, 0.5, 2.0]])
+    discrete_gates(logits)  # [[0., 1., 1.]]: at inference, `hard_gates`
+    discrete_gates(logits, estimator="gumbel", training=True, seed=1)  # sampled
+    ```
     """
     if estimator not in ESTIMATORS:
         raise ValueError(
@@ -148,6 +182,13 @@ def gate_entropy(logits):
 
     Returns:
         A float32 tensor of the same shape, in [0, 1].
+
+    Example:
+
+    ```python
+    gate_entropy(keras.ops.convert_to_tensor([0.0, 20.0]))
+    # [1.0, ~0.0]: an undecided gate carries one bit, a saturated one none
+    ```
     """
     _check_logits(logits)
     z = ops.cast(logits, "float32")
@@ -166,6 +207,13 @@ def input_dependence(gates):
 
     Returns:
         A float32 scalar in [0, 1] (0 for a batch of one example).
+
+    Example:
+
+    ```python
+    gates = keras.ops.convert_to_tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    input_dependence(gates)  # 0.667: two of the three filters change with the input
+    ```
     """
     gates = ops.cast(gates, "float32")
     opened = ops.max(gates, axis=0)

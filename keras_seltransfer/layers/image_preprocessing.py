@@ -38,6 +38,15 @@ class ImagePreprocessing(keras.layers.Layer):
 
     Returns:
         The normalised tensor, same shape.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((224, 224, 3))  # raw pixels in [0, 255]
+    x = ImagePreprocessing("caffe")(inputs)
+    features = keras.applications.ResNet50(include_top=False, weights=None)(x)
+    ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0))  # all ones
+    ```
     """
 
     def __init__(self, mode="rescale", **kwargs):
@@ -77,3 +86,9 @@ class ImagePreprocessing(keras.layers.Layer):
         config = super().get_config()
         config.update({"mode": self.mode})
         return config
+
+
+__all__ = [
+    "MODES",
+    "ImagePreprocessing",
+]

@@ -82,3 +82,8 @@ class MaxBlurPool(BaseBlurPool):
         config = super().get_config()
         config.update({"pool_size": self.pool_size, "padding": self.padding})
         return config
+
+
+__all__ = [
+    "MaxBlurPool",
+]

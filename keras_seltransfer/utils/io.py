@@ -32,6 +32,14 @@ def default_permissions(path):
     `tempfile` creates files 0600 and directories 0700; an atomically
     published output should be as readable as one written directly
     (0644 and 0755 under the usual umask of 022).
+
+    Example:
+
+    ```python
+    fd, tmp = tempfile.mkstemp()  # created 0600
+    os.close(fd)
+    default_permissions(tmp)  # now 0644 under a umask of 022
+    ```
     """
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~_umask())
@@ -43,6 +51,12 @@ def atomic_write_bytes(path, data):
     Args:
         path: destination file. Its parent directory is created if missing.
         data: the bytes to write.
+
+    Example:
+
+    ```python
+    atomic_write_bytes("runs/a/weights.bin", np.zeros(4, "float32").tobytes())
+    ```
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -64,7 +78,14 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_write_text(path, text, encoding="utf-8"):
-    """Writes `text` to `path` atomically (see `atomic_write_bytes`)."""
+    """Writes `text` to `path` atomically (see `atomic_write_bytes`).
+
+    Example:
+
+    ```python
+    atomic_write_text("runs/a/report.json", json.dumps({"accuracy": 0.9}))
+    ```
+    """
     atomic_write_bytes(path, text.encode(encoding))
 
 
@@ -85,6 +106,15 @@ def atomic_directory(path, overwrite=True):
 
     Yields:
         The temporary directory path to write into.
+
+    Example:
+
+    ```python
+    with atomic_directory("runs/a/export") as tmp:
+        atomic_write_text(os.path.join(tmp, "class_names.json"), "[]")
+    # "runs/a/export" now holds class_names.json; had the block raised, it
+    # would still hold what it held before.
+    ```
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
@@ -117,6 +147,12 @@ def save_model_atomic(model, path):
 
     Keras writes the archive to a temporary file beside `path` (which must
     end in `.keras`), then it is renamed over `path`.
+
+    Example:
+
+    ```python
+    save_model_atomic(model, "runs/a/model.keras")
+    ```
     """
     path = os.fspath(path)
     if not path.endswith(".keras"):
@@ -153,6 +189,16 @@ def load_json_object(path, what, remedy=""):
     Raises:
         ValueError: if the file is not UTF-8 JSON, or holds something other
             than an object.
+
+    Example:
+
+    ```python
+    state = load_json_object(
+        "runs/a/state.json",
+        "checkpoint state file 'runs/a/state.json'",
+        remedy="; delete it to start afresh",
+    )
+    ```
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -237,3 +283,14 @@ def _npz_reason(path, error):
     if "pickle" in message.lower() or "allow_pickle" in message:
         return "it holds pickled Python objects, which are never loaded"
     return f"{type(error).__name__}: {message}"
+
+
+__all__ = [
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "default_permissions",
+    "load_json_object",
+    "load_npz",
+    "save_model_atomic",
+]

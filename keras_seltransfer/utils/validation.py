@@ -19,6 +19,14 @@ def check_int(value, name, low, high=None, expected=None):
 
     Raises:
         ValueError: naming the argument, what was expected, and the value.
+
+    Example:
+
+    ```python
+    check_int(3, "period", 1)  # 3
+    check_int(0, "period", 1)
+    # ValueError: Expected `period` to be a positive int. Received: period=0
+    ```
     """
     if (
         isinstance(value, bool)
@@ -38,7 +46,15 @@ def check_int(value, name, low, high=None, expected=None):
 
 
 def image_size_pair(image_size):
-    """`(height, width)` from an int or a pair of positive ints."""
+    """`(height, width)` from an int or a pair of positive ints.
+
+    Example:
+
+    ```python
+    image_size_pair(64)  # (64, 64)
+    image_size_pair([48, 64])  # (48, 64)
+    ```
+    """
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         pair = (image_size, image_size)
     elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:

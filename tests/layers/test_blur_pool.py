@@ -8,6 +8,7 @@ from keras_seltransfer.layers.base_blur_pool import binomial_taps
 from keras_seltransfer.layers.base_blur_pool import pad_spatial
 from keras_seltransfer.layers.blur_pool import BlurPool
 from keras_seltransfer.layers.max_blur_pool import MaxBlurPool
+from tests import helpers
 
 _NUMPY_MODES = {"reflect": "reflect", "replicate": "edge", "zero": "constant"}
 
@@ -110,17 +111,15 @@ def test_kernel_is_a_non_trainable_weight_from_the_config():
     np.testing.assert_allclose(kernel.sum(axis=(0, 1)), 1.0)
 
 
-def test_config_round_trip_symbolic_and_eager():
+def test_config_round_trip_symbolic_and_eager(tmp_path):
     layer = BlurPool(5, strides=(2, 3), pad_type="replicate", name="blur")
     config = layer.get_config()
     assert (config["filt_size"], config["strides"], config["pad_type"]) == (5, (2, 3), "replicate")
-    restored = BlurPool.from_config(config)
+    restored = helpers.assert_layer_round_trip(layer, _images((2, 11, 9, 4)), tmp_path)
     assert (restored.filt_size, restored.strides, restored.pad_type) == (5, (2, 3), "replicate")
     symbolic = layer(keras.Input((11, 9, 4)))
     assert tuple(symbolic.shape) == (None, 6, 3, 4)
     assert layer.compute_output_shape((None, 11, 9, 4)) == (None, 6, 3, 4)
-    x = _images((2, 11, 9, 4))
-    np.testing.assert_allclose(np.asarray(restored(x)), np.asarray(layer(x)))
 
 
 def _blur_model():
@@ -136,12 +135,9 @@ def test_keras_save_load_and_saved_model_export(tmp_path):
     model = _blur_model()
     x = _images((3, 12, 12, 3))
     expected = np.asarray(model(x))
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    assert isinstance(loaded.get_layer("blur"), BlurPool)
-    assert loaded.get_layer("maxblur").pool_size == (2, 2)
-    np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=1e-6)
+    helpers.assert_layer_round_trip(model.get_layer("blur"), x, tmp_path, model=model)
+    restored = helpers.assert_layer_round_trip(model.get_layer("maxblur"), x, tmp_path, model=model)
+    assert restored.pool_size == (2, 2)
     export_dir = str(tmp_path / "export")
     model.export(export_dir, verbose=False)
     served = tf.saved_model.load(export_dir)
@@ -172,8 +168,12 @@ def test_max_blur_pool_matches_numpy_and_max_pooling():
     np.testing.assert_array_equal(np.asarray(MaxBlurPool(2, filt_size=1)(x)), pooled)
     same = MaxBlurPool(3, padding="same")
     assert tuple(same(keras.Input((9, 8, 3))).shape) == (None, 5, 4, 3)
-    config = MaxBlurPool(3, filt_size=2, strides=3, padding="same").get_config()
-    restored = MaxBlurPool.from_config(config)
+
+
+
+def test_max_blur_pool_config_round_trip(tmp_path):
+    layer = MaxBlurPool(3, filt_size=2, strides=3, padding="same", name="maxblur")
+    restored = helpers.assert_layer_round_trip(layer, _images((2, 9, 8, 3)), tmp_path)
     assert (restored.pool_size, restored.strides, restored.padding) == ((3, 3), (3, 3), "same")
 
 

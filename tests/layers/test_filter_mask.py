@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_seltransfer.layers.filter_mask import FilterMask
+from tests import helpers
 
 
 def _x(shape=(2, 3, 3, 4), seed=0):
@@ -38,18 +39,14 @@ def test_channels_first_axis_and_symbolic_call():
 
 def test_config_and_keras_round_trip_keep_the_mask(tmp_path):
     layer = FilterMask(axis=-1, name="m")
-    restored = FilterMask.from_config(layer.get_config())
-    assert restored.axis == -1 and restored.name == "m"
     inputs = keras.Input((3, 3, 4))
     model = keras.Model(inputs, layer(keras.layers.Conv2D(4, 1)(inputs)))
     layer.mask.assign([1.0, 0.0, 1.0, 0.0])
     layer.transferred.assign([1.0, 1.0, 0.0, 0.0])
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    np.testing.assert_array_equal(loaded(_x((2, 3, 3, 4))), model(_x((2, 3, 3, 4))))
-    np.testing.assert_array_equal(loaded.get_layer("m").mask.numpy(), [1, 0, 1, 0])
-    np.testing.assert_array_equal(loaded.get_layer("m").transferred.numpy(), [1, 1, 0, 0])
+    restored = helpers.assert_layer_round_trip(layer, _x((2, 3, 3, 4)), tmp_path, model=model)
+    assert restored.axis == -1
+    np.testing.assert_array_equal(restored.mask.numpy(), [1, 0, 1, 0])
+    np.testing.assert_array_equal(restored.transferred.numpy(), [1, 1, 0, 0])
 
 
 def test_training_step_leaves_the_mask_and_masked_filter_alone():

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_seltransfer.layers.gated_conv import GatedConv
+from tests import helpers
 
 EPS = 1e-3
 
@@ -263,21 +264,13 @@ def test_config_round_trip_and_keras_file(tmp_path):
         train_batchnorm=False, momentum=0.9, epsilon=1e-4, center=False,
         kernel_regularizer=keras.regularizers.L2(1e-3), name="gated",
     )
-    config = layer.get_config()
-    clone = GatedConv.from_config(config)
-    assert clone.get_config() == config
     model = _model(layer)
     rng = np.random.default_rng(5)
     _assign_random(layer, rng)
     x = rng.normal(0, 1, (2, 8, 8, 2)).astype("float32")
     g = rng.integers(0, 2, (2, 4)).astype("float32")
-    path = str(tmp_path / "gated.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(loaded([x, g]), model([x, g]))
-    restored = loaded.get_layer("gated")
-    assert isinstance(restored, GatedConv) and restored.beta is None
-    assert not restored.train_batchnorm and restored.get_config() == config
+    restored = helpers.assert_layer_round_trip(layer, [x, g], tmp_path, model=model, rtol=0, atol=0)
+    assert restored.beta is None and not restored.train_batchnorm
     assert len(restored.losses) == 1  # the fine-tuned kernel's regularizer
 
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras_seltransfer.layers.partially_frozen_batch_normalization import (
     PartiallyFrozenBatchNormalization,
 )
+from tests import helpers
 
 FROZEN = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
 
@@ -118,21 +119,14 @@ def test_compiled_training_steps_train_only_the_unfrozen_channels():
 
 def test_config_and_keras_round_trip_keep_the_frozen_channels(tmp_path):
     layer = PartiallyFrozenBatchNormalization(momentum=0.8, epsilon=1e-4, name="bn")
-    restored = PartiallyFrozenBatchNormalization.from_config(layer.get_config())
-    assert (restored.momentum, restored.epsilon, restored.name) == (0.8, 1e-4, "bn")
     inputs = keras.Input((5, 5, 4))
     model = keras.Model(inputs, layer(inputs))
     layer.frozen.assign(FROZEN)
     layer(_x(), training=True)  # moves the unfrozen channels' statistics
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    restored = loaded.get_layer("bn")
-    assert isinstance(restored, PartiallyFrozenBatchNormalization)
-    for a, b in zip(restored.get_weights(), layer.get_weights()):
-        np.testing.assert_array_equal(a, b)
     x = _x(seed=5)
-    np.testing.assert_allclose(loaded(x), model(x), atol=1e-6)
+    restored = helpers.assert_layer_round_trip(layer, x, tmp_path, model=model)
+    assert (restored.momentum, restored.epsilon) == (0.8, 1e-4)
+    np.testing.assert_array_equal(restored.frozen.numpy(), FROZEN)
     np.testing.assert_allclose(restored(x, training=True), layer(x, training=True), atol=1e-6)
     symbolic = PartiallyFrozenBatchNormalization()(keras.Input((5, 5, 4)))
     assert tuple(symbolic.shape) == (None, 5, 5, 4)

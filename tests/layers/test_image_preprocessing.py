@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_seltransfer.layers import ImagePreprocessing
+from tests import helpers
 
 
 def _reference(x, mode):
@@ -34,15 +35,9 @@ def test_matches_keras_applications_preprocess_input(mode):
 
 def test_config_round_trip_and_keras_save(tmp_path):
     layer = ImagePreprocessing("caffe", name="pre")
-    restored = ImagePreprocessing.from_config(layer.get_config())
-    assert restored.mode == "caffe" and restored.name == "pre"
-    inputs = keras.Input((4, 4, 3))
-    model = keras.Model(inputs, layer(inputs))
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
     x = np.random.default_rng(2).uniform(0, 255, (1, 4, 4, 3)).astype("float32")
-    np.testing.assert_allclose(loaded(x), model(x))
+    restored = helpers.assert_layer_round_trip(layer, x, tmp_path)
+    assert restored.mode == "caffe" and restored.name == "pre"
 
 
 def test_symbolic_shape():

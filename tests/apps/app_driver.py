@@ -11,7 +11,7 @@ it: a traceback on stderr and exit status 1.
 
 Usage:
 
-    python -m tests.app_driver CASES.json RESULTS.json
+    python -m tests.apps.app_driver CASES.json RESULTS.json
 
 CASES.json is a list of `{"id", "app", "argv", "timeout", "watch"}` (`app` a
 module such as `"apps.finetune"`, `argv` the arguments after the program

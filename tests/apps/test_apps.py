@@ -12,7 +12,7 @@ import tensorflow as tf
 from keras_seltransfer import training
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.REPO_ROOT
 
 
 def _run(*args, cwd=ROOT, timeout=300):

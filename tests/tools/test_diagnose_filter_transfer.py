@@ -12,7 +12,7 @@ import pytest
 from keras_seltransfer import training
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.REPO_ROOT
 TOOL = os.path.join(ROOT, "tools", "diagnose_filter_transfer.py")
 
 

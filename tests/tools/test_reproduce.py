@@ -8,7 +8,7 @@ import sys
 
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.REPO_ROOT
 
 
 def _reproduce(*args, timeout=600):

@@ -7,7 +7,7 @@ import sys
 
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.REPO_ROOT
 TOOL = os.path.join(ROOT, "tools", "ktft_same_task.py")
 
 
