@@ -8,6 +8,7 @@ import numpy as np
 from sklearn import metrics
 
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.validation import check_choice
 
 
 def predict_dataset(model, dataset):
@@ -274,10 +275,7 @@ def accuracy_vs_shift(
     Raises:
         ValueError: for bad arguments or images of the wrong size.
     """
-    if direction not in SHIFT_DIRECTIONS:
-        raise ValueError(
-            f"`direction` must be one of {SHIFT_DIRECTIONS}. Received: direction={direction!r}"
-        )
+    check_choice(direction, "direction", SHIFT_DIRECTIONS)
     padded, height, width = _check_shift_args(model, images, max_shift, pad_mode)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(padded),):

@@ -6,6 +6,8 @@ functions: an import inside a function to dodge a cycle is still a cycle.
 """
 
 import ast
+import importlib
+import inspect
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -179,3 +181,40 @@ def test_no_private_names_imported_across_modules():
         for line, module, name in _private_uses(path)
     ]
     assert not uses, "Private names used across modules:\n" + "\n".join(uses)
+
+
+def test_submodule_imports_are_not_shadowed():
+    """`from keras_seltransfer.models import adafilter` gives the function
+    that `models/__init__.py` binds to that name, not the submodule: code that
+    uses such a name as a module (`adafilter.gate_usage`) must import the
+    submodule's names by their full path."""
+    shadowed = []
+    files = _library_files()
+    for folder in ("apps", "tools", "tests"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        bound = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                for alias in node.names:
+                    bound[alias.asname or alias.name] = (node.module, alias.name, node.lineno)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.asname and "." in alias.name:
+                        package, name = alias.name.rsplit(".", 1)
+                        bound[alias.asname] = (package, name, node.lineno)
+        used_as_module = {
+            node.value.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        }
+        for local, (package, name, line) in bound.items():
+            if local not in used_as_module or not package.startswith(PACKAGE):
+                continue
+            folder = ROOT.joinpath(*package.split("."))
+            if not ((folder / f"{name}.py").is_file() or (folder / name).is_dir()):
+                continue
+            if not inspect.ismodule(getattr(importlib.import_module(package), name)):
+                shadowed.append(f"{path.relative_to(ROOT)}:{line} {package}.{name}")
+    assert not shadowed, "Submodules shadowed by a package attribute:\n" + "\n".join(shadowed)

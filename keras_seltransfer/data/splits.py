@@ -17,6 +17,8 @@ import warnings
 import numpy as np
 from sklearn.model_selection import StratifiedShuffleSplit
 
+from keras_seltransfer.utils.validation import check_fraction
+
 
 def _check_labels(labels):
     labels = np.asarray(labels)
@@ -42,17 +44,6 @@ def _check_seed(seed):
     return int(seed)
 
 
-def _check_fraction(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (
-        0 < value < 1
-    ):
-        raise ValueError(
-            f"Expected `{name}` to be a number strictly between 0 and 1. "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
-
-
 def _stratified_split(labels, fraction, seed, name):
     """Splits off `fraction` of the examples, stratified by label.
 
@@ -60,7 +51,7 @@ def _stratified_split(labels, fraction, seed, name):
     first (larger) part, with a warning.
     """
     labels = _check_labels(labels)
-    fraction = _check_fraction(fraction, name)
+    fraction = check_fraction(fraction, name, low_open=True, high_open=True)
     seed = _check_seed(seed)
     classes, counts = np.unique(labels, return_counts=True)
     singletons = classes[counts == 1]
