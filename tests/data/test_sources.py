@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from keras_seltransfer.data import builtin
+from keras_seltransfer.data import sources
 from keras_seltransfer.data.builtin import load_elpv
 from keras_seltransfer.data.builtin import load_fashion_mnist
 from keras_seltransfer.data.builtin import load_textures
@@ -603,7 +604,7 @@ def test_load_dataset_tfds_routing(monkeypatch):
         calls.append((name, split, kwargs))
         return from_numpy(np.zeros((1, 4, 4), np.uint8), [0])
 
-    monkeypatch.setattr(builtin, "from_tfds", fake_from_tfds)
+    monkeypatch.setattr(sources, "from_tfds", fake_from_tfds)
     load_dataset("tfds:mnist", "test")
     load_dataset("tfds:cifar10", "train[:10%]", download=True)
     assert calls == [
