@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seltransfer.utils.validation import check_int
+from keras_seltransfer.utils.validation import is_int
 
 # Ablation variants of the paper (Table 4 of Ge & Yu) and what they sample.
 VARIANTS = ("selected", "selected_nogrowth", "all", "random")
@@ -120,7 +121,7 @@ class JointSampler(keras.callbacks.Callback):
         if len(np.unique(candidate_ids)) != len(candidate_ids) or candidate_ids.min() < 0:
             raise ValueError("Expected `candidate_ids` to be distinct non-negative positions.")
         self.num_targets = check_int(num_targets, "num_targets", 1)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not is_int(seed):
             raise ValueError(f"Expected `seed` to be an int. Received: seed={seed!r}")
         self.seed = int(seed)
         self.candidate_ids = candidate_ids

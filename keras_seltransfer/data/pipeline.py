@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras_seltransfer.data.image_source import ImageSource
 from keras_seltransfer.utils.validation import check_int
 from keras_seltransfer.utils.validation import image_size_pair
+from keras_seltransfer.utils.validation import is_int
 
 AUGMENTATIONS = ("none", "flip", "flip_ud")
 
@@ -301,7 +302,7 @@ def make_dataset(
         )
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
-    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    elif not is_int(seed):
         raise ValueError(f"Expected `seed` to be None or an int. Received: seed={seed!r}")
     if shuffle_buffer is not None:
         shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", 1)
@@ -425,7 +426,7 @@ def steps_per_epoch(num_examples, batch_size, drop_remainder=False):
         ValueError: for a negative `num_examples` or a non-positive
             `batch_size`.
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or (
+    if not is_int(num_examples) or (
         num_examples < 0
     ):
         raise ValueError(

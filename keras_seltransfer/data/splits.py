@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedShuffleSplit
 
 from keras_seltransfer.utils.validation import check_fraction
+from keras_seltransfer.utils.validation import is_int
 
 
 def _check_labels(labels):
@@ -35,7 +36,7 @@ def _check_labels(labels):
 
 
 def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+    if not is_int(seed) or not (
         0 <= seed < 2**32
     ):
         raise ValueError(
