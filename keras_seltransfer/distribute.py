@@ -25,6 +25,8 @@ import os
 
 import tensorflow as tf
 
+# The strategies `get_strategy` builds: the one list of strategy choices
+# (the apps' --strategy flag imports it).
 STRATEGY_NAMES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 
 _TF_CONFIG = "TF_CONFIG"

@@ -8,6 +8,8 @@ import numpy as np
 from sklearn import metrics
 
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.validation import check_choice
+from keras_seltransfer.utils.validation import is_int
 
 
 def predict_dataset(model, dataset):
@@ -158,7 +160,7 @@ SHIFT_DIRECTIONS = ("diagonal", "horizontal", "vertical")
 
 
 def _check_shift_args(model, images, max_shift, pad_mode):
-    if isinstance(max_shift, bool) or not isinstance(max_shift, (int, np.integer)) or max_shift < 0:
+    if not is_int(max_shift) or max_shift < 0:
         raise ValueError(f"`max_shift` must be an int >= 0. Received: max_shift={max_shift!r}")
     if pad_mode is not None and pad_mode not in SHIFT_PAD_MODES:
         raise ValueError(
@@ -274,7 +276,7 @@ def shift_consistency(
         num_classes = int(classes.max()) + 1
         counts = np.stack([(classes == c).sum(axis=1) for c in range(num_classes)], axis=1)
         return float(np.mean((counts.astype(np.float64) ** 2).sum(axis=1) / len(offsets) ** 2))
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, (int, np.integer)) or num_pairs < 1:
+    if not is_int(num_pairs) or num_pairs < 1:
         raise ValueError(
             f"`num_pairs` must be a positive int or None. Received: num_pairs={num_pairs!r}"
         )
@@ -323,10 +325,7 @@ def accuracy_vs_shift(
     curve["accuracy"]  # accuracy at each shift
     ```
     """
-    if direction not in SHIFT_DIRECTIONS:
-        raise ValueError(
-            f"`direction` must be one of {SHIFT_DIRECTIONS}. Received: direction={direction!r}"
-        )
+    check_choice(direction, "direction", SHIFT_DIRECTIONS)
     padded, height, width = _check_shift_args(model, images, max_shift, pad_mode)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(padded),):

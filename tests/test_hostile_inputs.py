@@ -51,8 +51,8 @@ from PIL import Image
 from keras_seltransfer import evaluation
 from keras_seltransfer import training
 from keras_seltransfer.methods import sjft
-from keras_seltransfer.data.sources import from_image_folder
-from keras_seltransfer.data.sources import from_numpy
+from keras_seltransfer.data.readers import from_image_folder
+from keras_seltransfer.data.readers import from_numpy
 from keras_seltransfer.data.sources import load_dataset
 from keras_seltransfer.models import backbones
 from keras_seltransfer.retrieval import workflow

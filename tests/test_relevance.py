@@ -9,7 +9,7 @@ from keras_seltransfer import distribute
 from keras_seltransfer import relevance
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import small_cnn
-from keras_seltransfer.retrieval.descriptors import fit_bin_edges
+from keras_seltransfer.utils.histograms import fit_bin_edges
 
 EPS = 2.2e-16
 

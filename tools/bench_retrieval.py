@@ -67,6 +67,7 @@ def main(argv):
     import numpy as np
 
     from keras_seltransfer.retrieval import similarity
+    from keras_seltransfer.utils import divergence
 
     if FLAGS.memory_child:
         spec = json.loads(FLAGS.memory_child)
@@ -108,13 +109,13 @@ def main(argv):
     def loop():
         for i in range(nt):
             for j in range(ns):
-                similarity.symmetric_kl(target[i], source[j], weights)
+                divergence.symmetric_kl(target[i], source[j], weights)
     t_loop = _median_time(loop, FLAGS.repeats)
     loop_rate = nt * ns / t_loop
 
     flat_t = target[:nt].reshape(nt, -1).astype(np.float64)
     flat_s = source[:ns].reshape(ns, -1).astype(np.float64)
-    metric = lambda u, v: similarity.symmetric_kl(u.reshape(c, b), v.reshape(c, b), weights)  # noqa: E731
+    metric = lambda u, v: divergence.symmetric_kl(u.reshape(c, b), v.reshape(c, b), weights)  # noqa: E731
     t_cdist = _median_time(lambda: scipy.spatial.distance.cdist(flat_t, flat_s, metric), FLAGS.repeats)
     cdist_rate = nt * ns / t_cdist
 
@@ -135,20 +136,21 @@ def main(argv):
 
     # 3. Descriptor extraction.
     from keras_seltransfer.models import small_cnn
-    from keras_seltransfer.retrieval import descriptors
-    from keras_seltransfer.retrieval import filter_banks
+    from keras_seltransfer.retrieval.conv_bank import ConvBank
+    from keras_seltransfer.retrieval.gabor_bank import GaborBank
+    from keras_seltransfer.utils import histograms
 
     images = tf.data.Dataset.from_tensor_slices(
         rng.uniform(0, 255, (1024, 64, 64, 1)).astype("float32")
     ).batch(128)
     extraction = {}
     for name, bank in (
-        ("gabor", filter_banks.GaborBank()),
-        ("conv", filter_banks.ConvBank(small_cnn((64, 64, 1)), layers=2)),
+        ("gabor", GaborBank()),
+        ("conv", ConvBank(small_cnn((64, 64, 1)), layers=2)),
     ):
-        edges = descriptors.fit_bin_edges(bank, images.take(2), num_bins=b, progress=False)
-        descriptors.describe(bank, edges, images.take(1), progress=False)
-        t = _median_time(lambda: descriptors.describe(bank, edges, images, progress=False), 1)
+        edges = histograms.fit_bin_edges(bank, images.take(2), num_bins=b, progress=False)
+        histograms.describe(bank, edges, images.take(1), progress=False)
+        t = _median_time(lambda: histograms.describe(bank, edges, images, progress=False), 1)
         extraction[name] = (1024 / t, bank.num_channels)
 
     # 4. Working memory at two source sizes 4x apart, each in a fresh process.

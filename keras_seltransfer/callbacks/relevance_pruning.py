@@ -17,8 +17,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_seltransfer import relevance as relevance_lib
-from keras_seltransfer.models import filter_transfer
+from keras_seltransfer.models.filter_masking import filter_masks
+from keras_seltransfer.models.filter_reinit import BN_STATISTICS
+from keras_seltransfer.models.filter_reinit import reinitialize_filters
+from keras_seltransfer.models.filter_selection import prune_lowest
+from keras_seltransfer.models.relevance import check_statistic
+from keras_seltransfer.models.relevance import FilterResponses
+from keras_seltransfer.utils.histograms import image_batches
+from keras_seltransfer.utils.validation import check_choice
+from keras_seltransfer.utils.validation import check_fraction
 from keras_seltransfer.utils.validation import check_int
 
 ACTIONS = ("mask", "reinit")
@@ -59,7 +66,7 @@ def pruning_fraction(epoch, *, epochs, final_fraction, period=1):
     epoch = check_int(epoch, "epoch", 0)
     epochs = check_int(epochs, "epochs", 1)
     period = check_int(period, "period", 1)
-    final_fraction = relevance_lib._check_fraction(final_fraction, "final_fraction", high_open=True)
+    final_fraction = check_fraction(final_fraction, "final_fraction", high_open=True)
     if epoch < 1 or epoch >= epochs or (epoch % period and epoch != epochs - 1):
         return None
     return final_fraction * epoch / (epochs - 1)
@@ -82,7 +89,7 @@ class RelevancePruning(keras.callbacks.Callback):
        - `"mask"`: sets their `FilterMask.mask` entries to 0, so they are
          removed from the network (their channels are exactly zero);
        - `"reinit"`: re-initialises them in place with
-         `filter_transfer.reinitialize_filters` (kernel slice, bias,
+         `models.filter_reinit.reinitialize_filters` (kernel slice, bias,
          BatchNormalization channel, `transferred` record set to 0), so a
          fresh filter replaces an irrelevant one; each filter is
          re-initialised at most once per run of pruning.
@@ -159,15 +166,10 @@ class RelevancePruning(keras.callbacks.Callback):
         verbose=0,
     ):
         super().__init__()
-        relevance_lib._check_statistic(statistic)
-        relevance_lib._image_batches(data, "data")
-        if action not in ACTIONS:
-            raise ValueError(f"`action` must be one of {ACTIONS}. Received: action={action!r}")
-        if bn_statistics not in filter_transfer.BN_STATISTICS:
-            raise ValueError(
-                f"`bn_statistics` must be one of {filter_transfer.BN_STATISTICS}. "
-                f"Received: bn_statistics={bn_statistics!r}"
-            )
+        check_statistic(statistic)
+        image_batches(data, "data")
+        check_choice(action, "action", ACTIONS)
+        check_choice(bn_statistics, "bn_statistics", BN_STATISTICS)
         if statistic == "kl":
             if source_data is None:
                 raise ValueError(
@@ -175,11 +177,11 @@ class RelevancePruning(keras.callbacks.Callback):
                     "target images: pass a sample of the source images as `source_data`. "
                     "Received: source_data=None"
                 )
-            relevance_lib._image_batches(source_data, "source_data")
+            image_batches(source_data, "source_data")
         self.data = data
         self.statistic = statistic
         self.period = check_int(period, "period", 1)
-        self.final_fraction = relevance_lib._check_fraction(
+        self.final_fraction = check_fraction(
             final_fraction, "final_fraction", high_open=True
         )
         self.action = action
@@ -204,7 +206,7 @@ class RelevancePruning(keras.callbacks.Callback):
             self._bind(model)
 
     def _bind(self, model):
-        masks = filter_transfer.filter_masks(model)
+        masks = filter_masks(model)
         if self.layers is not None:
             missing = [name for name in self.layers if name not in masks]
             if missing:
@@ -282,14 +284,14 @@ class RelevancePruning(keras.callbacks.Callback):
         if fraction is None:
             return
         if self._responses is None:
-            self._responses = relevance_lib.FilterResponses(self.model, list(self._masks))
+            self._responses = FilterResponses(self.model, list(self._masks))
         scores = self._responses.relevance(
             self.data, self.statistic, source_data=self.source_data, num_bins=self.num_bins
         )
         before = self.pruned()
         changed, reinit = {}, {}
         for name, mask in self._masks.items():
-            after = relevance_lib.prune_lowest(scores[name], before[name], fraction)
+            after = prune_lowest(scores[name], before[name], fraction)
             newly = after & ~before[name]
             changed[name] = int(newly.sum())
             if self.action == "mask" and newly.any():
@@ -300,7 +302,7 @@ class RelevancePruning(keras.callbacks.Callback):
                 reinit[name] = newly
             self._flags[name].assign(after.astype(np.float32))
         if reinit:
-            filter_transfer.reinitialize_filters(
+            reinitialize_filters(
                 self.model,
                 reinit,
                 seed=None if self.seed is None else int(self.seed) + epoch,

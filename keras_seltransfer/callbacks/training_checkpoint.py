@@ -13,6 +13,7 @@ from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import atomic_write_text
 from keras_seltransfer.utils.io import default_permissions
 from keras_seltransfer.utils.io import load_json_object
+from keras_seltransfer.utils.io import npz_bytes
 
 _STATE = "state.json"
 
@@ -173,14 +174,14 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             name = f"random-epoch{epoch + 1:04d}.npz"
             atomic_write_bytes(
                 os.path.join(self.directory, name),
-                _npz_bytes({f"r{i}": np.asarray(v.numpy()) for i, v in enumerate(random_variables)}),
+                npz_bytes({f"r{i}": np.asarray(v.numpy()) for i, v in enumerate(random_variables)}),
             )
             state["random_state"] = name
         if self.state_variables:
             name = f"state-epoch{epoch + 1:04d}.npz"
             atomic_write_bytes(
                 os.path.join(self.directory, name),
-                _npz_bytes({k: np.asarray(v.numpy()) for k, v in self.state_variables.items()}),
+                npz_bytes({k: np.asarray(v.numpy()) for k, v in self.state_variables.items()}),
             )
             state["state_variables"] = name
         stop = self.early_stopping
@@ -195,7 +196,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 name = f"best-epoch{stop.best_epoch + 1:04d}.npz"
                 path = os.path.join(self.directory, name)
                 if not os.path.isfile(path):
-                    buffer = _npz_bytes({f"w{i}": w for i, w in enumerate(stop.best_weights)})
+                    buffer = npz_bytes({f"w{i}": w for i, w in enumerate(stop.best_weights)})
                     atomic_write_bytes(path, buffer)
                 stop_state["best_weights"] = name
             state["early_stopping"] = stop_state
@@ -225,14 +226,6 @@ def _random_state_variables(model):
     seed generators (dropout and other random layers), in a stable order."""
     weights = {id(w) for w in model.weights}
     return [v for v in model.variables if id(v) not in weights]
-
-
-def _npz_bytes(arrays):
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 __all__ = [

@@ -12,6 +12,8 @@ import warnings
 import keras
 import numpy as np
 
+from keras_seltransfer.utils.validation import is_int
+
 
 def validation_collapse(train_accuracy, val_accuracy, *, window=2, min_drop=0.1):
     """Whether the last epochs show a validation collapse (a pure rule).
@@ -49,7 +51,7 @@ def validation_collapse(train_accuracy, val_accuracy, *, window=2, min_drop=0.1)
             "Expected `train_accuracy` and `val_accuracy` to be 1-D histories of the same "
             f"length. Received: shapes {train.shape} and {val.shape}"
         )
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+    if not is_int(window) or window < 1:
         raise ValueError(f"Expected `window` to be a positive int. Received: window={window!r}")
     if not min_drop > 0:
         raise ValueError(f"Expected `min_drop` > 0. Received: min_drop={min_drop!r}")

@@ -18,29 +18,45 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_seltransfer.data.sources import ImageSource
+from keras_seltransfer.data.image_source import ImageSource
 from keras_seltransfer.utils.validation import check_int
 from keras_seltransfer.utils.validation import image_size_pair
+from keras_seltransfer.utils.validation import is_int
 
 AUGMENTATIONS = ("none", "flip", "flip_ud")
 
-# ITU-R 601-2 luma, as PIL's `convert("L")`. The weights sum to exactly 1, so
+# ITU-R 601-2 luma, as PIL's `convert("L")`: the RGB -> grey weights of the
+# data pipeline and the Gabor filter bank. The weights sum to exactly 1, so
 # grey -> RGB -> grey is the identity.
-_LUMA = (0.299, 0.587, 0.114)
+LUMA = (0.299, 0.587, 0.114)
 
 
-def _convert_channels(image, source_channels, channels):
+def convert_channels(image, source_channels, channels):
     """Converts a float image with a known channel count to `channels`.
 
-    Grey becomes RGB by repetition, RGB becomes grey by luma, and alpha is
-    dropped (or, for RGBA output, added as opaque).
+    Grey becomes RGB by repetition, RGB becomes grey by luma (`LUMA`), and
+    alpha is dropped (or, for RGBA output, added as opaque).
+
+    Args:
+        image: float tensor `[..., source_channels]` in [0, 255].
+        source_channels: the channel count of `image`, 1 to 4.
+        channels: the channel count wanted, 1 to 4.
+
+    Returns:
+        A float tensor `[..., channels]` of the same dtype.
+
+    Example:
+
+    >>> grey = convert_channels(tf.fill([2, 2, 3], 10.0), 3, 1)
+    >>> grey.shape.as_list()
+    [2, 2, 1]
     """
     if source_channels == channels:
         return image
     if channels == 1:
         if source_channels == 2:
             return image[..., :1]
-        return tf.reduce_sum(image[..., :3] * tf.constant(_LUMA, image.dtype), -1, keepdims=True)
+        return tf.reduce_sum(image[..., :3] * tf.constant(LUMA, image.dtype), -1, keepdims=True)
     if source_channels in (1, 2):
         rgb = tf.concat([image[..., :1]] * 3, axis=-1)
     else:
@@ -63,7 +79,7 @@ def _convert_decoded(image, channels):
     """
 
     def branch(count):
-        return _convert_channels(tf.ensure_shape(image, [None, None, count]), count, channels)
+        return convert_channels(tf.ensure_shape(image, [None, None, count]), count, channels)
 
     converted = tf.switch_case(
         tf.shape(image)[-1] - 1,
@@ -88,8 +104,31 @@ def _resize(image, height, width):
     return tf.ensure_shape(resized, [height, width, image.shape[-1]])
 
 
-def _prepare_fn(source, height, width, channels):
-    """Returns the map function from a slice of the source to a float image."""
+def prepare_fn(source, height, width, channels):
+    """The map function from one element of `source` to a prepared image.
+
+    The function takes `(image, label)` of an in-memory source or
+    `(path, label)` of a file source and returns `(image, label)` with the
+    image as float32 `[height, width, channels]` in [0, 255]: decoded,
+    converted to `channels` (`convert_channels`) and resized (bilinear,
+    antialiased; images already at the size keep their exact pixels).
+
+    Args:
+        source: an `ImageSource`.
+        height: output height.
+        width: output width.
+        channels: output channel count.
+
+    Returns:
+        A function for `tf.data.Dataset.map` over
+        `tf.data.Dataset.from_tensor_slices((items, source.labels))`, with
+        `items` the images of an in-memory source or its file paths.
+
+    Example:
+
+    >>> prepare = prepare_fn(source, 64, 64, 3)
+    >>> ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    """
 
     def finish(image):
         image = _resize(image, height, width)
@@ -100,7 +139,7 @@ def _prepare_fn(source, height, width, channels):
     if source.in_memory:
 
         def prepare(image, label):
-            image = _convert_channels(tf.cast(image, tf.float32), source.channels, channels)
+            image = convert_channels(tf.cast(image, tf.float32), source.channels, channels)
             return finish(image), label
 
     else:
@@ -263,7 +302,7 @@ def make_dataset(
         )
     if seed is None:
         seed = int(np.random.randint(0, 2**31 - 1))
-    elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    elif not is_int(seed):
         raise ValueError(f"Expected `seed` to be None or an int. Received: seed={seed!r}")
     if shuffle_buffer is not None:
         shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", 1)
@@ -281,7 +320,7 @@ def make_dataset(
         num_examples = len(range(pipeline_id, len(source), num_pipelines))
 
     dataset = dataset.map(
-        _prepare_fn(source, height, width, channels), num_parallel_calls=tf.data.AUTOTUNE
+        prepare_fn(source, height, width, channels), num_parallel_calls=tf.data.AUTOTUNE
     )
     if cache:
         dataset = dataset.cache()
@@ -387,7 +426,7 @@ def steps_per_epoch(num_examples, batch_size, drop_remainder=False):
         ValueError: for a negative `num_examples` or a non-positive
             `batch_size`.
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or (
+    if not is_int(num_examples) or (
         num_examples < 0
     ):
         raise ValueError(

@@ -17,6 +17,9 @@ import warnings
 import numpy as np
 from sklearn.model_selection import StratifiedShuffleSplit
 
+from keras_seltransfer.utils.validation import check_fraction
+from keras_seltransfer.utils.validation import is_int
+
 
 def _check_labels(labels):
     labels = np.asarray(labels)
@@ -33,24 +36,13 @@ def _check_labels(labels):
 
 
 def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+    if not is_int(seed) or not (
         0 <= seed < 2**32
     ):
         raise ValueError(
             f"Expected `seed` to be an int in [0, 2**32). Received: seed={seed!r}"
         )
     return int(seed)
-
-
-def _check_fraction(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (
-        0 < value < 1
-    ):
-        raise ValueError(
-            f"Expected `{name}` to be a number strictly between 0 and 1. "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
 
 
 def _stratified_split(labels, fraction, seed, name):
@@ -60,7 +52,7 @@ def _stratified_split(labels, fraction, seed, name):
     first (larger) part, with a warning.
     """
     labels = _check_labels(labels)
-    fraction = _check_fraction(fraction, name)
+    fraction = check_fraction(fraction, name, low_open=True, high_open=True)
     seed = _check_seed(seed)
     classes, counts = np.unique(labels, return_counts=True)
     singletons = classes[counts == 1]

@@ -6,6 +6,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_seltransfer.utils.validation import check_choice
+from keras_seltransfer.utils.validation import check_pair
+
 PAD_TYPES = ("reflect", "replicate", "zero")
 MAX_FILT_SIZE = 7
 
@@ -36,6 +39,8 @@ def blur_padding(filt_size):
 
 
 def check_filt_size(filt_size):
+    """Returns `filt_size` as an int if it is in [1, MAX_FILT_SIZE], else
+    raises ValueError."""
     if (
         isinstance(filt_size, bool)
         or not isinstance(filt_size, (int, np.integer))
@@ -47,24 +52,9 @@ def check_filt_size(filt_size):
     return int(filt_size)
 
 
-def check_pair(value, name, low=1):
-    """`(a, b)` from an int or a pair of ints, each >= `low`."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else value
-    if (
-        not isinstance(pair, (tuple, list))
-        or len(pair) != 2
-        or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low for v in pair)
-    ):
-        raise ValueError(
-            f"`{name}` must be an int >= {low} or a pair of such ints. Received: {name}={value!r}"
-        )
-    return int(pair[0]), int(pair[1])
-
-
 def check_pad_type(pad_type):
-    if pad_type not in PAD_TYPES:
-        raise ValueError(f"`pad_type` must be one of {PAD_TYPES}. Received: pad_type={pad_type!r}")
-    return pad_type
+    """Returns `pad_type` if it is one of `PAD_TYPES`, else raises ValueError."""
+    return check_choice(pad_type, "pad_type", PAD_TYPES)
 
 
 def _static_indices(n, before, after, pad_type):

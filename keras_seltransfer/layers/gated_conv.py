@@ -1,27 +1,14 @@
 """GatedConv: a convolution with a frozen pretrained path and a fine-tuned
 path, mixed per example and per filter by binary gates (AdaFilter)."""
 
-import numbers
-
 import keras
 from keras import ops
 
+from keras_seltransfer.utils.validation import check_choice
+from keras_seltransfer.utils.validation import check_pair
+from keras_seltransfer.utils.validation import is_int
+
 PADDINGS = ("valid", "same")
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _pair(name, value):
-    if _is_int(value):
-        value = (value, value)
-    value = tuple(value) if isinstance(value, (list, tuple)) else None
-    if value is None or len(value) != 2 or any(not _is_int(v) or v < 1 for v in value):
-        raise ValueError(
-            f"`{name}` must be a positive int or a pair of them. Received: {name}={value}"
-        )
-    return tuple(int(v) for v in value)
 
 
 def conv_output_length(length, kernel, stride, dilation, padding):
@@ -149,9 +136,9 @@ class GatedConv(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not _is_int(filters) or filters < 1:
+        if not is_int(filters) or filters < 1:
             raise ValueError(f"`filters` must be a positive int. Received: filters={filters!r}")
-        if not _is_int(groups) or groups < 1:
+        if not is_int(groups) or groups < 1:
             raise ValueError(f"`groups` must be a positive int. Received: groups={groups!r}")
         if filters % groups:
             raise ValueError(
@@ -163,17 +150,16 @@ class GatedConv(keras.layers.Layer):
                 f"A depthwise GatedConv takes no `groups`. Received: groups={groups}"
             )
         padding = str(padding).lower()
-        if padding not in PADDINGS:
-            raise ValueError(f"`padding` must be one of {PADDINGS}. Received: padding={padding!r}")
+        check_choice(padding, "padding", PADDINGS)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"`momentum` must be in [0, 1]. Received: momentum={momentum!r}")
         if not float(epsilon) > 0:
             raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon!r}")
         self.filters = int(filters)
-        self.kernel_size = _pair("kernel_size", kernel_size)
-        self.strides = _pair("strides", strides)
+        self.kernel_size = check_pair(kernel_size, "kernel_size")
+        self.strides = check_pair(strides, "strides")
         self.padding = padding
-        self.dilation_rate = _pair("dilation_rate", dilation_rate)
+        self.dilation_rate = check_pair(dilation_rate, "dilation_rate")
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
                 "`strides` > 1 and `dilation_rate` > 1 cannot be combined. Received: "

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_seltransfer.utils.validation import check_choice
+
 # Per-channel constants of the ImageNet preprocessing conventions used by
 # `keras.applications` (RGB order).
 _IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -51,10 +53,7 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode="rescale", **kwargs):
         super().__init__(**kwargs)
-        if mode not in MODES:
-            raise ValueError(
-                f"`mode` must be one of {MODES}. Received: mode={mode!r}"
-            )
+        check_choice(mode, "mode", MODES)
         self.mode = mode
 
     def build(self, input_shape):

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_seltransfer.layers.base_blur_pool import BaseBlurPool
-from keras_seltransfer.layers.base_blur_pool import check_pair
+from keras_seltransfer.utils.validation import check_pair
 
 
 @keras.saving.register_keras_serializable(package="keras_seltransfer")

@@ -16,7 +16,7 @@ import dataclasses
 import re
 
 from keras_seltransfer import data as data_lib
-from keras_seltransfer.layers.gate_controller import ESTIMATORS
+from keras_seltransfer.layers.gates import ESTIMATORS
 from keras_seltransfer.layers.gate_controller import GateController
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup

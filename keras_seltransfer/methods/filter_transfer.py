@@ -32,7 +32,7 @@ from keras_seltransfer.models.filter_transfer import REINIT_BATCHNORM
 from keras_seltransfer.models.filter_transfer import filter_transfer_summary
 from keras_seltransfer.models.filter_transfer import selective_filter_transfer
 from keras_seltransfer.models.filter_transfer import set_reinitialized_batchnorm
-from keras_seltransfer.relevance import STATISTICS as RELEVANCE_STATISTICS
+from keras_seltransfer.models.relevance import STATISTICS as RELEVANCE_STATISTICS
 
 # Source images the "kl" statistic compares the target images with: enough
 # for stable 32-bin histograms per filter, quick to stream.

@@ -33,9 +33,10 @@ from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
 from keras_seltransfer.retrieval import workflow
+from keras_seltransfer.retrieval.filter_banks import BANKS
 from keras_seltransfer.utils.naming import spec_slug
 
-INDEX_BANKS = workflow.BANKS
+INDEX_BANKS = BANKS
 # Which BatchNorm statistics an sjft model with trained BatchNorm validates
 # and serves with (see `SJFTOptions.joint_bn_stats`).
 JOINT_BN_STATS = ("target", "mixture_exact", "mixture")

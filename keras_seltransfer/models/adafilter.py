@@ -14,47 +14,31 @@ import warnings
 import keras
 import numpy as np
 
-from keras_seltransfer.layers.gate_controller import ESTIMATORS
 from keras_seltransfer.layers.gate_controller import GateController
 from keras_seltransfer.layers.gated_conv import GatedConv
+from keras_seltransfer.layers.gates import ESTIMATORS
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.gated_conversion import CONVOLUTIONS
+from keras_seltransfer.models.gated_conversion import SUPPORTED_LAYERS
+from keras_seltransfer.models.gated_conversion import absorbable_batchnorm
+from keras_seltransfer.models.gated_conversion import gated_conv_config
+from keras_seltransfer.models.gated_conversion import is_supported
+from keras_seltransfer.models.gated_conversion import pretrained_probe
+from keras_seltransfer.utils.validation import check_choice
 
-# Layer types `adafilter` gates (exact types: a subclass may compute
-# something else with the same weights).
-SUPPORTED_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-# Every Keras convolution type, to tell the unsupported ones apart.
-_CONVOLUTIONS = tuple(
-    getattr(keras.layers, name)
-    for name in (
-        "Conv1D",
-        "Conv2D",
-        "Conv3D",
-        "Conv1DTranspose",
-        "Conv2DTranspose",
-        "Conv3DTranspose",
-        "DepthwiseConv1D",
-        "DepthwiseConv2D",
-        "SeparableConv1D",
-        "SeparableConv2D",
-    )
-)
 CONTROLLER_NAME = "gate_controller"
 # What the first gate reads (see `adafilter`).
 FIRST_GATE_INPUTS = ("features", "input")
 
 
-def _is_supported(layer):
-    return type(layer) in SUPPORTED_LAYERS
-
-
 def _select(model, pattern):
     """Names of the layers to gate, and of the convolutions left alone."""
-    convolutions = surgery.matching_layers(model, _CONVOLUTIONS, pattern)
-    selected = [n for n in convolutions if _is_supported(model.get_layer(n))]
+    convolutions = surgery.matching_layers(model, CONVOLUTIONS, pattern)
+    selected = [n for n in convolutions if is_supported(model.get_layer(n))]
     unsupported = [
         f"{n} ({type(model.get_layer(n)).__name__})"
         for n in convolutions
-        if not _is_supported(model.get_layer(n))
+        if not is_supported(model.get_layer(n))
     ]
     for name in selected:
         layer = model.get_layer(name)
@@ -83,31 +67,6 @@ def _select(model, pattern):
     return selected
 
 
-def _absorbable(conv, bn):
-    """Whether `bn` can become the gated batch norm of a GatedConv for `conv`."""
-    if not isinstance(bn, keras.layers.BatchNormalization):
-        return False
-    config = bn.get_config()
-    axis = config["axis"]
-    axis = axis if isinstance(axis, (list, tuple)) else [axis]
-    return (
-        list(axis) in ([-1], [3])
-        and not config.get("renorm", False)
-        and not config.get("synchronized", False)
-        and all(
-            config.get(key) is None
-            for key in (
-                "gamma_regularizer",
-                "beta_regularizer",
-                "gamma_constraint",
-                "beta_constraint",
-            )
-        )
-        # The batch norm must come before the activation it would follow.
-        and conv.get_config()["activation"] == "linear"
-    )
-
-
 def _call_order(model, names):
     """`names` in the order `surgery.rebuild` will call their layers.
 
@@ -124,62 +83,6 @@ def _call_order(model, names):
 
     keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
     return order
-
-
-def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
-    """The `GatedConv` config that replaces `conv` (and `batchnorm`, the
-    BatchNormalization directly after it, if any).
-
-    Args:
-        conv: a `keras.layers.Conv2D` or `keras.layers.DepthwiseConv2D`.
-        batchnorm: the `keras.layers.BatchNormalization` to absorb, or None.
-        train_batchnorm: whether the fine-tuned path's batch norm trains;
-            None follows `batchnorm.trainable`.
-
-    Returns:
-        A dict for `GatedConv.from_config` (named like `conv`).
-    """
-    if not _is_supported(conv):
-        raise ValueError(
-            "`conv` must be a Conv2D or DepthwiseConv2D. "
-            f"Received: conv of type {type(conv).__name__}"
-        )
-    c = conv.get_config()
-    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
-    config = {
-        "name": c["name"],
-        "trainable": c.get("trainable", True),
-        "dtype": c.get("dtype"),
-        "filters": int(conv.output.shape[-1]),
-        "kernel_size": tuple(c["kernel_size"]),
-        "strides": tuple(c["strides"]),
-        "padding": c["padding"],
-        "dilation_rate": tuple(c["dilation_rate"]),
-        "groups": 1 if depthwise else int(c.get("groups", 1)),
-        "depthwise": depthwise,
-        "activation": c["activation"],
-        "use_bias": c["use_bias"],
-        "kernel_initializer": c["depthwise_initializer" if depthwise else "kernel_initializer"],
-        "bias_initializer": c["bias_initializer"],
-        "kernel_regularizer": c["depthwise_regularizer" if depthwise else "kernel_regularizer"],
-        "bias_regularizer": c["bias_regularizer"],
-        "kernel_constraint": c["depthwise_constraint" if depthwise else "kernel_constraint"],
-        "bias_constraint": c["bias_constraint"],
-        "activity_regularizer": c.get("activity_regularizer"),
-    }
-    if batchnorm is not None:
-        b = batchnorm.get_config()
-        config.update(
-            batchnorm=True,
-            train_batchnorm=(
-                bool(batchnorm.trainable) if train_batchnorm is None else bool(train_batchnorm)
-            ),
-            momentum=b["momentum"],
-            epsilon=b["epsilon"],
-            center=b["center"],
-            scale=b["scale"],
-        )
-    return config
 
 
 def adafilter(
@@ -310,10 +213,7 @@ def adafilter(
             raise ValueError(
                 f"`layers` is not a regular expression ({e}). Received: layers={layers!r}"
             ) from e
-    if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"`estimator` must be one of {ESTIMATORS}. Received: estimator={estimator!r}"
-        )
+    check_choice(estimator, "estimator", ESTIMATORS)
     if first_gate_input not in FIRST_GATE_INPUTS:
         raise ValueError(
             f"`first_gate_input` must be one of {FIRST_GATE_INPUTS}. "
@@ -344,7 +244,7 @@ def adafilter(
             plain_call = len(nodes) == 1 and all(
                 value is None for value in nodes[0].get("kwargs", {}).values()
             )
-            if plain_call and _absorbable(flat.get_layer(conv_name), candidate):
+            if plain_call and absorbable_batchnorm(flat.get_layer(conv_name), candidate):
                 absorbed[conv_name] = candidate.name
     order = _call_order(flat, set(selected))
     taken = {layer.name for layer in flat.layers}
@@ -392,7 +292,7 @@ def adafilter(
         step = steps[original.name]
         gate_input = inputs
         if step == 0 and first_gate_input == "features":
-            gate_input = _pretrained_probe(original, bn, inputs, f"{controller_name}_probe")
+            gate_input = pretrained_probe(original, bn, inputs, f"{controller_name}_probe")
         gates, states[0] = controller(gate_input, states[0], step=step)
         gated = GatedConv.from_config(gated_conv_config(original, bn, train_batchnorm))
         outputs = gated(inputs, gates)
@@ -409,48 +309,6 @@ def adafilter(
         return outputs
 
     return surgery.rebuild(flat, call, name=name)
-
-
-def _pretrained_probe(conv, bn, inputs, name):
-    """A frozen copy of `conv` with `bn` folded in, and ReLU, applied to
-    `inputs`: the features the first gate reads (see `first_gate_input`).
-
-    Folding the batch norm (inference form) into the kernel and bias keeps
-    the probe one frozen layer that no BatchNorm mode can switch to batch
-    statistics.
-    """
-    config = conv.get_config()
-    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
-    kernel = np.asarray(conv.get_weights()[0], dtype="float64")
-    filters = int(conv.output.shape[-1])
-    bias = (
-        np.asarray(conv.bias.numpy(), dtype="float64") if conv.use_bias else np.zeros(filters)
-    )
-    if bn is not None:
-        gamma = bn.gamma.numpy() if bn.scale else np.ones(filters)
-        beta = bn.beta.numpy() if bn.center else np.zeros(filters)
-        scale = np.asarray(gamma, "float64") / np.sqrt(
-            np.asarray(bn.moving_variance.numpy(), "float64") + bn.epsilon
-        )
-        # A depthwise kernel [h, w, channels, multiplier] writes output
-        # channel `c * multiplier + m` from entry [..., c, m].
-        kernel = kernel * (scale.reshape(kernel.shape[-2:]) if depthwise else scale)
-        bias = (bias - np.asarray(bn.moving_mean.numpy(), "float64")) * scale + beta
-    config.update(name=name, trainable=False, use_bias=True)
-    # Frozen: no penalties or constraints of the original's weights.
-    for key in list(config):
-        if key.endswith(("_regularizer", "_constraint")):
-            config[key] = None
-    probe = type(conv).from_config(config)
-    x = probe(inputs)
-    probe.set_weights([kernel.astype(probe.kernel.dtype), bias.astype(probe.bias.dtype)])
-    if _has_no_activation(conv):
-        x = keras.layers.ReLU(name=f"{name}_relu")(x)
-    return x
-
-
-def _has_no_activation(conv):
-    return conv.get_config()["activation"] in ("linear", None)
 
 
 def gated_layers(model):
@@ -513,6 +371,5 @@ __all__ = [
     "adafilter",
     "gate_controller",
     "gate_usage",
-    "gated_conv_config",
     "gated_layers",
 ]

@@ -14,6 +14,12 @@ import keras
 
 from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
 
+# Where the `pretrain` app saves its default backbone (Fashion-MNIST,
+# small_cnn, 64 px), relative to the working directory: the backbone that
+# fine-tuning and a conv filter bank use when none is named.
+DEFAULT_PRETRAIN_DIR = os.path.join("runs", "pretrain", "fashion_mnist-small_cnn-64")
+DEFAULT_BACKBONE = os.path.join(DEFAULT_PRETRAIN_DIR, "model.keras")
+
 # Layer name at which models saved by the `pretrain` app are cut.
 FEATURES_LAYER = "features"
 

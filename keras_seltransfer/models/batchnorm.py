@@ -17,6 +17,7 @@ from keras_seltransfer.layers.partially_frozen_batch_normalization import (
     PartiallyFrozenBatchNormalization,
 )
 from keras_seltransfer.models.classifier import iter_layers
+from keras_seltransfer.utils.validation import is_int
 
 
 def batchnorm_layers(model):
@@ -99,10 +100,10 @@ def recalibrate_batchnorm(model, data, *, batch_size=32, max_images=None):
     models.recalibrate_batchnorm(student, source_images[:2000])
     ```
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}")
     if max_images is not None and (
-        isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) or max_images < 1
+        not is_int(max_images) or max_images < 1
     ):
         raise ValueError(f"`max_images` must be a positive int or None. Received: max_images={max_images!r}")
     layers = batchnorm_layers(model)

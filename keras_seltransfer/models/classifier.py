@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_seltransfer.utils.validation import check_choice
+
 BATCHNORM_MODES = ("frozen", "train")
 
 
@@ -81,10 +83,7 @@ def set_batchnorm_mode(model, mode):
     Returns:
         The number of BatchNormalization layers changed.
     """
-    if mode not in BATCHNORM_MODES:
-        raise ValueError(
-            f"`mode` must be one of {BATCHNORM_MODES}. Received: mode={mode!r}"
-        )
+    check_choice(mode, "mode", BATCHNORM_MODES)
     count = 0
     for layer in iter_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):

@@ -20,6 +20,42 @@ from it).
 import keras
 
 
+CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+# The layers that apply an activation after a conv: a filter's response is
+# read after one of these (`models.response_points`), and `ConvBank` taps
+# its conv layers' responses before them.
+ACTIVATION_LAYER_TYPES = (
+    keras.layers.ReLU,
+    keras.layers.Activation,
+    keras.layers.LeakyReLU,
+    keras.layers.PReLU,
+    keras.layers.ELU,
+)
+
+
+def has_fused_activation(layer):
+    """Whether a conv `layer` applies its own non-linear activation.
+
+    Example:
+
+    >>> has_fused_activation(keras.layers.Conv2D(4, 3, activation="relu"))
+    True
+    """
+    return layer.activation is not None and layer.activation is not keras.activations.linear
+
+
+def channel_axis(layer):
+    """The channel axis of a conv `layer`'s output: -1 for channels_last,
+    1 for channels_first.
+
+    Example:
+
+    >>> channel_axis(keras.layers.Conv2D(4, 3))
+    -1
+    """
+    return -1 if getattr(layer, "data_format", "channels_last") == "channels_last" else 1
+
+
 def _check_functional(model, what="model"):
     if not isinstance(model, keras.Model):
         raise ValueError(

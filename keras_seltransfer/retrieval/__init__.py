@@ -7,29 +7,31 @@ training images, and find for every target image the source images at the
 smallest weighted symmetric KL divergence.
 
 - `filter_banks`: `GaborBank`, `ConvBank`, `gabor_kernels`, `bank_from_config`.
-- `descriptors`: `fit_bin_edges`, `describe`, `describe_batch`, `channel_weights`.
+- `fit_bin_edges`, `describe`, `describe_batch`, `channel_weights`: the
+  descriptors, from `keras_seltransfer.utils.histograms`.
 - `similarity`: `nearest_sources` (blocked GEMMs, streaming top-k),
-  `pairwise_distances`, `symmetric_kl`, `merge_topk`.
+  `pairwise_distances`, `merge_topk`; `symmetric_kl` from
+  `keras_seltransfer.utils.divergence`.
 - `index`: `SourceIndex` (build, shard, merge, atomic save/load, query).
 - `workflow`: `IndexConfig`, `build_neighbours` (what `apps.build_index` runs).
 """
 
-from keras_seltransfer.retrieval.descriptors import channel_weights
-from keras_seltransfer.retrieval.descriptors import describe
-from keras_seltransfer.retrieval.descriptors import describe_batch
-from keras_seltransfer.retrieval.descriptors import fit_bin_edges
-from keras_seltransfer.retrieval.filter_banks import ConvBank
-from keras_seltransfer.retrieval.filter_banks import GaborBank
+from keras_seltransfer.retrieval.conv_bank import ConvBank
 from keras_seltransfer.retrieval.filter_banks import bank_from_config
-from keras_seltransfer.retrieval.filter_banks import gabor_kernels
+from keras_seltransfer.retrieval.gabor_bank import gabor_kernels
+from keras_seltransfer.retrieval.gabor_bank import GaborBank
 from keras_seltransfer.retrieval.index import SourceIndex
-from keras_seltransfer.retrieval.similarity import merge_topk
 from keras_seltransfer.retrieval.similarity import nearest_sources
 from keras_seltransfer.retrieval.similarity import pairwise_distances
-from keras_seltransfer.retrieval.similarity import symmetric_kl
-from keras_seltransfer.retrieval.workflow import IndexConfig
-from keras_seltransfer.retrieval.workflow import build_neighbours
+from keras_seltransfer.retrieval.topk import merge_topk
 from keras_seltransfer.retrieval.visualize import neighbour_grid
+from keras_seltransfer.retrieval.workflow import build_neighbours
+from keras_seltransfer.retrieval.workflow import IndexConfig
+from keras_seltransfer.utils.divergence import symmetric_kl
+from keras_seltransfer.utils.histograms import channel_weights
+from keras_seltransfer.utils.histograms import describe
+from keras_seltransfer.utils.histograms import describe_batch
+from keras_seltransfer.utils.histograms import fit_bin_edges
 
 __all__ = [
     "ConvBank",

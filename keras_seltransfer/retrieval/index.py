@@ -7,7 +7,7 @@ the global example ids that map neighbours back to source images. Large
 sources are described in shards (example `i` belongs to shard
 `i % num_shards`), on several machines or processes if need be; the shard
 indexes are saved, then either merged into one index or searched one by
-one with the per-shard results combined by `similarity.merge_topk`. Both
+one with the per-shard results combined by `topk.merge_topk`. Both
 give exactly the neighbours of an unsharded index.
 
 Reference:
@@ -15,39 +15,19 @@ Reference:
     through Selective Joint Fine-Tuning", CVPR 2017.
 """
 
-import inspect
 import json
 import os
 
 import numpy as np
 
-from keras_seltransfer.data.pipeline import make_dataset
-from keras_seltransfer.data.sources import ImageSource
-from keras_seltransfer.retrieval.similarity import _channel_weights
-from keras_seltransfer.retrieval.similarity import _check_histograms
+from keras_seltransfer.retrieval.index_build import describe_shard
+from keras_seltransfer.retrieval.index_files import ARRAY_NAMES
+from keras_seltransfer.retrieval.index_files import read_index_directory
+from keras_seltransfer.retrieval.index_files import write_index_directory
 from keras_seltransfer.retrieval.similarity import nearest_sources
-from keras_seltransfer.utils.io import atomic_directory
-from keras_seltransfer.utils.io import load_json_object
-from keras_seltransfer.utils.io import load_npz
+from keras_seltransfer.utils.divergence import check_channel_weights
+from keras_seltransfer.utils.divergence import check_histograms
 from keras_seltransfer.utils.validation import check_int
-from keras_seltransfer.utils.validation import image_size_pair
-
-FORMAT_VERSION = 1
-
-_FORMAT_NAME = "keras_seltransfer.SourceIndex"
-_ARRAYS_FILE = "arrays.npz"
-_CONFIG_FILE = "index.json"
-_ARRAY_NAMES = ("descriptors", "labels", "ids", "bin_edges", "channel_weights")
-_CONFIG_KEYS = (
-    "format_version",
-    "num_sources",
-    "num_channels",
-    "num_bins",
-    "num_shards",
-    "shard_index",
-    "bank_config",
-    "metadata",
-)
 
 
 class SourceIndex:
@@ -148,7 +128,7 @@ class SourceIndex:
         self.labels = _read_only(labels, np.int64)
         self.ids = _read_only(ids, np.int64)
         self.bin_edges = _read_only(bin_edges, np.float64)
-        self.channel_weights = _read_only(_channel_weights(channel_weights, channels), np.float64)
+        self.channel_weights = _read_only(check_channel_weights(channel_weights, channels), np.float64)
         self.bank_config = _json_round_trip(bank_config, "bank_config")
         self.num_shards = num_shards
         self.shard_index = shard_index
@@ -201,7 +181,7 @@ class SourceIndex:
                 taking a `tf.data.Dataset` of `(images, labels)` batches
                 (float32 raw pixels) and returning one descriptor per image
                 in order, computed with `bin_edges`; for example
-                `functools.partial(descriptors.describe, bank, bin_edges)`.
+                `functools.partial(histograms.describe, bank, bin_edges)`.
                 If it takes a `progress` keyword argument (as `describe`
                 does), `progress` is passed on.
             source: the source `ImageSource` (all of it: sharding happens
@@ -225,78 +205,21 @@ class SourceIndex:
             ValueError: for bad arguments, or if `describe_fn` does not
                 return one valid descriptor per image.
         """
-        if not callable(describe_fn):
-            raise ValueError(
-                "Expected `describe_fn` to be callable. "
-                f"Received: describe_fn={type(describe_fn).__name__}"
-            )
-        if not isinstance(source, ImageSource):
-            raise ValueError(
-                "Expected `source` to be an ImageSource. "
-                f"Received: source={type(source).__name__}"
-            )
-        num_shards = check_int(num_shards, "num_shards", 1)
-        shard_index = check_int(
-            shard_index, "shard_index", 0, num_shards - 1, f"an int in [0, {num_shards})"
-        )
-        if bin_edges is None:
-            raise ValueError(
-                "Expected `bin_edges`, the [channels, bins + 1] edges the "
-                "descriptors are computed with. Received: bin_edges=None"
-            )
-        edges = np.asarray(bin_edges, dtype=np.float64)
-        if edges.ndim != 2 or edges.shape[1] < 2:
-            raise ValueError(
-                "Expected `bin_edges` to have shape [channels, bins + 1]. "
-                f"Received: bin_edges.shape={edges.shape}"
-            )
-        height, width = image_size_pair(image_size)
-        batch_size = check_int(batch_size, "batch_size", 1)
-
-        ids = np.arange(shard_index, len(source), num_shards, dtype=np.int64)
-        shard = source.subset(ids)
-        expected_shape = (len(ids), edges.shape[0], edges.shape[1] - 1)
-        if len(ids):
-            dataset = make_dataset(
-                shard, (height, width), batch_size, channels=channels, cache=False
-            )
-            descriptors = _call_describe(describe_fn, dataset, progress)
-        else:
-            # More shards than examples: an empty shard still merges.
-            descriptors = np.zeros(expected_shape, np.float32)
-        if not isinstance(descriptors, np.ndarray) or descriptors.shape != expected_shape:
-            raise ValueError(
-                "Expected `describe_fn` to return an array of shape "
-                f"{expected_shape}: one [channels, bins] descriptor per image "
-                "of the shard, with bin_edges' channels and bins. "
-                f"Received: shape={getattr(descriptors, 'shape', None)}, "
-                f"type={type(descriptors).__name__}"
-            )
-        _check_histograms(descriptors, "describe_fn(dataset)")
-
-        recorded = {
-            "source_name": source.name,
-            "source_size": len(source),
-            "image_size": [height, width],
-            "channels": source.channels if channels is None else int(channels),
-        }
-        if metadata is not None:
-            if not isinstance(metadata, dict):
-                raise ValueError(
-                    "Expected `metadata` to be a dict. "
-                    f"Received: metadata={type(metadata).__name__}"
-                )
-            recorded.update(metadata)
         return cls(
-            descriptors=descriptors,
-            labels=shard.labels,
-            ids=ids,
-            bin_edges=edges,
+            **describe_shard(
+                describe_fn,
+                source,
+                image_size,
+                batch_size=batch_size,
+                channels=channels,
+                num_shards=num_shards,
+                shard_index=shard_index,
+                bin_edges=bin_edges,
+                progress=progress,
+                metadata=metadata,
+            ),
             channel_weights=channel_weights,
             bank_config=bank_config,
-            num_shards=num_shards,
-            shard_index=shard_index,
-            metadata=recorded,
         )
 
     def save(self, path, overwrite=True):
@@ -317,8 +240,6 @@ class SourceIndex:
             `path`.
         """
         config = {
-            "format": _FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
             "num_sources": len(self),
             "num_channels": self.num_channels,
             "num_bins": self.num_bins,
@@ -327,16 +248,8 @@ class SourceIndex:
             "bank_config": self.bank_config,
             "metadata": self.metadata,
         }
-        with atomic_directory(path, overwrite=overwrite) as tmp:
-            with open(os.path.join(tmp, _ARRAYS_FILE), "wb") as f:
-                np.savez(f, **{name: getattr(self, name) for name in _ARRAY_NAMES})
-                # Durable before the rename publishes it.
-                f.flush()
-                os.fsync(f.fileno())
-            with open(os.path.join(tmp, _CONFIG_FILE), "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
+        arrays = {name: getattr(self, name) for name in ARRAY_NAMES}
+        write_index_directory(path, arrays, config, overwrite=overwrite)
         return path
 
     @classmethod
@@ -355,58 +268,11 @@ class SourceIndex:
                 the arrays' shapes disagree with each other or with
                 `index.json`, or the descriptors are not valid histograms.
         """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"No source index at {path!r}: expected a directory written by "
-                "SourceIndex.save."
-            )
-        config_path = os.path.join(path, _CONFIG_FILE)
-        arrays_path = os.path.join(path, _ARRAYS_FILE)
-        for required in (config_path, arrays_path):
-            if not os.path.isfile(required):
-                raise FileNotFoundError(
-                    f"The source index at {path!r} is incomplete: "
-                    f"{os.path.basename(required)} is missing."
-                )
-        config = load_json_object(config_path, f"source index file {config_path!r}")
-        found_format = config.get("format")
-        if found_format != _FORMAT_NAME:
-            raise ValueError(
-                f"Expected {config_path!r} to describe a {_FORMAT_NAME}. "
-                f"Received: format={found_format!r}"
-            )
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"Expected a source index of format version {FORMAT_VERSION}. "
-                f"Received: format_version={config.get('format_version')!r} in {config_path!r}"
-            )
-        missing = [key for key in _CONFIG_KEYS if key not in config]
-        if missing:
-            raise ValueError(f"The source index file {config_path!r} lacks the keys {missing}.")
-
-        try:
-            # Never unpickles, and reads every array in full (checking CRCs).
-            data = load_npz(arrays_path, what="source index arrays")
-        except ValueError as e:
-            raise ValueError(f"The source index at {path!r} is corrupt or unreadable: {e}") from e
-        if not set(_ARRAY_NAMES) <= set(data):
-            raise ValueError(
-                f"Expected {arrays_path!r} to hold the arrays {list(_ARRAY_NAMES)}. "
-                f"Received: {sorted(data)}"
-            )
-        arrays = {name: data[name] for name in _ARRAY_NAMES}
-        expected = (config["num_sources"], config["num_channels"], config["num_bins"])
-        if arrays["descriptors"].shape != expected:
-            raise ValueError(
-                f"Inconsistent source index at {path!r}: index.json records "
-                f"descriptors of shape {expected}. "
-                f"Received: descriptors.shape={arrays['descriptors'].shape}"
-            )
+        arrays, config = read_index_directory(path)
         try:
             # A tampered index (NaN, negative or unnormalised histograms)
             # would give meaningless distances without any error.
-            _check_histograms(arrays["descriptors"], "descriptors")
+            check_histograms(arrays["descriptors"], "descriptors")
             return cls(
                 num_shards=config["num_shards"],
                 shard_index=config["shard_index"],
@@ -415,7 +281,7 @@ class SourceIndex:
                 **arrays,
             )
         except ValueError as e:
-            raise ValueError(f"Inconsistent source index at {path!r}: {e}") from e
+            raise ValueError(f"Inconsistent source index at {os.fspath(path)!r}: {e}") from e
 
     @classmethod
     def merge(cls, indexes):
@@ -576,19 +442,6 @@ class SourceIndex:
                 f"Received: ids containing {ids[~found].flat[0]}"
             )
         return self.labels[order[positions]]
-
-
-def _call_describe(describe_fn, dataset, progress):
-    try:
-        parameters = inspect.signature(describe_fn).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    takes_progress = "progress" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
-    if takes_progress:
-        return describe_fn(dataset, progress=progress)
-    return describe_fn(dataset)
 
 
 def _integer_vector(value, name, length):

@@ -15,7 +15,8 @@ whatever device TensorFlow places them) plus row and column terms.
 `nearest_sources` streams the source in blocks through that GEMM, keeps a
 running top-k per target, and re-scores the few candidates near the k-th
 distance exactly in NumPy float64 (see its docstring), so its results are
-exactly those of a double loop over `symmetric_kl`.
+exactly those of a double loop over `symmetric_kl`
+(`keras_seltransfer.utils.divergence`, with the shared argument checks).
 
 Reference:
     Ge and Yu, "Borrowing Treasures from the Wealthy: Deep Transfer Learning
@@ -28,14 +29,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_seltransfer.retrieval.topk import top_k_rows
+from keras_seltransfer.utils.divergence import as_histograms
+from keras_seltransfer.utils.divergence import check_channel_weights
+from keras_seltransfer.utils.divergence import check_eps
+from keras_seltransfer.utils.divergence import check_histograms
+from keras_seltransfer.utils.divergence import DEFAULT_EPS
+from keras_seltransfer.utils.divergence import weighted_symmetric_kl
 from keras_seltransfer.utils.validation import check_int
 
-DEFAULT_EPS = 2.2e-16
-
-# Rows of a histogram must sum to 1 within this tolerance: descriptors stored
-# as float32 carry rounding, while a histogram that was never normalised is
-# off by far more.
-_SUM_TOLERANCE = 1e-3
 
 _DTYPES = ("float32", "float64")
 
@@ -46,61 +48,6 @@ _RESCORE_CHUNK_VALUES = 1 << 16
 # an infinite distance sorts after every real one, the largest index after
 # every real index.
 _EMPTY_INDEX = np.iinfo(np.int64).max
-
-
-def symmetric_kl(p, q, channel_weights=None, eps=DEFAULT_EPS):
-    """Channel-weighted symmetric KL divergence between two descriptors.
-
-    Computes, in NumPy float64,
-    `D = sum_h w_h * 0.5 * [KL(p_h || q_h) + KL(q_h || p_h)]` with
-    `KL(p || q) = sum_b p_b * (log(p_b + eps) - log(q_b + eps))`, `eps`
-    inside the logarithms as in the authors' code so that empty bins give
-    finite terms. The two divergences are summed as
-    `sum_b (p_b - q_b) * (log(p_b + eps) - log(q_b + eps))`, which equals
-    their sum and makes `D(p, q) == D(q, p)` exactly.
-
-    Args:
-        p: descriptor `[channels, bins]`: one normalised histogram per
-            channel (entries >= 0, each row summing to 1).
-        q: descriptor of the same shape.
-        channel_weights: non-negative weights `[channels]`. None gives
-            uniform weights `1 / channels`, so the distance is the mean of
-            the per-channel symmetric divergences. (The paper weights each
-            channel by `0.5 / channels in its layer`, so that two conv
-            layers count equally: pass those weights explicitly.)
-        eps: positive constant added inside the logarithms.
-
-    Returns:
-        The distance, a Python float (>= 0, and 0 for identical inputs).
-
-    Raises:
-        ValueError: for descriptors of another rank or of different shapes,
-            entries that are not finite or negative, rows not summing to 1,
-            bad `channel_weights` or a non-positive `eps`.
-
-    Example:
-
-    >>> p = np.array([[0.5, 0.5], [1.0, 0.0]])
-    >>> symmetric_kl(p, p)
-    0.0
-    """
-    p = _as_descriptors(p, "p", rank=2)
-    q = _as_descriptors(q, "q", rank=2)
-    if p.shape != q.shape:
-        raise ValueError(
-            "Expected `p` and `q` to have the same shape [channels, bins]. "
-            f"Received: p.shape={p.shape}, q.shape={q.shape}"
-        )
-    _check_histograms(p, "p")
-    _check_histograms(q, "q")
-    eps = _check_eps(eps)
-    half_weights = 0.5 * _channel_weights(channel_weights, p.shape[0])
-    # Same routine, on a batch of one, as the exact re-scoring in
-    # `nearest_sources`, so that both give bit-identical distances.
-    distance = _rescore(
-        p[None], np.log(p + eps)[None], q[None], np.log(q + eps)[None], half_weights
-    )
-    return float(distance[0])
 
 
 def pairwise_distances(
@@ -139,13 +86,13 @@ def pairwise_distances(
     >>> pairwise_distances(x, x).shape
     (2, 2)
     """
-    target = _as_descriptors(target, "target")
-    _check_histograms(target, "target")
-    source = _as_descriptors(source, "source")
+    target = as_histograms(target, "target")
+    check_histograms(target, "target")
+    source = as_histograms(source, "source")
     _check_same_layout(target, source, "target", "source")
-    _check_histograms(source, "source")
-    weights = _channel_weights(channel_weights, target.shape[1])
-    eps = _check_eps(eps)
+    check_histograms(source, "source")
+    weights = check_channel_weights(channel_weights, target.shape[1])
+    eps = check_eps(eps)
     dtype = _check_dtype(dtype)
     target_terms = _weighted_terms(_gemm_terms(target, eps, dtype), weights)
     source_terms = _gemm_terms(source, eps, dtype)
@@ -236,8 +183,8 @@ def nearest_sources(
     >>> indices.shape, distances.shape
     ((3, 4), (3, 4))
     """
-    target = _as_descriptors(target_descriptors, "target_descriptors")
-    _check_histograms(target, "target_descriptors")
+    target = as_histograms(target_descriptors, "target_descriptors")
+    check_histograms(target, "target_descriptors")
     try:
         num_sources = len(source_descriptors)
     except TypeError:
@@ -252,9 +199,9 @@ def nearest_sources(
     k = check_int(
         k, "k", 1, num_sources, f"an int in [1, {num_sources}] (the number of sources)"
     )
-    weights = _channel_weights(channel_weights, target.shape[1])
+    weights = check_channel_weights(channel_weights, target.shape[1])
     block_size = check_int(block_size, "block_size", 1)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     dtype = _check_dtype(dtype)
 
     num_targets = target.shape[0]
@@ -273,7 +220,7 @@ def nearest_sources(
         stop = min(start + block_size, num_sources)
         # Float32 blocks stay float32: converting every row to float64 would
         # cost a pass over the block, and only re-scored rows need it.
-        block = _as_descriptors(
+        block = as_histograms(
             source_descriptors[start:stop], "source_descriptors", keep_float=True
         )
         _check_layout(block.shape, target.shape, "source_descriptors")
@@ -282,7 +229,7 @@ def nearest_sources(
                 f"Expected `source_descriptors[{start}:{stop}]` to have "
                 f"{stop - start} rows. Received: shape={block.shape}"
             )
-        _check_histograms(block, "source_descriptors", row_offset=start)
+        check_histograms(block, "source_descriptors", row_offset=start)
 
         pairs = _candidate_pairs(
             target_terms,
@@ -304,97 +251,6 @@ def nearest_sources(
     return best_indices, best_distances
 
 
-def merge_topk(parts, k):
-    """Merges per-shard top-k results into the global top-k.
-
-    Args:
-        parts: sequence of `(indices, distances)` pairs, each of shape
-            `[T, k_i]` for the same T, with indices already global source
-            ids (a shard's row `j` mapped to its global id). The shards
-            must be disjoint.
-        k: number of neighbours to keep, at most `sum(k_i)`.
-
-    Returns:
-        `(indices, distances)`, int64 and float64 `[T, k]`, sorted by
-        increasing distance, ties broken by the lower index: the same order
-        as `nearest_sources`, so searching shards and merging equals
-        searching the whole source (when every shard was searched with
-        `k_i = min(k, shard size)`).
-
-    Raises:
-        ValueError: for no parts, parts that are not pairs of equally shaped
-            2-D arrays with the same number of rows, NaN distances, an index
-            present in two parts for the same target, or `k` outside
-            `[1, sum(k_i)]`.
-
-    Example:
-
-    >>> a = (np.array([[0, 2]]), np.array([[0.1, 0.3]]))
-    >>> b = (np.array([[1, 3]]), np.array([[0.1, 0.2]]))
-    >>> merge_topk([a, b], k=3)[0]
-    array([[0, 1, 3]])
-    """
-    parts = list(parts)
-    if not parts:
-        raise ValueError(
-            "Expected `parts` to hold at least one (indices, distances) pair. "
-            "Received: parts=[]"
-        )
-    all_indices, all_distances = [], []
-    for i, part in enumerate(parts):
-        if not isinstance(part, (tuple, list)) or len(part) != 2:
-            raise ValueError(
-                "Expected every entry of `parts` to be an (indices, distances) "
-                f"pair. Received: parts[{i}]={type(part).__name__}"
-            )
-        indices, distances = np.asarray(part[0]), np.asarray(part[1], np.float64)
-        if (
-            indices.ndim != 2
-            or indices.shape != distances.shape
-            or (indices.size and not np.issubdtype(indices.dtype, np.integer))
-        ):
-            raise ValueError(
-                f"Expected `parts[{i}]` to hold integer indices and distances "
-                "of the same shape [T, k_i]. "
-                f"Received: indices.shape={indices.shape}, "
-                f"indices.dtype={indices.dtype}, distances.shape={distances.shape}"
-            )
-        if indices.shape[0] != np.shape(parts[0][0])[0]:
-            raise ValueError(
-                "Expected every part to have the same number of targets. "
-                f"Received: parts[0] rows={np.shape(parts[0][0])[0]}, "
-                f"parts[{i}] rows={indices.shape[0]}"
-            )
-        if np.isnan(distances).any():
-            raise ValueError(f"Expected `parts[{i}]` distances without NaN.")
-        all_indices.append(indices.astype(np.int64))
-        all_distances.append(distances)
-    indices = np.concatenate(all_indices, axis=1)
-    distances = np.concatenate(all_distances, axis=1)
-    total = indices.shape[1]
-    k = check_int(k, "k", 1, total, f"an int in [1, {total}] (the neighbours in all parts)")
-    ordered = np.sort(indices, axis=1)
-    repeated = np.argwhere(ordered[:, 1:] == ordered[:, :-1])
-    if repeated.size:
-        row, column = repeated[0]
-        raise ValueError(
-            "Expected disjoint shards, but a source index appears in two parts "
-            f"for the same target. Received: target {row}, "
-            f"index={ordered[row, column]}"
-        )
-    return _top_k_rows(indices, distances, k)
-
-
-def _top_k_rows(indices, distances, k):
-    # lexsort's last key is the primary one: distance, then index, which
-    # makes ties resolve to the lower index whatever the input order.
-    order = np.lexsort((indices, distances), axis=1)[:, :k]
-    return (
-        np.take_along_axis(indices, order, axis=1),
-        np.take_along_axis(distances, order, axis=1),
-    )
-
-
 def _merge_candidates(best_indices, best_distances, rows, indices, distances, k):
     """Merges re-scored `(row, index, distance)` triples into the running
     top-k in place. `rows` are ascending (from `tf.where`)."""
@@ -406,21 +262,12 @@ def _merge_candidates(best_indices, best_distances, rows, indices, distances, k)
     new_distances = np.full((touched.shape[0], width), np.inf)
     new_indices[position, slot] = indices
     new_distances[position, slot] = distances
-    merged = _top_k_rows(
+    merged = top_k_rows(
         np.concatenate([best_indices[touched], new_indices], axis=1),
         np.concatenate([best_distances[touched], new_distances], axis=1),
         k,
     )
     best_indices[touched], best_distances[touched] = merged
-
-
-def _rescore(p, log_p, q, log_q, half_weights):
-    # The one place exact distances are computed (for `symmetric_kl` and the
-    # re-scoring alike): element-wise products and sums over the last axis
-    # of contiguous float64 arrays, whose rounding does not depend on the
-    # other rows of the batch.
-    per_channel = np.sum((p - q) * (log_p - log_q), axis=-1)
-    return np.sum(per_channel * half_weights, axis=-1)
 
 
 def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps):
@@ -441,7 +288,7 @@ def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps)
     for start in range(0, rows.shape[0], chunk):
         r = rows[start : start + chunk]
         c = inverse[start : start + chunk]
-        distances[start : start + chunk] = _rescore(
+        distances[start : start + chunk] = weighted_symmetric_kl(
             target[r], target_logs[r], sources[c], source_logs[c], half_weights
         )
     return distances
@@ -546,66 +393,6 @@ def _candidate_pairs(target_terms, block_terms, best_distances, k, margin_scale)
     return tf.where(mask).numpy()
 
 
-def _as_descriptors(value, name, rank=3, keep_float=False):
-    """`value` as a contiguous float64 array of rank `rank`; with
-    `keep_float`, float32 arrays stay float32 (half the memory traffic)."""
-    try:
-        array = np.asarray(value)
-        if not (keep_float and array.dtype == np.float32):
-            array = np.asarray(array, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"Expected `{name}` to be a numeric array. "
-            f"Received: {name}={type(value).__name__}"
-        ) from None
-    if array.ndim != rank:
-        layout = "[channels, bins]" if rank == 2 else "[N, channels, bins]"
-        raise ValueError(
-            f"Expected `{name}` to have rank {rank}, {layout}. "
-            f"Received: {name}.shape={array.shape}"
-        )
-    # Contiguous, so that NumPy reduces every row in the same way.
-    return np.ascontiguousarray(array)
-
-
-def _check_histograms(array, name, row_offset=0):
-    """Finite, non-negative histogram rows summing to 1; `row_offset` makes
-    the reported index global for a block of a larger array."""
-    # Two reductions decide the common, valid case: a NaN makes the minimum
-    # NaN, a negative entry makes it negative, an infinity makes the sum
-    # non-finite. Only then is the offending entry searched for.
-    sums = np.sum(array, axis=-1, dtype=np.float64)
-    lowest = np.min(array, axis=-1, initial=np.inf)
-    if not (np.isfinite(sums).all() and (lowest >= 0).all()):
-        _raise_bad_entry(array, name, row_offset)
-    off = np.abs(sums - 1.0) > _SUM_TOLERANCE
-    if off.any():
-        where = tuple(int(i) for i in np.argwhere(off)[0])
-        index = (where[0] + row_offset,) + where[1:] if array.ndim == 3 else where
-        raise ValueError(
-            f"Expected every channel histogram of `{name}` to sum to 1 "
-            f"(tolerance {_SUM_TOLERANCE}). "
-            f"Received: {name}[{', '.join(map(str, index))}].sum()={float(sums[where])!r}"
-        )
-
-
-def _raise_bad_entry(array, name, row_offset):
-    bad = ~np.isfinite(array)
-    what = "finite values"
-    if not bad.any():
-        bad = array < 0
-        what = "non-negative values"
-    if not bad.any():
-        # Finite entries whose sum overflows: the sum check reports them.
-        return
-    where = tuple(int(i) for i in np.argwhere(bad)[0])
-    index = (where[0] + row_offset,) + where[1:]
-    raise ValueError(
-        f"Expected `{name}` to hold {what} (normalised histograms). "
-        f"Received: {name}[{', '.join(map(str, index))}]={float(array[where])!r}"
-    )
-
-
 def _check_layout(shape, target_shape, name):
     if len(shape) != 3:
         raise ValueError(
@@ -626,34 +413,6 @@ def _check_same_layout(target, source, target_name, source_name):
             f"channels and bins. Received: {target_name}.shape={target.shape}, "
             f"{source_name}.shape={source.shape}"
         )
-
-
-def _channel_weights(channel_weights, channels):
-    if channel_weights is None:
-        return np.full(channels, 1.0 / channels)
-    weights = np.asarray(channel_weights, dtype=np.float64)
-    if weights.shape != (channels,):
-        raise ValueError(
-            f"Expected `channel_weights` to have shape ({channels},), one "
-            f"weight per channel. Received: channel_weights.shape={weights.shape}"
-        )
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or not weights.any():
-        raise ValueError(
-            "Expected `channel_weights` to be finite, non-negative and not all "
-            f"zero. Received: channel_weights={weights.tolist()}"
-        )
-    return weights
-
-
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not (
-        0 < eps < 1
-    ):
-        raise ValueError(
-            "Expected `eps` to be a positive float below 1 (it keeps the logs "
-            f"of empty bins finite). Received: eps={eps!r}"
-        )
-    return float(eps)
 
 
 def _check_dtype(dtype):

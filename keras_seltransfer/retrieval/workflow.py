@@ -21,39 +21,20 @@ import numpy as np
 from keras_seltransfer import data as data_lib
 from keras_seltransfer.data.protocol import load_train_test
 from keras_seltransfer.models import backbones
-from keras_seltransfer.retrieval import descriptors
-from keras_seltransfer.retrieval import filter_banks
+from keras_seltransfer.models.backbones import DEFAULT_BACKBONE
+from keras_seltransfer.retrieval.conv_bank import ConvBank
+from keras_seltransfer.retrieval.filter_banks import BANKS
+from keras_seltransfer.retrieval.gabor_bank import GaborBank
 from keras_seltransfer.retrieval.index import SourceIndex
-from keras_seltransfer.retrieval.similarity import merge_topk
+from keras_seltransfer.retrieval.run_record import check_run_settings
+from keras_seltransfer.retrieval.run_record import recorded_settings
+from keras_seltransfer.retrieval.run_record import write_run_settings
+from keras_seltransfer.retrieval.topk import merge_topk
+from keras_seltransfer.utils import histograms
 from keras_seltransfer.utils.io import atomic_write_bytes
-from keras_seltransfer.utils.io import atomic_write_text
-from keras_seltransfer.utils.io import load_json_object
 from keras_seltransfer.utils.io import load_npz
-
-BANKS = ("conv", "gabor")
-
-# The `IndexConfig` fields that decide what a run computes: a command that
-# continues a run must agree on all of them. The rest (batch and block
-# sizes, progress, the shard a process works on) change how, not what.
-RUN_FIELDS = (
-    "source",
-    "target",
-    "target_fraction",
-    "seed",
-    "test_fraction",
-    "split_seed",
-    "bank",
-    "backbone",
-    "conv_layers",
-    "pre_activation",
-    "num_bins",
-    "k_max",
-    "image_size",
-    "max_source",
-    "channels",
-)
-
-_CONFIG_FILE = "config.json"
+from keras_seltransfer.utils.io import npz_bytes
+from keras_seltransfer.utils.validation import check_choice
 
 
 @dataclasses.dataclass
@@ -97,8 +78,7 @@ class IndexConfig:
             raise ValueError(
                 f"`channels` must be None, 1 or 3. Received: channels={self.channels!r}"
             )
-        if self.bank not in BANKS:
-            raise ValueError(f"`bank` must be one of {BANKS}. Received: bank={self.bank!r}")
+        check_choice(self.bank, "bank", BANKS)
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(
                 f"`shard_index` must be in [0, num_shards={self.num_shards}). "
@@ -111,8 +91,6 @@ class IndexConfig:
         if self.k_max < 1:
             raise ValueError(f"`k_max` must be >= 1. Received: k_max={self.k_max}")
         if self.bank == "conv" and self.backbone is None:
-            from keras_seltransfer.training import DEFAULT_BACKBONE
-
             self.backbone = DEFAULT_BACKBONE
 
 
@@ -136,7 +114,7 @@ def target_training_images(config, channels=None):
 def make_bank(config):
     """The filter bank of `config`, and the channel count its input needs."""
     if config.bank == "gabor":
-        return filter_banks.GaborBank(), None
+        return GaborBank(), None
     if backbones.is_backbone_path(config.backbone) and not os.path.isfile(config.backbone):
         raise FileNotFoundError(
             f"Backbone file not found: {config.backbone!r}. Run `python -m apps.pretrain` "
@@ -145,82 +123,10 @@ def make_bank(config):
     backbone = backbones.load_backbone(
         config.backbone, (config.image_size, config.image_size, None)
     )
-    bank = filter_banks.ConvBank(
+    bank = ConvBank(
         backbone, layers=config.conv_layers, pre_activation=config.pre_activation
     )
     return bank, int(backbone.inputs[0].shape[-1])
-
-
-def _npz_bytes(**arrays):
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _run_settings(config):
-    # The JSON round trip makes tuples lists and keeps what compares equal
-    # after a save and a load.
-    return json.loads(json.dumps({name: getattr(config, name) for name in RUN_FIELDS}))
-
-
-def _recorded_settings(out):
-    path = os.path.join(out, _CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    remedy = "; restore it, or delete the run directory to rebuild"
-    recorded = load_json_object(path, f"retrieval run file {path!r}", remedy)
-    if not set(RUN_FIELDS) <= set(recorded):
-        raise ValueError(
-            f"The retrieval run file {path!r} does not record the settings {list(RUN_FIELDS)}; "
-            "restore it, or delete the run directory to rebuild."
-        )
-    return {name: recorded[name] for name in RUN_FIELDS}
-
-
-def _write_run_settings(config):
-    atomic_write_text(
-        os.path.join(config.output_dir, _CONFIG_FILE),
-        json.dumps(_run_settings(config), indent=2, sort_keys=True) + "\n",
-    )
-
-
-def _check_run_settings(config):
-    """Refuses to continue a run made with other settings.
-
-    A new run directory gets its record at once. Returns True when the
-    record must wait until this command succeeds: a directory from before
-    records were kept, whose stages are then checked one by one.
-    """
-    out = config.output_dir
-    settings = _run_settings(config)
-    recorded = _recorded_settings(out)
-    started = any(
-        os.path.exists(os.path.join(out, name))
-        for name in ("bin_edges.npz", "target_descriptors.npz", "index", "shards")
-    )
-    if recorded is None:
-        if started:
-            return True
-        _write_run_settings(config)
-        return False
-    differences = [
-        f"{name}={recorded[name]!r} (this command: {settings[name]!r})"
-        for name in RUN_FIELDS
-        if recorded[name] != settings[name]
-    ]
-    if differences and not started:
-        # An earlier command failed before computing anything (bad input,
-        # say): nothing depends on its settings.
-        _write_run_settings(config)
-    elif differences:
-        raise ValueError(
-            f"{out} holds a retrieval run made with other settings: {'; '.join(differences)}. "
-            "Its bin edges, descriptors and shards do not describe this command's data; "
-            "use another --output_dir, or delete that one to rebuild it."
-        )
-    return False
 
 
 def build_neighbours(config, merge_only=False):
@@ -255,16 +161,16 @@ def build_neighbours(config, merge_only=False):
     ]
     outputs = {}
     if merge_only:
-        recorded = _recorded_settings(out)
+        recorded = recorded_settings(out)
         if recorded is not None:
             # The record, not the merge command's defaults, says what the
             # shards hold (and what neighbours.npz will record).
             config = dataclasses.replace(config, **recorded)
     else:
-        record_later = _check_run_settings(config)
+        record_later = check_run_settings(config)
         outputs.update(_describe_and_search(config, shard_dirs[config.shard_index]))
         if record_later:
-            _write_run_settings(config)
+            write_run_settings(config)
     missing = [d for d in shard_dirs if not os.path.isfile(os.path.join(d, "topk.npz"))]
     if missing:
         if merge_only:
@@ -295,13 +201,15 @@ def build_neighbours(config, merge_only=False):
     path = os.path.join(out, "neighbours.npz")
     atomic_write_bytes(
         path,
-        _npz_bytes(
-            target_ids=target["ids"],
-            target_labels=target["labels"],
-            neighbour_ids=ids,
-            neighbour_labels=neighbour_labels,
-            distances=distances,
-            config=np.array(json.dumps(dataclasses.asdict(config))),
+        npz_bytes(
+            dict(
+                target_ids=target["ids"],
+                target_labels=target["labels"],
+                neighbour_ids=ids,
+                neighbour_labels=neighbour_labels,
+                distances=distances,
+                config=np.array(json.dumps(dataclasses.asdict(config))),
+            )
         ),
     )
     outputs["neighbours"] = path
@@ -370,13 +278,13 @@ def _describe_and_search(config, shard_dir):
         target_ds = data_lib.make_dataset(
             target, config.image_size, config.batch_size, channels=channels
         )
-        edges = descriptors.fit_bin_edges(
+        edges = histograms.fit_bin_edges(
             bank, target_ds, num_bins=config.num_bins, progress=config.progress
         )
-        weights = descriptors.channel_weights(bank)
+        weights = histograms.channel_weights(bank)
         atomic_write_bytes(
             edges_path,
-            _npz_bytes(edges=edges, channel_weights=weights, bank_config=np.array(bank_config)),
+            npz_bytes(dict(edges=edges, channel_weights=weights, bank_config=np.array(bank_config))),
         )
     outputs["bin_edges"] = edges_path
 
@@ -394,10 +302,12 @@ def _describe_and_search(config, shard_dir):
         target_ds = data_lib.make_dataset(
             target, config.image_size, config.batch_size, channels=channels
         )
-        target_desc = descriptors.describe(bank, edges, target_ds, progress=config.progress)
+        target_desc = histograms.describe(bank, edges, target_ds, progress=config.progress)
         atomic_write_bytes(
             target_path,
-            _npz_bytes(descriptors=target_desc, ids=np.asarray(kept, np.int64), labels=target.labels),
+            npz_bytes(
+                dict(descriptors=target_desc, ids=np.asarray(kept, np.int64), labels=target.labels)
+            ),
         )
     outputs["target_descriptors"] = target_path
 
@@ -413,7 +323,7 @@ def _describe_and_search(config, shard_dir):
     else:
         source = source_training_images(config, channels=channels)
         index = SourceIndex.build(
-            functools.partial(descriptors.describe, bank, edges, progress=config.progress),
+            functools.partial(histograms.describe, bank, edges, progress=config.progress),
             source,
             config.image_size,
             batch_size=config.batch_size,
@@ -445,7 +355,7 @@ def _describe_and_search(config, shard_dir):
             )
             labels = index.neighbour_labels(ids)
         atomic_write_bytes(
-            topk_path, _npz_bytes(ids=ids, distances=distances, neighbour_labels=labels)
+            topk_path, npz_bytes(dict(ids=ids, distances=distances, neighbour_labels=labels))
         )
     if reused:
         outputs["reused"] = ", ".join(reused)

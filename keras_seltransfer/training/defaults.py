@@ -1,11 +1,9 @@
 """Defaults shared by the training workflows, the apps and the tools."""
 
-import os
-
 # Where `pretrain` writes the built-in backbone, and the backbone every
-# fine-tuning run reads by default.
-DEFAULT_PRETRAIN_DIR = os.path.join("runs", "pretrain", "fashion_mnist-small_cnn-64")
-DEFAULT_BACKBONE = os.path.join(DEFAULT_PRETRAIN_DIR, "model.keras")
+# fine-tuning run (and the conv filter bank of an index) reads by default.
+from keras_seltransfer.models.backbones import DEFAULT_BACKBONE
+from keras_seltransfer.models.backbones import DEFAULT_PRETRAIN_DIR
 
 # Largest image size: a 4096x4096 RGB float32 image is already 200 MB, and a
 # mistyped size (100000) would otherwise fail deep inside TensorFlow with an

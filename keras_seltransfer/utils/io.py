@@ -8,6 +8,7 @@ and `load_json_object` JSON records, both with errors that name the file.
 
 import contextlib
 import functools
+import io
 import json
 import os
 import shutil
@@ -43,6 +44,28 @@ def default_permissions(path):
     """
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~_umask())
+
+
+def npz_bytes(arrays):
+    """The bytes of an uncompressed NumPy `.npz` archive of `arrays`.
+
+    Pass them to `atomic_write_bytes` to publish the archive in one step.
+
+    Args:
+        arrays: a dict `{name: array}`.
+
+    Returns:
+        The archive as `bytes`.
+
+    Example:
+
+    >>> data = npz_bytes({"x": np.arange(3)})
+    >>> np.load(io.BytesIO(data))["x"].tolist()
+    [0, 1, 2]
+    """
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def atomic_write_bytes(path, data):

@@ -1,5 +1,7 @@
 """Argument checks shared across the package, with uniform error messages."""
 
+import numbers
+
 import numpy as np
 
 
@@ -67,5 +69,122 @@ def image_size_pair(image_size):
         raise ValueError(
             "Expected `image_size` to be a positive int or a pair (height, width) "
             f"of positive ints. Received: image_size={image_size!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _plain(value):
+    """`value` with NumPy scalars turned into Python ones, so that messages
+    read `x=3`, not `x=np.int64(3)`."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def is_int(value):
+    """Whether `value` is an integer (Python or NumPy) and not a bool.
+
+    Example:
+
+    >>> is_int(3), is_int(np.int64(3)), is_int(True), is_int(3.0)
+    (True, True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_choice(value, name, choices):
+    """Returns `value` if it is one of `choices`.
+
+    Args:
+        value: the argument to check.
+        name: the argument's name, used in the error.
+        choices: the allowed values (a tuple owned by the module that
+            defines them).
+
+    Returns:
+        `value`, unchanged.
+
+    Raises:
+        ValueError: naming the argument, the choices, and the value.
+
+    Example:
+
+    >>> check_choice("ste", "estimator", ("ste", "gumbel"))
+    'ste'
+    """
+    try:
+        allowed = value in choices
+    except (TypeError, ValueError):
+        # An unhashable value tested against a set, or an array whose
+        # comparison has no single truth value.
+        allowed = False
+    if not allowed:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(choices)}. Received: {name}={_plain(value)!r}"
+        )
+    return value
+
+
+def check_fraction(value, name, low_open=False, high_open=False):
+    """Returns `value` as a float if it is a number in the unit interval.
+
+    Args:
+        value: the argument to check.
+        name: the argument's name, used in the error.
+        low_open: whether 0 is excluded.
+        high_open: whether 1 is excluded.
+
+    Returns:
+        `value` as a Python float.
+
+    Raises:
+        ValueError: naming the argument, the interval, and the value, for
+            non-numbers (booleans included), NaN and values outside it.
+
+    Example:
+
+    >>> check_fraction(0.25, "ratio", low_open=True)
+    0.25
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        number = float(value)
+        ok = (number > 0 if low_open else number >= 0) and (
+            number < 1 if high_open else number <= 1
+        )
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(
+            f"`{name}` must be a number in {interval}. Received: {name}={_plain(value)!r}"
+        )
+    return number
+
+
+def check_pair(value, name, low=1):
+    """`(a, b)` from an int or a pair of ints, each >= `low`.
+
+    Args:
+        value: an int, or a list or tuple of two ints.
+        name: the argument's name, used in the error.
+        low: the smallest allowed entry.
+
+    Returns:
+        A tuple of two Python ints.
+
+    Raises:
+        ValueError: naming the argument, what was expected, and the value.
+
+    Example:
+
+    >>> check_pair(2, "strides"), check_pair([1, 3], "kernel_size")
+    ((2, 2), (1, 3))
+    """
+    pair = (value, value) if is_int(value) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or any(not is_int(v) or v < low for v in pair)
+    ):
+        raise ValueError(
+            f"`{name}` must be an int >= {low} or a pair of such ints. "
+            f"Received: {name}={_plain(value)!r}"
         )
     return int(pair[0]), int(pair[1])

@@ -10,7 +10,7 @@ import pytest
 from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
 from keras_seltransfer.callbacks import grow_neighbour_counts
 from keras_seltransfer.callbacks import prediction_entropy
-from keras_seltransfer.data.joint import JointSampler
+from keras_seltransfer.data.joint_sampler import JointSampler
 
 
 def test_entropy_closed_forms():

@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 
 from keras_seltransfer import relevance
-from keras_seltransfer.callbacks.relevance_pruning import RelevancePruning
 from keras_seltransfer.callbacks.relevance_pruning import pruning_fraction
+from keras_seltransfer.callbacks.relevance_pruning import RelevancePruning
 from keras_seltransfer.models import build_classifier
-from keras_seltransfer.models import small_cnn
+from keras_seltransfer.models import filter_masking as fm
 from keras_seltransfer.models import filter_transfer as ft
+from keras_seltransfer.models import small_cnn
 from tests import helpers
 
 
@@ -51,7 +52,7 @@ def _masked_model():
     backbone = small_cnn((16, 16, 1), widths=(4, 8))
     features = _TraceCounter(name="counter")(backbone.output)
     outputs = keras.layers.Dense(2, activation="softmax", name="head")(features)
-    return ft.add_filter_masks(keras.Model(backbone.input, outputs))
+    return fm.add_filter_masks(keras.Model(backbone.input, outputs))
 
 
 class _Spy(keras.callbacks.Callback):
@@ -68,7 +69,7 @@ class _Spy(keras.callbacks.Callback):
             self.seen[epoch] = relevance.filter_relevance(self.model, self.data, "mean")
         else:
             self.seen[epoch] = {
-                name: m.mask.numpy().copy() for name, m in ft.filter_masks(self.model).items()
+                name: m.mask.numpy().copy() for name, m in fm.filter_masks(self.model).items()
             }
 
     def on_epoch_end(self, epoch, logs=None):
@@ -106,7 +107,7 @@ def test_callback_masks_filters_mid_fit_without_retracing(tmp_path):
             np.testing.assert_array_equal(mask == 0, expected, err_msg=f"{name} @ {epoch}")
     assert ft.filter_transfer_summary(model)["block2_conv"]["masked"] == 4
     # Masked channels are exactly zero in the trained network.
-    mask = ft.filter_masks(model)["block2_conv"]
+    mask = fm.filter_masks(model)["block2_conv"]
     out = keras.Model(model.inputs[0], mask.output)(images[:4].astype(np.float32))
     assert np.all(np.asarray(out)[..., mask.mask.numpy() == 0] == 0)
     # The training step was traced in the first epoch only.
@@ -123,7 +124,7 @@ def test_callback_masks_filters_mid_fit_without_retracing(tmp_path):
 def test_reinit_action_state_resumes_and_resets():
     images = helpers.easy_images(8, size=16)[0].astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices(images).batch(8)
-    model = ft.add_filter_masks(build_classifier(small_cnn((16, 16, 1), widths=(4, 8)), 2))
+    model = fm.add_filter_masks(build_classifier(small_cnn((16, 16, 1), widths=(4, 8)), 2))
     kernel = model.get_layer("block2_conv").kernel.numpy().copy()
     pruning = RelevancePruning(
         data, final_fraction=0.5, action="reinit", epochs=3, seed=0, bn_statistics="initializer"
@@ -140,7 +141,7 @@ def test_reinit_action_state_resumes_and_resets():
     flags = {k: v.numpy() > 0 for k, v in pruning.state_variables.items()}
     pruned = flags["relevance_pruning/block2_conv"]
     assert pruned.sum() == 2
-    mask = ft.filter_masks(model)["block2_conv"]
+    mask = fm.filter_masks(model)["block2_conv"]
     np.testing.assert_array_equal(mask.mask.numpy(), 1.0)  # re-initialised, not masked
     np.testing.assert_array_equal(mask.transferred.numpy() == 0, pruned)
     changed = np.any(model.get_layer("block2_conv").kernel.numpy() != kernel, axis=(0, 1, 2))
@@ -169,7 +170,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="has none"):
         RelevancePruning(data).set_model(plain)
     with pytest.raises(ValueError, match=r"\['block9_conv'\] have none"):
-        RelevancePruning(data, layers=["block9_conv"]).set_model(ft.add_filter_masks(plain))
+        RelevancePruning(data, layers=["block9_conv"]).set_model(fm.add_filter_masks(plain))
     with pytest.raises(ValueError, match="`action` must be one of"):
         RelevancePruning(data, action="delete")
     with pytest.raises(ValueError, match="source_data=None"):

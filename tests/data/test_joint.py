@@ -9,12 +9,12 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_seltransfer import data as data_lib
-from keras_seltransfer.data.joint import JointSampler
-from keras_seltransfer.data.joint import capped_shares
 from keras_seltransfer.data.joint import joint_steps_per_epoch
 from keras_seltransfer.data.joint import make_joint_dataset
-from keras_seltransfer.data.joint import make_sampler
-from keras_seltransfer.data.joint import random_pool
+from keras_seltransfer.data.joint_sampler import capped_shares
+from keras_seltransfer.data.joint_sampler import JointSampler
+from keras_seltransfer.data.joint_sampler import make_sampler
+from keras_seltransfer.data.joint_sampler import random_pool
 
 NUM_TARGETS = 12
 NUM_SOURCE = 200

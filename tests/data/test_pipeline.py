@@ -10,8 +10,8 @@ from PIL import Image
 from keras_seltransfer.data.pipeline import distributed_dataset
 from keras_seltransfer.data.pipeline import make_dataset
 from keras_seltransfer.data.pipeline import steps_per_epoch
-from keras_seltransfer.data.sources import from_image_folder
-from keras_seltransfer.data.sources import from_numpy
+from keras_seltransfer.data.readers import from_image_folder
+from keras_seltransfer.data.readers import from_numpy
 
 LUMA = np.array([0.299, 0.587, 0.114])
 

@@ -1,4 +1,4 @@
-"""Tests for keras_seltransfer.data.sources."""
+"""Tests for keras_seltransfer.data: image_source, readers, builtin and sources."""
 
 import dataclasses
 import gzip
@@ -11,19 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from keras_seltransfer.data import builtin
 from keras_seltransfer.data import sources
-from keras_seltransfer.data.sources import ImageSource
-from keras_seltransfer.data.sources import from_image_folder
-from keras_seltransfer.data.sources import from_numpy
-from keras_seltransfer.data.sources import from_tfds
+from keras_seltransfer.data.builtin import load_elpv
+from keras_seltransfer.data.builtin import load_fashion_mnist
+from keras_seltransfer.data.builtin import load_textures
+from keras_seltransfer.data.image_source import ImageSource
+from keras_seltransfer.data.readers import from_image_folder
+from keras_seltransfer.data.readers import from_numpy
+from keras_seltransfer.data.readers import from_tfds
 from keras_seltransfer.data.sources import load_dataset
-from keras_seltransfer.data.sources import load_elpv
-from keras_seltransfer.data.sources import load_fashion_mnist
-from keras_seltransfer.data.sources import load_textures
 
 REAL_FASHION_MNIST = all(
-    os.path.isfile(os.path.join(sources.FASHION_MNIST_DIR, f))
-    for pair in sources._FASHION_MNIST_FILES.values()
+    os.path.isfile(os.path.join(builtin.FASHION_MNIST_DIR, f))
+    for pair in builtin._FASHION_MNIST_FILES.values()
     for f in pair
 )
 ELPV_INSTALLED = importlib.util.find_spec("elpv_dataset") is not None
@@ -311,7 +312,7 @@ def tiny_fashion(tmp_path):
     for split, count in (("train", 12), ("test", 5)):
         images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, count, dtype=np.uint8)
-        image_file, label_file = sources._FASHION_MNIST_FILES[split]
+        image_file, label_file = builtin._FASHION_MNIST_FILES[split]
         _write_idx(tmp_path / image_file, images, 0x803)
         _write_idx(tmp_path / label_file, labels, 0x801)
         arrays[split] = (images, labels)
@@ -326,7 +327,7 @@ def test_load_fashion_mnist_tiny(tiny_fashion):
         assert source.images.shape == (len(images), 28, 28, 1)
         np.testing.assert_array_equal(source.images[..., 0], images)
         np.testing.assert_array_equal(source.labels, labels)
-        assert source.class_names == sources.FASHION_MNIST_CLASS_NAMES
+        assert source.class_names == builtin.FASHION_MNIST_CLASS_NAMES
         assert source.class_names[9] == "Ankle boot"
     with pytest.raises(ValueError, match="split='validation'"):
         load_fashion_mnist("validation", data_dir=folder)
@@ -372,12 +373,12 @@ def test_load_fashion_mnist_falls_back_to_tfds(tmp_path, monkeypatch):
         calls.append((name, split, kwargs))
         return from_numpy(np.zeros((2, 28, 28), np.uint8), [0, 9], [str(i) for i in range(10)])
 
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(tmp_path))
-    monkeypatch.setattr(sources, "from_tfds", fake_from_tfds)
+    monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", str(tmp_path))
+    monkeypatch.setattr(builtin, "from_tfds", fake_from_tfds)
     with pytest.warns(UserWarning, match="TensorFlow Datasets with download=True"):
         source = load_fashion_mnist("test")
     assert calls == [("fashion_mnist", "test", {"download": True})]
-    assert source.class_names == sources.FASHION_MNIST_CLASS_NAMES
+    assert source.class_names == builtin.FASHION_MNIST_CLASS_NAMES
 
 
 @pytest.mark.skipif(not REAL_FASHION_MNIST, reason="Fashion-MNIST IDX files not installed")
@@ -444,7 +445,7 @@ def test_load_elpv_bad_inputs(tmp_path):
 
 
 def test_load_elpv_not_installed(monkeypatch):
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install elpv-dataset"):
         load_elpv()
 
@@ -534,7 +535,7 @@ def test_load_textures_bad_inputs(tmp_path):
 
 
 def test_load_textures_not_installed(monkeypatch):
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install scikit-image"):
         load_textures()
 
@@ -555,7 +556,7 @@ def test_from_tfds_missing_dataset_fails_fast(tmp_path):
 
 def test_load_dataset_specs(tmp_path, tiny_fashion, image_folder, monkeypatch):
     fashion_dir, arrays = tiny_fashion
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(fashion_dir))
+    monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", str(fashion_dir))
     assert len(load_dataset("fashion_mnist")) == 12
     assert len(load_dataset("fashion_mnist", "test")) == 5
 

@@ -50,7 +50,7 @@ def test_holdout_split_defaults():
 )
 def test_split_fraction_errors(split_fn, name):
     for bad in (0, 1, 1.5, -0.1, True, "0.2"):
-        with pytest.raises(ValueError, match=rf"strictly between 0 and 1.*{name}={bad!r}"):
+        with pytest.raises(ValueError, match=rf"number in \(0, 1\). Received: {name}={bad!r}"):
             split_fn(LABELS, bad)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         split_fn(np.array([], np.int64), 0.2)

@@ -4,13 +4,13 @@ import pytest
 import tensorflow as tf
 
 from keras_seltransfer.layers.gate_controller import GateController
-from keras_seltransfer.layers.gate_controller import discrete_gates
-from keras_seltransfer.layers.gate_controller import gate_entropy
-from keras_seltransfer.layers.gate_controller import hard_gates
-from keras_seltransfer.layers.gate_controller import input_dependence
-from keras_seltransfer.layers.gate_controller import straight_through_gumbel
-from keras_seltransfer.layers.gate_controller import straight_through_threshold
 from keras_seltransfer.layers.gated_conv import GatedConv
+from keras_seltransfer.layers.gates import discrete_gates
+from keras_seltransfer.layers.gates import gate_entropy
+from keras_seltransfer.layers.gates import hard_gates
+from keras_seltransfer.layers.gates import input_dependence
+from keras_seltransfer.layers.gates import straight_through_gumbel
+from keras_seltransfer.layers.gates import straight_through_threshold
 from tests import helpers
 
 

@@ -309,7 +309,7 @@ def test_load_pretrained_sets_both_paths_and_checks_its_input():
 
 BAD_ARGUMENTS = [
     (dict(filters=0, kernel_size=3), "`filters` must be a positive int"),
-    (dict(filters=4, kernel_size=0), "`kernel_size` must be a positive int"),
+    (dict(filters=4, kernel_size=0), "`kernel_size` must be an int >= 1"),
     (dict(filters=4, kernel_size=3, padding="causal"), "`padding` must be one of"),
     (dict(filters=5, kernel_size=3, groups=2), "divisible by `groups`"),
     (dict(filters=4, kernel_size=3, depthwise=True, groups=2), "takes no `groups`"),

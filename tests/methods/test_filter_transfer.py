@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras_seltransfer import training
 from keras_seltransfer.training import loop
 from keras_seltransfer.layers.filter_mask import FilterMask
+from keras_seltransfer.models import filter_masking as fm
 from keras_seltransfer.models import filter_transfer as ft
 from tests import helpers
 
@@ -135,7 +136,7 @@ def test_reinitialized_channels_batchnorm_trains_under_frozen_batchnorm(tmp_path
     assert out["report"]["filter_transfer"]["reinit_batchnorm"] == "channels"
     pretrained = keras.saving.load_model(config.backbone, safe_mode=True)
     tuned = keras.saving.load_model(out["model"], safe_mode=True)
-    for conv, mask in ft.filter_masks(tuned).items():
+    for conv, mask in fm.filter_masks(tuned).items():
         bn_name = conv.replace("conv", "bn")
         kept = mask.transferred.numpy() == 1
         bn, original = tuned.get_layer(bn_name), pretrained.get_layer(bn_name)

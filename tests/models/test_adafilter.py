@@ -11,8 +11,8 @@ from keras_seltransfer.models import set_batchnorm_mode
 from keras_seltransfer.models.adafilter import adafilter
 from keras_seltransfer.models.adafilter import gate_controller
 from keras_seltransfer.models.adafilter import gate_usage
-from keras_seltransfer.models.adafilter import gated_conv_config
 from keras_seltransfer.models.adafilter import gated_layers
+from keras_seltransfer.models.gated_conversion import gated_conv_config
 
 
 def _classifier(widths=(4, 8), size=16, channels=1):

@@ -11,11 +11,13 @@ from keras_seltransfer.layers.filter_mask import FilterMask
 from keras_seltransfer.layers.partially_frozen_batch_normalization import (
     PartiallyFrozenBatchNormalization,
 )
-from keras_seltransfer.models import set_batchnorm_mode
 from keras_seltransfer.models import build_classifier
-from keras_seltransfer.models import load_backbone
-from keras_seltransfer.models import small_cnn
+from keras_seltransfer.models import filter_masking as fm
+from keras_seltransfer.models import filter_reinit as fr
 from keras_seltransfer.models import filter_transfer as ft
+from keras_seltransfer.models import load_backbone
+from keras_seltransfer.models import set_batchnorm_mode
+from keras_seltransfer.models import small_cnn
 
 # block1_conv keeps filters 0 and 2, block2_conv keeps 4..7 (ratio 0.5).
 RELEVANCE = {"block1_conv": np.array([4.0, 1.0, 3.0, 2.0]), "block2_conv": np.arange(8.0)}
@@ -107,7 +109,7 @@ def test_reinitialisation_touches_exactly_the_unselected_filters(reinit_next):
             after[f"block{i}_bn/moving_variance"][r], variance[r], rtol=1e-3, atol=1e-5
         )
     # The masks record what was transferred and prune nothing.
-    masks = ft.filter_masks(model)
+    masks = fm.filter_masks(model)
     for name, kept in KEPT.items():
         np.testing.assert_array_equal(masks[name].transferred.numpy(), kept)
         np.testing.assert_array_equal(masks[name].mask.numpy(), 1.0)
@@ -128,7 +130,7 @@ def test_relevance_chooses_what_is_transferred_and_seed_reproduces():
         )
         for _ in range(2)
     ]
-    for name, mask in ft.filter_masks(models[0]).items():
+    for name, mask in fm.filter_masks(models[0]).items():
         np.testing.assert_array_equal(
             mask.transferred.numpy(), relevance_lib.select_top_fraction(expected[name], 0.25)
         )
@@ -160,18 +162,18 @@ def test_grouped_and_depthwise_slices_and_walk_stops_at_merges():
     for w in original.weights:
         # Pretrained-like values, none equal to what the initializers draw.
         w.assign(rng.uniform(0.5, 1.5, w.shape).astype(np.float32))
-    model = ft.add_filter_masks(original)
-    assert set(ft.filter_masks(model)) == {"a", "g", "d", "d_proj"}
+    model = fm.add_filter_masks(original)
+    assert set(fm.filter_masks(model)) == {"a", "g", "d", "d_proj"}
     np.testing.assert_array_equal(model(_images(2, 8, 2)), original(_images(2, 8, 2)))
-    following, stopped = ft.next_layers(model, "a")
+    following, stopped = fm.next_layers(model, "a")
     assert sorted(following) == ["d", "g"] and stopped == []
-    assert ft.next_layers(model, "g") == ([], ["add"])
+    assert fm.next_layers(model, "g") == ([], ["add"])
     before = _weights(model)
     chosen = {
         "a": np.array([False, True, False, True]),
         "d": np.array([True, False, False, False, False, False, False, True]),
     }
-    summary = ft.reinitialize_filters(
+    summary = fr.reinitialize_filters(
         model, chosen, seed=0, reinit_next=True, bn_statistics="initializer"
     )
     assert summary["a"]["reinitialized"] == 2 and sorted(summary["a"]["next_layers"]) == ["d", "g"]
@@ -203,7 +205,7 @@ def test_grouped_and_depthwise_slices_and_walk_stops_at_merges():
 def test_folded_and_kept_masks_serve_identically(tmp_path):
     x = _images()
     model = ft.selective_filter_transfer(_pretrained(), _data(x), ratio=0.5, relevance=RELEVANCE)
-    masks = ft.filter_masks(model)
+    masks = fm.filter_masks(model)
     masks["block1_conv"].mask.assign([1.0, 0.0, 1.0, 1.0])
     masks["block2_conv"].mask.assign([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
     # The masked channels are exactly zero.
@@ -211,7 +213,7 @@ def test_folded_and_kept_masks_serve_identically(tmp_path):
     assert np.all(np.asarray(mask_out)[..., 1] == 0)
     assert isinstance(model.get_layer("block1_bn"), PartiallyFrozenBatchNormalization)
     ft.set_reinitialized_batchnorm(model, "channels")
-    folded = ft.fold_filter_masks(model)
+    folded = fm.fold_filter_masks(model)
     assert not any(isinstance(layer, FilterMask) for layer in folded.layers)
     # Per-channel freezing only matters in training: the fold serves plain BN.
     assert type(folded.get_layer("block1_bn")) is keras.layers.BatchNormalization
@@ -237,22 +239,22 @@ def test_folded_and_kept_masks_serve_identically(tmp_path):
 def test_fold_refuses_what_it_cannot_fold_exactly():
     inputs = keras.Input((4, 4, 1))
     x = keras.layers.Conv2D(2, 1, activation="sigmoid", name="c")(inputs)
-    model = ft.add_filter_masks(keras.Model(inputs, x))
-    ft.filter_masks(model)["c"].mask.assign([1.0, 0.0])
+    model = fm.add_filter_masks(keras.Model(inputs, x))
+    fm.filter_masks(model)["c"].mask.assign([1.0, 0.0])
     with pytest.raises(ValueError, match="value at 0"):
-        ft.fold_filter_masks(model)
-    ft.filter_masks(model)["c"].mask.assign([1.0, 0.5])
+        fm.fold_filter_masks(model)
+    fm.filter_masks(model)["c"].mask.assign([1.0, 0.5])
     with pytest.raises(ValueError, match="positively homogeneous"):
-        ft.fold_filter_masks(model)
-    ft.filter_masks(model)["c"].mask.assign([1.0, -1.0])
+        fm.fold_filter_masks(model)
+    fm.filter_masks(model)["c"].mask.assign([1.0, -1.0])
     with pytest.raises(ValueError, match="negative"):
-        ft.fold_filter_masks(model)
+        fm.fold_filter_masks(model)
     # Through a ReLU any non-negative mask folds.
     relu = keras.Model(inputs, keras.layers.ReLU()(keras.layers.Conv2D(2, 1, name="c")(inputs)))
-    masked = ft.add_filter_masks(relu)
-    ft.filter_masks(masked)["c"].mask.assign([0.5, 0.0])
+    masked = fm.add_filter_masks(relu)
+    fm.filter_masks(masked)["c"].mask.assign([0.5, 0.0])
     x = _images(2, 4, 1)
-    np.testing.assert_allclose(ft.fold_filter_masks(masked)(x), masked(x), rtol=1e-6)
+    np.testing.assert_allclose(fm.fold_filter_masks(masked)(x), masked(x), rtol=1e-6)
 
 
 def test_errors_are_clear():
@@ -273,7 +275,7 @@ def test_errors_are_clear():
         )
     with pytest.raises(ValueError, match="`bn_statistics` must be one of"):
         ft.selective_filter_transfer(model, data, bn_statistics="source")
-    masked = ft.add_filter_masks(model)
+    masked = fm.add_filter_masks(model)
     with pytest.raises(ValueError, match=r"`mode` must be one of .*Received: mode='train'"):
         ft.set_reinitialized_batchnorm(masked, "train")
     plain = _pretrained()
@@ -283,9 +285,9 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="cannot: rebuild the model with `add_filter_masks`"):
         ft.set_reinitialized_batchnorm(plain, "channels")
     with pytest.raises(ValueError, match="pass them as `data`"):
-        ft.reinitialize_filters(masked, {"block1_conv": np.ones(4, bool)}, bn_statistics="target")
+        fr.reinitialize_filters(masked, {"block1_conv": np.ones(4, bool)}, bn_statistics="target")
     with pytest.raises(ValueError, match=r"bool array of shape \(4,\)"):
-        ft.reinitialize_filters(masked, {"block1_conv": np.ones(3, bool)})
+        fr.reinitialize_filters(masked, {"block1_conv": np.ones(3, bool)})
 
 
 def _fine_tune(mode, x, steps=6):
@@ -403,7 +405,7 @@ def test_keras_application_backbone():
     assert all(v["transferred"] == -(-v["filters"] // 2) for v in summary.values())
     assert np.isfinite(np.asarray(model(x))).all()
     for name in ("block_1_project", "block_16_project"):
-        ft.filter_masks(model)[name].mask.assign(
+        fm.filter_masks(model)[name].mask.assign(
             np.arange(summary[name]["filters"]) % 3 != 0
         )
-    np.testing.assert_allclose(ft.fold_filter_masks(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fm.fold_filter_masks(model)(x), model(x), rtol=1e-5, atol=1e-6)

@@ -8,11 +8,11 @@ import tensorflow as tf
 from scipy import signal
 
 from keras_seltransfer.models import small_cnn
-from keras_seltransfer.retrieval import filter_banks
-from keras_seltransfer.retrieval.filter_banks import ConvBank
-from keras_seltransfer.retrieval.filter_banks import GaborBank
+from keras_seltransfer.retrieval import gabor_bank
+from keras_seltransfer.retrieval.conv_bank import ConvBank
 from keras_seltransfer.retrieval.filter_banks import bank_from_config
-from keras_seltransfer.retrieval.filter_banks import gabor_kernels
+from keras_seltransfer.retrieval.gabor_bank import gabor_kernels
+from keras_seltransfer.retrieval.gabor_bank import GaborBank
 
 
 def _reference_gabor(f, theta, x, y, bandwidth=1.0):
@@ -319,7 +319,7 @@ def test_banks_run_under_mirrored_strategy():
 
 
 def test_auto_size_cap_and_dc_of_truncated_kernels():
-    assert filter_banks.MAX_AUTO_KERNEL_SIZE == 31
+    assert gabor_bank.MAX_AUTO_KERNEL_SIZE == 31
     # f = 0.05 would need 69 px for +-3 sigma; the cap cuts it to 31 px,
     # which leaves its real part a DC of about -0.067 (documented).
     capped = gabor_kernels(frequencies=(0.05,), num_orientations=1)

@@ -8,8 +8,8 @@ import pytest
 
 from keras_seltransfer.data import from_numpy
 from keras_seltransfer.retrieval.index import SourceIndex
-from keras_seltransfer.retrieval.similarity import merge_topk
 from keras_seltransfer.retrieval.similarity import nearest_sources
+from keras_seltransfer.retrieval.topk import merge_topk
 
 # Two channels of four bins: pixel intensity and horizontal gradient size.
 BIN_EDGES = np.array([[0.0, 64.0, 128.0, 192.0, 256.0], [0.0, 8.0, 32.0, 96.0, 256.0]])

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from keras_seltransfer.retrieval.similarity import merge_topk
 from keras_seltransfer.retrieval.similarity import nearest_sources
 from keras_seltransfer.retrieval.similarity import pairwise_distances
-from keras_seltransfer.retrieval.similarity import symmetric_kl
+from keras_seltransfer.retrieval.topk import merge_topk
+from keras_seltransfer.utils.divergence import symmetric_kl
 
 EPS = 2.2e-16
 

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from keras_seltransfer.utils import atomic_directory
+from keras_seltransfer.utils import atomic_write_bytes
 from keras_seltransfer.utils import atomic_write_text
 from keras_seltransfer.utils import load_json_object
+from keras_seltransfer.utils import load_npz
+from keras_seltransfer.utils import npz_bytes
 from keras_seltransfer.utils import save_model_atomic
 
 
@@ -88,3 +91,12 @@ def test_load_json_object_names_the_file_and_what_was_wrong(tmp_path):
             load_json_object(str(path), "record 'r'", "; fix it")
     with pytest.raises(FileNotFoundError):
         load_json_object(str(tmp_path / "absent.json"), "record")
+
+
+def test_npz_bytes_round_trips_through_load_npz(tmp_path):
+    arrays = {"x": np.arange(6, dtype=np.int32).reshape(2, 3), "name": np.array("a")}
+    path = tmp_path / "arrays.npz"
+    atomic_write_bytes(path, npz_bytes(arrays))
+    loaded = load_npz(path, required=("x", "name"))
+    np.testing.assert_array_equal(loaded["x"], arrays["x"])
+    assert loaded["x"].dtype == np.int32 and str(loaded["name"]) == "a"

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_seltransfer.retrieval.descriptors import channel_weights
-from keras_seltransfer.retrieval.descriptors import describe
-from keras_seltransfer.retrieval.descriptors import describe_batch
-from keras_seltransfer.retrieval.descriptors import fit_bin_edges
-from keras_seltransfer.retrieval.filter_banks import GaborBank
+from keras_seltransfer.retrieval.gabor_bank import GaborBank
+from keras_seltransfer.utils.histograms import channel_weights
+from keras_seltransfer.utils.histograms import describe
+from keras_seltransfer.utils.histograms import describe_batch
+from keras_seltransfer.utils.histograms import fit_bin_edges
 
 FINE = 200
 

@@ -1,13 +1,20 @@
 """Equal-mass filter-response histograms: the images' retrieval descriptors.
 
 An image's descriptor in selective joint fine-tuning (Ge & Yu, CVPR 2017)
-is, for every channel of a filter bank (see `filter_banks`), the histogram
-of that channel's responses over the image. Each channel's bin edges are
-fitted once on the *target* training images so that every bin holds about
-the same share of the target responses; target and source images are then
-described with the same edges, and compared with a weighted symmetric KL
-divergence (`similarity`) whose per-channel weights come from
+is, for every channel of a filter bank, the histogram of that channel's
+responses over the image. Each channel's bin edges are fitted once on the
+*target* training images so that every bin holds about the same share of
+the target responses; target and source images are then described with the
+same edges, and compared with a weighted symmetric KL divergence
+(`keras_seltransfer.utils.divergence`) whose per-channel weights come from
 `channel_weights`.
+
+A bank is any callable mapping an image batch to a list of response maps
+`[batch, height, width, channels]`, with `groups` (a list of
+`(name, channels)`, one per map) and `num_channels` (their total): the
+banks of `keras_seltransfer.retrieval.filter_banks`, or the filter
+responses of `keras_seltransfer.models.relevance.FilterResponses`. The
+retrieval package re-exports these functions (`keras_seltransfer.retrieval`).
 """
 
 import keras
@@ -24,24 +31,69 @@ MAX_BINS = 1000
 _DEGENERATE_SPACING = 2.0**-20
 
 
-def _image_batches(images):
-    """`images` as a dataset of image batches (labels dropped)."""
-    if not isinstance(images, tf.data.Dataset):
+def image_batches(data, name="images"):
+    """`data` as a dataset of image batches, labels and weights dropped.
+
+    Args:
+        data: a `tf.data.Dataset` of image batches
+            `[batch, height, width, channels]`, or of `(images, ...)` tuples.
+        name: the argument's name, used in the error.
+
+    Returns:
+        A `tf.data.Dataset` of image batches.
+
+    Raises:
+        ValueError: if `data` is not a data set of (tuples starting with)
+            rank-4 image batches.
+
+    Example:
+
+    >>> ds = tf.data.Dataset.from_tensors((tf.zeros([2, 4, 4, 1]), tf.zeros([2])))
+    >>> image_batches(ds).element_spec.shape.as_list()
+    [2, 4, 4, 1]
+    """
+    if not isinstance(data, tf.data.Dataset):
         raise ValueError(
-            "Expected `images` to be a tf.data.Dataset of image batches or "
-            f"(images, labels) batches. Received: images={type(images).__name__}"
+            f"Expected `{name}` to be a tf.data.Dataset of image batches or "
+            f"(images, labels) batches. Received: {name}={type(data).__name__}"
         )
-    spec = images.element_spec
+    spec = data.element_spec
     if isinstance(spec, (tuple, list)):
-        images = images.map(lambda *element: element[0])
+        data = data.map(lambda *element: element[0])
         spec = spec[0]
     if not isinstance(spec, tf.TensorSpec) or spec.shape.rank != 4:
         raise ValueError(
-            "Expected `images` to yield batches of images [batch, height, width, "
+            f"Expected `{name}` to yield batches of images [batch, height, width, "
             "channels] (batch the dataset first). "
-            f"Received: images.element_spec={images.element_spec}"
+            f"Received: {name}.element_spec={data.element_spec}"
         )
-    return images
+    return data
+
+
+def image_tensor(images):
+    """`images` as a float32 tensor `[batch, height, width, channels]`.
+
+    Args:
+        images: a tensor or array of rank 4.
+
+    Returns:
+        A float32 `tf.Tensor`.
+
+    Raises:
+        ValueError: for another rank.
+
+    Example:
+
+    >>> image_tensor(np.zeros([2, 8, 8, 1], np.uint8)).dtype
+    tf.float32
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank != 4:
+        raise ValueError(
+            "Expected `images` of shape [batch, height, width, channels]. "
+            f"Received: images.shape={images.shape}"
+        )
+    return tf.cast(images, tf.float32)
 
 
 def _progbar(images, progress, label):
@@ -102,7 +154,7 @@ def fit_bin_edges(bank, images, num_bins=32, fine_bins=2000, progress=True):
     `[num_channels, fine_bins]` counts are kept.
 
     Args:
-        bank: a filter bank (see `filter_banks`).
+        bank: a filter bank (see the module docstring).
         images: a finite `tf.data.Dataset` of float image batches
             `[batch, height, width, channels]` in [0, 255], or of
             `(images, labels)` batches (labels unused): the *target* training
@@ -128,7 +180,7 @@ def fit_bin_edges(bank, images, num_bins=32, fine_bins=2000, progress=True):
             "Expected `fine_bins * bank.num_channels` to fit in int32. "
             f"Received: fine_bins={fine_bins}"
         )
-    images = _image_batches(images)
+    images = image_batches(images)
     num_channels = bank.num_channels
 
     @tf.function(reduce_retracing=True)
@@ -342,7 +394,7 @@ def describe(bank, bin_edges, images, progress=True):
             a data set of image batches.
     """
     edges = _check_edges(bank, bin_edges)
-    images = _image_batches(images)
+    images = image_batches(images)
     num_bins = edges.shape[1] - 1
 
     @tf.function(reduce_retracing=True)
@@ -403,3 +455,14 @@ def channel_weights(bank, layer_weights=None):
     return np.concatenate(
         [np.full(int(channels), w / int(channels)) for w, (_, channels) in zip(weights, groups)]
     )
+
+
+__all__ = [
+    "MAX_BINS",
+    "channel_weights",
+    "describe",
+    "describe_batch",
+    "fit_bin_edges",
+    "image_batches",
+    "image_tensor",
+]

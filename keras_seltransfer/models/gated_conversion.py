@@ -1,0 +1,189 @@
+"""How AdaFilter converts one convolution: its GatedConv, and the first gate's probe.
+
+`adafilter` (`keras_seltransfer.models.adafilter`) replaces each supported
+convolution, with the BatchNormalization that directly follows it when it can
+be absorbed, by a `GatedConv` built from `gated_conv_config`; with
+`first_gate_input="features"`, the first gate reads `pretrained_probe`, a
+frozen copy of the first gated convolution.
+"""
+
+import keras
+import numpy as np
+
+
+
+# Layer types `adafilter` gates (exact types: a subclass may compute
+# something else with the same weights).
+SUPPORTED_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+
+# Every Keras convolution type, to tell the unsupported ones apart.
+CONVOLUTIONS = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+    )
+)
+
+
+def is_supported(layer):
+    """Whether `adafilter` gates `layer`: exactly one of `SUPPORTED_LAYERS`."""
+    return type(layer) in SUPPORTED_LAYERS
+
+
+def absorbable_batchnorm(conv, bn):
+    """Whether `bn` can become the gated batch norm of a GatedConv for `conv`.
+
+    Example:
+
+    >>> absorbable_batchnorm(model.get_layer("conv1"), model.get_layer("bn1"))  # doctest: +SKIP
+    True
+    """
+    if not isinstance(bn, keras.layers.BatchNormalization):
+        return False
+    config = bn.get_config()
+    axis = config["axis"]
+    axis = axis if isinstance(axis, (list, tuple)) else [axis]
+    return (
+        list(axis) in ([-1], [3])
+        and not config.get("renorm", False)
+        and not config.get("synchronized", False)
+        and all(
+            config.get(key) is None
+            for key in (
+                "gamma_regularizer",
+                "beta_regularizer",
+                "gamma_constraint",
+                "beta_constraint",
+            )
+        )
+        # The batch norm must come before the activation it would follow.
+        and conv.get_config()["activation"] == "linear"
+    )
+
+
+def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
+    """The `GatedConv` config that replaces `conv` (and `batchnorm`, the
+    BatchNormalization directly after it, if any).
+
+    Args:
+        conv: a `keras.layers.Conv2D` or `keras.layers.DepthwiseConv2D`.
+        batchnorm: the `keras.layers.BatchNormalization` to absorb, or None.
+        train_batchnorm: whether the fine-tuned path's batch norm trains;
+            None follows `batchnorm.trainable`.
+
+    Returns:
+        A dict for `GatedConv.from_config` (named like `conv`).
+    """
+    if not is_supported(conv):
+        raise ValueError(
+            "`conv` must be a Conv2D or DepthwiseConv2D. "
+            f"Received: conv of type {type(conv).__name__}"
+        )
+    c = conv.get_config()
+    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    config = {
+        "name": c["name"],
+        "trainable": c.get("trainable", True),
+        "dtype": c.get("dtype"),
+        "filters": int(conv.output.shape[-1]),
+        "kernel_size": tuple(c["kernel_size"]),
+        "strides": tuple(c["strides"]),
+        "padding": c["padding"],
+        "dilation_rate": tuple(c["dilation_rate"]),
+        "groups": 1 if depthwise else int(c.get("groups", 1)),
+        "depthwise": depthwise,
+        "activation": c["activation"],
+        "use_bias": c["use_bias"],
+        "kernel_initializer": c["depthwise_initializer" if depthwise else "kernel_initializer"],
+        "bias_initializer": c["bias_initializer"],
+        "kernel_regularizer": c["depthwise_regularizer" if depthwise else "kernel_regularizer"],
+        "bias_regularizer": c["bias_regularizer"],
+        "kernel_constraint": c["depthwise_constraint" if depthwise else "kernel_constraint"],
+        "bias_constraint": c["bias_constraint"],
+        "activity_regularizer": c.get("activity_regularizer"),
+    }
+    if batchnorm is not None:
+        b = batchnorm.get_config()
+        config.update(
+            batchnorm=True,
+            train_batchnorm=(
+                bool(batchnorm.trainable) if train_batchnorm is None else bool(train_batchnorm)
+            ),
+            momentum=b["momentum"],
+            epsilon=b["epsilon"],
+            center=b["center"],
+            scale=b["scale"],
+        )
+    return config
+
+
+def pretrained_probe(conv, bn, inputs, name):
+    """A frozen copy of `conv` with `bn` folded in, and ReLU, applied to
+    `inputs`: the features the first gate reads (see `adafilter`'s
+    `first_gate_input`).
+
+    Args:
+        conv: the pretrained `Conv2D` or `DepthwiseConv2D`.
+        bn: the `BatchNormalization` that follows it, or None.
+        inputs: the symbolic tensor `conv` reads.
+        name: the probe layer's name.
+
+    Returns:
+        The probe's symbolic output.
+
+    Folding the batch norm (inference form) into the kernel and bias keeps
+    the probe one frozen layer that no BatchNorm mode can switch to batch
+    statistics.
+    """
+    config = conv.get_config()
+    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    kernel = np.asarray(conv.get_weights()[0], dtype="float64")
+    filters = int(conv.output.shape[-1])
+    bias = (
+        np.asarray(conv.bias.numpy(), dtype="float64") if conv.use_bias else np.zeros(filters)
+    )
+    if bn is not None:
+        gamma = bn.gamma.numpy() if bn.scale else np.ones(filters)
+        beta = bn.beta.numpy() if bn.center else np.zeros(filters)
+        scale = np.asarray(gamma, "float64") / np.sqrt(
+            np.asarray(bn.moving_variance.numpy(), "float64") + bn.epsilon
+        )
+        # A depthwise kernel [h, w, channels, multiplier] writes output
+        # channel `c * multiplier + m` from entry [..., c, m].
+        kernel = kernel * (scale.reshape(kernel.shape[-2:]) if depthwise else scale)
+        bias = (bias - np.asarray(bn.moving_mean.numpy(), "float64")) * scale + beta
+    config.update(name=name, trainable=False, use_bias=True)
+    # Frozen: no penalties or constraints of the original's weights.
+    for key in list(config):
+        if key.endswith(("_regularizer", "_constraint")):
+            config[key] = None
+    probe = type(conv).from_config(config)
+    x = probe(inputs)
+    probe.set_weights([kernel.astype(probe.kernel.dtype), bias.astype(probe.bias.dtype)])
+    if _has_no_activation(conv):
+        x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def _has_no_activation(conv):
+    return conv.get_config()["activation"] in ("linear", None)
+
+
+__all__ = [
+    "CONVOLUTIONS",
+    "SUPPORTED_LAYERS",
+    "absorbable_batchnorm",
+    "gated_conv_config",
+    "is_supported",
+    "pretrained_probe",
+]

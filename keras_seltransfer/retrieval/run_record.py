@@ -1,0 +1,117 @@
+"""The settings record of a retrieval run (`config.json`), and its check.
+
+`build_neighbours` keeps the settings that decide what a run computes
+(`RUN_FIELDS`) in the run directory, so that a later command with other data
+or settings is refused instead of reusing results that do not describe its
+data.
+"""
+
+import json
+import os
+
+from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.io import load_json_object
+
+
+# The `IndexConfig` fields that decide what a run computes: a command that
+# continues a run must agree on all of them. The rest (batch and block
+# sizes, progress, the shard a process works on) change how, not what.
+RUN_FIELDS = (
+    "source",
+    "target",
+    "target_fraction",
+    "seed",
+    "test_fraction",
+    "split_seed",
+    "bank",
+    "backbone",
+    "conv_layers",
+    "pre_activation",
+    "num_bins",
+    "k_max",
+    "image_size",
+    "max_source",
+    "channels",
+)
+
+# The file of the run directory that holds the record.
+RUN_FILE = "config.json"
+
+
+def _run_settings(config):
+    # The JSON round trip makes tuples lists and keeps what compares equal
+    # after a save and a load.
+    return json.loads(json.dumps({name: getattr(config, name) for name in RUN_FIELDS}))
+
+
+def recorded_settings(out):
+    """The settings recorded in the run directory `out`, or None if none are.
+
+    Raises:
+        ValueError: if the record is unreadable or lacks a `RUN_FIELDS` entry.
+    """
+    path = os.path.join(out, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    remedy = "; restore it, or delete the run directory to rebuild"
+    recorded = load_json_object(path, f"retrieval run file {path!r}", remedy)
+    if not set(RUN_FIELDS) <= set(recorded):
+        raise ValueError(
+            f"The retrieval run file {path!r} does not record the settings {list(RUN_FIELDS)}; "
+            "restore it, or delete the run directory to rebuild."
+        )
+    return {name: recorded[name] for name in RUN_FIELDS}
+
+
+def write_run_settings(config):
+    """Records `config`'s `RUN_FIELDS` in its run directory, atomically."""
+    atomic_write_text(
+        os.path.join(config.output_dir, RUN_FILE),
+        json.dumps(_run_settings(config), indent=2, sort_keys=True) + "\n",
+    )
+
+
+def check_run_settings(config):
+    """Refuses to continue a run made with other settings (ValueError).
+
+    A new run directory gets its record at once. Returns True when the
+    record must wait until this command succeeds: a directory from before
+    records were kept, whose stages are then checked one by one.
+    """
+    out = config.output_dir
+    settings = _run_settings(config)
+    recorded = recorded_settings(out)
+    started = any(
+        os.path.exists(os.path.join(out, name))
+        for name in ("bin_edges.npz", "target_descriptors.npz", "index", "shards")
+    )
+    if recorded is None:
+        if started:
+            return True
+        write_run_settings(config)
+        return False
+    differences = [
+        f"{name}={recorded[name]!r} (this command: {settings[name]!r})"
+        for name in RUN_FIELDS
+        if recorded[name] != settings[name]
+    ]
+    if differences and not started:
+        # An earlier command failed before computing anything (bad input,
+        # say): nothing depends on its settings.
+        write_run_settings(config)
+    elif differences:
+        raise ValueError(
+            f"{out} holds a retrieval run made with other settings: {'; '.join(differences)}. "
+            "Its bin edges, descriptors and shards do not describe this command's data; "
+            "use another --output_dir, or delete that one to rebuild it."
+        )
+    return False
+
+
+__all__ = [
+    "RUN_FIELDS",
+    "RUN_FILE",
+    "check_run_settings",
+    "recorded_settings",
+    "write_run_settings",
+]
