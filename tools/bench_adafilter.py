@@ -3,7 +3,7 @@ r"""AdaFilter training and inference cost versus plain fine-tuning.
 Builds, in one process and from the same pretrained backbone with the same
 classification head and BatchNorm mode,
   (a) plain fine-tuning: the classifier itself, and
-  (b) AdaFilter: `keras_seltransfer.models.adafilter(classifier)` (every conv
+  (b) AdaFilter: `keras_seltransfer.models.gating(classifier)` (every conv
       gated, the shared recurrent gate),
 and times, alternating the two over several rounds after a warm-up, a
 compiled training step (`train_on_batch`, Adam, sparse cross-entropy) and an
@@ -58,8 +58,8 @@ def main(argv):
     import tensorflow as tf
 
     from keras_seltransfer import models
-    from keras_seltransfer.models.adafilter import adafilter
-    from keras_seltransfer.models.adafilter import gated_layers
+    from keras_seltransfer.models.gating import adafilter
+    from keras_seltransfer.models.gating import gated_layers
 
     keras.utils.set_random_seed(0)
     size, batch = FLAGS.image_size, FLAGS.batch_size

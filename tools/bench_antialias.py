@@ -135,8 +135,8 @@ def _time_steps():
     from keras_seltransfer.models import is_builtin_backbone
     from keras_seltransfer.models import load_backbone
     from keras_seltransfer.models import set_batchnorm_mode
-    from keras_seltransfer.models.antialias import antialias
-    from keras_seltransfer.models.antialias import blur_layers
+    from keras_seltransfer.models.antialiasing import antialias
+    from keras_seltransfer.models.antialiasing import blur_layers
     from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
 
     spec = FLAGS.backbone or (

@@ -24,10 +24,10 @@ from keras_seltransfer.methods.base import Transform
 from keras_seltransfer.methods.base import option
 from keras_seltransfer.methods.base import register
 from keras_seltransfer.methods.base import register_transform
-from keras_seltransfer.models.adafilter import FIRST_GATE_INPUTS
-from keras_seltransfer.models.adafilter import adafilter
-from keras_seltransfer.models.adafilter import gate_usage
-from keras_seltransfer.models.adafilter import gated_layers
+from keras_seltransfer.models.gating import FIRST_GATE_INPUTS
+from keras_seltransfer.models.gating import adafilter
+from keras_seltransfer.models.gating import gate_usage
+from keras_seltransfer.models.gating import gated_layers
 
 GATED_BATCHNORM_MODES = ("train", "frozen")
 

@@ -23,8 +23,8 @@ from keras_seltransfer.methods.base import Transform
 from keras_seltransfer.methods.base import option
 from keras_seltransfer.methods.base import register
 from keras_seltransfer.methods.base import register_transform
-from keras_seltransfer.models.antialias import antialias
-from keras_seltransfer.models.antialias import blur_layers
+from keras_seltransfer.models.antialiasing import antialias
+from keras_seltransfer.models.antialiasing import blur_layers
 from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 

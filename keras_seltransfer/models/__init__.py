@@ -1,15 +1,18 @@
-"""Backbones, classification heads and model transformations."""
+"""Models and model transforms.
 
-from keras_seltransfer.models import surgery
-from keras_seltransfer.models.adafilter import adafilter
-from keras_seltransfer.models.adafilter import gate_controller
-from keras_seltransfer.models.adafilter import gate_usage
-from keras_seltransfer.models.adafilter import gated_layers
-from keras_seltransfer.models.antialias import aligned_layer_name
-from keras_seltransfer.models.antialias import antialias
-from keras_seltransfer.models.antialias import blur_layers
+Builders (backbones, classification and two-head models, the knowledge
+transfer trainer) and transforms of a built model (anti-aliasing, AdaFilter
+gating, selective filter transfer and filter masks, BatchNorm modes and
+recalibration), with the functions that inspect what a transform did. The
+graph surgery they share is `keras_seltransfer.models.surgery`.
+"""
+
+from keras_seltransfer.models.gating import adafilter
+from keras_seltransfer.models.gating import gate_usage
+from keras_seltransfer.models.gating import gated_layers
+from keras_seltransfer.models.antialiasing import antialias
+from keras_seltransfer.models.antialiasing import blur_layers
 from keras_seltransfer.models.backbones import available_backbones
-from keras_seltransfer.models.backbones import cut_backbone
 from keras_seltransfer.models.backbones import FEATURES_LAYER
 from keras_seltransfer.models.backbones import is_backbone_path
 from keras_seltransfer.models.backbones import is_builtin_backbone
@@ -17,17 +20,13 @@ from keras_seltransfer.models.backbones import load_backbone
 from keras_seltransfer.models.backbones import load_keras_file
 from keras_seltransfer.models.backbones import reinitialize
 from keras_seltransfer.models.backbones import small_cnn
-from keras_seltransfer.models.backbones import with_dtype_policy
 from keras_seltransfer.models.batchnorm import batchnorm_layers
 from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
-from keras_seltransfer.models.classifier import BATCHNORM_MODES
 from keras_seltransfer.models.classifier import build_classifier
-from keras_seltransfer.models.classifier import iter_layers
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.filter_masking import add_filter_masks
 from keras_seltransfer.models.filter_masking import filter_masks
 from keras_seltransfer.models.filter_masking import fold_filter_masks
-from keras_seltransfer.models.filter_masking import next_layers
 from keras_seltransfer.models.filter_reinit import reinitialize_filters
 from keras_seltransfer.models.filter_transfer import batchnorm_statistics_gap
 from keras_seltransfer.models.filter_transfer import filter_transfer_summary
@@ -40,33 +39,27 @@ from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
 
 __all__ = [
-    "BATCHNORM_MODES",
     "FEATURES_LAYER",
     "KnowledgeTransferModel",
     "adafilter",
     "add_filter_masks",
     "batchnorm_statistics_gap",
-    "aligned_layer_name",
     "antialias",
     "available_backbones",
     "batchnorm_layers",
     "blur_layers",
     "build_classifier",
     "build_multitask_model",
-    "cut_backbone",
     "filter_masks",
     "filter_transfer_summary",
     "fold_filter_masks",
-    "gate_controller",
     "gate_usage",
     "gated_layers",
     "is_backbone_path",
     "is_builtin_backbone",
-    "iter_layers",
     "joint_compile_args",
     "load_backbone",
     "load_keras_file",
-    "next_layers",
     "recalibrate_batchnorm",
     "reinitialize",
     "reinitialize_filters",
@@ -75,7 +68,5 @@ __all__ = [
     "set_reinitialized_batchnorm",
     "small_cnn",
     "stage_outputs",
-    "surgery",
     "target_model",
-    "with_dtype_policy",
 ]

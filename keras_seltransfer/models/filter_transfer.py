@@ -6,8 +6,8 @@ with relevance "measured statistically", and report +2% classification
 accuracy on a downsized 50-class subset of ImageNet 2012 [paper: abstract,
 the only part that is public]. The relevance statistic, the unit of
 selection, what happens to the other weights and how the network is then
-trained are not public; this module makes these choices [inferred,
-DESIGN.md §3.3], documented where they are made:
+trained are not public; this module makes these choices [inferred: this
+package's reading of the abstract], documented where they are made:
 
 - Relevance is one of the statistics of `keras_seltransfer.models.relevance`
   ("mean", "frequency", "kl") measured on the target data with the

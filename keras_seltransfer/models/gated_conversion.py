@@ -1,6 +1,6 @@
 """How AdaFilter converts one convolution: its GatedConv, and the first gate's probe.
 
-`adafilter` (`keras_seltransfer.models.adafilter`) replaces each supported
+`adafilter` (`keras_seltransfer.models.gating`) replaces each supported
 convolution, with the BatchNormalization that directly follows it when it can
 be absorbed, by a `GatedConv` built from `gated_conv_config`; with
 `first_gate_input="features"`, the first gate reads `pretrained_probe`, a

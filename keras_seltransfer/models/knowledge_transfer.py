@@ -1,7 +1,7 @@
 """Knowledge-transferred fine-tuning: a student trained beside a frozen teacher.
 
 KTFT (IEEE Access 2022) fine-tunes an anti-aliased network (the student,
-from `keras_seltransfer.models.antialias`) on the target data while the
+from `keras_seltransfer.models.antialiasing`) on the target data while the
 original pretrained network (the teacher, frozen) runs on the same batch,
 and adds to the cross-entropy feature losses that transfer the teacher's
 intermediate representations: a pixel-level and a global-level loss (see
@@ -15,7 +15,7 @@ from keras import ops
 from keras_seltransfer.losses import GlobalLevelLoss
 from keras_seltransfer.losses import PixelLevelLoss
 from keras_seltransfer.models import surgery
-from keras_seltransfer.models.antialias import aligned_layer_name
+from keras_seltransfer.models.antialiasing import aligned_layer_name
 
 TERMS = ("pixel", "global", "logit")
 

@@ -5,7 +5,7 @@ filters that are relevant to the target data, relevance being measured
 statistically; the paper's abstract does not say how. This module runs a
 pretrained network over a `tf.data` pipeline of (target) images and scores
 every filter of every `Conv2D` and `DepthwiseConv2D` layer with one of
-these statistics [inferred, see DESIGN.md §3.3]:
+these statistics [inferred: this package's choices, not the paper's]:
 
 - `"mean"`: the mean of the filter's response over all images and spatial
   positions.

@@ -9,7 +9,7 @@ import tensorflow as tf
 from keras_seltransfer import training
 from keras_seltransfer.training import loop
 from keras_seltransfer.layers.gated_conv import GatedConv
-from keras_seltransfer.models.adafilter import gated_layers
+from keras_seltransfer.models.gating import gated_layers
 from tests import helpers
 
 
@@ -151,7 +151,7 @@ def test_gate_network_steps_with_the_multiplied_learning_rate(tmp_path, optimize
     from keras_seltransfer.models import backbones
     from keras_seltransfer.models import build_classifier
     from keras_seltransfer.models import set_batchnorm_mode
-    from keras_seltransfer.models.adafilter import gate_controller
+    from keras_seltransfer.models.gating import gate_controller
 
     config = _config(tmp_path, optimizer=optimizer, learning_rate=1e-3, gate_lr_multiplier=25.0)
     assert config.batchnorm_mode == "frozen"

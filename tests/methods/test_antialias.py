@@ -8,8 +8,8 @@ import tensorflow as tf
 from keras_seltransfer import training
 from keras_seltransfer.training import loop
 from keras_seltransfer.layers.blur_pool import BlurPool
-from keras_seltransfer.models.antialias import antialias
-from keras_seltransfer.models.antialias import blur_layers
+from keras_seltransfer.models.antialiasing import antialias
+from keras_seltransfer.models.antialiasing import blur_layers
 from tests import helpers
 
 

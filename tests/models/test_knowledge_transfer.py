@@ -7,7 +7,7 @@ from keras_seltransfer import distribute
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import set_batchnorm_mode
-from keras_seltransfer.models.antialias import antialias
+from keras_seltransfer.models.antialiasing import antialias
 from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
 from keras_seltransfer.models.knowledge_transfer import stage_outputs
 from tests import helpers

@@ -326,7 +326,7 @@ def gate_controller(model):
     if len(found) != 1:
         raise ValueError(
             f"Expected one GateController in model {model.name!r}; found {len(found)}. "
-            "Build the model with keras_seltransfer.models.adafilter."
+            "Build the model with keras_seltransfer.models.gating."
         )
     return found[0]
 

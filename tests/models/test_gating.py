@@ -8,10 +8,10 @@ from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import set_batchnorm_mode
-from keras_seltransfer.models.adafilter import adafilter
-from keras_seltransfer.models.adafilter import gate_controller
-from keras_seltransfer.models.adafilter import gate_usage
-from keras_seltransfer.models.adafilter import gated_layers
+from keras_seltransfer.models.gating import adafilter
+from keras_seltransfer.models.gating import gate_controller
+from keras_seltransfer.models.gating import gate_usage
+from keras_seltransfer.models.gating import gated_layers
 from keras_seltransfer.models.gated_conversion import gated_conv_config
 
 

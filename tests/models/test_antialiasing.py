@@ -9,9 +9,9 @@ from keras_seltransfer.models import backbones
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import set_batchnorm_mode
 from keras_seltransfer.models import surgery
-from keras_seltransfer.models.antialias import aligned_layer_name
-from keras_seltransfer.models.antialias import antialias
-from keras_seltransfer.models.antialias import blur_layers
+from keras_seltransfer.models.antialiasing import aligned_layer_name
+from keras_seltransfer.models.antialiasing import antialias
+from keras_seltransfer.models.antialiasing import blur_layers
 
 
 def _images(shape, seed=0):
