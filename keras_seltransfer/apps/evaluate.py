@@ -15,7 +15,6 @@ Example:
 
 import os
 
-from absl import app
 from absl import flags
 
 from keras_seltransfer import data as data_lib

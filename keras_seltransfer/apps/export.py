@@ -14,7 +14,6 @@ Example:
 
 import os
 
-from absl import app
 from absl import flags
 
 from keras_seltransfer.apps import common

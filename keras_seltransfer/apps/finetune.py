@@ -18,7 +18,6 @@ Example (after `python -m apps.pretrain`):
 
 import textwrap
 
-from absl import app
 from absl import flags
 
 from keras_seltransfer import methods

@@ -10,7 +10,6 @@ Example:
   python -m apps.pretrain --source=fashion_mnist --epochs=3
 """
 
-from absl import app
 from absl import flags
 
 from keras_seltransfer import training

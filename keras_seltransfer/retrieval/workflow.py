@@ -34,12 +34,13 @@ from keras_seltransfer.utils import histograms
 from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.io import npz_bytes
+from keras_seltransfer.utils.options import option
 from keras_seltransfer.utils.validation import check_choice
 
 
 @dataclasses.dataclass
 class IndexConfig:
-    """What defines a retrieval run (see `apps.build_index` for each field).
+    """What defines a retrieval run (its fields are `apps.build_index`'s flags).
 
     The target training images are chosen exactly as `apps.finetune` chooses
     them (held-out split with `split_seed`, then the low-data subset of
@@ -49,27 +50,50 @@ class IndexConfig:
     the conv bank's backbone's channel count, or each data set's own.
     """
 
-    source: str = "fashion_mnist"
-    target: str = "elpv"
-    target_fraction: float = 1.0
-    seed: int = 0
-    test_fraction: float = 0.25
-    split_seed: int = 0
-    bank: str = "conv"
-    backbone: str = None
-    conv_layers: int = 2
-    pre_activation: bool = True
-    num_bins: int = 32
-    k_max: int = 200
-    block_size: int = 4096
-    image_size: int = 64
-    batch_size: int = 128
-    max_source: int = None
-    num_shards: int = 1
-    shard_index: int = 0
-    output_dir: str = os.path.join("runs", "index", "default")
-    progress: bool = True
-    channels: int = None
+    source: str = option(
+        "fashion_mnist", "Source data set spec (its training split is searched)."
+    )
+    target: str = option("elpv", "Target data set spec (its training split is described).")
+    target_fraction: float = option(
+        1.0, "Fraction of each target training class, as in apps.finetune.",
+        above=0.0, upper=1.0,
+    )
+    seed: int = option(
+        0, "Seed of the target low-data subset (as in apps.finetune).", lower=0, upper=2**32 - 1
+    )
+    test_fraction: float = option(
+        0.25, "Held-out share of a target without a test split (as in apps.finetune).",
+        above=0.0, below=1.0,
+    )
+    split_seed: int = option(
+        0, "Seed of the target's held-out split (as in apps.finetune).", lower=0, upper=2**32 - 1
+    )
+    bank: str = option("conv", "Filter bank.", choices=BANKS)
+    backbone: str = option(
+        None, "Backbone of the conv bank (default: the pretrain app's output)."
+    )
+    conv_layers: int = option(2, "Conv bank: number of first conv layers.", lower=1)
+    pre_activation: bool = option(
+        True, "Conv bank: tap responses before the activation (the authors' choice)."
+    )
+    num_bins: int = option(32, "Histogram bins per channel.", lower=1, upper=1000)
+    k_max: int = option(200, "Neighbours kept per target image.", lower=1)
+    block_size: int = option(4096, "Source rows per search block.", lower=1)
+    image_size: int = option(64, "Images are resized to this size.", lower=8, upper=4096)
+    batch_size: int = option(128, "Batch size for describing images.", lower=1)
+    max_source: int = option(
+        None, "Use only the first N source images (quick runs).", type=int, lower=1
+    )
+    num_shards: int = option(1, "Split the source into this many shards.", lower=1)
+    shard_index: int = option(0, "Which shard this process describes.", lower=0)
+    output_dir: str = option(os.path.join("runs", "index", "default"), "Output directory.")
+    progress: bool = option(True, "Show progress bars.")
+    channels: int = option(
+        None,
+        "Convert the images of image folders to this many channels (for folders mixing "
+        "grayscale, RGB and RGBA). Unset: the conv bank's backbone's, or the data's.",
+        type=int, choices=(1, 3),
+    )
 
     def __post_init__(self):
         if self.channels is not None and (
