@@ -46,7 +46,17 @@ del _module
 
 
 def joint_methods():
-    """Names of the methods that train on source images too (the SJFT family)."""
+    """Names of the methods that train on source images too (the SJFT family).
+
+    These are the methods whose `Method.joint` is True, in listing order;
+    they need `FinetuneConfig.source`'s neighbour index.
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.joint_methods()
+    ('sjft', 'sjft_nogrowth', 'sjft_all', 'sjft_random')
+    """
     return tuple(name for name in names() if get(name).joint)
 
 

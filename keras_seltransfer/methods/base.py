@@ -34,6 +34,9 @@ from keras_seltransfer.utils.options import option_info  # noqa: F401 (re-export
 class MethodContext:
     """What a method may use besides the config and the model.
 
+    `finetune` builds it; build one yourself to call a method's hooks
+    outside `finetune` (in a test, say).
+
     Attributes:
         strategy: the run's `tf.distribute.Strategy`; build models in its scope.
         train: the target training `ImageSource` (after the low-data subset).
@@ -47,6 +50,21 @@ class MethodContext:
         load_backbone: a function of no arguments returning a fresh copy of
             the run's backbone (call it in the strategy scope).
         state: what `Method.prepare` left for `build_model` and `setup`.
+
+    Example:
+
+    ```python
+    config = FinetuneConfig(target="numpy:/data/cells.npz", backbone="small_cnn")
+    train, _ = load_train_test(config.target)
+    shape = (config.image_size, config.image_size, train.channels)
+    context = MethodContext(
+        strategy=tf.distribute.get_strategy(), train=train, val=train,
+        num_classes=train.num_classes, data_channels=train.channels,
+        run_dir=config.output_dir, is_chief=True,
+        load_backbone=lambda: load_backbone(config.backbone, shape),
+    )
+    model = methods.get("baseline").build_model(config, context)
+    ```
     """
 
     strategy: Any
@@ -98,6 +116,17 @@ class MethodSetup:
         saved_models: extra models the chief saves, `{file name: model}`.
         report: called after training with the fit summary (`history`,
             `epochs_run`...); returns extra report entries (JSON-serialisable).
+
+    Raises:
+        ValueError: if `train_data` is given without `steps_per_epoch`.
+
+    Example:
+
+    ```python
+    # In a `Method.setup`: train `model` with a 10x learning rate on the head.
+    setup = MethodSetup(model=model, lr_multipliers={"^target_head/": 10.0})
+    setup.classifier is model and setup.export_model is model  # True
+    ```
     """
 
     model: Any
@@ -129,7 +158,10 @@ class MethodSetup:
 class Method:
     """A fine-tuning method (subclass it and `register` an instance).
 
-    Class attributes:
+    A subclass sets the attributes below (as class attributes) and overrides
+    `setup`, and `prepare` or `build_model` when it needs to.
+
+    Attributes:
         name: the `--method` value.
         summary: one paragraph for `apps.finetune --help`.
         options: the options dataclasses the method reads (shared ones, such
@@ -145,15 +177,15 @@ class Method:
     Example:
 
     ```python
-    class LabelSmoothing(Method):
-        name = "label_smoothing"
-        summary = "fine-tuning with label smoothing"
+    class HeadLR(Method):
+        name = "head_lr"
+        summary = "fine-tuning with a ten times larger learning rate on the new head"
 
         def setup(self, config, model, context):
-            loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)
-            return MethodSetup(model=model, compile_kwargs={"loss": loss})
+            return MethodSetup(model=model, lr_multipliers={"^target_head/": 10.0})
 
-    register(LabelSmoothing())
+    register(HeadLR())
+    finetune(FinetuneConfig(target="elpv", method="head_lr", fraction=0.15))
     ```
     """
 
@@ -198,7 +230,19 @@ class Transform:
             make).
         before_reason: why, for the error message.
         lr_multipliers: `(config, model) -> dict or None`: learning-rate
-            multipliers the transformed model needs.
+            multipliers the transformed model needs (see
+            `transform_lr_multipliers`).
+
+    Example:
+
+    ```python
+    def freeze_first_block(config, model, context):
+        model.get_layer("block1_conv").trainable = False
+        return model
+
+    register_transform(Transform("freeze_first_block", freeze_first_block))
+    finetune(FinetuneConfig(backbone="small_cnn", method="l2sp", compose="freeze_first_block"))
+    ```
     """
 
     name: str
@@ -217,8 +261,20 @@ _TRANSFORMS = {}
 def register(method):
     """Adds a `Method` instance to the registry and returns it.
 
+    An instance of the same class registered again (a module imported
+    twice) replaces the first.
+
     Raises:
-        ValueError: if the name is taken or the method is malformed.
+        TypeError: if `method` is not a `Method` instance.
+        ValueError: if the name is missing or taken by a method of another
+            class, or `default_batchnorm` is not `"frozen"` or `"train"`.
+
+    Example:
+
+    ```python
+    register(HeadLR())  # HeadLR: see `Method`
+    methods.get("head_lr")  # <method head_lr>; --method=head_lr runs it
+    ```
     """
     if not isinstance(method, Method):
         raise TypeError(f"register() takes a Method instance. Received: {method!r}")
@@ -236,7 +292,20 @@ def register(method):
 
 
 def register_transform(transform):
-    """Adds a `Transform` to the registry and returns it."""
+    """Adds a `Transform` to the registry and returns it.
+
+    A transform registered again under the same name replaces the first.
+
+    Raises:
+        TypeError: if `transform` is not a `Transform`.
+
+    Example:
+
+    ```python
+    FREEZE = register_transform(Transform("freeze_first_block", freeze_first_block))
+    methods.get_transform("freeze_first_block") is FREEZE  # True; see `Transform`
+    ```
+    """
     if not isinstance(transform, Transform):
         raise TypeError(f"register_transform() takes a Transform. Received: {transform!r}")
     _TRANSFORMS[transform.name] = transform
@@ -244,7 +313,16 @@ def register_transform(transform):
 
 
 def names():
-    """Names of the registered methods, in listing order."""
+    """Names of the registered methods, in listing order.
+
+    Methods are listed by their `order`, then by name.
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.names()[:3]
+    ('baseline', 'l2sp', 'sjft')
+    """
     return tuple(
         name for name, _ in sorted(_METHODS.items(), key=lambda item: (item[1].order, item[0]))
     )
@@ -255,6 +333,14 @@ def get(name):
 
     Raises:
         ValueError: for an unknown name (listing the known ones).
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.get("sjft")
+    <method sjft>
+    >>> methods.get("sjft").joint, methods.get("sjft").default_batchnorm
+    (True, 'train')
     """
     if name not in _METHODS:
         raise ValueError(f"`method` must be one of {names()}. Received: method={name!r}")
@@ -262,12 +348,29 @@ def get(name):
 
 
 def transform_names():
-    """Names of the registered transforms."""
+    """Names of the registered transforms (the `compose` values), sorted.
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.transform_names()
+    ('adafilter', 'antialias')
+    """
     return tuple(sorted(_TRANSFORMS))
 
 
 def get_transform(name):
-    """The registered `Transform` called `name`."""
+    """The registered `Transform` called `name`.
+
+    Raises:
+        ValueError: for an unknown name (listing the known ones).
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.get_transform("antialias").before
+    ('adafilter',)
+    """
     if name not in _TRANSFORMS:
         raise ValueError(
             f"`compose` takes transforms from {transform_names()}. Received: {name!r}"
@@ -276,15 +379,45 @@ def get_transform(name):
 
 
 def compose_names(spec):
-    """The transform names of a `compose` spec (None or comma-separated)."""
+    """The transform names of a `compose` spec (None or comma-separated), in order.
+
+    Spaces and empty entries are dropped; the names are not checked (see
+    `check_compose`).
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.compose_names("antialias, adafilter")
+    ['antialias', 'adafilter']
+    >>> methods.compose_names(None)
+    []
+    """
     if spec is None:
         return []
     return [name.strip() for name in str(spec).split(",") if name.strip()]
 
 
 def check_compose(method, spec):
-    """Raises ValueError for an unknown, repeated, redundant or misordered
-    transform in `spec` for the method called `method`."""
+    """Checks a `compose` spec for the method called `method`.
+
+    The composed transforms run in the order given, then the transforms the
+    method applies itself (`Method.applies`); a transform must come after
+    those it declares it must follow (`Transform.before`).
+
+    Raises:
+        ValueError: for an unknown method, or for an unknown, repeated,
+            redundant (already applied by the method) or misordered
+            transform in `spec`; the message says how to fix the order.
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> methods.check_compose("sjft", "antialias,adafilter")  # valid: returns None
+    >>> methods.check_compose("antialias_ft", "adafilter")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: Anti-aliasing must come before AdaFilter (...): use --method=adafilter ...
+    """
     applied_by_method = get(method).applies
     composed = compose_names(spec)
     for name in composed:
@@ -317,16 +450,39 @@ def check_compose(method, spec):
 
 
 def apply_transforms(config, model, context):
-    """Applies the `config.compose` transforms to `model`, in order (call in
-    the strategy scope, after the BatchNorm mode is set)."""
+    """Applies the `config.compose` transforms to `model`, in order.
+
+    Call it in the strategy scope, after the BatchNorm mode is set, with a
+    checked spec (`FinetuneConfig` runs `check_compose`). Returns the
+    transformed model (`model` itself when `config.compose` is unset).
+
+    Example:
+
+    ```python
+    with context.strategy.scope():  # config.compose == "adafilter"
+        gated = methods.apply_transforms(config, model, context)
+    ```
+    """
     for name in compose_names(config.compose):
         model = _TRANSFORMS[name].apply(config, model, context)
     return model
 
 
 def transform_lr_multipliers(config, model):
-    """The learning-rate multipliers every registered transform asks for on
-    `model` (a gate network's, when the model has one), merged."""
+    """The learning-rate multipliers every registered transform asks for on `model`.
+
+    Every registered transform is asked, composed or not: each finds its own
+    layers in `model` (AdaFilter's gate controllers, also when
+    `--method=adafilter` added them). Returns the merged
+    `{regular expression on variable paths: factor}`, or None.
+
+    Example:
+
+    ```python
+    config = FinetuneConfig(backbone="small_cnn", method="adafilter", gate_lr_multiplier=10.0)
+    methods.transform_lr_multipliers(config, gated_model)  # {"^<controller>/": 10.0, ...}
+    ```
+    """
     merged = {}
     for transform in _TRANSFORMS.values():
         if transform.lr_multipliers is not None:
@@ -335,8 +491,18 @@ def transform_lr_multipliers(config, model):
 
 
 def options_classes():
-    """Every options dataclass of the registered methods and transforms, in
-    listing order, each once."""
+    """Every options dataclass of the registered methods and transforms, each once.
+
+    The methods' come first, in listing order (`names()`), then those of
+    the transforms, sorted by transform name. `FinetuneConfig` has one field
+    per field of these classes.
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> [cls.__name__ for cls in methods.options_classes()][:3]
+    ['L2SPOptions', 'SJFTOptions', 'AdaFilterOptions']
+    """
     seen = []
     for method in (get(name) for name in names()):
         for cls in method.options:
@@ -350,7 +516,15 @@ def options_classes():
 
 
 def methods_reading(options_cls):
-    """Names of the methods that read `options_cls`."""
+    """Names of the methods that read `options_cls`, in listing order.
+
+    Example:
+
+    >>> from keras_seltransfer import methods
+    >>> from keras_seltransfer.methods.antialias import AntialiasOptions
+    >>> methods.base.methods_reading(AntialiasOptions)
+    ('antialias_ft', 'ktft')
+    """
     return tuple(name for name in names() if options_cls in get(name).options)
 
 
@@ -370,5 +544,6 @@ __all__ = [
     "options_classes",
     "register",
     "register_transform",
+    "transform_lr_multipliers",
     "transform_names",
 ]

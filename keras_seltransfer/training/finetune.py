@@ -25,10 +25,26 @@ from keras_seltransfer.utils.io import save_model_atomic
 def finetune_split(config):
     """The images a fine-tuning run uses, chosen exactly as `finetune` does.
 
+    Loads `config.target` with its held-out test split (`test_fraction`,
+    `split_seed`), keeps `fraction` (or `per_class` images) of each training
+    class and splits the kept images into training and validation
+    (`val_fraction`), all seeded by `config.seed`.
+
+    Args:
+        config: a `FinetuneConfig` (only its data fields are read).
+
     Returns:
         `(train_full, test, train_ids, val_ids)`: the target's whole training
         split, its test split, and the positions in `train_full` of the
         images trained on and of those kept for validation.
+
+    Example:
+
+    ```python
+    config = FinetuneConfig(target="elpv", fraction=0.15, seed=1)
+    train_full, test, train_ids, val_ids = finetune_split(config)
+    train, val = train_full.subset(train_ids), train_full.subset(val_ids)
+    ```
     """
     train_full, test = data_lib.load_train_test(
         config.target, config.test_fraction, config.split_seed, channels=config.channels
@@ -46,7 +62,29 @@ def finetune_split(config):
 
 
 def load_backbone(config, data_channels):
-    """The backbone of `config` (call inside the strategy scope)."""
+    """The backbone of `config` (call inside the strategy scope).
+
+    Loads `config.backbone` (`keras_seltransfer.models.load_backbone`) at
+    `config.image_size`, with `config.channels` or, when unset, the data's
+    channels for a built-in backbone (a saved or application backbone keeps
+    its own); casts a saved backbone to `config.precision` and
+    re-initialises it when `config.from_scratch`.
+
+    Args:
+        config: a `FinetuneConfig` (or any config with its backbone fields).
+        data_channels: channels of the target images as stored.
+
+    Returns:
+        A `keras.Model` from images to pooled features.
+
+    Example:
+
+    ```python
+    config = FinetuneConfig(backbone="small_cnn", image_size=32)
+    with strategy.scope():
+        backbone = load_backbone(config, data_channels=1)  # input (None, 32, 32, 1)
+    ```
+    """
     shape_channels = config.channels
     if shape_channels is None and not backbones.is_backbone_path(config.backbone):
         if backbones.is_builtin_backbone(config.backbone):

@@ -20,7 +20,23 @@ from keras_seltransfer.utils.io import atomic_write_text
 
 @contextlib.contextmanager
 def dtype_policy(name):
-    """Sets the global Keras dtype policy for the duration of a block."""
+    """Sets the global Keras dtype policy for the duration of a block.
+
+    The previous policy is restored on leaving the block, also on error.
+
+    Args:
+        name: a Keras dtype policy name (`"float32"`, `"mixed_float16"`,
+            `"mixed_bfloat16"`).
+
+    Example:
+
+    >>> import keras
+    >>> with dtype_policy("mixed_bfloat16"):
+    ...     keras.layers.Dense(2).compute_dtype
+    'bfloat16'
+    >>> keras.config.dtype_policy().name
+    'float32'
+    """
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(name)
     try:
@@ -30,8 +46,21 @@ def dtype_policy(name):
 
 
 def classifier_metrics():
-    """Accuracy and the plain cross-entropy, reported beside `loss` (which
-    also holds any weight penalties) so early stopping can monitor it."""
+    """Accuracy and the plain cross-entropy of a single-output classifier.
+
+    The cross-entropy, logged as `crossentropy`, is reported beside `loss`
+    (which also holds any weight penalties) so early stopping can monitor
+    `val_crossentropy`.
+
+    Returns:
+        A new list of metrics for `compile` (sparse integer labels).
+
+    Example:
+
+    ```python
+    model.compile(optimizer, "sparse_categorical_crossentropy", metrics=classifier_metrics())
+    ```
+    """
     return [
         "accuracy",
         keras.metrics.SparseCategoricalCrossentropy(name="crossentropy"),
@@ -39,10 +68,33 @@ def classifier_metrics():
 
 
 def optimizer_for(config, steps_per_epoch, lr_multipliers=None, schedule=None):
-    """The run's optimizer: `config.optimizer` with cosine decay of
-    `config.learning_rate` over the run (or `schedule(config, steps)`),
+    """The run's optimizer, made from its config.
+
+    `config.optimizer` (`sgd` with momentum 0.9) with cosine decay of
+    `config.learning_rate` to zero over `config.epochs * steps_per_epoch`
+    steps (or the schedule `schedule(config, steps_per_epoch)` makes),
     `config.weight_decay` and optional per-variable learning-rate
-    multipliers."""
+    multipliers (`keras_seltransfer.optimizers.make_optimizer`).
+
+    Args:
+        config: a `FinetuneConfig` or `PretrainConfig`.
+        steps_per_epoch: training steps per epoch.
+        lr_multipliers: `{regular expression on variable paths: factor}`, or
+            None.
+        schedule: a function `(config, steps_per_epoch) ->` learning-rate
+            schedule, or None for the cosine decay.
+
+    Returns:
+        A `keras.optimizers.Optimizer`.
+
+    Example:
+
+    ```python
+    config = FinetuneConfig(backbone="small_cnn", optimizer="sgd", epochs=10)
+    optimizer = optimizer_for(config, steps_per_epoch=50, lr_multipliers={"^target_head/": 10.0})
+    # a MultiplierSGD, learning rate 1e-3 cosine-decayed over 500 steps
+    ```
+    """
     if schedule is None:
         learning_rate = keras.optimizers.schedules.CosineDecay(
             config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
@@ -56,9 +108,30 @@ def optimizer_for(config, steps_per_epoch, lr_multipliers=None, schedule=None):
 
 
 def classifier_data(strategy, train, val, config, channels):
-    """`(train_data, val_data, steps)`: the single-task pipelines of
-    `train` (a function of the epochs already done, skipping the batches an
-    interrupted run had consumed) and of `val`."""
+    """The single-task input pipelines of a classifier run.
+
+    Args:
+        strategy: the run's `tf.distribute.Strategy`.
+        train: the training `ImageSource`.
+        val: the validation `ImageSource`.
+        config: the run's config (`batch_size`, `image_size`, `augment`,
+            `seed`).
+        channels: channels the model takes (images are converted).
+
+    Returns:
+        `(train_data, val_data, steps)`: a function from the number of
+        epochs already done to the repeated, augmented, distributed training
+        dataset (skipping the batches an interrupted run had consumed), the
+        validation dataset, and the training steps per epoch.
+
+    Example:
+
+    ```python
+    train_data, val_data, steps = classifier_data(strategy, train, val, config, channels=1)
+    model.fit(train_data(0), epochs=config.epochs, steps_per_epoch=steps,
+              validation_data=val_data)
+    ```
+    """
     steps = data_lib.steps_per_epoch(len(train), config.batch_size)
 
     def train_data(initial_epoch):
@@ -110,9 +183,37 @@ def fit(
     The chief writes `config.json` here, once everything before training has
     succeeded.
 
+    Args:
+        model: the compiled model.
+        train_data: see above.
+        val_data: the validation dataset.
+        config: the run's config (`epochs`, `patience`, `verbose`,
+            `tensorboard`; saved as `config.json`).
+        run_dir: the run directory (`backup/`, `logs/`, `config.json`).
+        is_chief: whether this worker writes outputs.
+        steps: training steps per epoch, or None (see above).
+        class_weight: `fit`'s `class_weight`, or None.
+        monitor: the validation metric early stopping minimises.
+        accuracy: the training-log name of the accuracy metric.
+        callbacks: extra callbacks (see above).
+        state_variables: training state checkpointed besides the model's
+            weights (`name -> tf.Variable`), or None.
+
     Returns:
         A dict: `history`, `epochs_run`, `resumed_from_epoch`,
         `best_<monitor>` and `validation_collapse`.
+
+    Example:
+
+    ```python
+    train_data, val_data, steps = classifier_data(strategy, train, val, config, channels=1)
+    with strategy.scope():
+        model.compile(optimizer_for(config, steps), "sparse_categorical_crossentropy",
+                      metrics=classifier_metrics())
+    summary = fit(model, train_data, val_data, config, config.output_dir, is_chief=True,
+                  steps=steps)
+    summary["epochs_run"], summary["best_val_crossentropy"]
+    ```
     """
     # Only the chief keeps checkpoints and logs; other workers write to a
     # scratch directory that is discarded.

@@ -78,7 +78,18 @@ def option(
 
 
 def builtin_type(value):
-    """`bool`, `int`, `float` or `str`: the Python type an option value has."""
+    """`bool`, `int`, `float` or `str`: the Python type an option value has.
+
+    `bool` is checked first (a bool is also an int).
+
+    Raises:
+        TypeError: for any other value.
+
+    Example:
+
+    >>> builtin_type(True), builtin_type(3), builtin_type(0.5), builtin_type("adam")
+    (<class 'bool'>, <class 'int'>, <class 'float'>, <class 'str'>)
+    """
     for kind in (bool, int, float, str):
         if isinstance(value, kind):
             return kind
@@ -86,8 +97,28 @@ def builtin_type(value):
 
 
 def option_info(field):
-    """The metadata of an `option` field: a dict with `help`, `type`,
-    `choices`, `lower`, `upper`, `above`, `below` and `flag`."""
+    """The metadata of an `option` field.
+
+    Args:
+        field: a `dataclasses.Field` made with `option`.
+
+    Returns:
+        A dict with `help`, `type`, `choices`, `lower`, `upper`, `above`,
+        `below` and `flag`.
+
+    Raises:
+        ValueError: if `field` was not made with `option`.
+
+    Example:
+
+    >>> import dataclasses
+    >>> @dataclasses.dataclass
+    ... class Options:
+    ...     strength: float = option(0.1, "Strength of the pull.", lower=0.0)
+    >>> info = option_info(dataclasses.fields(Options)[0])
+    >>> info["type"], info["lower"], info["flag"]
+    (<class 'float'>, 0.0, True)
+    """
     meta = field.metadata
     if _HELP not in meta:
         raise ValueError(f"Field {field.name!r} was not made with `option(...)`.")
@@ -117,8 +148,32 @@ def _range_text(kind, info):
 
 
 def check_option(field, value):
-    """Raises ValueError when `value` is not an allowed value of `field`
-    (its type, choices and bounds; None is allowed when the default is)."""
+    """Checks `value` against the declaration of an `option` field.
+
+    The value must have the field's type (an int is a valid float; a bool is
+    neither; NaN is out of every range), be one of its choices and lie
+    within its bounds. None is allowed when the default is None.
+
+    Args:
+        field: a `dataclasses.Field` made with `option`.
+        value: the value to check.
+
+    Raises:
+        ValueError: naming the field, what it expects and the value received.
+
+    Example:
+
+    >>> import dataclasses
+    >>> @dataclasses.dataclass
+    ... class Options:
+    ...     strength: float = option(0.1, "Strength of the pull.", lower=0.0)
+    >>> field = dataclasses.fields(Options)[0]
+    >>> check_option(field, 2)  # an int is a valid float
+    >>> check_option(field, -1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `strength` must be a number >= 0. Received: strength=-1.0
+    """
     info = option_info(field)
     kind, choices, name = info[_TYPE], info[_CHOICES], field.name
     if value is None:
