@@ -24,23 +24,23 @@ from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodContext
 from keras_seltransfer.methods.base import MethodSetup
 from keras_seltransfer.methods.base import Transform
-from keras_seltransfer.methods.base import apply_transforms
-from keras_seltransfer.methods.base import check_compose
-from keras_seltransfer.methods.base import check_option
-from keras_seltransfer.methods.base import compose_names
-from keras_seltransfer.methods.base import get
-from keras_seltransfer.methods.base import get_transform
-from keras_seltransfer.methods.base import names
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import options_classes
-from keras_seltransfer.methods.base import register
-from keras_seltransfer.methods.base import register_transform
-from keras_seltransfer.methods.base import transform_lr_multipliers
-from keras_seltransfer.methods.base import transform_names
+from keras_seltransfer.methods.registry import apply_transforms
+from keras_seltransfer.methods.registry import check_compose
+from keras_seltransfer.utils.options import check_option
+from keras_seltransfer.methods.registry import compose_names
+from keras_seltransfer.methods.registry import get
+from keras_seltransfer.methods.registry import get_transform
+from keras_seltransfer.methods.registry import names
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import options_classes
+from keras_seltransfer.methods.registry import register
+from keras_seltransfer.methods.registry import register_transform
+from keras_seltransfer.methods.registry import transform_lr_multipliers
+from keras_seltransfer.methods.registry import transform_names
 
 # Import every method module so that it registers itself.
 for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _module.name != "base" and not _module.name.startswith("_"):
+    if _module.name not in ("base", "registry") and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 del _module
 

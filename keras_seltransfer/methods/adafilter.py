@@ -21,9 +21,9 @@ from keras_seltransfer.layers.gate_controller import GateController
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
 from keras_seltransfer.methods.base import Transform
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import register
-from keras_seltransfer.methods.base import register_transform
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import register
+from keras_seltransfer.methods.registry import register_transform
 from keras_seltransfer.models.gating import FIRST_GATE_INPUTS
 from keras_seltransfer.models.gating import adafilter
 from keras_seltransfer.models.gating import gate_usage

@@ -20,9 +20,9 @@ from keras_seltransfer import data as data_lib
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
 from keras_seltransfer.methods.base import Transform
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import register
-from keras_seltransfer.methods.base import register_transform
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import register
+from keras_seltransfer.methods.registry import register_transform
 from keras_seltransfer.models.antialiasing import antialias
 from keras_seltransfer.models.antialiasing import blur_layers
 from keras_seltransfer.models.batchnorm import recalibrate_batchnorm

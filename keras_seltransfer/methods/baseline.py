@@ -6,7 +6,7 @@ statistics frozen unless `FinetuneConfig.batchnorm="train"`.
 """
 
 from keras_seltransfer.methods.base import Method
-from keras_seltransfer.methods.base import register
+from keras_seltransfer.methods.registry import register
 
 
 class Baseline(Method):

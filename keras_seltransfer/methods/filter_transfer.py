@@ -25,8 +25,8 @@ from keras_seltransfer.callbacks.relevance_pruning import ACTIONS as PRUNE_ACTIO
 from keras_seltransfer.callbacks.relevance_pruning import RelevancePruning
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import register
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import register
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.filter_transfer import REINIT_BATCHNORM
 from keras_seltransfer.models.filter_transfer import filter_transfer_summary

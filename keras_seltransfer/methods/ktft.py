@@ -13,8 +13,8 @@ from keras_seltransfer.methods.antialias import AntialiasOptions
 from keras_seltransfer.methods.antialias import antialiased_student
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import register
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import register
 from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
 
 

@@ -7,8 +7,8 @@ import dataclasses
 
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import register
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import register
 from keras_seltransfer.regularizers import apply_l2sp
 
 

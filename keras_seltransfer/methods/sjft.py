@@ -25,9 +25,9 @@ from keras_seltransfer.callbacks import AdaptiveNeighbourGrowth
 from keras_seltransfer.callbacks import BatchNormRecalibration
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
-from keras_seltransfer.methods.base import get
-from keras_seltransfer.methods.base import option
-from keras_seltransfer.methods.base import register
+from keras_seltransfer.methods.registry import get
+from keras_seltransfer.utils.options import option
+from keras_seltransfer.methods.registry import register
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args

@@ -21,10 +21,10 @@ from keras_seltransfer.training.config import FinetuneConfig
 from keras_seltransfer.training.config import PretrainConfig
 from keras_seltransfer.training.defaults import DEFAULT_BACKBONE
 from keras_seltransfer.training.defaults import DEFAULT_PRETRAIN_DIR
-from keras_seltransfer.training.finetune import finetune
-from keras_seltransfer.training.finetune import finetune_split
+from keras_seltransfer.training.finetuning import finetune
+from keras_seltransfer.training.finetuning import finetune_split
 from keras_seltransfer.training.loop import evaluate_model
-from keras_seltransfer.training.pretrain import pretrain
+from keras_seltransfer.training.pretraining import pretrain
 from keras_seltransfer.training.reporting import mean_std
 from keras_seltransfer.training.reporting import run_environment
 

@@ -273,24 +273,4 @@ PretrainConfig = _make(
 )
 
 
-def options_of(config_cls):
-    """`(name, field)` of every option of a config class, in order.
-
-    Args:
-        config_cls: `FinetuneConfig`, `PretrainConfig` or an options
-            dataclass of a method.
-
-    Returns:
-        A list of `(name, dataclasses.Field)`; `option_info(field)` gives
-        each one's help text, type, choices and bounds.
-
-    Example:
-
-    >>> from keras_seltransfer.training import PretrainConfig
-    >>> [name for name, _ in options_of(PretrainConfig)][:4]
-    ['source', 'backbone', 'backbone_weights', 'output_dir']
-    """
-    return [(field.name, field) for field in dataclasses.fields(config_cls)]
-
-
-__all__ = ["FinetuneConfig", "PretrainConfig", "options_of"]
+__all__ = ["FinetuneConfig", "PretrainConfig"]

@@ -14,7 +14,7 @@ import pytest
 
 from keras_seltransfer import methods
 from keras_seltransfer import training
-from keras_seltransfer.methods import base
+from keras_seltransfer.methods import registry
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_every_module_of_the_package_registers_what_it_declares():
     modules = {
-        m.name for m in pkgutil.iter_modules(methods.__path__) if m.name not in ("base",)
+        m.name for m in pkgutil.iter_modules(methods.__path__) if m.name not in ("base", "registry")
     }
     declared = {type(methods.get(name)).__module__.rsplit(".", 1)[1] for name in methods.names()}
     declared |= {
@@ -41,6 +41,17 @@ def test_every_method_option_is_a_config_field_and_documented():
             assert option.name in fields, option.name
             assert f"    {option.name}: " in training.FinetuneConfig.__doc__
             assert fields[option.name].default == option.default
+
+
+def test_compose_suggests_only_what_works():
+    with pytest.raises(ValueError) as info:
+        methods.check_compose("antialias_ft", "adafilter")
+    message = str(info.value)
+    assert "--method=adafilter --compose=antialias" in message
+    assert "compose='antialias,adafilter'" not in message  # antialias_ft applies antialias
+    methods.check_compose("adafilter", "antialias")
+    with pytest.raises(ValueError, match="compose='antialias,adafilter'"):
+        methods.check_compose("baseline", "adafilter,antialias")
 
 
 def test_registry_errors():
@@ -100,7 +111,7 @@ def test_a_method_registered_at_run_time_trains_through_the_loop(tmp_path):
         )
         outputs = training.finetune(config)
     finally:
-        base._METHODS.pop("half_smoothed_test")
+        registry._METHODS.pop("half_smoothed_test")
     history = outputs["report"]["history"]
     assert abs(history["loss"][0] - history["crossentropy"][0]) > 0.02
     assert os.path.isfile(outputs["model"])
