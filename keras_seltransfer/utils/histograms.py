@@ -172,6 +172,16 @@ def fit_bin_edges(bank, images, num_bins=32, fine_bins=2000, progress=True):
     Raises:
         ValueError: for bad arguments, an empty data set or non-finite
             responses.
+
+    Example:
+
+    ```python
+    bank = keras_seltransfer.retrieval.GaborBank()  # 48 channels
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices(images).batch(4)
+    edges = fit_bin_edges(bank, data, num_bins=8, progress=False)
+    edges.shape  # (48, 9)
+    ```
     """
     num_bins = check_int(num_bins, "num_bins", 1, MAX_BINS)
     fine_bins = check_int(fine_bins, "fine_bins", num_bins)
@@ -328,6 +338,16 @@ def describe_batch(bank, bin_edges, images):
 
     Raises:
         ValueError: if `bin_edges` does not match the bank.
+
+    Example:
+
+    ```python
+    bank = keras_seltransfer.retrieval.GaborBank()  # 48 channels
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices(images).batch(4)
+    edges = fit_bin_edges(bank, data, num_bins=8, progress=False)
+    describe_batch(bank, edges, images[:2]).shape  # TensorShape([2, 48, 8])
+    ```
     """
     if isinstance(bin_edges, (tf.Tensor, tf.Variable)):
         shape = tuple(bin_edges.shape)
@@ -392,6 +412,17 @@ def describe(bank, bin_edges, images, progress=True):
     Raises:
         ValueError: if `bin_edges` does not match the bank or `images` is not
             a data set of image batches.
+
+    Example:
+
+    ```python
+    bank = keras_seltransfer.retrieval.GaborBank()  # 48 channels
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices(images).batch(4)
+    edges = fit_bin_edges(bank, data, num_bins=8, progress=False)
+    descriptors = describe(bank, edges, data, progress=False)
+    descriptors.shape, descriptors.sum(-1).min()  # (8, 48, 8), 1.0
+    ```
     """
     edges = _check_edges(bank, bin_edges)
     images = image_batches(images)
@@ -431,6 +462,14 @@ def channel_weights(bank, layer_weights=None):
     Raises:
         ValueError: for a wrong number of weights, or negative or
             non-finite ones.
+
+    Example:
+
+    ```python
+    bank = keras_seltransfer.retrieval.GaborBank()  # one group of 48 channels
+    weights = channel_weights(bank)
+    weights.shape, weights.sum()  # (48,), 0.5
+    ```
     """
     groups = bank.groups
     if layer_weights is None:
