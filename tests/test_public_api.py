@@ -19,9 +19,7 @@ import keras_seltransfer
 # yet: modules under these prefixes are not walked, and names they define are
 # skipped wherever they are re-exported. Shrink this list as each one is done.
 NOT_YET_CHECKED = (
-    "keras_seltransfer.data",
     "keras_seltransfer.models",
-    "keras_seltransfer.retrieval",
     "keras_seltransfer.relevance",
 )
 

@@ -3,10 +3,10 @@
 `readers` (arrays, image folders, TFDS splits), `builtin` (the offline real
 data sets: Fashion-MNIST, ELPV, scikit-image's textures) and `sources`
 (`load_dataset`, the spec strings of the apps) make `ImageSource` records
-(`image_source`); `splits` makes the held-out, low-data and validation index sets; `pipeline` builds batched
-`tf.data` pipelines from a source, also per replica under a strategy;
-`joint` mixes target images with their selected source neighbours for
-selective joint fine-tuning.
+(`image_source`); `splits` makes the held-out, low-data and validation index
+sets; `pipeline` builds batched `tf.data` pipelines from a source, also per
+replica under a strategy; `joint` mixes target images with their selected
+source neighbours for selective joint fine-tuning.
 """
 
 from keras_seltransfer.data.builtin import load_elpv

@@ -88,6 +88,12 @@ def load_fashion_mnist(split="train", data_dir=None):
             different counts, labels out of range).
         FileNotFoundError: if an explicit `data_dir` lacks a file.
 
+    Example:
+
+    >>> test = load_fashion_mnist("test")  # doctest: +SKIP
+    >>> test.images.shape, test.class_names[0]  # doctest: +SKIP
+    ((10000, 28, 28, 1), 'T-shirt/top')
+
     Reference:
         Xiao, Rasul and Vollgraf, "Fashion-MNIST: a Novel Image Dataset for
         Benchmarking Machine Learning Algorithms", 2017.
@@ -204,6 +210,12 @@ def load_elpv(root=None, defect_threshold=0.5):
         ImportError: if `root` is None and `elpv-dataset` is not installed.
         FileNotFoundError: if `labels.csv` or an image it lists is missing.
         ValueError: for a malformed line of `labels.csv` or a bad threshold.
+
+    Example:
+
+    >>> elpv = load_elpv()  # doctest: +SKIP
+    >>> len(elpv), elpv.class_names, elpv.in_memory  # doctest: +SKIP
+    (2624, ('functional', 'defective'), False)
 
     Reference:
         Buerhop-Lutz et al., "A Benchmark for Visual Identification of

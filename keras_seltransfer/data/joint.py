@@ -35,15 +35,53 @@ from keras_seltransfer.utils.validation import check_int
 from keras_seltransfer.utils.validation import image_size_pair
 
 def joint_steps_per_epoch(num_targets, global_batch_size):
-    """Steps of one joint epoch: enough half-batches to cover every target once."""
+    """Steps of one joint epoch: enough half-batches to cover every target once.
+
+    Args:
+        num_targets: number of target training images (int >= 1).
+        global_batch_size: images per step, half target and half source
+            (int >= 2).
+
+    Returns:
+        `ceil(num_targets / (global_batch_size // 2))`, an int.
+
+    Raises:
+        ValueError: for a `num_targets` below 1 or a `global_batch_size`
+            below 2.
+
+    Example:
+
+    >>> joint_steps_per_epoch(10, global_batch_size=4)
+    5
+    """
     num_targets = check_int(num_targets, "num_targets", 1)
     global_batch_size = check_int(global_batch_size, "global_batch_size", 2)
     return -(-num_targets // (global_batch_size // 2))
 
 
 def prepared_images(source, image_size, channels=None, batch_size=256):
-    """Decodes, converts and resizes every image of a source into one
-    float32 array `[N, height, width, channels]` (as `make_dataset` would)."""
+    """Decodes, converts and resizes every image of a source into one array.
+
+    The images are prepared as `make_dataset` prepares them (without
+    augmentation), in the source's order, so the result can be passed to
+    several `make_joint_dataset` calls as `target_images`.
+
+    Args:
+        source: an `ImageSource`.
+        image_size: int or `(height, width)`.
+        channels: output channels (None: the source's).
+        batch_size: images decoded per batch.
+
+    Returns:
+        A float32 NumPy array `[N, height, width, channels]` of raw pixels
+        in [0, 255].
+
+    Example:
+
+    >>> source = from_numpy(np.zeros((5, 28, 28), np.uint8), np.arange(5) % 2)
+    >>> prepared_images(source, 32, channels=3).shape
+    (5, 32, 32, 3)
+    """
     dataset = make_dataset(source, image_size, batch_size, channels=channels, cache=False)
     return np.concatenate([images.numpy() for images, _ in dataset], axis=0)
 
@@ -130,6 +168,25 @@ def make_joint_dataset(
         strategy with several replicas is given. (Keras cannot tell the
         length of the latter before its first epoch ends, and warns once that
         the input "ran out of data" when that epoch ends: expected.)
+
+    Raises:
+        ValueError: for a sampler that does not match `target` or `source`,
+            a call inside `strategy.scope()`, a `global_batch_size` that
+            does not split evenly over the replicas, or an unknown
+            `augment`.
+
+    Example:
+
+    >>> target = from_numpy(np.zeros((6, 8, 8), np.uint8), np.arange(6) % 2)
+    >>> source = from_numpy(np.zeros((10, 8, 8), np.uint8), np.arange(10) % 5)
+    >>> neighbour_ids = np.tile(np.arange(4), (6, 1))  # [targets, K], nearest first
+    >>> sampler = JointSampler.from_neighbours(neighbour_ids, source.labels, k0=2)
+    >>> ds = make_joint_dataset(target, source, sampler, 8, global_batch_size=4)
+    >>> images, labels, weights = next(iter(ds))
+    >>> images.shape.as_list(), weights["target"].numpy().tolist()
+    ([4, 8, 8, 1], [2.0, 2.0, 0.0, 0.0])
+
+    Train with `model.fit(ds, epochs=..., callbacks=[sampler])`.
     """
     if not isinstance(target, ImageSource) or not isinstance(source, ImageSource):
         raise ValueError("Expected `target` and `source` to be ImageSources.")
@@ -249,9 +306,28 @@ def make_joint_dataset(
 
 
 def joint_validation_dataset(target, image_size, batch_size, channels=None):
-    """Target images in the joint model's `(images, labels, weights)` form:
-    target labels with weight 1, source weight 0 (validation of the target
-    task only)."""
+    """Target images in the joint model's `(images, labels, weights)` form.
+
+    Target labels get weight 1 and the source head weight 0, so validation
+    measures the target task only.
+
+    Args:
+        target: `ImageSource` of the target validation images.
+        image_size: int or `(height, width)`.
+        batch_size: images per batch.
+        channels: output channels (None: the target's).
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels, sample_weights)`, with
+        `"target"` and `"source"` entries in `labels` and `sample_weights`.
+
+    Example:
+
+    >>> target = from_numpy(np.zeros((6, 8, 8), np.uint8), np.arange(6) % 2)
+    >>> images, labels, weights = next(iter(joint_validation_dataset(target, 8, 4)))
+    >>> weights["target"].numpy().tolist(), weights["source"].numpy().tolist()
+    ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0])
+    """
 
     def to_joint(images, labels):
         zeros = tf.zeros_like(labels)

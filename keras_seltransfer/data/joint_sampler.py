@@ -90,6 +90,19 @@ class JointSampler(keras.callbacks.Callback):
             to at most `max_level * k0` neighbours, and no target is drawn
             more than `max_level` times per epoch. None: no cap (lists grow
             to every stored neighbour, draws proportional to `K_i`).
+
+    Example:
+
+    >>> neighbour_ids = np.array([[4, 2, 7], [2, 9, 4]])  # 2 targets, 3 neighbours
+    >>> source_labels = np.arange(10) % 5
+    >>> sampler = JointSampler.from_neighbours(neighbour_ids, source_labels, k0=2)
+    >>> sampler.candidate_ids.tolist(), sampler.source_classes.tolist()
+    ([2, 4, 7, 9], [2, 4])
+    >>> sampler.get_neighbour_counts().tolist(), sampler.repetition_counts(4).tolist()
+    ([2, 2], [2, 2])
+    >>> sampler.set_neighbour_counts([3, 1])  # draws follow K_i
+    >>> sampler.repetition_counts(4).tolist()
+    [3, 1]
     """
 
     def __init__(
@@ -367,6 +380,11 @@ def capped_shares(weights, num_draws, cap):
 
     Returns:
         float64 `[N]` shares summing to `num_draws`.
+
+    Example:
+
+    >>> capped_shares([1.0, 1.0, 6.0], num_draws=6, cap=3).numpy().tolist()
+    [1.5, 1.5, 3.0]
     """
     weights = tf.convert_to_tensor(weights, tf.float64)
     total = tf.cast(num_draws, tf.float64)
@@ -391,7 +409,25 @@ def capped_shares(weights, num_draws, cap):
 
 
 def random_pool(num_source, size, seed=0):
-    """`size` distinct source positions chosen uniformly (the random-source ablation)."""
+    """`size` distinct source positions chosen uniformly (the random-source ablation).
+
+    Args:
+        num_source: number of source images (int >= 1).
+        size: number of positions to choose, at most `num_source`.
+        seed: seed of the choice.
+
+    Returns:
+        A sorted int array of `size` distinct positions in `[0, num_source)`.
+
+    Raises:
+        ValueError: for a non-positive `num_source` or `size`, or a `size`
+            above `num_source`.
+
+    Example:
+
+    >>> random_pool(10, 3, seed=0).tolist()
+    [5, 6, 9]
+    """
     num_source = check_int(num_source, "num_source", 1)
     size = check_int(size, "size", 1)
     if size > num_source:
@@ -409,6 +445,27 @@ def make_sampler(variant, neighbour_ids, source_labels, *, k0, k_max=None, seed=
     - `random`: as many uniformly chosen source images as the lists select
       (distinct ids in the columns a list can reach: the first `k_max`, and
       at most `max_level * k0`), drawn uniformly.
+
+    Args:
+        variant: one of `VARIANTS`.
+        neighbour_ids: `[num_targets, K]` source positions, each row
+            nearest first.
+        source_labels: `[num_source]` labels of the whole source set.
+        k0, k_max, seed, max_level: as `JointSampler.from_neighbours`.
+
+    Returns:
+        A `JointSampler`.
+
+    Raises:
+        ValueError: for an unknown `variant` or arguments the sampler
+            rejects.
+
+    Example:
+
+    >>> neighbour_ids = np.array([[4, 2, 7], [2, 9, 4]])
+    >>> sampler = make_sampler("random", neighbour_ids, np.arange(10) % 5, k0=2)
+    >>> sampler.uses_neighbours, len(sampler.candidate_ids)
+    (False, 4)
     """
     if variant not in VARIANTS:
         raise ValueError(f"Expected `variant` in {VARIANTS}. Received: variant={variant!r}")

@@ -126,8 +126,11 @@ def prepare_fn(source, height, width, channels):
 
     Example:
 
-    >>> prepare = prepare_fn(source, 64, 64, 3)
-    >>> ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    >>> source = from_numpy(np.zeros((4, 28, 28), np.uint8), np.arange(4) % 2)
+    >>> ds = tf.data.Dataset.from_tensor_slices((source.images, source.labels))
+    >>> ds = ds.map(prepare_fn(source, 64, 64, 3), num_parallel_calls=tf.data.AUTOTUNE)
+    >>> ds.element_spec[0].shape
+    TensorShape([64, 64, 3])
     """
 
     def finish(image):
@@ -174,6 +177,15 @@ def augment_batch(images, augment, key):
 
     Returns:
         The augmented images.
+
+    Example:
+
+    >>> images = tf.reshape(tf.range(8, dtype=tf.float32), [2, 2, 2, 1])
+    >>> key = tf.constant([0, 1], tf.int64)
+    >>> augment_batch(images, "flip", key).shape.as_list()
+    [2, 2, 2, 1]
+    >>> augment_batch(images, "none", key) is images
+    True
     """
     if augment == "none":
         return images
@@ -425,6 +437,11 @@ def steps_per_epoch(num_examples, batch_size, drop_remainder=False):
     Raises:
         ValueError: for a negative `num_examples` or a non-positive
             `batch_size`.
+
+    Example:
+
+    >>> steps_per_epoch(10, 4), steps_per_epoch(10, 4, drop_remainder=True)
+    (3, 2)
     """
     if not is_int(num_examples) or (
         num_examples < 0

@@ -23,6 +23,30 @@ def load_train_test(spec, test_fraction=0.25, split_seed=0, channels=None):
     label means the same class in both; a class may be missing from it.
     `channels` (None, 1 or 3) converts the images of folders that mix
     grayscale, RGB and RGBA (see `load_dataset`).
+
+    Args:
+        spec: a data set spec string (see `load_dataset`).
+        test_fraction: share held out when the data set has no test split,
+            in `(0, 1)`.
+        split_seed: seed of that held-out split.
+        channels: None, 1 or 3, for `"folder:"` specs.
+
+    Returns:
+        `(train, test)`: two `ImageSource`s.
+
+    Raises:
+        ValueError: for a bad spec or split arguments (see `load_dataset`
+            and `holdout_split`).
+        FileNotFoundError: if the named data does not exist.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "toy.npz")
+    >>> np.savez(path, images=np.zeros((8, 4, 4), np.uint8), labels=np.repeat([0, 1], 4))
+    >>> train, test = load_train_test("numpy:" + path, test_fraction=0.25)
+    >>> len(train), len(test)
+    (6, 2)
     """
     if spec in SPECS_WITH_TEST_SPLIT or spec.startswith("tfds:"):
         return load_dataset(spec, "train"), load_dataset(spec, "test")

@@ -415,6 +415,14 @@ def from_tfds(
             `download` is False.
         ValueError: for an unknown dataset name, a missing feature, images
             of different shapes, or a non-positive `max_examples`.
+
+    Example:
+
+    ```python
+    # Needs the split prepared in `data_dir` (or download=True and a network).
+    source = from_tfds("fashion_mnist", "train[:1000]", data_dir="/data/tfds")
+    source.images.shape  # (1000, 28, 28, 1)
+    ```
     """
     if max_examples is not None and (
         isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples <= 0

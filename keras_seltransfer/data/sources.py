@@ -79,6 +79,15 @@ def load_dataset(spec, split=None, *, download=False, channels=None, class_names
             loaders; `.npz` archives must also have at least one image of
             every class they name).
         FileNotFoundError: if the named path or data does not exist.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "toy.npz")
+    >>> np.savez(path, images=np.zeros((8, 4, 4), np.uint8), labels=np.repeat([0, 1], 4))
+    >>> source = load_dataset("numpy:" + path)
+    >>> len(source), source.num_classes, source.name
+    (8, 2, 'toy')
     """
     if not isinstance(spec, str):
         raise ValueError(f"Expected `spec` to be a str. Received: spec={spec!r}")

@@ -129,6 +129,12 @@ def train_val_split(labels, val_fraction=0.2, seed=0):
     Raises:
         ValueError: for empty or non-integer labels, `val_fraction` outside
             `(0, 1)`, or too few examples to give both parts every class.
+
+    Example:
+
+    >>> train_idx, val_idx = train_val_split(np.repeat([0, 1], 5), val_fraction=0.2)
+    >>> len(train_idx), len(val_idx)
+    (8, 2)
     """
     return _stratified_split(labels, val_fraction, seed, "val_fraction")
 

@@ -46,6 +46,12 @@ def bank_from_config(config, backbone=None):
 
     Raises:
         ValueError: for an unknown type, or a conv bank without a backbone.
+
+    Example:
+
+    >>> bank = bank_from_config(GaborBank(num_orientations=4).get_config())
+    >>> type(bank).__name__, bank.num_channels
+    ('GaborBank', 32)
     """
     if not isinstance(config, dict) or config.get("type") not in BANKS:
         raise ValueError(

@@ -148,6 +148,13 @@ def gabor_kernels(
 
     Raises:
         ValueError: for out-of-range arguments.
+
+    Example:
+
+    >>> gabor_kernels().shape
+    (31, 31, 1, 48)
+    >>> gabor_kernels([0.25], num_orientations=2, kernel_size=7).shape
+    (7, 7, 1, 4)
     """
     freqs, num_orientations, kernel_size, bandwidth = _check_gabor_args(
         frequencies, num_orientations, kernel_size, bandwidth

@@ -47,8 +47,21 @@ def _run_settings(config):
 def recorded_settings(out):
     """The settings recorded in the run directory `out`, or None if none are.
 
+    Args:
+        out: a run directory (`IndexConfig.output_dir`).
+
+    Returns:
+        A dict from each of `RUN_FIELDS` to its recorded value (tuples as
+        lists), or None when `out` holds no `RUN_FILE`.
+
     Raises:
         ValueError: if the record is unreadable or lacks a `RUN_FIELDS` entry.
+
+    Example:
+
+    >>> import tempfile
+    >>> recorded_settings(tempfile.mkdtemp()) is None
+    True
     """
     path = os.path.join(out, RUN_FILE)
     if not os.path.isfile(path):
@@ -64,7 +77,21 @@ def recorded_settings(out):
 
 
 def write_run_settings(config):
-    """Records `config`'s `RUN_FIELDS` in its run directory, atomically."""
+    """Records `config`'s `RUN_FIELDS` in its run directory, atomically.
+
+    Args:
+        config: an `IndexConfig`; the record goes to
+            `<config.output_dir>/config.json`, which must be a directory.
+
+    Example:
+
+    >>> import tempfile
+    >>> from keras_seltransfer.retrieval import IndexConfig
+    >>> config = IndexConfig(bank="gabor", output_dir=tempfile.mkdtemp())
+    >>> write_run_settings(config)
+    >>> recorded_settings(config.output_dir)["bank"]
+    'gabor'
+    """
     atomic_write_text(
         os.path.join(config.output_dir, RUN_FILE),
         json.dumps(_run_settings(config), indent=2, sort_keys=True) + "\n",
@@ -74,9 +101,34 @@ def write_run_settings(config):
 def check_run_settings(config):
     """Refuses to continue a run made with other settings (ValueError).
 
-    A new run directory gets its record at once. Returns True when the
-    record must wait until this command succeeds: a directory from before
-    records were kept, whose stages are then checked one by one.
+    A new run directory gets its record at once, and so does a directory
+    whose earlier command failed before computing anything.
+
+    Args:
+        config: the `IndexConfig` of this command.
+
+    Returns:
+        True when the record must wait until this command succeeds: a
+        directory from before records were kept, whose stages are then
+        checked one by one; False otherwise.
+
+    Raises:
+        ValueError: if the directory holds results of a run with other
+            `RUN_FIELDS` settings (the differences are named), or an
+            unreadable record.
+
+    Example:
+
+    >>> import dataclasses, tempfile
+    >>> from keras_seltransfer.retrieval import IndexConfig
+    >>> config = IndexConfig(bank="gabor", output_dir=tempfile.mkdtemp())
+    >>> check_run_settings(config)  # new directory: recorded now
+    False
+    >>> open(os.path.join(config.output_dir, "bin_edges.npz"), "wb").close()
+    >>> check_run_settings(dataclasses.replace(config, num_bins=16))
+    Traceback (most recent call last):
+    ...
+    ValueError: ... made with other settings: num_bins=32 (this command: 16)...
     """
     out = config.output_dir
     settings = _run_settings(config)

@@ -42,6 +42,16 @@ def neighbour_grid(index_dir, rows=6, columns=6, tile=64, seed=0):
 
     Raises:
         FileNotFoundError: if `index_dir` holds no finished index.
+
+    Example:
+
+    ```python
+    from keras_seltransfer.utils.io import atomic_write_bytes
+
+    # `config.output_dir` of a finished `build_neighbours(config)` run.
+    png = neighbour_grid(config.output_dir, rows=4, columns=5)
+    atomic_write_bytes(os.path.join(config.output_dir, "neighbours.png"), png)
+    ```
     """
     from PIL import Image
     from PIL import ImageDraw

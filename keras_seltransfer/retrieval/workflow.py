@@ -48,6 +48,17 @@ class IndexConfig:
     images a fine-tuning run trains on. `channels` (None, 1 or 3) converts
     the images of image folders that mix grayscale, RGB and RGBA; None takes
     the conv bank's backbone's channel count, or each data set's own.
+
+    Raises:
+        ValueError: for a `channels`, `bank`, `shard_index` or
+            `target_fraction` out of range, or a `k_max` below 1.
+
+    Example:
+
+    >>> IndexConfig(bank="gabor", k_max=50).backbone is None
+    True
+    >>> IndexConfig().backbone == DEFAULT_BACKBONE  # a conv bank needs one
+    True
     """
 
     source: str = option(
@@ -174,6 +185,26 @@ def build_neighbours(config, merge_only=False):
         ValueError: for settings that disagree with the run's record, a
             merge with unfinished shards, or a corrupt file in the run
             (named in the message).
+
+    Example:
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> rng = np.random.default_rng(0)
+    >>> for name, n in (("source", 40), ("target", 16)):
+    ...     images = rng.integers(0, 256, (n, 16, 16), np.uint8)
+    ...     np.savez(os.path.join(root, name), images=images, labels=np.arange(n) % 2)
+    >>> config = IndexConfig(
+    ...     source="numpy:" + os.path.join(root, "source.npz"),
+    ...     target="numpy:" + os.path.join(root, "target.npz"),
+    ...     bank="gabor", image_size=16, num_bins=8, k_max=5,
+    ...     output_dir=os.path.join(root, "run"), progress=False)
+    >>> outputs = build_neighbours(config)
+    >>> target_ids, neighbour_ids, _ = read_neighbours(outputs["neighbours"])
+    >>> neighbour_ids.shape  # 12 training targets (4 held out), 5 neighbours
+    (12, 5)
+    >>> build_neighbours(config)["reused"]  # a second call recomputes nothing
+    'bin_edges, target_descriptors, index, topk'
     """
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
