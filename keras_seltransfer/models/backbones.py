@@ -166,7 +166,13 @@ def load_keras_file(path, what="model"):
 
     Example:
 
-    >>> model = load_keras_file("runs/finetune/run/model.keras")  # doctest: +SKIP
+    >>> import os
+    >>> import tempfile
+    >>> from keras_seltransfer import models
+    >>> path = os.path.join(tempfile.mkdtemp(), "backbone.keras")
+    >>> models.small_cnn((16, 16, 1), widths=(4, 8)).save(path)
+    >>> models.load_keras_file(path).name
+    'small_cnn'
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

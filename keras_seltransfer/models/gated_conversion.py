@@ -53,8 +53,14 @@ def absorbable_batchnorm(conv, bn):
 
     Example:
 
-    >>> absorbable_batchnorm(model.get_layer("conv1"), model.get_layer("bn1"))  # doctest: +SKIP
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.gated_conversion import absorbable_batchnorm
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> conv = backbone.get_layer("block1_conv")
+    >>> absorbable_batchnorm(conv, backbone.get_layer("block1_bn"))
     True
+    >>> absorbable_batchnorm(conv, backbone.get_layer("block1_relu"))
+    False
     """
     if not isinstance(bn, keras.layers.BatchNormalization):
         return False
