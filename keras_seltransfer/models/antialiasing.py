@@ -412,6 +412,14 @@ def aligned_layer_name(model, name):
 
     Raises:
         ValueError: if neither layer exists in `model`.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.antialiasing import aligned_layer_name
+    >>> model = models.antialias(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> aligned_layer_name(model, "block1_pool"), aligned_layer_name(model, "block2_conv")
+    ('block1_pool_blurpool', 'block2_conv')
     """
     names = {layer.name for layer in model.layers}
     if name + BLUR_SUFFIX in names:
@@ -425,7 +433,15 @@ def aligned_layer_name(model, name):
 
 
 def blur_layers(model):
-    """Names of the `BlurPool` / `MaxBlurPool` layers of `model`."""
+    """Names of the `BlurPool` / `MaxBlurPool` layers of `model`.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> model = models.antialias(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> models.blur_layers(model)
+    ['block1_relu_blurpool', 'block1_pool_blurpool']
+    """
     return [
         layer.name for layer in surgery.flatten(model).layers if isinstance(layer, BaseBlurPool)
     ]

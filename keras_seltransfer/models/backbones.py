@@ -81,6 +81,14 @@ def small_cnn(
     Returns:
         A functional `keras.Model` from raw images in [0, 255] to
         `[batch, widths[-1]]` features.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> models.small_cnn((16, 16, 1), widths=(4, 8)).output_shape
+    (None, 8)
+    >>> models.small_cnn().count_params()
+    241312
     """
     if len(input_shape) != 3:
         raise ValueError(
@@ -117,7 +125,15 @@ _BUILTIN_BY_KEY = {_normalise_name(k): v for k, v in BUILTIN_BACKBONES.items()}
 
 
 def available_backbones():
-    """Names accepted by `load_backbone` besides `.keras` paths."""
+    """Names accepted by `load_backbone` besides `.keras` paths.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> names = models.available_backbones()
+    >>> names[0], "ResNet50" in names
+    ('small_cnn', True)
+    """
     return sorted(BUILTIN_BACKBONES) + sorted(v[0] for v in _APPLICATIONS.values())
 
 
@@ -150,7 +166,13 @@ def load_keras_file(path, what="model"):
 
     Example:
 
-    >>> model = load_keras_file("runs/finetune/run/model.keras")  # doctest: +SKIP
+    >>> import os
+    >>> import tempfile
+    >>> from keras_seltransfer import models
+    >>> path = os.path.join(tempfile.mkdtemp(), "backbone.keras")
+    >>> models.small_cnn((16, 16, 1), widths=(4, 8)).save(path)
+    >>> models.load_keras_file(path).name
+    'small_cnn'
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -190,13 +212,27 @@ def load_keras_file(path, what="model"):
 
 
 def is_backbone_path(spec):
-    """Whether a backbone spec names a saved model file rather than a name."""
+    """Whether a backbone spec names a saved model file rather than a name.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> models.is_backbone_path("pretrained.keras"), models.is_backbone_path("ResNet50")
+    (True, False)
+    """
     spec = os.fspath(spec)
     return spec.endswith(".keras") or os.sep in spec
 
 
 def is_builtin_backbone(spec):
-    """Whether a backbone spec names one of the built-in backbones."""
+    """Whether a backbone spec names one of the built-in backbones.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> models.is_builtin_backbone("small_cnn"), models.is_builtin_backbone("ResNet50")
+    (True, False)
+    """
     return _normalise_name(os.fspath(spec)) in _BUILTIN_BY_KEY
 
 
@@ -308,6 +344,20 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
         FileNotFoundError: if a path (model or weights file) does not exist.
         ValueError: for an unknown name, an incompatible input shape, or a
             file that cannot be loaded safely (see `load_keras_file`).
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> backbone = models.load_backbone("small_cnn", (64, 64, 1))
+    >>> backbone.output_shape
+    (None, 128)
+
+    A saved model (for example the `pretrain` app's) or an application:
+
+    ```python
+    backbone = models.load_backbone("pretrained.keras", (64, 64, 1))
+    resnet = models.load_backbone("ResNet50", (224, 224, 3), weights="imagenet")
+    ```
     """
     if len(input_shape) != 3:
         raise ValueError(
@@ -433,6 +483,14 @@ def reinitialize(model, seed=None):
 
     Used for the "from scratch" rows: the same network as the pretrained
     backbone, with every weight drawn again from its layer's initializer.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> scratch = models.reinitialize(backbone, seed=0)
+    >>> scratch.count_params() == backbone.count_params()
+    True
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)

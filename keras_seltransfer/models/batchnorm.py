@@ -21,7 +21,15 @@ from keras_seltransfer.utils.validation import is_int
 
 
 def batchnorm_layers(model):
-    """Every `keras.layers.BatchNormalization` of `model`, nested models included."""
+    """Every `keras.layers.BatchNormalization` of `model`, nested models included.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> model = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> [layer.name for layer in models.batchnorm_layers(model)]
+    ['block1_bn', 'block2_bn']
+    """
     return [layer for layer in iter_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 

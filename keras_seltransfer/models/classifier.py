@@ -25,6 +25,14 @@ def build_classifier(backbone, num_classes, dropout=0.0, head_name="target_head"
 
     Returns:
         A `keras.Model` from raw images to class probabilities.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> classifier = models.build_classifier(backbone, 3, dropout=0.2)
+    >>> classifier.name, classifier.output_shape, classifier.layers[-1].name
+    ('small_cnn_classifier', (None, 3), 'target_head')
     """
     if int(num_classes) < 2:
         raise ValueError(
@@ -82,6 +90,15 @@ def set_batchnorm_mode(model, mode):
 
     Returns:
         The number of BatchNormalization layers changed.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> models.set_batchnorm_mode(classifier, "frozen")
+    2
+    >>> classifier.get_layer("block1_bn").trainable
+    False
     """
     check_choice(mode, "mode", BATCHNORM_MODES)
     count = 0

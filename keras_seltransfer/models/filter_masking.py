@@ -83,8 +83,11 @@ class ChannelGraph:
 
     Example:
 
-    >>> graph = ChannelGraph(model)
-    >>> followers, stopped = graph.next_layers(["block1_conv", "block1_bn"])
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.filter_masking import ChannelGraph
+    >>> graph = ChannelGraph(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> graph.channels("block1_conv"), graph.next_layers(["block1_conv", "block1_bn"])
+    (4, (['block2_conv'], []))
     """
 
     def __init__(self, model):
@@ -150,6 +153,15 @@ def filter_masks(model):
     Returns:
         A dict `{conv_layer_name: FilterMask layer}` in graph order (empty
         when the model has none).
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> models.filter_masks(classifier)
+    {}
+    >>> list(models.filter_masks(models.add_filter_masks(classifier)))
+    ['block1_conv', 'block2_conv']
     """
     flat, by_name = _flat_layers(model)
     if not any(isinstance(layer, surgery.CONV_TYPES) for layer in flat.layers):
@@ -188,6 +200,16 @@ def add_filter_masks(model, layers=None, name=None):
 
     Raises:
         ValueError: if a mask's name is already taken by another layer.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> masked = models.add_filter_masks(classifier)
+    >>> [layer.name for layer in models.filter_masks(masked).values()]
+    ['block1_conv_filter_mask', 'block2_conv_filter_mask']
+    >>> type(masked.get_layer("block1_bn")).__name__
+    'PartiallyFrozenBatchNormalization'
     """
     flat, by_name = _flat_layers(model)
     chains = response_chains(flat, layers)
@@ -248,6 +270,14 @@ def next_layers(model, conv_name):
     Returns:
         `(next_names, stopped_at)`: names of the next layers and of the
         layers where the walk stopped, each in graph order.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.filter_masking import next_layers
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> next_layers(classifier, "block1_conv"), next_layers(classifier, "block2_conv")
+    ((['block2_conv'], []), (['target_head'], []))
     """
     graph = ChannelGraph(model)
     chain = response_chains(graph.flat, [conv_name])[conv_name]
@@ -313,6 +343,21 @@ def fold_filter_masks(model, name=None):
             values, a mask the activation does not let through exactly
             (e.g. zeros before a sigmoid), or a BatchNormalization without
             scale.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> masked = models.add_filter_masks(classifier)
+    >>> _ = models.filter_masks(masked)["block2_conv"].mask.assign([1, 1, 0, 1, 0, 1, 1, 1])
+    >>> folded = models.fold_filter_masks(masked)
+    >>> models.filter_masks(folded)
+    {}
+    >>> images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 1))
+    >>> outputs = masked.predict(images, verbose=0)
+    >>> np.allclose(folded.predict(images, verbose=0), outputs, atol=1e-5)
+    True
     """
     flat, by_name = _flat_layers(model)
     masks = filter_masks(flat)

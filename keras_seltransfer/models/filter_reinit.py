@@ -116,8 +116,18 @@ def stream_channel_moments(strategy, submodel, channel_axes, data):
 
     Example:
 
-    >>> run = stream_channel_moments(tf.distribute.get_strategy(), model, [-1], data)
+    >>> import keras
+    >>> import numpy as np
+    >>> import tensorflow as tf
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.filter_reinit import stream_channel_moments
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> submodel = keras.Model(backbone.input, backbone.get_layer("block1_conv").output)
+    >>> data = tf.data.Dataset.from_tensor_slices(np.ones((4, 16, 16, 1), "float32")).batch(2)
+    >>> run = stream_channel_moments(tf.distribute.get_strategy(), submodel, [-1], data)
     >>> [(mean, variance)] = run()
+    >>> mean.shape, variance.shape
+    ((4,), (4,))
     """
     images = image_batches(data, "data")
 
@@ -265,6 +275,18 @@ def reinitialize_filters(
     Raises:
         ValueError: for unknown layers, masks of the wrong shape, a bad
             `bn_statistics`, or `"target"` without `data`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> masked = models.add_filter_masks(classifier)
+    >>> filters = {"block1_conv": np.array([True, False, False, True])}
+    >>> models.reinitialize_filters(masked, filters, seed=0, reinit_next=True)
+    {'block1_conv': {'reinitialized': 2, 'next_layers': ['block2_conv']}}
+    >>> models.filter_transfer_summary(masked)["block1_conv"]
+    {'filters': 4, 'transferred': 2, 'reinitialized': 2, 'masked': 0}
     """
     check_choice(bn_statistics, "bn_statistics", BN_STATISTICS)
     graph = ChannelGraph(model)

@@ -46,7 +46,14 @@ def kept_count(num_filters, ratio):
     """How many of `num_filters` filters a ratio keeps: `ceil(ratio * n)`
     (after rounding the product to 9 decimals, so 0.3 of 10 is 3), so any
     positive ratio keeps at least one filter and the kept share is never
-    below `ratio`."""
+    below `ratio`.
+
+    Example:
+
+    >>> from keras_seltransfer.relevance import kept_count
+    >>> kept_count(10, 0.3), kept_count(4, 0.1), kept_count(4, 0.0)
+    (3, 1, 0)
+    """
     ratio = check_fraction(ratio, "ratio")
     return int(math.ceil(round(ratio * num_filters, _RATIO_DECIMALS)))
 
@@ -129,6 +136,14 @@ def select_filters(relevance, *, ratio=None, threshold=None):
 
     Raises:
         ValueError: unless exactly one rule is given, or as the rules do.
+
+    Example:
+
+    >>> from keras_seltransfer.relevance import select_filters
+    >>> select_filters({"conv1": [0.1, 0.9, 0.5], "conv2": [0.3, 0.2]}, ratio=0.5)
+    {'conv1': array([False,  True,  True]), 'conv2': array([ True, False])}
+    >>> select_filters({"conv1": [0.1, 0.9, 0.5]}, threshold=0.5)
+    {'conv1': array([False,  True,  True])}
     """
     if (ratio is None) == (threshold is None):
         raise ValueError(

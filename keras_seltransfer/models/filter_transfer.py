@@ -212,6 +212,16 @@ def filter_transfer_summary(model):
         "reinitialized": n - t, "masked": m}}` with plain ints (JSON
         serialisable): `t` counts `transferred == 1`, `m` counts
         `mask == 0`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> masked = models.add_filter_masks(classifier)
+    >>> _ = models.reinitialize_filters(masked, {"block2_conv": np.arange(8) < 3}, seed=0)
+    >>> models.filter_transfer_summary(masked)["block2_conv"]
+    {'filters': 8, 'transferred': 5, 'reinitialized': 3, 'masked': 0}
     """
     summary = {}
     for conv, mask in filter_masks(model).items():
@@ -285,6 +295,19 @@ def set_reinitialized_batchnorm(model, mode="channels"):
         ValueError: for an unknown `mode`, or `"channels"` when a masked
             conv's BatchNormalization is not a
             `PartiallyFrozenBatchNormalization`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> masked = models.add_filter_masks(classifier)
+    >>> filters = {"block1_conv": np.array([True, False, False, True])}
+    >>> _ = models.reinitialize_filters(masked, filters, seed=0)
+    >>> models.set_batchnorm_mode(masked, "frozen")
+    2
+    >>> models.set_reinitialized_batchnorm(masked, "channels")
+    {'block1_bn': 2, 'block2_bn': 0}
     """
     check_choice(mode, "mode", REINIT_BATCHNORM)
     training = {}
@@ -348,6 +371,19 @@ def batchnorm_statistics_gap(model, data, *, strategy=None):
 
     Raises:
         ValueError: for empty `data`.
+
+    Example:
+
+    ```python
+    masked = keras_seltransfer.models.add_filter_masks(classifier)
+    keras_seltransfer.models.reinitialize_filters(
+        masked, {"block1_conv": np.array([True, False, False, True])},
+        bn_statistics="target", data=target_images)
+    gap = keras_seltransfer.models.batchnorm_statistics_gap(masked, target_images)
+    # Right after the estimate, on the same images: {"channels": 2,
+    # "mean_gap": ~0, "log_variance_ratio": ~0}.
+    gap["block1_conv"]["reinitialized"]
+    ```
     """
     graph = ChannelGraph(model)
     found = _masked_batchnorms(graph)

@@ -36,7 +36,15 @@ CONVOLUTIONS = tuple(
 
 
 def is_supported(layer):
-    """Whether `adafilter` gates `layer`: exactly one of `SUPPORTED_LAYERS`."""
+    """Whether `adafilter` gates `layer`: exactly one of `SUPPORTED_LAYERS`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer.models.gated_conversion import is_supported
+    >>> is_supported(keras.layers.Conv2D(4, 3)), is_supported(keras.layers.Dense(4))
+    (True, False)
+    """
     return type(layer) in SUPPORTED_LAYERS
 
 
@@ -45,8 +53,14 @@ def absorbable_batchnorm(conv, bn):
 
     Example:
 
-    >>> absorbable_batchnorm(model.get_layer("conv1"), model.get_layer("bn1"))  # doctest: +SKIP
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.gated_conversion import absorbable_batchnorm
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> conv = backbone.get_layer("block1_conv")
+    >>> absorbable_batchnorm(conv, backbone.get_layer("block1_bn"))
     True
+    >>> absorbable_batchnorm(conv, backbone.get_layer("block1_relu"))
+    False
     """
     if not isinstance(bn, keras.layers.BatchNormalization):
         return False
@@ -83,6 +97,17 @@ def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
 
     Returns:
         A dict for `GatedConv.from_config` (named like `conv`).
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.layers import GatedConv
+    >>> from keras_seltransfer.models.gated_conversion import gated_conv_config
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> conv, bn = backbone.get_layer("block1_conv"), backbone.get_layer("block1_bn")
+    >>> config = gated_conv_config(conv, bn)
+    >>> GatedConv.from_config(config).name
+    'block1_conv'
     """
     if not is_supported(conv):
         raise ValueError(
@@ -132,6 +157,10 @@ def pretrained_probe(conv, bn, inputs, name):
     `inputs`: the features the first gate reads (see `adafilter`'s
     `first_gate_input`).
 
+    Folding the batch norm (inference form) into the kernel and bias keeps
+    the probe one frozen layer that no BatchNorm mode can switch to batch
+    statistics.
+
     Args:
         conv: the pretrained `Conv2D` or `DepthwiseConv2D`.
         bn: the `BatchNormalization` that follows it, or None.
@@ -141,9 +170,15 @@ def pretrained_probe(conv, bn, inputs, name):
     Returns:
         The probe's symbolic output.
 
-    Folding the batch norm (inference form) into the kernel and bias keeps
-    the probe one frozen layer that no BatchNorm mode can switch to batch
-    statistics.
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer.models.gated_conversion import pretrained_probe
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> conv, bn = keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization()
+    >>> features = bn(conv(inputs))
+    >>> pretrained_probe(conv, bn, inputs, "block1_probe").shape
+    (None, 6, 6, 4)
     """
     config = conv.get_config()
     depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)

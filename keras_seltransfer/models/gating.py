@@ -312,7 +312,15 @@ def adafilter(
 
 
 def gated_layers(model):
-    """The `GatedConv` layers of `model`, in model order."""
+    """The `GatedConv` layers of `model`, in model order.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> [layer.name for layer in models.gated_layers(models.adafilter(classifier))]
+    ['block1_conv', 'block2_conv']
+    """
     return [layer for layer in model.layers if isinstance(layer, GatedConv)]
 
 
@@ -321,6 +329,14 @@ def gate_controller(model):
 
     Raises:
         ValueError: if `model` has none, or several.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.gating import gate_controller
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> type(gate_controller(models.adafilter(classifier))).__name__
+    'GateController'
     """
     found = [layer for layer in model.layers if isinstance(layer, GateController)]
     if len(found) != 1:
@@ -346,6 +362,16 @@ def gate_usage(model, data, batch_size=32):
 
     Returns:
         `{"overall": float, "layers": {layer name: float}}`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_seltransfer import models
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> gated = models.adafilter(classifier)
+    >>> usage = models.gate_usage(gated, np.zeros((4, 16, 16, 1), "float32"))
+    >>> sorted(usage["layers"]), 0.0 <= usage["overall"] <= 1.0
+    (['block1_conv', 'block2_conv'], True)
     """
     layers = gated_layers(model)
     if not layers:

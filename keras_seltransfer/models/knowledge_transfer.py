@@ -33,6 +33,12 @@ def stage_outputs(model):
 
     Raises:
         ValueError: if a map has no static spatial size.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> models.stage_outputs(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    ['block1_relu', 'block2_relu']
     """
     flat = surgery.flatten(model)
     height, width = flat.inputs[0].shape[1:3]

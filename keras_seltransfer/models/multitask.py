@@ -78,6 +78,15 @@ def target_model(model, head="target_head", name=None):
 
     The returned model shares its layers (and weights) with `model`; save or
     export it like any classifier of `build_classifier`.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> model = models.build_multitask_model(backbone, 5, 3)
+    >>> classifier = models.target_model(model)
+    >>> classifier.name, classifier.output_shape
+    ('multitask_target', (None, 3))
     """
     try:
         output = model.get_layer(head).output
@@ -98,6 +107,17 @@ def joint_compile_args(target_weight=0.5, source_weight=0.5):
     (through the sample weights the pipeline provides). The target head
     reports `target_accuracy` and `target_crossentropy` (and `val_` versions),
     weighted so only target images count.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> args = models.joint_compile_args(target_weight=0.7, source_weight=0.3)
+    >>> sorted(args), args["loss_weights"]
+    (['loss', 'loss_weights', 'weighted_metrics'], {'target': 0.7, 'source': 0.3})
+
+    ```python
+    model.compile(keras.optimizers.Adam(1e-3), **args)
+    ```
     """
     for label, value in (("target_weight", target_weight), ("source_weight", source_weight)):
         if float(value) < 0:

@@ -98,6 +98,15 @@ class FilterResponses:
         ValueError: for a model with several inputs, or as
             `response_chains`.
 
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_seltransfer import models, relevance
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> responses = relevance.FilterResponses(classifier)
+    >>> [tuple(r.shape) for r in responses(np.zeros((2, 16, 16, 1), "float32"))]
+    [(2, 8, 8, 4), (2, 4, 4, 8)]
+
     Reference:
         Jung & Kim, "Selective filter transfer", 2019.
     """
@@ -389,6 +398,21 @@ def filter_relevance(model, data, statistic="mean", **kwargs):
 
     Raises:
         ValueError: as `filter_statistics`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import tensorflow as tf
+    >>> from keras_seltransfer import models, relevance
+    >>> classifier = models.build_classifier(models.small_cnn((16, 16, 1), widths=(4, 8)), 3)
+    >>> images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 1)).astype("float32")
+    >>> data = tf.data.Dataset.from_tensor_slices(images).batch(4)
+    >>> scores = relevance.filter_relevance(classifier, data)
+    >>> {name: s.shape for name, s in scores.items()}
+    {'block1_conv': (4,), 'block2_conv': (8,)}
+    >>> keep = relevance.select_filters(scores, ratio=0.5)
+    >>> [int(k.sum()) for k in keep.values()]
+    [2, 4]
     """
     check_statistic(statistic)
     return _responses(model, kwargs.pop("layers", None)).relevance(data, statistic, **kwargs)

@@ -47,6 +47,13 @@ def conv_layer_names(model, layers=None):
     Raises:
         ValueError: if nothing matches, a name is missing or is not a conv
             layer.
+
+    Example:
+
+    >>> from keras_seltransfer import models, relevance
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> relevance.conv_layer_names(backbone), relevance.conv_layer_names(backbone, "block2")
+    (['block1_conv', 'block2_conv'], ['block2_conv'])
     """
     flat = surgery.flatten(model)
     all_convs = [layer.name for layer in flat.layers if isinstance(layer, surgery.CONV_TYPES)]
@@ -113,6 +120,13 @@ def response_chains(model, layers=None):
     Raises:
         ValueError: as `conv_layer_names`, or for a conv layer called more
             than once (a shared layer).
+
+    Example:
+
+    >>> from keras_seltransfer import models, relevance
+    >>> chains = relevance.response_chains(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> list(chains), chains["block1_conv"]
+    (['block1_conv', 'block2_conv'], ['block1_conv', 'block1_bn', 'block1_relu'])
     """
     flat = surgery.flatten(model)
     names = conv_layer_names(flat, layers)
@@ -154,7 +168,14 @@ def response_chains(model, layers=None):
 
 def response_points(model, layers=None):
     """`{conv_name: name of the layer whose output is its filters' response}`
-    (see `response_chains` for the rule)."""
+    (see `response_chains` for the rule).
+
+    Example:
+
+    >>> from keras_seltransfer import models, relevance
+    >>> relevance.response_points(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    {'block1_conv': 'block1_relu', 'block2_conv': 'block2_relu'}
+    """
     return {conv: chain[-1] for conv, chain in response_chains(model, layers).items()}
 
 

@@ -105,6 +105,14 @@ def consumers(model):
         layer producing a model output and feeding nothing maps to `[]`.
         Read from the model's serialised graph (`get_config`), so it sees
         exactly the connections saving and loading would.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import consumers
+    >>> graph = consumers(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> graph["block1_conv"], graph["features"]
+    (['block1_bn'], [])
     """
     _check_functional(model)
     layers = model.get_config()["layers"]
@@ -118,7 +126,16 @@ def consumers(model):
 
 
 def producers(model):
-    """Maps every layer name of a functional model to the layers feeding it."""
+    """Maps every layer name of a functional model to the layers feeding it.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import producers
+    >>> graph = producers(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> graph["block2_conv"], graph["image"]
+    (['block1_pool'], [])
+    """
     _check_functional(model)
     result = {}
     for spec in model.get_config()["layers"]:
@@ -139,6 +156,16 @@ def flatten(model):
     top. Returns a new model whose layers are the *same* layer objects
     (weights shared with `model`); a model without nested functional models
     is returned as is.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import flatten
+    >>> inputs = keras.Input((16, 16, 1))
+    >>> wrapped = keras.Model(inputs, models.small_cnn((16, 16, 1), widths=(4, 8))(inputs))
+    >>> len(wrapped.layers), len(flatten(wrapped).layers)
+    (2, 10)
     """
     _check_functional(model)
     nested = [
@@ -181,6 +208,15 @@ def copy_matching_weights(source, target, skip=()):
 
     Returns:
         The names of the target layers whose weights were copied.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import copy_matching_weights
+    >>> source = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> target = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> copy_matching_weights(source, target, skip=("block2_conv",))
+    ['block1_conv', 'block1_bn', 'block2_bn']
     """
     by_name = {layer.name: layer for layer in source.layers}
     copied = []
@@ -222,6 +258,21 @@ def rebuild(model, call_function=None, *, name=None):
     Returns:
         The new functional `keras.Model` (inputs and outputs in the original
         structure).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import rebuild
+    >>> def add_dropout(layer, original, *args, **kwargs):
+    ...     outputs = layer(*args, **kwargs)
+    ...     if original.name == "block1_relu":
+    ...         outputs = keras.layers.Dropout(0.1, name="block1_dropout")(outputs)
+    ...     return outputs
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> model = rebuild(backbone, add_dropout, name="with_dropout")
+    >>> [layer.name for layer in model.layers[4:7]]
+    ['block1_relu', 'block1_dropout', 'block1_pool']
     """
     _check_functional(model)
     flat = flatten(model)
@@ -242,7 +293,19 @@ def rebuild(model, call_function=None, *, name=None):
 def matching_layers(model, layer_types, pattern=None):
     """Names of the layers of `model` that are instances of `layer_types`
     and, when `pattern` (a regular expression) is given, whose name matches
-    it (`re.search`)."""
+    it (`re.search`).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import matching_layers
+    >>> backbone = models.small_cnn((16, 16, 1), widths=(4, 8))
+    >>> matching_layers(backbone, (keras.layers.Conv2D,))
+    ['block1_conv', 'block2_conv']
+    >>> matching_layers(backbone, (keras.layers.ReLU,), "^block2")
+    ['block2_relu']
+    """
     import re
 
     if pattern is not None:
