@@ -81,6 +81,14 @@ def run_app(main):
     app.run(main)
 
 
+def print_paths(outputs, labels):
+    """Prints `label: path` for each `(key, label)` in `labels` that
+    `outputs` (a workflow's returned dict) holds, in that order."""
+    for key, label in labels:
+        if key in outputs:
+            print(f"  {label}: {outputs[key]}")
+
+
 def run_class_names(model_path):
     """Class names from the run's report.json beside a model, or None.
 

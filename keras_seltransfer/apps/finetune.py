@@ -55,15 +55,15 @@ def main(argv):
         f"balanced accuracy {report['balanced_accuracy']:.4f} "
         f"({report['num_examples']} test images, {report['train_examples']} training images)"
     )
-    keys = (
-        ("report_md", "report"),
-        ("model", "model"),
-        ("multitask_model", "two-head model"),
-        ("saved_model", "SavedModel"),
+    common.print_paths(
+        outputs,
+        (
+            ("report_md", "report"),
+            ("model", "model"),
+            ("multitask_model", "two-head model"),
+            ("saved_model", "SavedModel"),
+        ),
     )
-    for key, label in keys:
-        if key in outputs:
-            print(f"  {label}: {outputs[key]}")
 
 
 def run():

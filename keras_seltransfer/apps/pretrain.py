@@ -39,9 +39,7 @@ def main(argv):
         f"\npretrained {config.backbone} on {config.source}: test accuracy "
         f"{report['accuracy']:.4f} ({report['num_examples']} test images)"
     )
-    for key, label in (("model", "backbone"), ("report_md", "report")):
-        if key in outputs:
-            print(f"  {label}: {outputs[key]}")
+    common.print_paths(outputs, (("model", "backbone"), ("report_md", "report")))
 
 
 def run():
