@@ -451,3 +451,29 @@ def test_rounds_restart_the_learning_rate_at_each_round():
     assert sjft.schedule_for(config) is None  # the loop's cosine decay over the run
     schedule = loop.optimizer_for(config, 10)._learning_rate
     assert float(schedule(30)) == pytest.approx(0.05, rel=1e-3)  # half-way through one cycle
+
+
+def test_controls_that_isolate_selection(world, tmp_path):
+    # Random neighbour lists, grown and sampled as sjft's; and sjft with
+    # uniform target draws at single-task steps per epoch.
+    config = _config(
+        world, tmp_path / "random_neighbours", method="sjft_random_neighbours", epochs=2,
+        delta=0.0, sigma0=1.0, sigma1=1.0,
+    )
+    report = training.finetune(config)["report"]
+    assert report["sampling"] == "random_neighbours"
+    assert report["neighbour_counts"]["grown"] > 0  # grows like sjft
+    selected = _selected_ids(config)
+    assert report["source_candidates"] <= len(selected)
+    config = _config(
+        world, tmp_path / "uniform", epochs=2, delta=0.0, sigma0=1.0, sigma1=1.0,
+        target_draws="uniform", joint_steps="single_task",
+    )
+    report = training.finetune(config)["report"]
+    n = report["train_examples"]
+    assert report["steps_per_epoch"] == -(-n // config.batch_size)
+    assert report["neighbour_counts"]["grown"] > 0
+    # Every target drawn equally: at most one draw apart (the padding of the last batch).
+    histogram = report["repetition"]["final_histogram"]
+    drawn = [count for count, images in enumerate(histogram) if images]
+    assert max(drawn) - min(drawn) <= 1

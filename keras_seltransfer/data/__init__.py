@@ -17,8 +17,9 @@ from keras_seltransfer.data.joint import joint_steps_per_epoch
 from keras_seltransfer.data.joint import joint_validation_dataset
 from keras_seltransfer.data.joint import make_joint_dataset
 from keras_seltransfer.data.joint import prepared_images
+from keras_seltransfer.data.joint_sampler import TARGET_DRAWS
 from keras_seltransfer.data.joint_sampler import JointSampler
-from keras_seltransfer.data.joint_sampler import make_sampler
+from keras_seltransfer.data.joint_variants import make_sampler
 from keras_seltransfer.data.pipeline import augment_batch
 from keras_seltransfer.data.pipeline import distributed_dataset
 from keras_seltransfer.data.pipeline import make_dataset
@@ -37,6 +38,7 @@ __all__ = [
     "JointSampler",
     "augment_batch",
     "distributed_dataset",
+    "TARGET_DRAWS",
     "from_image_folder",
     "from_numpy",
     "from_tfds",

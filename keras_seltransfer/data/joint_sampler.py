@@ -5,7 +5,7 @@ a batch with a random neighbour from the first `K_i` entries of its sorted
 neighbour list (from `keras_seltransfer.retrieval`); hard target images get
 longer lists as training goes (`AdaptiveNeighbourGrowth`). `JointSampler`
 holds the lists and the growth state in TensorFlow variables and draws each
-epoch; `make_sampler` builds the sampler of each ablation variant;
+epoch; `data.joint_variants.make_sampler` builds the sampler of each ablation variant;
 `data.joint.make_joint_dataset` turns the draws into batches.
 
 How an epoch is drawn (keyed on the sampler's seed and the epoch number, so
@@ -13,7 +13,9 @@ runs are reproducible and a resumed run draws the same batches):
 
 1. Target draws. Each epoch makes `steps * batch/2` target draws, where
    `steps = ceil(num_targets / (batch/2))`. Target `i` gets a share
-   proportional to its weight `K_i` (uniform for the pooled variants),
+   proportional to its weight `K_i` (uniform for the pooled variants, and
+   with `target_draws="uniform"`, the control that grows the lists without
+   repeating hard images),
    allocated by systematic sampling (every target gets the floor or the
    ceiling of its expected count), then shuffled. With equal weights this is
    a shuffled pass over the targets, padded to whole batches. A target whose
@@ -42,20 +44,12 @@ import numpy as np
 import tensorflow as tf
 
 from keras_seltransfer.utils.validation import check_int
+from keras_seltransfer.utils.validation import check_int_array
 from keras_seltransfer.utils.validation import is_int
 
-# Ablation variants of the paper (Table 4 of Ge & Yu) and what they sample.
-VARIANTS = ("selected", "selected_nogrowth", "all", "random")
-
-
-def _int_array(values, name, ndim):
-    array = np.asarray(values)
-    if array.ndim != ndim or (array.size and not np.issubdtype(array.dtype, np.integer)):
-        raise ValueError(
-            f"Expected `{name}` to be a {ndim}-D integer array. "
-            f"Received: {name} with shape {array.shape} and dtype {array.dtype}"
-        )
-    return array.astype(np.int64, copy=False)
+# How a neighbour sampler shares an epoch's draws among the target images:
+# in proportion to their list lengths K_i, or equally.
+TARGET_DRAWS = ("neighbours", "uniform")
 
 
 class JointSampler(keras.callbacks.Callback):
@@ -90,6 +84,11 @@ class JointSampler(keras.callbacks.Callback):
             to at most `max_level * k0` neighbours, and no target is drawn
             more than `max_level` times per epoch. None: no cap (lists grow
             to every stored neighbour, draws proportional to `K_i`).
+        target_draws: how a neighbour sampler shares an epoch's target
+            draws: `"neighbours"` in proportion to `K_i` (a grown target is
+            drawn more often), `"uniform"` equally (lists still grow, so a
+            hard target's draws reach more source images, but it is not
+            repeated). Pool samplers always draw targets uniformly.
 
     Example:
 
@@ -115,15 +114,21 @@ class JointSampler(keras.callbacks.Callback):
         k0=None,
         seed=0,
         max_level=None,
+        target_draws="neighbours",
     ):
         super().__init__()
+        if target_draws not in TARGET_DRAWS:
+            raise ValueError(
+                f"Expected `target_draws` in {TARGET_DRAWS}. Received: target_draws={target_draws!r}"
+            )
+        self.target_draws = target_draws
         if tf.distribute.has_strategy():
             raise ValueError(
                 "Create the JointSampler outside `strategy.scope()`: its state "
                 "belongs to the input pipeline on the host."
             )
-        candidate_ids = _int_array(candidate_ids, "candidate_ids", 1)
-        candidate_labels = _int_array(candidate_labels, "candidate_labels", 1)
+        candidate_ids = check_int_array(candidate_ids, "candidate_ids", 1)
+        candidate_labels = check_int_array(candidate_labels, "candidate_labels", 1)
         if len(candidate_ids) == 0:
             raise ValueError("Expected at least one candidate source image. Received: none.")
         if len(candidate_labels) != len(candidate_ids):
@@ -155,7 +160,7 @@ class JointSampler(keras.callbacks.Callback):
                 )
             self.max_level = check_int(max_level, "max_level", 1)
         if neighbours is not None:
-            neighbours = _int_array(neighbours, "neighbours", 2)
+            neighbours = check_int_array(neighbours, "neighbours", 2)
             if neighbours.shape[0] != self.num_targets or neighbours.shape[1] < 1:
                 raise ValueError(
                     f"Expected `neighbours` of shape [num_targets={self.num_targets}, K>=1]. "
@@ -193,7 +198,10 @@ class JointSampler(keras.callbacks.Callback):
     # ---------------------------------------------------------------- builders
 
     @classmethod
-    def from_neighbours(cls, neighbour_ids, source_labels, *, k0, k_max=None, seed=0, max_level=None):
+    def from_neighbours(
+        cls, neighbour_ids, source_labels, *, k0, k_max=None, seed=0, max_level=None,
+        target_draws="neighbours",
+    ):
         """A sampler over per-target neighbour lists (the selective method).
 
         Args:
@@ -208,9 +216,10 @@ class JointSampler(keras.callbacks.Callback):
             seed: int seed of the draws.
             max_level: highest sampling level (see the class); also keeps
                 only the first `max_level * k0` columns.
+            target_draws: `"neighbours"` or `"uniform"` (see the class).
         """
-        ids = _int_array(neighbour_ids, "neighbour_ids", 2)
-        source_labels = _int_array(source_labels, "source_labels", 1)
+        ids = check_int_array(neighbour_ids, "neighbour_ids", 2)
+        source_labels = check_int_array(source_labels, "source_labels", 1)
         if k_max is not None:
             ids = ids[:, : check_int(k_max, "k_max", 1)]
         if max_level is not None:
@@ -231,6 +240,7 @@ class JointSampler(keras.callbacks.Callback):
             k0=k0,
             seed=seed,
             max_level=max_level,
+            target_draws=target_draws,
         )
 
     @classmethod
@@ -243,8 +253,8 @@ class JointSampler(keras.callbacks.Callback):
             num_targets: number of target training images.
             seed: int seed of the draws.
         """
-        pool_ids = np.unique(_int_array(pool_ids, "pool_ids", 1))
-        source_labels = _int_array(source_labels, "source_labels", 1)
+        pool_ids = np.unique(check_int_array(pool_ids, "pool_ids", 1))
+        source_labels = check_int_array(source_labels, "source_labels", 1)
         if pool_ids.size and pool_ids.max() >= len(source_labels):
             raise ValueError(
                 f"Pool ids must be positions in the source set (0..{len(source_labels) - 1})."
@@ -265,7 +275,7 @@ class JointSampler(keras.callbacks.Callback):
     def set_neighbour_counts(self, counts):
         """Sets `K_i` per target; the next epoch of the pipeline samples from them."""
         self._require_neighbours()
-        counts = _int_array(counts, "counts", 1)
+        counts = check_int_array(counts, "counts", 1)
         if counts.shape != (self.num_targets,) or counts.min() < 1 or counts.max() > self.k_max:
             raise ValueError(
                 f"Expected `counts` of shape [{self.num_targets}] with values in "
@@ -318,6 +328,7 @@ class JointSampler(keras.callbacks.Callback):
         keys = tf.random.experimental.stateless_split(key, 3)
         if self.uses_neighbours:
             counts = tf.convert_to_tensor(self.neighbour_counts)
+        if self.uses_neighbours and self.target_draws == "neighbours":
             weights = tf.cast(counts, tf.float64)
         else:
             weights = tf.ones([self.num_targets], tf.float64)
@@ -408,88 +419,4 @@ def capped_shares(weights, num_draws, cap):
     return tf.minimum(shares(saturated), cap)
 
 
-def random_pool(num_source, size, seed=0):
-    """`size` distinct source positions chosen uniformly (the random-source ablation).
-
-    Args:
-        num_source: number of source images (int >= 1).
-        size: number of positions to choose, at most `num_source`.
-        seed: seed of the choice.
-
-    Returns:
-        A sorted int array of `size` distinct positions in `[0, num_source)`.
-
-    Raises:
-        ValueError: for a non-positive `num_source` or `size`, or a `size`
-            above `num_source`.
-
-    Example:
-
-    >>> random_pool(10, 3, seed=0).tolist()
-    [5, 6, 9]
-    """
-    num_source = check_int(num_source, "num_source", 1)
-    size = check_int(size, "size", 1)
-    if size > num_source:
-        raise ValueError(f"Cannot choose {size} of {num_source} source images.")
-    return np.sort(np.random.default_rng(seed).choice(num_source, size, replace=False))
-
-
-def make_sampler(variant, neighbour_ids, source_labels, *, k0, k_max=None, seed=0, max_level=None):
-    """The sampler of one of `VARIANTS` from a target's neighbour lists.
-
-    - `selected`, `selected_nogrowth`: neighbour lists (growth is the
-      callback's business; the sampler is the same), capped at `max_level`
-      (see `JointSampler`).
-    - `all`: every source image, uniformly.
-    - `random`: as many uniformly chosen source images as the lists select
-      (distinct ids in the columns a list can reach: the first `k_max`, and
-      at most `max_level * k0`), drawn uniformly.
-
-    Args:
-        variant: one of `VARIANTS`.
-        neighbour_ids: `[num_targets, K]` source positions, each row
-            nearest first.
-        source_labels: `[num_source]` labels of the whole source set.
-        k0, k_max, seed, max_level: as `JointSampler.from_neighbours`.
-
-    Returns:
-        A `JointSampler`.
-
-    Raises:
-        ValueError: for an unknown `variant` or arguments the sampler
-            rejects.
-
-    Example:
-
-    >>> neighbour_ids = np.array([[4, 2, 7], [2, 9, 4]])
-    >>> sampler = make_sampler("random", neighbour_ids, np.arange(10) % 5, k0=2)
-    >>> sampler.uses_neighbours, len(sampler.candidate_ids)
-    (False, 4)
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"Expected `variant` in {VARIANTS}. Received: variant={variant!r}")
-    source_labels = _int_array(source_labels, "source_labels", 1)
-    ids = _int_array(neighbour_ids, "neighbour_ids", 2)
-    if variant in ("selected", "selected_nogrowth"):
-        return JointSampler.from_neighbours(
-            ids, source_labels, k0=k0, k_max=k_max, seed=seed, max_level=max_level
-        )
-    if variant == "all":
-        return JointSampler.from_pool(np.arange(len(source_labels)), source_labels, ids.shape[0], seed=seed)
-    columns = k_max
-    if max_level is not None:
-        cap = check_int(k0, "k0", 1) * check_int(max_level, "max_level", 1)
-        columns = cap if columns is None else min(columns, cap)
-    selected = len(np.unique(ids[:, :columns] if columns else ids))
-    pool = random_pool(len(source_labels), selected, seed=seed)
-    return JointSampler.from_pool(pool, source_labels, ids.shape[0], seed=seed)
-
-
-__all__ = [
-    "JointSampler",
-    "VARIANTS",
-    "capped_shares",
-    "make_sampler",
-    "random_pool",
-]
+__all__ = ["JointSampler", "TARGET_DRAWS", "capped_shares"]

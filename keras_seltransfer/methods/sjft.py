@@ -42,6 +42,8 @@ INDEX_BANKS = BANKS
 JOINT_BN_STATS = ("target", "mixture_exact", "mixture")
 # When neighbour lists grow (see `SJFTOptions.growth_mode`).
 GROWTH_MODES = ("epochs", "rounds")
+# How many optimizer steps a joint epoch has (see `SJFTOptions.joint_steps`).
+JOINT_STEPS = ("cover_targets", "single_task")
 
 
 @dataclasses.dataclass
@@ -75,6 +77,22 @@ class SJFTOptions:
         "more than max_level times per epoch. 0: no cap (lists grow to k_max, and one hard "
         "image could take 18 of an epoch's 240 target draws on ELPV at 15%).",
         lower=0,
+    )
+    target_draws: str = option(
+        "neighbours",
+        "sjft: how an epoch's target draws are shared: neighbours draws each target image in "
+        "proportion to its list length K_i (a hard image whose list grew is repeated, up to "
+        "max_level times per epoch); uniform draws every target image equally while the lists "
+        "still grow (the control that separates growth from repetition).",
+        choices=data_lib.TARGET_DRAWS,
+    )
+    joint_steps: str = option(
+        "cover_targets",
+        "sjft: optimizer steps per joint epoch: cover_targets has ceil(N / (batch/2)) steps, "
+        "enough half-batches to draw every target image once (twice the steps of a "
+        "single-task epoch); single_task has ceil(N / batch) steps, the same number as "
+        "fine-tuning, for comparisons at equal optimizer steps.",
+        choices=JOINT_STEPS,
     )
     growth_period: int = option(2, "sjft: epochs per neighbour-growth round.", lower=1)
     growth_mode: str = option(
@@ -223,6 +241,32 @@ def schedule_for(config):
     return None
 
 
+# The samplings whose target images have neighbour lists.
+NEIGHBOUR_SAMPLINGS = ("selected", "selected_nogrowth", "random_neighbours")
+
+
+def joint_steps(config, num_targets):
+    """Optimizer steps of one joint epoch under `config.joint_steps`.
+
+    Args:
+        config: a `FinetuneConfig` of a joint method.
+        num_targets: target training images.
+
+    Returns:
+        `ceil(num_targets / (batch_size / 2))` for `"cover_targets"`,
+        `ceil(num_targets / batch_size)` for `"single_task"`.
+
+    Example:
+
+    >>> config = FinetuneConfig(method="sjft", batch_size=32, joint_steps="single_task")
+    >>> joint_steps(config, 236)
+    8
+    """
+    if config.joint_steps == "single_task":
+        return data_lib.steps_per_epoch(num_targets, config.batch_size)
+    return data_lib.joint_steps_per_epoch(num_targets, config.batch_size)
+
+
 class JointFinetuning(Method):
     """Joint fine-tuning on the target and a (selected) source sample."""
 
@@ -241,7 +285,7 @@ class JointFinetuning(Method):
         """Reads (or builds) the neighbour index and makes the sampler."""
         neighbour_ids, built = load_neighbours(config, context.state["train_ids"])
         source = workflow.source_training_images(built)
-        capped = self.sampling.startswith("selected") and config.max_level
+        capped = self.sampling in NEIGHBOUR_SAMPLINGS and config.max_level
         context.state["source"] = source
         context.state["sampler"] = data_lib.make_sampler(
             self.sampling,
@@ -251,6 +295,7 @@ class JointFinetuning(Method):
             k_max=config.k_max,
             seed=config.seed,
             max_level=config.max_level if capped else None,
+            target_draws=config.target_draws,
         )
 
     def build_model(self, config, context):
@@ -279,7 +324,7 @@ class JointFinetuning(Method):
         val_ds = data_lib.joint_validation_dataset(
             context.val, config.image_size, config.batch_size, channels=channels
         )
-        steps = data_lib.joint_steps_per_epoch(len(train), config.batch_size)
+        steps = joint_steps(config, len(train))
         callbacks = [sampler]
         # Training normalises every batch with its own statistics; only the
         # moving statistics served in inference mode depend on this choice.
@@ -391,4 +436,11 @@ register(JointFinetuning(
     "the paper's ablation: as many random source images as sjft selects (with "
     "--from_scratch, every sjft method is selective joint training from scratch)",
     order=13,
+))
+register(JointFinetuning(
+    "sjft_random_neighbours", "random_neighbours",
+    "the control that isolates selection: every target image gets a list of random source "
+    "images (from a random pool as large as sjft's selected union), grown and sampled "
+    "exactly as sjft's lists are",
+    order=14, grows=True,
 ))

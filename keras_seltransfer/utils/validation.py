@@ -90,6 +90,35 @@ def is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_int_array(values, name, ndim):
+    """Returns `values` as an int64 NumPy array of `ndim` dimensions.
+
+    Args:
+        values: array-like to check (an empty array of any dtype passes).
+        name: the argument's name, used in the error.
+        ndim: the number of dimensions expected.
+
+    Returns:
+        An int64 NumPy array (not copied when `values` already is one).
+
+    Raises:
+        ValueError: naming the argument, the expected rank, and the shape
+            and dtype received.
+
+    Example:
+
+    >>> check_int_array([[1, 2], [3, 4]], "neighbours", 2).shape
+    (2, 2)
+    """
+    array = np.asarray(values)
+    if array.ndim != ndim or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(
+            f"Expected `{name}` to be a {ndim}-D integer array. "
+            f"Received: {name} with shape {array.shape} and dtype {array.dtype}"
+        )
+    return array.astype(np.int64, copy=False)
+
+
 def check_choice(value, name, choices):
     """Returns `value` if it is one of `choices`.
 

@@ -13,8 +13,9 @@ from keras_seltransfer.data.joint import joint_steps_per_epoch
 from keras_seltransfer.data.joint import make_joint_dataset
 from keras_seltransfer.data.joint_sampler import capped_shares
 from keras_seltransfer.data.joint_sampler import JointSampler
-from keras_seltransfer.data.joint_sampler import make_sampler
-from keras_seltransfer.data.joint_sampler import random_pool
+from keras_seltransfer.data.joint_variants import make_sampler
+from keras_seltransfer.data.joint_variants import random_lists
+from keras_seltransfer.data.joint_variants import random_pool
 
 NUM_TARGETS = 12
 NUM_SOURCE = 200
@@ -329,6 +330,13 @@ def test_pool_variants():
         (lambda: JointSampler.from_neighbours(np.array([0, 1]), np.zeros(10, int), k0=1), "2-D integer array"),
         (lambda: make_sampler("nearest", np.array([[0, 1]]), np.zeros(10, int), k0=1), "variant"),
         (lambda: random_pool(5, 6), "Cannot choose 6 of 5"),
+        (lambda: random_lists(np.arange(3), 2, 4), "pool of 3"),
+        (
+            lambda: JointSampler.from_neighbours(
+                np.array([[0, 1]]), np.zeros(10, int), k0=1, target_draws="proportional"
+            ),
+            "target_draws",
+        ),
     ],
 )
 def test_sampler_errors(build, message):
@@ -455,3 +463,54 @@ def test_capped_sampler_candidates_and_growth_stop_at_the_cap():
         make_joint_dataset(_target(), source, small, SIZE, 32)
     with pytest.raises(ValueError, match="pool sampler has no levels"):
         JointSampler(np.arange(5), np.zeros(5, int), 3, max_level=2)
+
+
+def test_uniform_target_draws_grow_lists_without_repeating_hard_targets():
+    # The control separating growth from repetition: with the same grown
+    # lists, "neighbours" draws a grown target in proportion to K_i,
+    # "uniform" draws every target once per pass.
+    ids = _neighbours(k=16)
+    labels = _source().labels
+    counts = np.full(NUM_TARGETS, 2)
+    counts[0] = 16
+    num_draws = 4 * NUM_TARGETS
+    draws = {}
+    for mode in ("neighbours", "uniform"):
+        sampler = make_sampler("selected", ids, labels, k0=2, seed=3, target_draws=mode)
+        sampler.set_neighbour_counts(counts)
+        draws[mode] = sampler.repetition_counts(num_draws)
+        assert draws[mode].sum() == num_draws
+    expected = num_draws * counts / counts.sum()
+    assert np.all(np.abs(draws["neighbours"] - expected) < 1)
+    np.testing.assert_array_equal(draws["uniform"], np.full(NUM_TARGETS, 4))
+    # The grown list still reaches all 16 neighbours under uniform draws.
+    sampler = make_sampler("selected", ids, labels, k0=2, seed=3, target_draws="uniform")
+    sampler.set_neighbour_counts(counts)
+    reached = set()
+    for epoch in range(40):
+        targets, positions = sampler.draw(num_draws, np.int64(epoch))
+        reached.update(
+            int(sampler.candidate_ids[p]) for t, p in zip(targets.numpy(), positions.numpy()) if t == 0
+        )
+    assert reached == set(ids[0].tolist())
+
+
+def test_random_neighbour_lists_match_the_selected_ones_in_shape_and_pool_size():
+    ids = _neighbours(k=10)
+    labels = _source().labels
+    selected = make_sampler("selected", ids, labels, k0=2, k_max=8, seed=1)
+    control = make_sampler("random_neighbours", ids, labels, k0=2, k_max=8, seed=1)
+    pool = make_sampler("random", ids, labels, k0=2, k_max=8, seed=1)
+    assert control.uses_neighbours and control.k0 == 2 and control.k_max == selected.k_max == 8
+    # Drawn from the random pool of the "random" ablation, not from the selected lists.
+    assert set(control.candidate_ids) <= set(pool.candidate_ids)
+    assert not set(control.candidate_ids) <= set(np.unique(ids[:, :8]))
+    # Every list holds distinct images; growth works as for the selected lists.
+    lists = control.candidate_ids[control.neighbours]
+    assert all(len(set(row)) == 8 for row in lists)
+    control.set_neighbour_counts(np.full(NUM_TARGETS, 8))
+    np.testing.assert_array_equal(control.get_neighbour_counts(), np.full(NUM_TARGETS, 8))
+    np.testing.assert_array_equal(
+        random_lists(np.array([7, 3, 5]), 4, 3, seed=0).tolist(),
+        random_lists(np.array([3, 5, 7]), 4, 3, seed=0).tolist(),
+    )

@@ -31,7 +31,9 @@ def test_every_module_of_the_package_registers_what_it_declares():
     }
     assert modules == declared
     assert methods.names()[:2] == ("baseline", "l2sp")
-    assert set(methods.joint_methods()) == {"sjft", "sjft_nogrowth", "sjft_all", "sjft_random"}
+    assert set(methods.joint_methods()) == {
+        "sjft", "sjft_nogrowth", "sjft_all", "sjft_random", "sjft_random_neighbours"
+    }
 
 
 def test_every_method_option_is_a_config_field_and_documented():
