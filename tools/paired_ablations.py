@@ -15,23 +15,7 @@ import common  # noqa: F401  (tools/common.py: environment, repository root on s
 import json
 import sys
 
-import numpy as np
-from scipy import stats
-
-
-def paired_interval(differences, confidence=0.95):
-    """`(mean, low, high)` of the Student-t interval of paired differences.
-
-    Example:
-
-    >>> paired_interval([1.0, 2.0, 3.0])[0]
-    2.0
-    """
-    d = np.asarray(differences, dtype=np.float64)
-    if d.size < 2:
-        raise ValueError(f"Need at least 2 paired differences. Received: {d.size}")
-    half = stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+from tools.results.stats import paired_interval
 
 
 def _line(label, differences):

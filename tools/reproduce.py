@@ -33,8 +33,22 @@ plots: accuracy versus target fraction, retrieval examples, neighbour-set
 growth, AdaFilter gate usage per layer, shift consistency of the anti-aliased
 models.
 
+With `--protocol=deconfounded` it runs the deconfounded comparison instead
+(`tools/results/protocol.py` states it): the strongest simple baselines
+(linear probe, LP-FT, fine-tuning, class-balanced fine-tuning, L2-SP, DELTA,
+BSS) beside the selective methods, every row searched with the same budget
+over learning rate, BatchNorm mode and at most two of its own settings,
+joint rows at equal optimizer steps, controls that isolate SJFT's
+selection, 5 seeds at 15% and 30%, and paired differences to the best
+baseline with 95% intervals. Outputs go to
+docs/results/deconfounded/<target>/ (runs under runs/deconfounded/<target>).
+
+  python tools/reproduce.py --protocol=deconfounded
+  python tools/reproduce.py --protocol=deconfounded --target=textures --fractions=0.15,0.3
+
 The code is in tools/results/: the grid (`grid`), the run cache (`cache`),
-training and tuning (`runner`), tables (`tables`) and plots (`plots`).
+training and tuning (`runner`), tables (`tables`) and plots (`plots`); the
+deconfounded protocol in `protocol`, `protocol_runner` and `protocol_tables`.
 """
 
 import os
@@ -49,9 +63,31 @@ from absl import flags  # noqa: E402
 
 from tools.results import grid  # noqa: E402
 from tools.results import plots  # noqa: E402
+from tools.results import protocol  # noqa: E402
+from tools.results import protocol_runner  # noqa: E402
+from tools.results import protocol_tables  # noqa: E402
 from tools.results import runner  # noqa: E402
 from tools.results import tables  # noqa: E402
 
+flags.DEFINE_enum(
+    "protocol", "paper", ["paper", "deconfounded"],
+    "paper: the papers' comparisons (one learning rate chosen per row). deconfounded: the "
+    "strongest baselines beside every method, one search budget per row over learning rate, "
+    "BatchNorm mode and the row's own settings, equal optimizer steps, SJFT controls, paired "
+    "differences to the best baseline.",
+)
+flags.DEFINE_list(
+    "controls", None,
+    f"deconfounded: SJFT controls to run (default: all): {', '.join(protocol.CONTROLS_BY_NAME)}.",
+)
+flags.DEFINE_integer(
+    "trials", None,
+    f"deconfounded: search trials per row (default {protocol.TRIALS}; 4 with --quick).",
+    lower_bound=1,
+)
+flags.DEFINE_list(
+    "tune_seeds", None, "deconfounded: seeds every search trial is scored over (default 0,1)."
+)
 flags.DEFINE_boolean(
     "quick", False,
     "One seed, two fractions (0.15, 0.3), 3 epochs, one learning rate, a 6,000-image "
@@ -149,8 +185,121 @@ def resolve_settings():
     )
 
 
+def resolve_protocol_settings():
+    """Turns the flags into `protocol_runner.ProtocolSettings`."""
+    from keras_seltransfer import training
+    from keras_seltransfer.utils.naming import spec_slug
+
+    quick = FLAGS.quick
+    names = FLAGS.rows or list(protocol.ROWS_BY_NAME)
+    unknown = [n for n in names if n not in protocol.ROWS_BY_NAME]
+    if unknown:
+        raise app.UsageError(
+            f"Unknown rows {unknown}; expected some of {list(protocol.ROWS_BY_NAME)}."
+        )
+    controls = FLAGS.controls if FLAGS.controls is not None else list(protocol.CONTROLS_BY_NAME)
+    unknown = [n for n in controls if n not in protocol.CONTROLS_BY_NAME]
+    if unknown:
+        raise app.UsageError(
+            f"Unknown controls {unknown}; expected some of {list(protocol.CONTROLS_BY_NAME)}."
+        )
+    default_fractions = ("0.15",) if quick else protocol.FRACTIONS
+    fractions = [float(f) for f in (FLAGS.fractions or default_fractions)]
+    if any(not 0 < f <= 1 for f in fractions):
+        raise app.UsageError(f"--fractions must be in (0, 1]. Received: {fractions}")
+    seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else ([0] if quick else None)
+    tune_seeds = [int(s) for s in (FLAGS.tune_seeds or (["0"] if quick else protocol.TUNE_SEEDS))]
+    slug = spec_slug(FLAGS.target)
+    output_dir = FLAGS.output_dir or (
+        os.path.join("runs", "deconfounded_quick", slug) if quick
+        else os.path.join("docs", "results", "deconfounded", slug)
+    )
+    runs_dir = FLAGS.runs_dir or (
+        os.path.join(output_dir, "runs") if (quick or FLAGS.output_dir)
+        else os.path.join("runs", "deconfounded", slug)
+    )
+    backbone = FLAGS.backbone or (
+        os.path.join(runs_dir, "pretrain", "model.keras") if quick and not os.path.isfile(
+            training.DEFAULT_BACKBONE
+        ) else training.DEFAULT_BACKBONE
+    )
+    return protocol_runner.ProtocolSettings(
+        rows=[row for row in protocol.ROWS if row.name in names],
+        controls=[name for name in protocol.CONTROLS_BY_NAME if name in controls],
+        fractions=fractions,
+        seeds=seeds,
+        tune_seeds=tune_seeds,
+        tune_fraction=FLAGS.tune_fraction,
+        control_fractions=[f for f in protocol.CONTROL_FRACTIONS if f in fractions] or fractions[:1],
+        epochs=FLAGS.epochs or (2 if quick else protocol.EPOCHS),
+        output_dir=output_dir,
+        runs_dir=runs_dir,
+        backbone=backbone,
+        target=FLAGS.target,
+        source=FLAGS.source,
+        image_size=FLAGS.image_size,
+        batch_size=FLAGS.batch_size,
+        max_source=FLAGS.max_source if FLAGS.max_source is not None else (6000 if quick else None),
+        trials=FLAGS.trials or (4 if quick else protocol.TRIALS),
+        quick=quick,
+        table_only=FLAGS.table_only,
+    )
+
+
+def main_deconfounded():
+    """The deconfounded protocol: search, grid, controls, tables, plots."""
+    settings = resolve_protocol_settings()
+    grid.import_methods()
+    started = time.time()
+    run = protocol_runner.ProtocolRunner(settings)
+    with common.errors_reported(ValueError):
+        protocol.validate_rows(
+            settings.rows, [protocol.CONTROLS_BY_NAME[name] for name in settings.controls]
+        )
+        os.makedirs(settings.output_dir, exist_ok=True)
+        run.ensure_backbone()
+        choices, results = run.collect()
+        controls = run.collect_controls(choices)
+    from keras_seltransfer import training
+
+    environment = training.run_environment()
+    header = protocol_tables.settings_text(
+        settings, choices, results, controls, run.run_seconds, environment
+    )
+    text, paired = protocol_tables.body(settings, choices, results, controls)
+    document = {
+        "protocol": protocol.__doc__,
+        "settings": header,
+        "environment": environment,
+        "best_baseline": protocol_runner.best_baseline(choices),
+        "choices": choices,
+        "runs": results,
+        "controls": controls,
+        "paired": paired,
+    }
+    protocol_tables.write_outputs(settings, header, text, document)
+    written = []
+    if FLAGS.plots and results:
+        path = os.path.join(settings.output_dir, "accuracy_vs_fraction.png")
+        plots.plot_accuracy(settings, results, path)
+        curves = protocol_tables.validation_curves(settings, choices, results)
+        written.append(path)
+        if curves:
+            path = os.path.join(settings.output_dir, "validation_curves.png")
+            protocol_tables.plot_validation_curves(settings, curves, path)
+            written.append(path)
+    print("\n" + header + "\n\n" + text)
+    print(
+        f"\n{len(results)} cells and {len(controls)} control cells; this invocation took "
+        f"{time.time() - started:.0f} s; wrote {settings.output_dir}/results.json, "
+        "results_table.md, RESULTS.md" + (f", {', '.join(written)}" if written else "")
+    )
+
+
 def main(argv):
     common.reject_arguments(argv)
+    if FLAGS.protocol == "deconfounded":
+        return main_deconfounded()
     settings = resolve_settings()
     grid.validate_rows()
     grid.import_methods()
