@@ -302,3 +302,28 @@ def test_bss_trains_saves_and_serves_the_classifier(world, tmp_path):
 def test_bad_options_are_rejected(fields, message):
     with pytest.raises(ValueError, match=message):
         training.FinetuneConfig(**fields)
+
+
+def test_interrupted_delta_run_resumes_to_the_same_result(world, tmp_path, monkeypatch):
+    from keras_seltransfer.training import loop
+
+    settings = dict(method="delta", epochs=3, patience=3, export=False, delta_layers="block2_relu")
+    reference = _run(world, tmp_path / "a", **settings)["report"]
+
+    class Interrupted(loop.TrainingCheckpoint):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            if epoch == 0:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "TrainingCheckpoint", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(world, tmp_path / "b", **settings)
+    monkeypatch.undo()
+    keras.backend.clear_session()
+    report = _run(world, tmp_path / "b", **settings)["report"]
+    assert report["resumed_from_epoch"] == 1
+    for key in ("delta_loss", "val_delta_loss", "val_crossentropy"):
+        np.testing.assert_allclose(
+            report["history"][key], reference["history"][key][1:], rtol=1e-4, err_msg=key
+        )
