@@ -1,4 +1,13 @@
-"""Feature losses of knowledge-transferred fine-tuning (KTFT).
+"""Losses of the fine-tuning methods that add terms to the cross-entropy.
+
+- DELTA (Li et al., ICLR 2019): `weighted_feature_distance`, the
+  channel-weighted distance of feature maps to the pretrained network's,
+  and `channel_attention`, the channel weights from loss increases.
+- BSS (Chen et al., NeurIPS 2019): `batch_spectral_shrinkage`, the
+  smallest squared singular values of the batch feature matrix.
+- KTFT's pixel-level and global-level feature losses, below.
+
+Knowledge-transferred fine-tuning (KTFT).
 
 KTFT (IEEE Access 2022) fine-tunes an anti-aliased network while it copies
 what the original pretrained network computes at intermediate stages, with
@@ -28,6 +37,7 @@ scales for `tf.distribute`).
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -129,6 +139,183 @@ def global_level_loss(teacher_features, student_features, epsilon=1e-12):
     return total / len(teacher)
 
 
+def batch_spectral_shrinkage(features, k=1):
+    """Batch Spectral Shrinkage: the k smallest squared singular values of a batch.
+
+    BSS (Chen et al., NeurIPS 2019) penalises the smallest singular values
+    of the batch feature matrix `F` (`[batch, dim]`, the pooled features a
+    classification head reads): the spectral components that fine-tuning on
+    few target images cannot estimate well, where pretrained knowledge that
+    does not transfer lingers. The penalty is
+
+        L_bss(F) = sum_{i=1..k} sigma_{-i}(F)^2,
+
+    with `sigma_{-i}` the i-th smallest of the `min(batch, dim)` singular
+    values (`keras.ops.svd`). A batch with fewer than `k` singular values
+    contributes all of them.
+
+    Args:
+        features: a `[batch, dim]` tensor.
+        k: how many of the smallest singular values are penalised (>= 1).
+
+    Returns:
+        A scalar tensor (float32).
+
+    Raises:
+        ValueError: if `features` is not 2-D or `k` is not a positive int.
+
+    Example:
+
+    ```python
+    features = np.diag([3.0, 2.0, 0.5]).astype("float32")
+    batch_spectral_shrinkage(features, k=1)  # 0.25 = 0.5 ** 2
+    batch_spectral_shrinkage(features, k=2)  # 4.25 = 0.5 ** 2 + 2 ** 2
+    ```
+
+    Reference:
+        Chen, Wang, Fu, Long, Wang. Catastrophic Forgetting Meets Negative
+        Transfer: Batch Spectral Shrinkage for Safe Transfer Learning.
+        NeurIPS 2019.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive int. Received: k={k!r}")
+    features = ops.cast(features, "float32")
+    if len(features.shape) != 2:
+        raise ValueError(
+            "`features` must be a [batch, dim] matrix. "
+            f"Received: features with shape {tuple(features.shape)}"
+        )
+    # Singular values come in descending order; the last k are the smallest.
+    singular_values = ops.svd(features, full_matrices=False, compute_uv=False)
+    return ops.sum(ops.square(singular_values[-k:]))
+
+
+def weighted_feature_distance(teacher_features, student_features, channel_weights=None):
+    """DELTA's attention-weighted feature-map distance, per example.
+
+    For each pair of maps `[batch, ..., channels]` (one per layer j, with
+    C_j channels) and each example, the distance is
+
+        sum_j sum_c 0.5 * C_j * W_{j,c} * mean_positions((s_{j,c} - t_{j,c})^2),
+
+    the form of the authors' code (Li et al., ICLR 2019; also the
+    Transfer-Learning-Library's `AttentionBehavioralRegularization`): the
+    squared distance of channel c's map divided by its number of positions,
+    weighted by the channel attention `W_j` (which sums to 1 over a layer,
+    so `C_j * W_{j,c}` averages 1). Without attention (`channel_weights`
+    None) every channel has `W_{j,c} = 1 / C_j`, so each layer contributes
+    half the sum over channels of the mean squared difference. (The
+    authors' attention-free variant sums the squared differences over
+    positions instead of averaging them, which only rescales the term by
+    the map size.)
+
+    Args:
+        teacher_features: a tensor `[batch, ..., channels]` or a list of
+            them (one per layer): the frozen pretrained network's maps.
+        student_features: the fine-tuned network's maps, same shapes.
+        channel_weights: None, or one vector `[C_j]` per layer (a list),
+            each non-negative; normally `channel_attention`'s output.
+
+    Returns:
+        `[batch]`: the distance of each example, summed over the layers.
+
+    Raises:
+        ValueError: for unpaired or differently shaped maps, or channel
+            weights whose count or length does not match the maps.
+
+    Example:
+
+    ```python
+    teacher = np.zeros((1, 2, 2, 2), "float32")
+    student = np.ones((1, 2, 2, 2), "float32")
+    weighted_feature_distance(teacher, student)  # [1.0] = 0.5 * (1 + 1)
+    weighted_feature_distance(teacher, student, [np.array([1.0, 0.0])])  # [1.0] = 0.5 * 2 * 1
+    ```
+
+    Reference:
+        Li, Xiong, Wang, Rao, Liu, Chen, Huan. DELTA: Deep Learning Transfer
+        using Feature Map with Attention for Convolutional Networks. ICLR 2019.
+    """
+    teacher, student = _check_pairs(teacher_features, student_features)
+    if channel_weights is not None:
+        channel_weights = _as_list(channel_weights)
+        if len(channel_weights) != len(teacher):
+            raise ValueError(
+                "`channel_weights` must hold one vector per feature map. Received: "
+                f"{len(channel_weights)} vectors for {len(teacher)} maps"
+            )
+    total = 0.0
+    for j, (t, s) in enumerate(zip(teacher, student)):
+        t, s = ops.cast(t, "float32"), ops.cast(s, "float32")
+        channels = int(t.shape[-1])
+        if channel_weights is None:
+            weights = ops.full((channels,), 1.0 / channels, dtype="float32")
+        else:
+            weights = ops.cast(channel_weights[j], "float32")
+            if tuple(weights.shape) != (channels,):
+                raise ValueError(
+                    f"`channel_weights[{j}]` must have one weight per channel ({channels}). "
+                    f"Received: shape {tuple(weights.shape)}"
+                )
+        positions = tuple(range(1, len(t.shape) - 1))
+        squared = ops.square(s - t)
+        per_channel = ops.mean(squared, axis=positions) if positions else squared
+        total = total + 0.5 * channels * ops.sum(per_channel * weights, axis=-1)
+    return total
+
+
+def channel_attention(loss_increases, temperature=5.0):
+    """DELTA's supervised channel attention from per-channel loss increases.
+
+    Li et al. (ICLR 2019) weight each channel of a layer by how much the
+    target loss rises when the channel is removed from the pretrained
+    network (with a head trained on the target task). As in the authors'
+    code, the increases of one layer are standardised (zero mean, unit
+    standard deviation) and turned into weights by a softmax with
+    temperature 5:
+
+        W_c = softmax_c((d_c - mean(d)) / (std(d) * temperature)).
+
+    A layer whose channels all change the loss equally gets uniform weights.
+
+    Args:
+        loss_increases: a vector `[channels]` of one layer, or a list of
+            them (one per layer).
+        temperature: softmax temperature (> 0); larger is flatter.
+
+    Returns:
+        A float64 NumPy vector summing to 1 (or a list of them).
+
+    Raises:
+        ValueError: for a non-positive temperature, or an empty or non-finite
+            vector.
+
+    Example:
+
+    >>> import numpy as np
+    >>> weights = channel_attention(np.array([0.0, 1.0]), temperature=1.0)
+    >>> np.round(weights, 4).tolist()  # softmax([-1, 1])
+    [0.1192, 0.8808]
+    >>> channel_attention(np.array([0.3, 0.3])).tolist()
+    [0.5, 0.5]
+    """
+    if isinstance(temperature, bool) or not float(temperature) > 0:
+        raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature!r}")
+    if isinstance(loss_increases, (list, tuple)):
+        return [channel_attention(d, temperature) for d in loss_increases]
+    d = np.asarray(loss_increases, dtype="float64")
+    if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
+        raise ValueError(
+            "`loss_increases` must be a non-empty finite vector per layer. "
+            f"Received: loss_increases with shape {d.shape}"
+        )
+    spread = d.std()
+    z = (d - d.mean()) / spread if spread > 0 else np.zeros_like(d)
+    z = z / float(temperature)
+    weights = np.exp(z - z.max())
+    return weights / weights.sum()
+
+
 @keras.saving.register_keras_serializable(package="keras_seltransfer")
 class PixelLevelLoss(keras.losses.Loss):
     """KTFT's pixel-level loss: mean squared difference of stage feature maps.
@@ -203,7 +390,10 @@ class GlobalLevelLoss(keras.losses.Loss):
 __all__ = [
     "GlobalLevelLoss",
     "PixelLevelLoss",
+    "batch_spectral_shrinkage",
+    "channel_attention",
     "global_level_loss",
     "global_pool",
     "pixel_level_loss",
+    "weighted_feature_distance",
 ]

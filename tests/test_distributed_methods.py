@@ -41,6 +41,8 @@ METHODS = {
     "filter_transfer": {"transfer_ratio": 0.5, "prune_period": 1, "prune_fraction": 0.25},
     "antialias_ft": {},
     "ktft": {"ktft_logit_weight": 0.5},
+    "delta": {"delta_alpha": 1.0},
+    "bss": {"bss_eta": 0.01},
 }
 # The default run checks these; every method runs with `pytest -m slow`.
 DEFAULT_MIRRORED = ("ktft",)

@@ -1,10 +1,11 @@
 """Models and model transforms.
 
 Builders (backbones, classification and two-head models, the knowledge
-transfer trainer) and transforms of a built model (anti-aliasing, AdaFilter
-gating, selective filter transfer and filter masks, BatchNorm modes and
-recalibration), with the functions that inspect what a transform did. The
-graph surgery they share is `keras_seltransfer.models.surgery`.
+transfer trainer, the DELTA and BSS training models) and transforms of a
+built model (anti-aliasing, AdaFilter gating, selective filter transfer and
+filter masks, BatchNorm modes and recalibration), with the functions that
+inspect what a transform did. The graph surgery they share is
+`keras_seltransfer.models.surgery`.
 """
 
 from keras_seltransfer.models.gating import adafilter
@@ -22,6 +23,7 @@ from keras_seltransfer.models.backbones import reinitialize
 from keras_seltransfer.models.backbones import small_cnn
 from keras_seltransfer.models.batchnorm import batchnorm_layers
 from keras_seltransfer.models.batchnorm import recalibrate_batchnorm
+from keras_seltransfer.models.channel_attention import channel_loss_increases
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.models.filter_masking import add_filter_masks
@@ -37,8 +39,12 @@ from keras_seltransfer.models.knowledge_transfer import stage_outputs
 from keras_seltransfer.models.multitask import build_multitask_model
 from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
+from keras_seltransfer.models.regularized_training import BatchSpectralShrinkageModel
+from keras_seltransfer.models.regularized_training import DeltaModel
 
 __all__ = [
+    "BatchSpectralShrinkageModel",
+    "DeltaModel",
     "FEATURES_LAYER",
     "KnowledgeTransferModel",
     "adafilter",
@@ -50,6 +56,7 @@ __all__ = [
     "blur_layers",
     "build_classifier",
     "build_multitask_model",
+    "channel_loss_increases",
     "filter_masks",
     "filter_transfer_summary",
     "fold_filter_masks",
