@@ -424,7 +424,7 @@ class LinearProbe(Method):
 
     def setup(self, config, model, context):
         """The report gains `"linear_probe"` (layer, pooling, C grid and scores)."""
-        if getattr(config, "sampling", "uniform") != "uniform":
+        if config.sampling != "uniform":
             raise ValueError(
                 "`sampling` does not apply to linear_probe, which fits on every training "
                 "feature at once; use --class_weight=balanced to reweight classes. "

@@ -234,7 +234,7 @@ def _compile_and_fit(config, setup, context):
     if setup.train_data is None:
         channels = int(setup.model.inputs[0].shape[-1])
         train_data, val_data, steps = loop.classifier_data(
-            context.strategy, context.train, context.val, config, channels
+            context.strategy, context.train, context.val, config, channels, config.sampling
         )
         fit_steps, class_weight = steps, context.class_weight
     else:

@@ -107,20 +107,21 @@ def optimizer_for(config, steps_per_epoch, lr_multipliers=None, schedule=None):
     return make_optimizer(config.optimizer, learning_rate, lr_multipliers=lr_multipliers, **kwargs)
 
 
-def classifier_data(strategy, train, val, config, channels):
+def classifier_data(strategy, train, val, config, channels, sampling="uniform"):
     """The single-task input pipelines of a classifier run.
 
-    With `config.sampling="balanced"` every training batch draws its images
-    from the classes with equal probability (`make_dataset`'s `sampling`);
-    an epoch keeps the same number of steps as with uniform sampling.
+    With `sampling="balanced"` every training batch draws its images from
+    the classes with equal probability (`make_dataset`'s `sampling`); an
+    epoch keeps the same number of steps as with uniform sampling.
 
     Args:
         strategy: the run's `tf.distribute.Strategy`.
         train: the training `ImageSource`.
         val: the validation `ImageSource`.
         config: the run's config (`batch_size`, `image_size`, `augment`,
-            `seed`, `sampling`).
+            `seed`).
         channels: channels the model takes (images are converted).
+        sampling: `"uniform"` or `"balanced"` (see above).
 
     Returns:
         `(train_data, val_data, steps)`: a function from the number of
@@ -150,7 +151,7 @@ def classifier_data(strategy, train, val, config, channels):
             seed=config.seed,
             repeat=True,
             skip_steps=initial_epoch * steps,
-            sampling=getattr(config, "sampling", "uniform"),
+            sampling=sampling,
         )
 
     val_data = data_lib.make_dataset(val, config.image_size, config.batch_size, channels=channels)

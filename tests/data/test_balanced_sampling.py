@@ -83,10 +83,10 @@ def test_classifier_data_keeps_steps_per_epoch_and_balances(tmp_path):
     steps = {}
     for sampling in ("uniform", "balanced"):
         config = helpers.small_run_config(
-            target="numpy:unused", backbone="small_cnn", image_size=8, sampling=sampling
+            target="numpy:unused", backbone="small_cnn", image_size=8
         )
         train_data, _, steps[sampling] = loop.classifier_data(
-            strategy, source, source, config, channels=1
+            strategy, source, source, config, channels=1, sampling=sampling
         )
         if sampling == "balanced":
             labels = _labels(train_data(0), 100)
