@@ -24,6 +24,8 @@ from keras_seltransfer.utils.validation import image_size_pair
 from keras_seltransfer.utils.validation import is_int
 
 AUGMENTATIONS = ("none", "flip", "flip_ud")
+# How a training pipeline draws its examples (see `make_dataset`).
+SAMPLINGS = ("uniform", "balanced")
 
 # ITU-R 601-2 luma, as PIL's `convert("L")`: the RGB -> grey weights of the
 # data pipeline and the Gabor filter bank. The weights sum to exactly 1, so
@@ -232,6 +234,7 @@ def make_dataset(
     input_context=None,
     shuffle_buffer=None,
     skip_batches=0,
+    sampling="uniform",
 ):
     """Builds a batched `tf.data.Dataset` of `(images, labels)` from a source.
 
@@ -255,6 +258,12 @@ def make_dataset(
     sets: keep that fixed too to reproduce an order across processes.)
     With `repeat=False`, positions restart every epoch but the shuffle
     gives each position a different image.
+
+    `sampling="balanced"` (training, repeated pipelines only) draws each
+    example's class with equal probability among the classes present, and
+    an image of that class from its own shuffled, repeated stream
+    (`tf.data.Dataset.sample_from_datasets`, seeded), so minority images
+    recur more often than majority ones; batch sizes are unchanged.
 
     Args:
         source: an `ImageSource`.
@@ -281,6 +290,8 @@ def make_dataset(
             run skips what it already trained on, so it sees exactly the
             batches (order and augmentation) the uninterrupted run would
             have seen next.
+        sampling: `"uniform"` (every example once per pass) or `"balanced"`
+            (classes drawn equally; needs `training` and `repeat`).
 
     Returns:
         A `tf.data.Dataset`.
@@ -319,29 +330,52 @@ def make_dataset(
     if shuffle_buffer is not None:
         shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer", 1)
     skip_batches = check_int(skip_batches, "skip_batches", 0)
+    if sampling not in SAMPLINGS or (sampling == "balanced" and not (training and repeat)):
+        raise ValueError(
+            f"Expected `sampling` to be one of {SAMPLINGS}, and 'balanced' only with "
+            f"training=True and repeat=True. Received: sampling={sampling!r}, "
+            f"training={training}, repeat={repeat}"
+        )
 
     labels = source.labels.astype(np.int32)
     items = source.images if source.in_memory else source.paths
-    dataset = tf.data.Dataset.from_tensor_slices((items, labels))
 
-    pipeline_id, num_examples = 0, len(source)
+    pipeline_id, num_pipelines = 0, 1
     if input_context is not None and input_context.num_input_pipelines > 1:
         pipeline_id = input_context.input_pipeline_id
         num_pipelines = input_context.num_input_pipelines
-        dataset = dataset.shard(num_pipelines, pipeline_id)
-        num_examples = len(range(pipeline_id, len(source), num_pipelines))
+    prepare = prepare_fn(source, height, width, channels)
 
-    dataset = dataset.map(
-        prepare_fn(source, height, width, channels), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    if cache:
-        dataset = dataset.cache()
-    if training:
-        dataset = dataset.shuffle(
-            shuffle_buffer or max(num_examples, 1), seed=seed, reshuffle_each_iteration=True
+    def stream(dataset, size):
+        # shard -> prepare -> cache -> shuffle -> repeat, for the whole
+        # source or for one class of it.
+        if num_pipelines > 1:
+            dataset = dataset.shard(num_pipelines, pipeline_id)
+            size = len(range(pipeline_id, size, num_pipelines))
+        dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+        if cache:
+            dataset = dataset.cache()
+        if training:
+            dataset = dataset.shuffle(
+                shuffle_buffer or max(size, 1), seed=seed, reshuffle_each_iteration=True
+            )
+        return (dataset.repeat() if repeat else dataset), size
+
+    if sampling == "balanced":
+        streams = []
+        for label in np.unique(labels):
+            index = np.flatnonzero(labels == label)
+            per_class, size = stream(
+                tf.data.Dataset.from_tensor_slices((np.asarray(items)[index], labels[index])),
+                len(index),
+            )
+            if size:
+                streams.append(per_class)
+        dataset = tf.data.Dataset.sample_from_datasets(
+            streams, weights=[1.0 / len(streams)] * len(streams), seed=seed
         )
-    if repeat:
-        dataset = dataset.repeat()
+    else:
+        dataset, _ = stream(tf.data.Dataset.from_tensor_slices((items, labels)), len(source))
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if training and augment != "none":
         dataset = dataset.enumerate().map(

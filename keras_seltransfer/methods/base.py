@@ -113,6 +113,9 @@ class MethodSetup:
         saved_models: extra models the chief saves, `{file name: model}`.
         report: called after training with the fit summary (`history`,
             `epochs_run`...); returns extra report entries (JSON-serialisable).
+        fit: whether the loop trains `model` at all; False for a model the
+            method has already trained (the linear probe): the loop neither
+            compiles nor fits it and reports `epochs_run` 0.
 
     Raises:
         ValueError: if `train_data` is given without `steps_per_epoch`.
@@ -142,6 +145,7 @@ class MethodSetup:
     learning_rate_schedule: Callable = None
     saved_models: dict = dataclasses.field(default_factory=dict)
     report: Callable[[], dict] = None
+    fit: bool = True
 
     def __post_init__(self):
         if self.classifier is None:

@@ -14,6 +14,7 @@ import textwrap
 
 from keras_seltransfer import methods
 from keras_seltransfer.data.pipeline import AUGMENTATIONS
+from keras_seltransfer.data.pipeline import SAMPLINGS
 from keras_seltransfer.distribute import STRATEGY_NAMES
 from keras_seltransfer.utils.options import check_option
 from keras_seltransfer.utils.options import option
@@ -118,6 +119,13 @@ def _finetune_general():
             "none", "Loss weighting of classes: none or balanced (inverse class frequency).",
             choices=defaults.CLASS_WEIGHTS,
         ),
+        "sampling": option(
+            "uniform",
+            "How training batches draw images: uniform (each image once per epoch) or "
+            "balanced (each class with equal probability, same steps per epoch). Not for the "
+            "sjft methods, which draw their own batches.",
+            choices=SAMPLINGS,
+        ),
         "source": option(
             "fashion_mnist",
             "Source data set spec: the pool of the sjft methods (its training split), the "
@@ -184,6 +192,11 @@ class _FinetuneConfigBase:
         methods.get(self.method)
         _validate_fields(self)
         methods.check_compose(self.method, self.compose)
+        if self.sampling != "uniform" and self.is_joint:
+            raise ValueError(
+                f"`sampling` applies to the single-task pipeline; --method={self.method} draws "
+                f"its own batches. Received: sampling={self.sampling!r}"
+            )
         for cls in methods.options_classes():
             if hasattr(cls, "validate"):
                 cls.validate(self)

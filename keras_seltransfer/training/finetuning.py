@@ -221,11 +221,20 @@ def _setup(config, method, context):
 def _compile_and_fit(config, setup, context):
     """Compiles `setup.model` (optimizer with the schedule and learning-rate
     multipliers of the method and transforms) and fits it on the method's
-    data, or on the single-task pipelines of the target images."""
+    data, or on the single-task pipelines of the target images; a setup
+    with `fit=False` (a model the method trained itself) is neither compiled
+    nor fitted."""
+    if not setup.fit:
+        return loop.no_fit(config, config.output_dir, context.is_chief, setup.monitor)
+    if setup.train_data is not None and config.sampling != "uniform":
+        raise ValueError(
+            f"`sampling` applies to the single-task pipeline; --method={config.method} draws "
+            f"its own batches. Received: sampling={config.sampling!r}"
+        )
     if setup.train_data is None:
         channels = int(setup.model.inputs[0].shape[-1])
         train_data, val_data, steps = loop.classifier_data(
-            context.strategy, context.train, context.val, config, channels
+            context.strategy, context.train, context.val, config, channels, config.sampling
         )
         fit_steps, class_weight = steps, context.class_weight
     else:

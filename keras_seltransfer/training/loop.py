@@ -107,8 +107,12 @@ def optimizer_for(config, steps_per_epoch, lr_multipliers=None, schedule=None):
     return make_optimizer(config.optimizer, learning_rate, lr_multipliers=lr_multipliers, **kwargs)
 
 
-def classifier_data(strategy, train, val, config, channels):
+def classifier_data(strategy, train, val, config, channels, sampling="uniform"):
     """The single-task input pipelines of a classifier run.
+
+    With `sampling="balanced"` every training batch draws its images from
+    the classes with equal probability (`make_dataset`'s `sampling`); an
+    epoch keeps the same number of steps as with uniform sampling.
 
     Args:
         strategy: the run's `tf.distribute.Strategy`.
@@ -117,6 +121,7 @@ def classifier_data(strategy, train, val, config, channels):
         config: the run's config (`batch_size`, `image_size`, `augment`,
             `seed`).
         channels: channels the model takes (images are converted).
+        sampling: `"uniform"` or `"balanced"` (see above).
 
     Returns:
         `(train_data, val_data, steps)`: a function from the number of
@@ -146,6 +151,7 @@ def classifier_data(strategy, train, val, config, channels):
             seed=config.seed,
             repeat=True,
             skip_steps=initial_epoch * steps,
+            sampling=sampling,
         )
 
     val_data = data_lib.make_dataset(val, config.image_size, config.batch_size, channels=channels)
@@ -236,13 +242,7 @@ def fit(
     )
     initial_epoch = checkpoint.restore(model)
     if is_chief:
-        # Written only now that data, model and method are set up: a rerun
-        # that fails on bad input leaves the record of the run whose model
-        # and report are in the directory.
-        atomic_write_text(
-            os.path.join(run_dir, "config.json"),
-            json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n",
-        )
+        _write_config(config, run_dir)
     if initial_epoch and config.verbose:
         print(f"Resuming from the checkpoint after epoch {initial_epoch}.")
     collapse = ValidationCollapseMonitor(accuracy)
@@ -282,6 +282,50 @@ def fit(
     }
 
 
+def _write_config(config, run_dir):
+    # Written only once data, model and method are set up: a rerun that
+    # fails on bad input leaves the record of the run whose model and report
+    # are in the directory.
+    atomic_write_text(
+        os.path.join(run_dir, "config.json"),
+        json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n",
+    )
+
+
+def no_fit(config, run_dir, is_chief, monitor="val_crossentropy"):
+    """The summary of a run whose model the method trained itself (no `fit`).
+
+    Writes `config.json` (on the chief), as `fit` does, and returns `fit`'s
+    summary keys for a run of no epochs.
+
+    Args:
+        config: the run's config (saved as `config.json`).
+        run_dir: the run directory.
+        is_chief: whether this worker writes outputs.
+        monitor: the validation metric `fit` would have monitored.
+
+    Returns:
+        A dict: empty `history`, `epochs_run` 0, `resumed_from_epoch` 0,
+        `best_<monitor>` None and no `validation_collapse`.
+
+    Example:
+
+    ```python
+    summary = no_fit(config, config.output_dir, is_chief=True)
+    summary["epochs_run"]  # 0
+    ```
+    """
+    if is_chief:
+        _write_config(config, run_dir)
+    return {
+        "history": {},
+        "epochs_run": 0,
+        "resumed_from_epoch": 0,
+        "best_" + monitor: None,
+        "validation_collapse": {"detected": False, "epochs": []},
+    }
+
+
 def evaluate_model(model, images, batch_size, extra=None):
     """The classification report (`evaluation.classification_report`) of
     `model` on `images` (an `ImageSource`), resized to the model's input
@@ -302,4 +346,12 @@ def evaluate_model(model, images, batch_size, extra=None):
     return report
 
 
-__all__ = ["classifier_data", "classifier_metrics", "dtype_policy", "evaluate_model", "fit", "optimizer_for"]
+__all__ = [
+    "classifier_data",
+    "classifier_metrics",
+    "dtype_policy",
+    "evaluate_model",
+    "fit",
+    "no_fit",
+    "optimizer_for",
+]
