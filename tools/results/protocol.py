@@ -83,22 +83,26 @@ class ProtocolRow:
 
 
 JOINT = {"joint_steps": "single_task"}
+# A search entry whose values are dicts of several fields changed together.
+OVERRIDES = "overrides"
 
 ROWS = (
     ProtocolRow("linear_probe", "Linear probe (frozen features, logistic regression)",
                 "Kumar et al. 2022", BASELINE, {"method": "linear_probe"},
-                stage1=(("probe_layer", (None, "block3_conv")),
+                search=(("probe_layer", ("block2_relu",)),
+                        (OVERRIDES, ({"probe_pooling": "flatten", "probe_pool_size": 2},))),
+                stage1=(("probe_layer", ("block4_relu", "block3_relu")),
                         ("probe_pooling", ("avg", "flatten")))),
     ProtocolRow("lp_ft", "LP-FT (probe, then fine-tune everything)", "Kumar et al. 2022",
-                BASELINE, {"method": "lp_ft"}),
+                BASELINE, {"method": "lp_ft"}, search=(("lp_ft_lr_scale", (1.0,)),)),
     ProtocolRow("baseline", "Fine-tuning", "-", BASELINE, {"method": "baseline"}),
     ProtocolRow("baseline_balanced", "Class-balanced fine-tuning", "-", BASELINE,
                 {"method": "baseline", "class_weight": "balanced"},
-                search=(("sampling", ("balanced",)),)),
+                search=((OVERRIDES, ({"class_weight": "none", "sampling": "balanced"},)),)),
     ProtocolRow("l2sp", "L2-SP", "Li et al. 2018", BASELINE, {"method": "l2sp"},
                 search=(("l2sp_alpha", (0.01,)),)),
     ProtocolRow("delta", "DELTA", "Li et al. 2019", BASELINE, {"method": "delta"},
-                search=(("delta_alpha", (0.1,)),)),
+                search=(("delta_alpha", (0.01,)), ("delta_attention", (False,)))),
     ProtocolRow("bss", "BSS", "Chen et al. 2019", BASELINE, {"method": "bss"},
                 search=(("bss_eta", (0.01,)),)),
     ProtocolRow("sjft", "SJFT (selective joint fine-tuning)", "Ge & Yu 2017", METHOD,
@@ -159,7 +163,10 @@ def validate_rows(rows=ROWS, controls=CONTROLS):
             raise ValueError(
                 f"Row {row.name!r} may search at most two settings. Received: {len(row.search)}"
             )
-        used = set(row.overrides) | {f for f, _ in row.search} | {f for f, _ in row.stage1_dimensions()}
+        searched = set()
+        for field, values in row.search:
+            searched |= set().union(*values) if field == OVERRIDES else {field}
+        used = set(row.overrides) | searched | {f for f, _ in row.stage1_dimensions()}
         unknown = sorted((used - fields) - {"index_bank"})
         if unknown:
             raise ValueError(f"Row {row.name!r} sets unknown configuration fields {unknown}.")
@@ -223,7 +230,7 @@ def stage2_trials(row, best, budget=TRIALS):
     trials = []
     for field, values in row.search:
         for value in values:
-            trials.append({**best, field: value})
+            trials.append({**best, **value} if field == OVERRIDES else {**best, field: value})
     if "learning_rate" in dict(row.stage1_dimensions()):
         tried = set(dict(row.stage1_dimensions())["learning_rate"])
         for factor in EXTRA_LR_FACTORS:
