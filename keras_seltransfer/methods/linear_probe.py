@@ -423,7 +423,9 @@ class LinearProbe(Method):
     order = 2
 
     def setup(self, config, model, context):
-        """The report gains `"linear_probe"` (layer, pooling, C grid and scores)."""
+        """The report gains `"linear_probe"` (layer, pooling, C grid and scores)
+        and `best_val_crossentropy`: the chosen C's validation cross-entropy,
+        the score other methods report for their best epoch."""
         if config.sampling != "uniform":
             raise ValueError(
                 "`sampling` does not apply to linear_probe, which fits on every training "
@@ -438,7 +440,9 @@ class LinearProbe(Method):
         kernel, bias = fit.folded()
         with context.strategy.scope():
             classifier = probe_classifier(features_model, kernel, bias, name=model.name)
+        chosen = min(score["val_crossentropy"] for score in fit.scores)
         report = {
+            "best_val_crossentropy": float(chosen),
             "linear_probe": {
                 "layer": config.probe_layer,
                 "pooling": config.probe_pooling,

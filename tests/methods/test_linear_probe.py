@@ -124,6 +124,10 @@ def test_linear_probe_run_trains_no_epoch_and_saves_a_plain_classifier(world, tm
     probe = report["linear_probe"]
     assert [s["C"] for s in probe["c_grid"]] == [0.01, 1.0]
     assert probe["C"] in (0.01, 1.0) and probe["features"] == 8
+    # Scored like every other method: the chosen C's validation cross-entropy.
+    chosen = next(s for s in probe["c_grid"] if s["C"] == probe["C"])
+    assert report["best_val_crossentropy"] == chosen["val_crossentropy"]
+    assert chosen["val_crossentropy"] == min(s["val_crossentropy"] for s in probe["c_grid"])
     assert report["accuracy"] >= 0.9
     assert json.load(open(run / "report.json"))["linear_probe"]["C"] == probe["C"]
     assert json.load(open(run / "config.json"))["method"] == "linear_probe"
