@@ -46,6 +46,7 @@ from keras_seltransfer.models.channel_attention import channel_loss_increases
 from keras_seltransfer.models.classifier import build_classifier
 from keras_seltransfer.models.knowledge_transfer import stage_outputs
 from keras_seltransfer.models.regularized_training import DeltaModel
+from keras_seltransfer.utils.naming import name_list
 from keras_seltransfer.utils.options import option
 
 # The authors' softmax temperature of the standardised loss increases.
@@ -91,15 +92,7 @@ class DeltaOptions:
 
 def layer_names(spec):
     """The layer names of a `delta_layers` spec (None: every stage output)."""
-    if spec is None:
-        return None
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names:
-        raise ValueError(
-            "`delta_layers` must be a comma-separated list of layer names or None. "
-            f"Received: delta_layers={spec!r}"
-        )
-    return names
+    return name_list(spec, "delta_layers")
 
 
 def probe_classifier(backbone, images, labels, num_classes):

@@ -13,6 +13,7 @@ from keras_seltransfer.methods.antialias import AntialiasOptions
 from keras_seltransfer.methods.antialias import antialiased_student
 from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodSetup
+from keras_seltransfer.utils.naming import name_list
 from keras_seltransfer.utils.options import option
 from keras_seltransfer.methods.registry import register
 from keras_seltransfer.models.knowledge_transfer import KnowledgeTransferModel
@@ -54,15 +55,7 @@ class KTFTOptions:
 
 def layer_names(spec):
     """The layer names of a `ktft_layers` spec (None: every stage output)."""
-    if spec is None:
-        return None
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names:
-        raise ValueError(
-            "`ktft_layers` must be a comma-separated list of layer names or None. "
-            f"Received: ktft_layers={spec!r}"
-        )
-    return names
+    return name_list(spec, "ktft_layers")
 
 
 class KnowledgeTransferredFinetuning(Method):

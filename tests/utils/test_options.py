@@ -66,3 +66,12 @@ def test_metadata_and_types():
     assert option_info(_field("name"))["type"] is str
     with pytest.raises(ValueError, match="was not made with `option"):
         option_info(dataclasses.field(default=1))
+
+
+def test_name_list_parses_comma_separated_layer_names():
+    from keras_seltransfer.utils.naming import name_list
+
+    assert name_list(" a, b ,,c", "ktft_layers") == ["a", "b", "c"]
+    assert name_list(None, "ktft_layers") is None
+    with pytest.raises(ValueError, match=r"Received: delta_layers=' , '"):
+        name_list(" , ", "delta_layers")
