@@ -46,6 +46,22 @@ SMALL_RUN = dict(
 )
 
 
+def run_tool(script, *args, timeout=600):
+    """Runs `tools/<script>` in a subprocess from the repository root.
+
+    Returns:
+        The `subprocess.CompletedProcess` (text stdout and stderr captured).
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", script), *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def small_run_config(**fields):
     """A `FinetuneConfig` of `SMALL_RUN` with `fields` on top."""
     from keras_seltransfer import training

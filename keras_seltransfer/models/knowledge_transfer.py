@@ -16,6 +16,8 @@ from keras_seltransfer.losses import GlobalLevelLoss
 from keras_seltransfer.losses import PixelLevelLoss
 from keras_seltransfer.models import surgery
 from keras_seltransfer.models.antialiasing import aligned_layer_name
+from keras_seltransfer.utils.validation import check_loss_weight
+from keras_seltransfer.utils.validation import check_single_output_model
 
 TERMS = ("pixel", "global", "logit")
 
@@ -62,20 +64,6 @@ def stage_outputs(model):
             continue
         last[size] = layer.name
     return list(last.values())
-
-
-def _check_weight(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-    return float(value)
-
-
-def _check_classifier(model, what):
-    if not isinstance(model, keras.Model) or len(getattr(model, "outputs", None) or []) != 1:
-        raise ValueError(
-            f"`{what}` must be a functional keras.Model with one output (class "
-            f"probabilities). Received: {what}={model!r}"
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_seltransfer")
@@ -156,8 +144,8 @@ class KnowledgeTransferModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _check_classifier(student, "student")
-        _check_classifier(teacher, "teacher")
+        check_single_output_model(student, "student")
+        check_single_output_model(teacher, "teacher")
         if tuple(student.inputs[0].shape) != tuple(teacher.inputs[0].shape) or len(
             student.inputs
         ) != len(teacher.inputs):
@@ -172,9 +160,9 @@ class KnowledgeTransferModel(keras.Model):
                 f"student output {tuple(student.outputs[0].shape)}, teacher output "
                 f"{tuple(teacher.outputs[0].shape)}"
             )
-        self.pixel_weight = _check_weight(pixel_weight, "pixel_weight")
-        self.global_weight = _check_weight(global_weight, "global_weight")
-        self.logit_weight = _check_weight(logit_weight, "logit_weight")
+        self.pixel_weight = check_loss_weight(pixel_weight, "pixel_weight")
+        self.global_weight = check_loss_weight(global_weight, "global_weight")
+        self.logit_weight = check_loss_weight(logit_weight, "logit_weight")
         self.student = student
         self.teacher = teacher
         teacher.trainable = False

@@ -24,20 +24,8 @@ from keras import ops
 
 from keras_seltransfer.losses import batch_spectral_shrinkage
 from keras_seltransfer.losses import weighted_feature_distance
-
-
-def _check_weight(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-    return float(value)
-
-
-def _check_classifier(model, what):
-    if not isinstance(model, keras.Model) or len(getattr(model, "outputs", None) or []) != 1:
-        raise ValueError(
-            f"`{what}` must be a functional keras.Model with one output (class "
-            f"probabilities). Received: {what}={model!r}"
-        )
+from keras_seltransfer.utils.validation import check_loss_weight
+from keras_seltransfer.utils.validation import check_single_output_model
 
 
 def _per_replica(value):
@@ -92,7 +80,7 @@ class _RegularizedClassifierModel(keras.Model):
 
     def __init__(self, classifier, **kwargs):
         super().__init__(**kwargs)
-        _check_classifier(classifier, "classifier")
+        check_single_output_model(classifier, "classifier")
         self.classifier = classifier
         self.trackers = {term: keras.metrics.Mean(name=term) for term in self.TERMS}
 
@@ -203,8 +191,8 @@ class DeltaModel(_RegularizedClassifierModel):
         **kwargs,
     ):
         super().__init__(classifier, **kwargs)
-        self.alpha = _check_weight(alpha, "alpha")
-        self.beta = _check_weight(beta, "beta")
+        self.alpha = check_loss_weight(alpha, "alpha")
+        self.beta = check_loss_weight(beta, "beta")
         if not isinstance(teacher, keras.Model) or tuple(teacher.inputs[0].shape) != tuple(
             classifier.inputs[0].shape
         ):
@@ -374,7 +362,7 @@ class BatchSpectralShrinkageModel(_RegularizedClassifierModel):
 
     def __init__(self, classifier, eta=0.001, k=1, features_layer=None, **kwargs):
         super().__init__(classifier, **kwargs)
-        self.eta = _check_weight(eta, "eta")
+        self.eta = check_loss_weight(eta, "eta")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int. Received: k={k!r}")
         self.k = k

@@ -119,6 +119,58 @@ def check_int_array(values, name, ndim):
     return array.astype(np.int64, copy=False)
 
 
+def check_loss_weight(value, name):
+    """Returns `value` as a float if it is a number >= 0 (a loss term's weight).
+
+    Args:
+        value: the argument to check (a bool is refused).
+        name: the argument's name, used in the error.
+
+    Returns:
+        `float(value)`.
+
+    Raises:
+        ValueError: naming the argument and the value.
+
+    Example:
+
+    >>> check_loss_weight(1, "pixel_weight")
+    1.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+        raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_single_output_model(model, name):
+    """Checks that `model` is a functional Keras model with one output.
+
+    Args:
+        model: the argument to check.
+        name: the argument's name, used in the error.
+
+    Returns:
+        `model`, unchanged.
+
+    Raises:
+        ValueError: naming the argument and the value.
+
+    Example:
+
+    ```python
+    check_single_output_model(classifier, "student")  # classifier
+    ```
+    """
+    import keras
+
+    if not isinstance(model, keras.Model) or len(getattr(model, "outputs", None) or []) != 1:
+        raise ValueError(
+            f"`{name}` must be a functional keras.Model with one output (class "
+            f"probabilities). Received: {name}={model!r}"
+        )
+    return model
+
+
 def check_choice(value, name, choices):
     """Returns `value` if it is one of `choices`.
 

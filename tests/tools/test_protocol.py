@@ -3,8 +3,6 @@ and one end-to-end invocation on tiny data."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ from tools.results import protocol_runner
 from tools.results import protocol_tables
 from tools.results import stats
 
-ROOT = helpers.REPO_ROOT
 
 
 def test_every_fine_tuning_row_starts_from_the_same_stage_1_grid():
@@ -102,11 +99,7 @@ def test_paired_rows_pair_by_seed_and_best_baseline_is_chosen_on_validation():
 
 
 def _reproduce(*args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "reproduce.py"), "--protocol=deconfounded", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return helpers.run_tool("reproduce.py", "--protocol=deconfounded", *args, timeout=timeout)
 
 
 def test_deconfounded_protocol_searches_runs_controls_and_resumes(tmp_path):

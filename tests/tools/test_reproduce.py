@@ -12,11 +12,7 @@ ROOT = helpers.REPO_ROOT
 
 
 def _reproduce(*args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "reproduce.py"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return helpers.run_tool("reproduce.py", *args, timeout=timeout)
 
 
 def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
