@@ -99,7 +99,27 @@ def test_paired_rows_pair_by_seed_and_best_baseline_is_chosen_on_validation():
 
 
 def _reproduce(*args, timeout=600):
-    return helpers.run_tool("reproduce.py", "--protocol=deconfounded", *args, timeout=timeout)
+    # The deconfounded protocol is the default: no --protocol flag.
+    return helpers.run_tool("reproduce.py", *args, timeout=timeout)
+
+
+def test_the_summary_file_gets_only_its_targets_block(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    marker = protocol_tables.summary_marker("numpy:/data/a.npz")
+    other = protocol_tables.summary_marker("elpv")
+    assert marker != other and marker.startswith("<!-- deconfounded-table:")
+    path.write_text(f"intro\n{marker}\nold\n{marker}\nmiddle\n{other}\nkept\n{other}\nend\n")
+    assert protocol_tables.splice_summary(str(path), "numpy:/data/a.npz", "new table")
+    assert path.read_text() == (
+        f"intro\n{marker}\nnew table\n{marker}\nmiddle\n{other}\nkept\n{other}\nend\n"
+    )
+    # A file without the pair is left alone, and a missing file is not made.
+    plain = tmp_path / "plain.md"
+    plain.write_text(f"intro\n{marker}\n")
+    assert not protocol_tables.splice_summary(str(plain), "numpy:/data/a.npz", "new table")
+    assert plain.read_text() == f"intro\n{marker}\n"
+    assert not protocol_tables.splice_summary(str(tmp_path / "none.md"), "elpv", "x")
+    assert not (tmp_path / "none.md").exists()
 
 
 def test_deconfounded_protocol_searches_runs_controls_and_resumes(tmp_path):
@@ -107,9 +127,13 @@ def test_deconfounded_protocol_searches_runs_controls_and_resumes(tmp_path):
     source = helpers.write_npz(tmp_path / "source.npz", num_per_class=20, num_classes=3, seed=4)
     backbone = helpers.saved_backbone(tmp_path / "backbone.keras")
     out = tmp_path / "results"
+    summary = tmp_path / "summary.md"
+    marker = protocol_tables.summary_marker(f"numpy:{target}")
+    summary.write_text(f"# Results\n{marker}\n{marker}\ndiscussion\n")
     args = [
         f"--target=numpy:{target}", f"--source=numpy:{source}", f"--backbone={backbone}",
-        f"--output_dir={out}", "--rows=baseline,sjft", "--controls=sjft_uniform_draws",
+        f"--output_dir={out}", f"--summary={summary}",
+        "--rows=baseline,sjft", "--controls=sjft_uniform_draws",
         "--fractions=1", "--tune_fraction=1", "--seeds=0,1", "--tune_seeds=0", "--trials=5",
         "--epochs=1", "--image_size=16", "--batch_size=8", "--noplots",
     ]
@@ -145,6 +169,7 @@ def test_deconfounded_protocol_searches_runs_controls_and_resumes(tmp_path):
     table = (out / "results_table.md").read_text()
     assert "Paired differences to the best baseline (Fine-tuning)" in table
     assert "SJFT, lists grow but hard images are not repeated" in table
+    assert summary.read_text() == f"# Results\n{marker}\n{table.strip()}\n{marker}\ndiscussion\n"
 
     again = _reproduce(*args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -12,7 +12,7 @@ ROOT = helpers.REPO_ROOT
 
 
 def _reproduce(*args, timeout=600):
-    return helpers.run_tool("reproduce.py", *args, timeout=timeout)
+    return helpers.run_tool("reproduce.py", "--protocol=paper", *args, timeout=timeout)
 
 
 def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):

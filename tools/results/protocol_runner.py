@@ -37,6 +37,8 @@ class ProtocolSettings:
         trials: search trials per row (`protocol.TRIALS`).
         quick: a pipeline check (short pretraining when the backbone is missing).
         table_only: train nothing, read only the cache.
+        summary: a Markdown file whose `<!-- deconfounded-table:<target> -->`
+            block gets the tables when it has that pair of markers, or None.
     """
 
     rows: list
@@ -58,6 +60,7 @@ class ProtocolSettings:
     trials: int = protocol.TRIALS
     quick: bool = False
     table_only: bool = False
+    summary: str = None
 
 
 def record(row_name, trial, fraction, seed, report, directory):

@@ -209,15 +209,47 @@ def plot_validation_curves(settings, curves, path):
     atomic_write_bytes(path, figure_bytes(fig))
 
 
+def summary_marker(target):
+    """The marker pair that holds one target's tables in a summary file.
+
+    >>> summary_marker("elpv")
+    '<!-- deconfounded-table:elpv -->'
+    """
+    from keras_seltransfer.utils.naming import spec_slug
+
+    return f"<!-- deconfounded-table:{spec_slug(target)} -->"
+
+
+def splice_summary(path, target, text):
+    """Replaces the target's block of the summary file `path`.
+
+    Only a file that already holds the target's marker pair is changed (the
+    discussion around the block is kept); returns whether it was.
+    """
+    marker = summary_marker(target)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        if f.read().count(marker) != 2:
+            return False
+    splice(path, marker, text)
+    return True
+
+
 def write_outputs(settings, header, text, document):
-    """Writes results_table.md, the block of RESULTS.md and results.json."""
+    """Writes results_table.md, the block of RESULTS.md and results.json, and
+    the target's block of `settings.summary`; returns the paths written."""
     from keras_seltransfer.utils.io import atomic_write_text
 
     os.makedirs(settings.output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(settings.output_dir, "results_table.md"), header + "\n\n" + text + "\n")
-    splice(os.path.join(settings.output_dir, "RESULTS.md"), MARKER, header + "\n\n" + text)
-    atomic_write_text(os.path.join(settings.output_dir, "results.json"),
-                      json.dumps(document, indent=2) + "\n")
+    written = [os.path.join(settings.output_dir, name)
+               for name in ("results_table.md", "RESULTS.md", "results.json")]
+    atomic_write_text(written[0], header + "\n\n" + text + "\n")
+    splice(written[1], MARKER, header + "\n\n" + text)
+    atomic_write_text(written[2], json.dumps(document, indent=2) + "\n")
+    if settings.summary and splice_summary(settings.summary, settings.target, header + "\n\n" + text):
+        written.append(settings.summary)
+    return written
 
 
 __all__ = [
@@ -227,6 +259,8 @@ __all__ = [
     "paired_table",
     "plot_validation_curves",
     "settings_text",
+    "splice_summary",
+    "summary_marker",
     "validation_curves",
     "write_outputs",
 ]
