@@ -178,3 +178,30 @@ def test_deconfounded_protocol_searches_runs_controls_and_resumes(tmp_path):
 
     unknown = _reproduce(*args[:-1], "--rows=baseline,nonsense")
     assert unknown.returncode != 0 and "Unknown rows ['nonsense']" in unknown.stderr
+
+
+def test_each_method_is_paired_with_the_row_its_paper_claims_to_improve_on():
+    rows = [protocol.ROWS_BY_NAME[n] for n in ("baseline", "antialias_ft", "ktft", "sjft")]
+    settings = type("Settings", (), {"rows": rows, "fractions": (0.15,)})()
+    scores = {"baseline": (0.70, 0.72, 0.71), "antialias_ft": (0.72, 0.75, 0.73),
+              "ktft": (0.71, 0.74, 0.76), "sjft": (0.70, 0.73, 0.70)}
+    cells = [{"row": row, "fraction": 0.15, "seed": seed, "balanced_accuracy": v, "accuracy": v}
+             for row, values in scores.items() for seed, v in enumerate(values)]
+    claims = protocol_tables.paper_claims(cells, settings)
+    pairs = {(c["row"], c["reference"]) for c in claims}
+    # adafilter and filter_transfer are not rows here, so they are left out.
+    assert pairs == {("sjft", "baseline"), ("antialias_ft", "baseline"), ("ktft", "baseline"),
+                     ("ktft", "antialias_ft")}
+    ktft = [c for c in claims if c["row"] == "ktft" and c["reference"] == "antialias_ft"
+            and c["metric"] == "accuracy"][0]
+    diffs = np.subtract(scores["ktft"], scores["antialias_ft"])
+    half = scipy_stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    assert ktft["mean"] == pytest.approx(diffs.mean())
+    assert (ktft["low"], ktft["high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    table = protocol_tables.paired_table(claims, protocol_tables.labels_of(settings)).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| Anti-aliased fine-tuning - Fine-tuning",
+        "| KTFT (anti-aliased, knowledge-transferred) - Fine-tuning",
+        "| KTFT (anti-aliased, knowledge-transferred) - Anti-aliased fine-tuning",
+        "| SJFT (selective joint fine-tuning) - Fine-tuning",
+    ]

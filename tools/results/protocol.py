@@ -134,6 +134,18 @@ CONTROLS = (
 )
 CONTROLS_BY_NAME = {c[0]: c for c in CONTROLS}
 
+# (method row, reference row): what each paper claims to improve on. Every
+# paper compares with fine-tuning; KTFT's knowledge-transfer losses are also
+# compared with anti-aliased fine-tuning alone, the same model without them.
+PAPER_REFERENCES = (
+    ("sjft", "baseline"),
+    ("adafilter", "baseline"),
+    ("filter_transfer", "baseline"),
+    ("antialias_ft", "baseline"),
+    ("ktft", "baseline"),
+    ("ktft", "antialias_ft"),
+)
+
 
 def validate_rows(rows=ROWS, controls=CONTROLS):
     """Checks that every row and control names a known method and known
@@ -278,6 +290,7 @@ def seeds_for(fraction, seeds=None):
 
 __all__ = [
     "CONTROLS",
+    "PAPER_REFERENCES",
     "ProtocolRow",
     "ROWS",
     "run_dir",

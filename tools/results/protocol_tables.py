@@ -91,6 +91,21 @@ def paired_rows(results, reference, fractions, names, metrics=METRICS):
     return out
 
 
+def paper_claims(results, settings, references=protocol.PAPER_REFERENCES):
+    """Paired differences of each method to the row its paper compares with
+    (`protocol.PAPER_REFERENCES`), for the rows this run has."""
+    names = {row.name for row in settings.rows}
+    out = []
+    for row, reference in references:
+        if row in names and reference in names:
+            out += paired_rows(results, reference, settings.fractions, [row])
+    return out
+
+
+def _position(labels, name):
+    return list(labels).index(name) if name in labels else len(labels)
+
+
 def paired_table(paired, labels):
     """Markdown of `paired_rows`: one line per row and fraction, balanced
     accuracy then accuracy."""
@@ -101,7 +116,7 @@ def paired_table(paired, labels):
         "|---|---|---|---|---|",
     ]
     keys = sorted({(p["row"], p["reference"], p["fraction"]) for p in paired},
-                  key=lambda k: (list(labels).index(k[0]) if k[0] in labels else 99, k[2]))
+                  key=lambda k: (_position(labels, k[0]), k[2], _position(labels, k[1])))
     for row, reference, fraction in keys:
         parts = {}
         for p in paired:
@@ -157,6 +172,10 @@ def body(settings, choices, results, controls):
                 "test balanced accuracy and accuracy, mean [95% Student-t interval]; "
                 "better/worse only when the interval excludes zero:\n\n" + paired_table(paired, labels)
             )
+    claims = paper_claims(results, settings)
+    if claims:
+        text += ("\n\nEach method minus the row its paper claims to improve on (tuned "
+                 "fine-tuning, under the same protocol), per seed:\n\n" + paired_table(claims, labels))
     control_paired = paired_rows(results + controls, "sjft", settings.control_fractions,
                                  [c[0] for c in protocol.CONTROLS])
     table = controls_table(settings, results, controls)
@@ -165,7 +184,7 @@ def body(settings, choices, results, controls):
         if control_paired:
             text += ("\n\nEach control minus sjft, per seed (a negative difference: the change "
                      "hurts):\n\n" + paired_table(control_paired, labels))
-    return text, paired + control_paired
+    return text, paired + claims + control_paired
 
 
 def validation_curves(settings, choices, results):
@@ -256,6 +275,7 @@ __all__ = [
     "body",
     "main_table",
     "paired_rows",
+    "paper_claims",
     "paired_table",
     "plot_validation_curves",
     "settings_text",
