@@ -25,6 +25,12 @@ def test_every_fine_tuning_row_starts_from_the_same_stage_1_grid():
             assert {(t["learning_rate"], t["batchnorm"]) for t in trials} == {
                 (lr, bn) for lr in protocol.LEARNING_RATES for bn in protocol.BATCHNORM_MODES
             }
+    # AdaFilter gates every conv of the backbone, so its BatchNorm dimension
+    # is the gated batch norm's mode (`batchnorm` alone was a no-op there).
+    trials = protocol.stage1_trials(protocol.ROWS_BY_NAME["adafilter"])
+    assert {(t["learning_rate"], t["gated_batchnorm"]) for t in trials} == {
+        (lr, bn) for lr in protocol.LEARNING_RATES for bn in protocol.BATCHNORM_MODES
+    }
 
 
 def test_stage_2_fills_the_same_budget_for_every_row():

@@ -7,7 +7,8 @@ is this docstring's first list):
   tuning fraction, each scored by its best validation cross-entropy averaged
   over the tuning seeds. Stage 1 is the same for every fine-tuning row: the
   learning rates `LEARNING_RATES` times the BatchNorm modes (frozen /
-  trained), at the method's defaults. Stage 2 spends the rest of the budget
+  trained; for AdaFilter, whose batch norms are all gated, the gated batch
+  norm's mode), at the method's defaults. Stage 2 spends the rest of the budget
   from the best stage-1 trial: first the alternative values of at most two
   method-specific settings (`ProtocolRow.search`), then, for rows with
   fewer settings than trials left, further learning rates next to the best
@@ -108,8 +109,11 @@ ROWS = (
     ProtocolRow("sjft", "SJFT (selective joint fine-tuning)", "Ge & Yu 2017", METHOD,
                 {"method": "sjft", **JOINT},
                 search=(("max_level", (0,)), ("joint_bn_stats", ("target",)))),
+    # AdaFilter's batch norms are its gated ones (`gated_batchnorm`); every
+    # conv of the backbone is gated, so `batchnorm` would change nothing.
     ProtocolRow("adafilter", "AdaFilter", "Guo et al. 2020", METHOD, {"method": "adafilter"},
-                search=(("gate_lr_multiplier", (1.0,)), ("gate_estimator", ("gumbel",)))),
+                search=(("gate_lr_multiplier", (1.0,)), ("gate_estimator", ("gumbel",))),
+                stage1=(("learning_rate", LEARNING_RATES), ("gated_batchnorm", BATCHNORM_MODES))),
     ProtocolRow("filter_transfer", "Selective filter transfer", "Jung & Kim 2019", METHOD,
                 {"method": "filter_transfer"},
                 search=(("transfer_ratio", (0.75,)), ("reinit_next", (True,)))),
