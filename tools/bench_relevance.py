@@ -141,7 +141,7 @@ def _timed(function, *args, **kwargs):
 def bench_relevance():
     import numpy as np
 
-    from keras_seltransfer.models import relevance
+    from keras_seltransfer import relevance
 
     other = _load_relevance(FLAGS.checkout) if FLAGS.checkout else None
     model = _backbone()

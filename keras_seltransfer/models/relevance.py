@@ -96,8 +96,10 @@ class FilterResponses:
     """The responses of a model's conv filters, read where `response_points` says.
 
     One `keras.Model` from the model's input to every response point
-    computes all layers' responses in one pass, sharing the model's
-    weights (so it follows the weights as they train); the model runs in
+    (`response_tensors`, which also reads conv layers inside nested
+    sub-models, in the graph `surgery.flatten` makes of them) computes all
+    layers' responses in one pass, sharing the layers of that graph (so it
+    follows the weights as they train); the model runs in
     inference mode (BatchNormalization uses its moving statistics, dropout
     is off). It is also a filter bank in the sense of
     `keras_seltransfer.retrieval.filter_banks` (`groups`, `num_channels`,

@@ -142,7 +142,11 @@ def conv_layer_names(model, layers=None):
     >>> relevance.conv_layer_names(backbone), relevance.conv_layer_names(backbone, "block2")
     (['block1_conv', 'block2_conv'], ['block2_conv'])
     """
-    flat = surgery.flatten(model)
+    return _conv_names(surgery.flatten(model), layers, model.name)
+
+
+def _conv_names(flat, layers, model_name):
+    """`conv_layer_names` of an already flattened model."""
     all_convs = [layer.name for layer in flat.layers if isinstance(layer, surgery.CONV_TYPES)]
     if layers is None:
         names = all_convs
@@ -160,7 +164,7 @@ def conv_layer_names(model, layers=None):
         for name in names:
             if name not in by_name:
                 raise ValueError(
-                    f"Model {model.name!r} has no layer named {name!r}. "
+                    f"Model {model_name!r} has no layer named {name!r}. "
                     f"Received: layers={layers!r}"
                 )
             if not isinstance(by_name[name], surgery.CONV_TYPES):
@@ -174,7 +178,7 @@ def conv_layer_names(model, layers=None):
         names = sorted(names, key=order.__getitem__)
     if not names:
         raise ValueError(
-            f"Model {model.name!r} has no Conv2D or DepthwiseConv2D layer to score"
+            f"Model {model_name!r} has no Conv2D or DepthwiseConv2D layer to score"
             + (f" matching {layers!r}" if layers is not None else "")
             + f". Received: layers={layers!r}"
         )
@@ -184,7 +188,7 @@ def conv_layer_names(model, layers=None):
 def _walk(model, layers):
     """`(call graph, conv names)`, the conv layers checked to be called once."""
     graph = _CallGraph(model)
-    names = conv_layer_names(graph.flat, layers)
+    names = _conv_names(graph.flat, layers, model.name)
     by_name = {operation.name: operation for operation in graph.flat.operations}
     shared = [name for name in names if graph.count.get(id(by_name[name]), 0) > 1]
     if shared:
