@@ -19,11 +19,31 @@ these statistics [inferred: this package's choices, not the paper's]:
 Where a filter's response is read: see `models.response_points` (after the
 conv's BatchNormalization and activation when it has them).
 
-Everything streams: per batch only sums are kept (per-channel sums and
-counts, or `[channels, bins]` histogram sums), so memory does not grow with
-the data. The passes run through `strategy.run` and are reduced with
-`strategy.reduce`, so they work plainly and under any `tf.distribute`
-strategy (the model's own by default).
+Every conv layer is measured at once: one `keras.Model` from the input to
+all response points (`response_tensors`) runs once per batch, and per batch
+only sums are kept (per-filter sums and counts, or `[filters, bins]`
+histogram sums, in float32, accumulated over the batches in float64 on the
+host), so memory does not grow with the data. With N images, L scored layers, F filters in all and one
+forward pass costing C:
+
+- "mean", "frequency": one pass over the data, N * C time; O(F) host
+  memory, plus the device memory of one batch's forward pass with every
+  response kept until its sums are taken.
+- "kl": three passes over the target data (range, fine counts: the bin
+  fitting of `utils.histograms`; then the histograms) and one over the
+  source data, (3 N_target + N_source) * C time; O(F * fine_bins) host
+  memory for the fitting, O(F * num_bins) after.
+
+L does not multiply the time: the layers share the forward pass (a model
+per layer would cost about L / 2 forward passes per image and one trace
+per layer). The network's graph is traced once for "mean" and
+"frequency" and three times for "kl" (a few seconds each for a deep
+network on a CPU; a `FilterResponses` keeps its traces for later calls),
+except that data sets known to hold at most `EAGER_BATCHES` batches are
+summed eagerly. The passes run
+through `strategy.run` and are reduced with `strategy.reduce`, so they
+work plainly and under any `tf.distribute` strategy (the model's own by
+default).
 
 Selection is separate and pure (`models.filter_selection`):
 `select_top_fraction` (keep the best `ratio` of a layer),
@@ -38,8 +58,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_seltransfer.models import surgery
 from keras_seltransfer.models.response_points import response_chains
+from keras_seltransfer.models.response_points import response_tensors
 from keras_seltransfer.utils.divergence import DEFAULT_EPS
 from keras_seltransfer.utils.divergence import symmetric_kl
 from keras_seltransfer.utils.histograms import describe_batch
@@ -49,6 +69,12 @@ from keras_seltransfer.utils.validation import check_choice
 from keras_seltransfer.utils.validation import check_int
 
 STATISTICS = ("mean", "frequency", "kl")
+
+# Data sets known to hold at most this many batches are summed eagerly:
+# tracing a deep network's forward pass costs about as much as running it
+# eagerly on 4 to 8 batches (DenseNet121 at 64x64 on a CPU: a trace of about
+# 6 s against about 1 s an eager batch of 8), so short passes skip the trace.
+EAGER_BATCHES = 4
 
 # The sign that turns a statistic into a relevance (higher is more relevant).
 RELEVANCE_SIGN = {"mean": 1.0, "frequency": 1.0, "kl": -1.0}
@@ -70,8 +96,10 @@ class FilterResponses:
     """The responses of a model's conv filters, read where `response_points` says.
 
     One `keras.Model` from the model's input to every response point
-    computes all layers' responses in one pass, sharing the model's
-    weights (so it follows the weights as they train); the model runs in
+    (`response_tensors`, which also reads conv layers inside nested
+    sub-models, in the graph `surgery.flatten` makes of them) computes all
+    layers' responses in one pass, sharing the layers of that graph (so it
+    follows the weights as they train); the model runs in
     inference mode (BatchNormalization uses its moving statistics, dropout
     is off). It is also a filter bank in the sense of
     `keras_seltransfer.retrieval.filter_banks` (`groups`, `num_channels`,
@@ -112,22 +140,16 @@ class FilterResponses:
     """
 
     def __init__(self, model, layers=None):
-        flat = surgery.flatten(model)
-        if len(flat.inputs) != 1:
+        inputs, tensors = response_tensors(model, layers, channels_last=True)
+        if len(inputs) != 1:
             raise ValueError(
                 "FilterResponses needs a model with exactly one (image) input. "
-                f"Received: a model with {len(flat.inputs)} inputs"
+                f"Received: a model with {len(inputs)} inputs"
             )
-        self.chains = response_chains(flat, layers)
-        taps = []
-        for conv_name, chain in self.chains.items():
-            tap = flat.get_layer(chain[-1]).output
-            if surgery.channel_axis(flat.get_layer(conv_name)) == 1:
-                tap = keras.layers.Permute((2, 3, 1), name=f"{conv_name}_nhwc_response")(tap)
-            taps.append(tap)
+        taps = list(tensors.values())
         self.model = model
-        self._model = keras.Model(flat.inputs[0], taps, name=f"{model.name}_filter_responses")
-        self._groups = [(name, int(tap.shape[-1])) for name, tap in zip(self.chains, taps)]
+        self._model = keras.Model(inputs[0], taps, name=f"{model.name}_filter_responses")
+        self._groups = [(name, int(tap.shape[-1])) for name, tap in tensors.items()]
         strategy = getattr(model, "distribute_strategy", None)
         self.strategy = strategy or tf.distribute.get_strategy()
         self._functions = {}
@@ -135,7 +157,12 @@ class FilterResponses:
     @property
     def layers(self):
         """The scored conv layer names, in output order."""
-        return list(self.chains)
+        return [name for name, _ in self._groups]
+
+    @property
+    def chains(self):
+        """`{conv_name: chain}` (see `response_chains`)."""
+        return response_chains(self.model, self.layers)
 
     @property
     def points(self):
@@ -164,23 +191,25 @@ class FilterResponses:
         """Sums the float32 outputs of `replica_fn(images, *extra)` over the
         batches and replicas of `dataset`, in float64 on the host."""
         distributed = strategy.experimental_distribute_dataset(dataset)
-        # A signature from the data's spec (batch size unknown) traces each
-        # function once, not once per batch shape.
-        signature = [distributed.element_spec] + [tf.TensorSpec(e.shape, e.dtype) for e in extra]
-        key = (kind, id(strategy), str(signature))
-        if key not in self._functions:
 
-            @tf.function(input_signature=signature)
-            def step(x, *args):
-                outputs = strategy.run(replica_fn, args=(x, *args))
-                return tf.nest.map_structure(
-                    lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None),
-                    outputs,
-                )
+        def step(x, *args):
+            outputs = strategy.run(replica_fn, args=(x, *args))
+            return tf.nest.map_structure(
+                lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), outputs
+            )
 
-            # The strategy is kept with its function so that its id is not reused.
-            self._functions[key] = (step, strategy)
-        step = self._functions[key][0]
+        batches = int(dataset.cardinality())
+        if not 0 <= batches <= EAGER_BATCHES:
+            # A signature from the data's spec (batch size unknown) traces
+            # each function once, not once per batch shape.
+            signature = [distributed.element_spec] + [
+                tf.TensorSpec(e.shape, e.dtype) for e in extra
+            ]
+            key = (kind, id(strategy), str(signature))
+            if key not in self._functions:
+                # The strategy is kept with its function so that its id is not reused.
+                self._functions[key] = (tf.function(step, input_signature=signature), strategy)
+            step = self._functions[key][0]
         totals = None
         for x in distributed:
             values = [np.asarray(v, np.float64) for v in tf.nest.flatten(step(x, *extra))]
@@ -325,6 +354,11 @@ def filter_statistics(
       pipelines make them, that is the histogram of all responses pooled.
       A filter whose target responses fall in a single bin (constant on
       the target data, such as a dead ReLU) gets an infinite divergence.
+
+    Cost: every conv layer is measured from the same forward pass, so
+    "mean" and "frequency" read `data` once and "kl" reads `data` three
+    times and `source_data` once, whatever the number of layers; memory
+    does not grow with the data (see the module docstring).
 
     Args:
         model: a functional `keras.Model` with one image input, or a
