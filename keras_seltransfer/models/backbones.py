@@ -6,6 +6,7 @@ backbone's own input normalisation inside the model (`ImagePreprocessing`), so
 the same raw pixels serve training, evaluation and the exported SavedModel.
 """
 
+import difflib
 import os
 import re
 import zipfile
@@ -23,33 +24,43 @@ DEFAULT_BACKBONE = os.path.join(DEFAULT_PRETRAIN_DIR, "model.keras")
 # Layer name at which models saved by the `pretrain` app are cut.
 FEATURES_LAYER = "features"
 
-# keras.applications constructors by normalised name, with the input
-# normalisation each one was trained with.
+# Every keras.applications constructor, by normalised name, with the input
+# normalisation its ImageNet weights were trained with (the mode of
+# `ImagePreprocessing` matching its module's `preprocess_input`). "none":
+# the model normalises [0, 255] pixels itself (ConvNeXt, EfficientNet,
+# EfficientNetV2 and MobileNetV3 include their preprocessing layers).
+_APPLICATION_MODES = {
+    "ConvNeXtTiny": "none",
+    "ConvNeXtSmall": "none",
+    "ConvNeXtBase": "none",
+    "ConvNeXtLarge": "none",
+    "ConvNeXtXLarge": "none",
+    "DenseNet121": "torch",
+    "DenseNet169": "torch",
+    "DenseNet201": "torch",
+    **{f"EfficientNetB{i}": "none" for i in range(8)},
+    **{f"EfficientNetV2{v}": "none" for v in ("B0", "B1", "B2", "B3", "S", "M", "L")},
+    "InceptionResNetV2": "tf",
+    "InceptionV3": "tf",
+    "MobileNet": "tf",
+    "MobileNetV2": "tf",
+    "MobileNetV3Small": "none",
+    "MobileNetV3Large": "none",
+    "NASNetMobile": "tf",
+    "NASNetLarge": "tf",
+    "ResNet50": "caffe",
+    "ResNet101": "caffe",
+    "ResNet152": "caffe",
+    "ResNet50V2": "tf",
+    "ResNet101V2": "tf",
+    "ResNet152V2": "tf",
+    "VGG16": "caffe",
+    "VGG19": "caffe",
+    "Xception": "tf",
+}
 _APPLICATIONS = {
-    "resnet50": ("ResNet50", "caffe"),
-    "resnet101": ("ResNet101", "caffe"),
-    "resnet152": ("ResNet152", "caffe"),
-    "resnet50v2": ("ResNet50V2", "tf"),
-    "resnet101v2": ("ResNet101V2", "tf"),
-    "resnet152v2": ("ResNet152V2", "tf"),
-    "vgg16": ("VGG16", "caffe"),
-    "vgg19": ("VGG19", "caffe"),
-    "mobilenet": ("MobileNet", "tf"),
-    "mobilenetv2": ("MobileNetV2", "tf"),
-    "mobilenetv3small": ("MobileNetV3Small", "none"),
-    "mobilenetv3large": ("MobileNetV3Large", "none"),
-    "densenet121": ("DenseNet121", "torch"),
-    "densenet169": ("DenseNet169", "torch"),
-    "densenet201": ("DenseNet201", "torch"),
-    "inceptionv3": ("InceptionV3", "tf"),
-    "xception": ("Xception", "tf"),
-    "efficientnetb0": ("EfficientNetB0", "none"),
-    "efficientnetb1": ("EfficientNetB1", "none"),
-    "efficientnetb2": ("EfficientNetB2", "none"),
-    "efficientnetb3": ("EfficientNetB3", "none"),
-    "efficientnetv2b0": ("EfficientNetV2B0", "none"),
-    "efficientnetv2s": ("EfficientNetV2S", "none"),
-    "convnexttiny": ("ConvNeXtTiny", "none"),
+    re.sub(r"[^a-z0-9]", "", name.lower()): (name, mode)
+    for name, mode in _APPLICATION_MODES.items()
 }
 
 
@@ -135,6 +146,17 @@ def available_backbones():
     ('small_cnn', True)
     """
     return sorted(BUILTIN_BACKBONES) + sorted(v[0] for v in _APPLICATIONS.values())
+
+
+def _unknown_backbone_message(spec):
+    names = available_backbones()
+    by_key = {_normalise_name(name): name for name in names}
+    close = [by_key[k] for k in difflib.get_close_matches(_normalise_name(spec), by_key, n=3)]
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return (
+        f"Unknown backbone {spec!r}.{hint} Expected a path to a `.keras` file or one of: "
+        f"{', '.join(names)}. Received: spec={spec!r}"
+    )
 
 
 def _single(tensors):
@@ -411,10 +433,7 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
 
     key = _normalise_name(spec)
     if key not in _BUILTIN_BY_KEY and key not in _APPLICATIONS:
-        raise ValueError(
-            "Unknown backbone. Expected a path to a `.keras` file or one of: "
-            f"{', '.join(available_backbones())}. Received: spec={spec!r}"
-        )
+        raise ValueError(_unknown_backbone_message(spec))
     if weights not in (None, "imagenet"):
         weights = os.fspath(weights)
         if not os.path.isfile(weights):
