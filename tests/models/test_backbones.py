@@ -1,10 +1,12 @@
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
 from keras_seltransfer.models import backbones
+from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
 from keras_seltransfer.models import build_classifier
 
 
@@ -102,6 +104,35 @@ def test_keras_applications_without_weights(name):
 def test_unknown_backbone_lists_names():
     with pytest.raises(ValueError, match="Unknown backbone.*small_cnn.*ResNet50"):
         backbones.load_backbone("resnet9000", (32, 32, 3))
+    close = r"Did you mean 'EfficientNetV2B\d'.*spec='efficientnet_v2b'"
+    with pytest.raises(ValueError, match=close):
+        backbones.load_backbone("efficientnet_v2b", (32, 32, 3))
+
+
+def _application_constructors():
+    return sorted(
+        name
+        for name in dir(keras.applications)
+        if name[0].isupper() and callable(getattr(keras.applications, name))
+    )
+
+
+def test_every_keras_application_is_a_backbone_name():
+    # A Keras release adding an application fails here until it is listed.
+    assert set(_application_constructors()) <= set(backbones.available_backbones())
+
+
+@pytest.mark.parametrize("name", _application_constructors())
+def test_application_normalisation_equals_its_preprocess_input(name):
+    # Independent reference: the application module's own preprocess_input,
+    # applied outside the model as its documentation asks; the model built
+    # by load_backbone applies its ImagePreprocessing layer plus whatever
+    # normalisation the application contains.
+    module = sys.modules[getattr(keras.applications, name).__module__]
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    mode = backbones._APPLICATION_MODES[name]
+    ours = ImagePreprocessing(mode)(pixels)
+    np.testing.assert_allclose(ours, module.preprocess_input(pixels.copy()), rtol=1e-5, atol=1e-4)
 
 
 def test_builtin_needs_channels_and_refuses_imagenet():
