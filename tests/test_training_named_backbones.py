@@ -17,7 +17,8 @@ def test_finetune_a_keras_application_by_name(tmp_path, method):
         method=method, target=f"numpy:{target}", backbone="MobileNetV2", image_size=32,
         epochs=1, batch_size=8, output_dir=str(tmp_path / method), export=method == "baseline",
     )
-    outputs = training.finetune(config)
+    with pytest.warns(UserWarning, match="starts from random weights.*imagenet"):
+        outputs = training.finetune(config)
     assert outputs["report"]["backbone"] == "MobileNetV2"
     model = keras.saving.load_model(outputs["model"])
     # The application's normalisation ("tf": x / 127.5 - 1) sits in the

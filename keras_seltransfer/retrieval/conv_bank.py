@@ -83,25 +83,37 @@ def _trace(backbone):
     calls = []
 
     def run(operation, *args, **kwargs):
+        # A model's inputs may come by keyword (KerasHub backbones).
+        tensors = [
+            t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)
+        ]
         if isinstance(operation, keras.Sequential):
-            (x,) = args
+            (x,) = tensors
             for layer in operation.layers:
                 x = run(layer, x)
             return x
         if isinstance(operation, keras.Model):
-            inlined = keras.models.clone_model(
+            start = len(calls)
+            keras.models.clone_model(
                 operation,
-                input_tensors=args[0] if len(args) == 1 else list(args),
+                input_tensors=tensors[0] if len(tensors) == 1 else tensors,
                 clone_function=lambda inner: inner,
                 call_function=run,
             )
-            return inlined.output
+            # The model `clone_model` returns holds copies of the traced
+            # tensors when its inputs are not `keras.Input` tensors (a
+            # KerasHub backbone after its image converter). A graph with one
+            # output has one node of depth 0, run last: its output is the
+            # nested model's.
+            if len(operation.outputs) != 1 or len(calls) == start or len(calls[-1].outputs) != 1:
+                raise ValueError(
+                    f"ConvBank inlines nested models with one output computed by their own "
+                    f"layers; {operation.name!r} ({type(operation).__name__}) has "
+                    f"{len(operation.outputs)} outputs. Received: backbone={backbone.name!r}"
+                )
+            return calls[-1].outputs[0]
         outputs = operation(*args, **kwargs)
-        calls.append(_Call(
-            operation,
-            [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)],
-            keras.tree.flatten(outputs),
-        ))
+        calls.append(_Call(operation, tensors, keras.tree.flatten(outputs)))
         return outputs
 
     inputs = keras.Input(batch_shape=backbone.inputs[0].shape, dtype=backbone.inputs[0].dtype)

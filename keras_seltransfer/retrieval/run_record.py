@@ -11,6 +11,10 @@ import json
 import os
 import re
 
+from keras_seltransfer.models.backbones import is_backbone_path
+from keras_seltransfer.models.named_backbones import HUB_PREFIX
+from keras_seltransfer.models.named_backbones import is_hub_spec
+from keras_seltransfer.models.named_backbones import normalise_name
 from keras_seltransfer.utils.io import atomic_write_text
 from keras_seltransfer.utils.io import load_json_object
 
@@ -174,9 +178,9 @@ def conv_bank_key(backbone, weights=None, image_size=None):
     image size, so an index cache keyed by this name is never reused for
     another network: `<name>-<8 hex digits>`, the name readable (a
     `keras.applications` or built-in name normalised, or a `.keras` file's
-    stem) and the digits a SHA-256 of the backbone spec (a file as its
-    normalised path), the weights (`None`, `"imagenet"` or a file path) and
-    the image size.
+    stem, a KerasHub preset's last component) and the digits a SHA-256 of
+    the backbone spec (a file as its normalised path), the weights (`None`,
+    `"imagenet"`, `"preset"` or a file path) and the image size.
 
     Args:
         backbone: a backbone spec, as `models.load_backbone` takes.
@@ -195,13 +199,15 @@ def conv_bank_key(backbone, weights=None, image_size=None):
     False
     """
     spec = os.fspath(backbone)
-    if spec.endswith(".keras") or os.sep in spec:
+    if is_backbone_path(spec):
         spec = os.path.normpath(spec)
         readable = os.path.splitext(os.path.basename(spec))[0]
+    elif is_hub_spec(spec):
+        readable = os.path.basename(os.path.normpath(spec[len(HUB_PREFIX):]))
     else:
-        spec = re.sub(r"[^a-z0-9]", "", spec.lower())
+        spec = normalise_name(spec)
         readable = spec
-    if weights is not None and weights != "imagenet":
+    if weights not in (None, "imagenet", "preset"):
         weights = os.path.normpath(os.fspath(weights))
     digest = hashlib.sha256(
         json.dumps([spec, weights, image_size]).encode("utf-8")

@@ -277,7 +277,9 @@ def test_conv_bank_direct_activation_and_nested_model():
 
 def test_conv_bank_taps_conv_layers_inside_nested_models():
     # A Sequential inside a functional model inside the backbone, as
-    # ConvNeXt's stem and a wrapped keras.applications model nest them.
+    # ConvNeXt's stem and a wrapped keras.applications model nest them; the
+    # nested model reads an intermediate tensor, as a KerasHub backbone
+    # follows its image converter.
     inner_conv = keras.layers.Conv2D(2, 3, name="inner_conv", bias_initializer="random_normal")
     inner = keras.Sequential(
         [keras.Input((8, 8, 1)), inner_conv, keras.layers.ReLU(name="inner_relu")], name="inner"
@@ -286,7 +288,8 @@ def test_conv_bank_taps_conv_layers_inside_nested_models():
     middle = keras.Model(middle_inputs, inner(middle_inputs), name="middle")
     outer_inputs = keras.Input((8, 8, 1))
     top = keras.layers.Conv2D(3, 3, name="top")
-    outer = keras.Model(outer_inputs, top(middle(outer_inputs)))
+    halved = keras.layers.Rescaling(0.5, name="halve")(outer_inputs)
+    outer = keras.Model(outer_inputs, top(middle(halved)))
     images = _random_images((2, 8, 8, 1))
 
     bank = ConvBank(outer, layers=2)
@@ -294,7 +297,7 @@ def test_conv_bank_taps_conv_layers_inside_nested_models():
     got_inner, got_top = [r.numpy() for r in bank(images)]
     # Independent reference: each conv applied by hand (NumPy correlation).
     kernel, bias = [w.numpy() for w in inner_conv.weights]
-    patches = np.lib.stride_tricks.sliding_window_view(images, (3, 3), axis=(1, 2))
+    patches = np.lib.stride_tricks.sliding_window_view(images * 0.5, (3, 3), axis=(1, 2))
     want_inner = np.einsum("bhwcij,ijcf->bhwf", patches, kernel) + bias
     np.testing.assert_allclose(got_inner, want_inner, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(got_top, top(np.maximum(want_inner, 0)), rtol=1e-4, atol=1e-3)
