@@ -10,7 +10,8 @@ uniformly), `sjft_random` (as many random source images as sjft selects);
 with `--from_scratch`, selective joint training from scratch.
 
 The neighbours come from `index_dir` (`apps.build_index`), built there when
-missing. `model.keras` and the SavedModel hold the backbone with the target
+missing, with a conv bank tapping the backbone the run fine-tunes (a `.keras`
+file or any name `models.load_backbone` takes). `model.keras` and the SavedModel hold the backbone with the target
 head only, `multitask.keras` the model with both heads.
 """
 

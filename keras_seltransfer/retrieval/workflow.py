@@ -46,8 +46,9 @@ class IndexConfig:
     them (held-out split with `split_seed`, then the low-data subset of
     `target_fraction` with `seed`), so the neighbour lists line up with the
     images a fine-tuning run trains on. `channels` (None, 1 or 3) converts
-    the images of image folders that mix grayscale, RGB and RGBA; None takes
-    the conv bank's backbone's channel count, or each data set's own.
+    the images of image folders that mix grayscale, RGB and RGBA, and is the
+    input channel count of a built-in conv-bank backbone (`small_cnn`); None
+    takes the conv bank's backbone's channel count, or each data set's own.
 
     Raises:
         ValueError: for a `channels`, `bank`, `shard_index` or
