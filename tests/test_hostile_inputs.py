@@ -589,7 +589,7 @@ LOADER_CASES = [
         )
     ],
     LoaderCase("backbone-unknown-name", BACKBONE, lambda h: backbones.load_backbone("resnet9000", (32, 32, None)),
-               match=r"Unknown backbone\. Expected a path to a `\.keras` file or one of: small_cnn, .*Received: spec='resnet9000'"),
+               match=r"Unknown backbone 'resnet9000'\. Did you mean 'ResNet\w+'.*Expected a path to a `\.keras` file, 'kerashub:<preset>' or one of: small_cnn, .*Received: spec='resnet9000'"),
     LoaderCase("backbone-weights-missing", BACKBONE,
                lambda h: backbones.load_backbone("small_cnn", (16, 16, 1), weights=h("nowhere.weights.h5")),
                error=FileNotFoundError, match=r"Backbone weights file not found: '.*nowhere\.weights\.h5'"),
@@ -829,7 +829,7 @@ APP_CASES = [
     AppCase("finetune-backbone-garbage", "finetune", (_T, "--backbone={d}/garbage.keras", _RUN, *_FT),
             watch=_GOOD_RUN, match=r"'.*garbage\.keras' is not a Keras model archive"),
     AppCase("finetune-backbone-unknown-name", "finetune", (_T, "--backbone=resnet9000", *_FT),
-            match=r"Unknown backbone\. Expected a path to a `\.keras` file or one of: small_cnn"),
+            match=r"Unknown backbone 'resnet9000'\. Did you mean .*Expected a path to a `\.keras` file, 'kerashub:<preset>' or one of: small_cnn"),
     AppCase("finetune-backbone-weights-garbage", "finetune",
             (_T, "--backbone=small_cnn", "--backbone_weights={d}/garbage.weights.h5", *_FT),
             match=r"Could not load the weights file '.*garbage\.weights\.h5' into backbone 'small_cnn'"),

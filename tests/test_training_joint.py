@@ -368,13 +368,44 @@ def test_joint_config_errors(overrides, message):
         training.FinetuneConfig(method="sjft", **overrides)
 
 
-def test_conv_bank_without_saved_backbone_or_index_is_refused(world, tmp_path):
-    index_dir = tmp_path / "missing_index"
-    config = _config(world, tmp_path / "run", backbone="small_cnn", index_dir=str(index_dir))
-    with pytest.raises(ValueError, match="conv filter bank needs a saved backbone") as info:
-        training.finetune(config)
-    assert str(index_dir) in str(info.value) and "--index_bank=gabor" in str(info.value)
-    assert not index_dir.exists() and not (tmp_path / "run").exists()
+def test_sjft_builds_a_conv_index_from_a_named_backbone(world, tmp_path, monkeypatch):
+    # No saved backbone: the conv bank taps the network the run fine-tunes,
+    # built from its name; the default index directory names that network.
+    monkeypatch.chdir(tmp_path)
+    config = _config(world, tmp_path / "run", backbone="small_cnn", index_dir=None)
+    assert re.fullmatch(r"runs/index/.*-conv-smallcnn-[0-9a-f]{8}", config.index_dir)
+    training.finetune(config)
+    stored = json.loads(str(_index(config.index_dir)["config"]))
+    assert stored["backbone"] == "small_cnn" and stored["backbone_weights"] is None
+    # The target images have one channel, so the built-in backbone has one.
+    assert stored["channels"] == 1 and stored["image_size"] == 16
+
+    # An index whose conv bank tapped another network is used, with a warning.
+    with pytest.warns(UserWarning, match=r"tapped backbone='.*backbone.keras'.*small_cnn"):
+        training.finetune(
+            _config(world, tmp_path / "other", backbone="small_cnn", epochs=1)
+        )
+
+
+def test_sjft_index_directory_differs_across_networks():
+    def index_dir(**fields):
+        return training.FinetuneConfig(method="sjft", **fields).index_dir
+
+    base = index_dir(backbone="MobileNetV2")
+    others = [
+        index_dir(backbone="ResNet50"),
+        index_dir(backbone="MobileNetV2", backbone_weights="imagenet"),
+        index_dir(backbone="MobileNetV2", image_size=96),
+        index_dir(backbone="runs/a/model.keras"),
+        index_dir(backbone="runs/b/model.keras"),
+    ]
+    assert len({base, *others}) == 6
+    assert base == index_dir(backbone="mobilenet_v2")
+    # The Gabor bank depends on no network.
+    assert index_dir(backbone="ResNet50", index_bank="gabor") == index_dir(
+        backbone="MobileNetV2", index_bank="gabor"
+    )
+    assert index_dir(backbone="ResNet50", index_bank="gabor").endswith("-gabor")
 
 
 def _first_batchnorm_input(model, images):

@@ -10,12 +10,14 @@ uniformly), `sjft_random` (as many random source images as sjft selects);
 with `--from_scratch`, selective joint training from scratch.
 
 The neighbours come from `index_dir` (`apps.build_index`), built there when
-missing. `model.keras` and the SavedModel hold the backbone with the target
+missing, with a conv bank tapping the backbone the run fine-tunes (a `.keras`
+file or any name `models.load_backbone` takes). `model.keras` and the SavedModel hold the backbone with the target
 head only, `multitask.keras` the model with both heads.
 """
 
 import dataclasses
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -34,6 +36,7 @@ from keras_seltransfer.models.multitask import joint_compile_args
 from keras_seltransfer.models.multitask import target_model
 from keras_seltransfer.retrieval import workflow
 from keras_seltransfer.retrieval.filter_banks import BANKS
+from keras_seltransfer.retrieval.run_record import conv_bank_key
 from keras_seltransfer.utils.naming import spec_slug
 
 INDEX_BANKS = BANKS
@@ -55,12 +58,15 @@ class SJFTOptions:
         "sjft: directory of a retrieval run (apps.build_index) whose neighbours.npz lists "
         "each target training image's nearest source images; built there when missing (with "
         "target fraction 1, which serves every fraction and seed). Default: "
-        "runs/index/<source>-<target>-<index_bank>.",
+        "runs/index/<source>-<target>-gabor, or runs/index/<source>-<target>-conv-<network> "
+        "with <network> naming --backbone, --backbone_weights and --image_size (another "
+        "network gets another index).",
     )
     index_bank: str = option(
         "conv",
         "sjft: filter bank used when the index is built: conv (the first two conv layers of "
-        "--backbone, which must then be a .keras file) or gabor.",
+        "the network the run fine-tunes: --backbone with --backbone_weights, a .keras file or "
+        "a name) or gabor.",
         choices=INDEX_BANKS,
     )
     k0: int = option(10, "sjft: initial neighbours per target image.", lower=1)
@@ -146,15 +152,28 @@ class SJFTOptions:
                 f"Received: batch_size={config.batch_size}"
             )
         if config.index_dir is None:
+            bank = config.index_bank
+            if bank == "conv":
+                bank += "-" + conv_bank_key(
+                    config.backbone, config.backbone_weights, config.image_size
+                )
             config.index_dir = os.path.join(
-                "runs",
-                "index",
-                f"{spec_slug(config.source)}-{spec_slug(config.target)}-{config.index_bank}",
+                "runs", "index", f"{spec_slug(config.source)}-{spec_slug(config.target)}-{bank}"
             )
 
 
-def index_config(config):
-    """The retrieval run an sjft run uses when it builds its own index."""
+def index_config(config, data_channels=None):
+    """The retrieval run an sjft run uses when it builds its own index.
+
+    Its conv bank taps the network the run fine-tunes, as pretrained: the
+    same `backbone`, `backbone_weights` and `image_size` (before any
+    `from_scratch` re-initialisation), loaded in memory; a built-in backbone
+    takes `config.channels`, or `data_channels` when unset, as the run's does.
+    """
+    conv = config.index_bank == "conv"
+    channels = config.channels
+    if channels is None and conv and backbones.is_builtin_backbone(config.backbone):
+        channels = data_channels
     return workflow.IndexConfig(
         source=config.source,
         target=config.target,
@@ -164,7 +183,9 @@ def index_config(config):
         test_fraction=config.test_fraction,
         split_seed=config.split_seed,
         bank=config.index_bank,
-        backbone=config.backbone if config.index_bank == "conv" else None,
+        backbone=config.backbone if conv else None,
+        backbone_weights=config.backbone_weights if conv else None,
+        channels=channels,
         k_max=config.k_max,
         image_size=config.image_size,
         output_dir=config.index_dir,
@@ -172,13 +193,16 @@ def index_config(config):
     )
 
 
-def load_neighbours(config, train_ids):
+def load_neighbours(config, train_ids, data_channels=None):
     """Neighbour lists of the target training images of an sjft run.
 
     Reads `<config.index_dir>/neighbours.npz`, building the index there first
-    when it is missing, checks that it was built for this run's target and
-    source (same data sets and held-out split), and returns the rows of the
-    images in `train_ids` (positions in the target's training split).
+    when it is missing (`index_config`), checks that it was built for this
+    run's target and source (same data sets and held-out split), warns when
+    its conv bank tapped another network than the run's, and returns the
+    rows of the images in `train_ids` (positions in the target's training
+    split). `data_channels` are the target images' channels (see
+    `index_config`).
 
     Returns:
         `(neighbour_ids, index_config)`: `[len(train_ids), k]` source
@@ -186,18 +210,22 @@ def load_neighbours(config, train_ids):
     """
     path = os.path.join(config.index_dir, "neighbours.npz")
     if not os.path.isfile(path):
-        if config.index_bank == "conv" and not (
-            backbones.is_backbone_path(config.backbone) and os.path.isfile(config.backbone)
-        ):
-            raise ValueError(
-                f"No index at {path}, and the conv filter bank needs a saved backbone "
-                f"(.keras file); received backbone={config.backbone!r}. Build one with "
-                "`python -m apps.build_index`, pass --index_dir, or use --index_bank=gabor."
-            )
         if config.verbose:
             print(f"No neighbour index at {path}; building it (see apps.build_index).")
-        workflow.build_neighbours(index_config(config))
+        workflow.build_neighbours(index_config(config, data_channels))
     target_ids, neighbour_ids, built = workflow.read_neighbours(path)
+    if config.index_bank == "conv" and built.bank == "conv":
+        network = conv_bank_key(config.backbone, config.backbone_weights, config.image_size)
+        if conv_bank_key(built.backbone, built.backbone_weights, built.image_size) != network:
+            warnings.warn(
+                f"The conv bank of the index in {config.index_dir} tapped backbone="
+                f"{built.backbone!r} (weights {built.backbone_weights!r}, image_size="
+                f"{built.image_size}), not this run's backbone={config.backbone!r} (weights "
+                f"{config.backbone_weights!r}, image_size={config.image_size}): its neighbours "
+                "were chosen by another network's filters. Leave --index_dir unset for an index "
+                "of this network.",
+                stacklevel=2,
+            )
     for name in ("target", "source", "test_fraction", "split_seed"):
         if getattr(built, name) != getattr(config, name):
             raise ValueError(
@@ -283,7 +311,9 @@ class JointFinetuning(Method):
 
     def prepare(self, config, context):
         """Reads (or builds) the neighbour index and makes the sampler."""
-        neighbour_ids, built = load_neighbours(config, context.state["train_ids"])
+        neighbour_ids, built = load_neighbours(
+            config, context.state["train_ids"], context.data_channels
+        )
         source = workflow.source_training_images(built)
         capped = self.sampling in NEIGHBOUR_SAMPLINGS and config.max_level
         context.state["source"] = source

@@ -1,4 +1,4 @@
-"""Backbones: built-in CPU-sized CNNs, keras.applications, saved `.keras` files.
+"""Backbones: built-in CPU-sized CNNs, names (keras.applications, KerasHub), `.keras` files.
 
 Every backbone returned here maps raw images (float pixel values in [0, 255],
 channels last) to a pooled feature vector `[batch, features]`, with the
@@ -6,13 +6,20 @@ backbone's own input normalisation inside the model (`ImagePreprocessing`), so
 the same raw pixels serve training, evaluation and the exported SavedModel.
 """
 
+import difflib
 import os
-import re
 import zipfile
 
 import keras
 
 from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
+from keras_seltransfer.models.named_backbones import APPLICATION_MODES
+from keras_seltransfer.models.named_backbones import application_name
+from keras_seltransfer.models.named_backbones import build_application
+from keras_seltransfer.models.named_backbones import build_hub_backbone
+from keras_seltransfer.models.named_backbones import import_hub_for_file
+from keras_seltransfer.models.named_backbones import is_hub_spec
+from keras_seltransfer.models.named_backbones import normalise_name
 
 # Where the `pretrain` app saves its default backbone (Fashion-MNIST,
 # small_cnn, 64 px), relative to the working directory: the backbone that
@@ -22,40 +29,6 @@ DEFAULT_BACKBONE = os.path.join(DEFAULT_PRETRAIN_DIR, "model.keras")
 
 # Layer name at which models saved by the `pretrain` app are cut.
 FEATURES_LAYER = "features"
-
-# keras.applications constructors by normalised name, with the input
-# normalisation each one was trained with.
-_APPLICATIONS = {
-    "resnet50": ("ResNet50", "caffe"),
-    "resnet101": ("ResNet101", "caffe"),
-    "resnet152": ("ResNet152", "caffe"),
-    "resnet50v2": ("ResNet50V2", "tf"),
-    "resnet101v2": ("ResNet101V2", "tf"),
-    "resnet152v2": ("ResNet152V2", "tf"),
-    "vgg16": ("VGG16", "caffe"),
-    "vgg19": ("VGG19", "caffe"),
-    "mobilenet": ("MobileNet", "tf"),
-    "mobilenetv2": ("MobileNetV2", "tf"),
-    "mobilenetv3small": ("MobileNetV3Small", "none"),
-    "mobilenetv3large": ("MobileNetV3Large", "none"),
-    "densenet121": ("DenseNet121", "torch"),
-    "densenet169": ("DenseNet169", "torch"),
-    "densenet201": ("DenseNet201", "torch"),
-    "inceptionv3": ("InceptionV3", "tf"),
-    "xception": ("Xception", "tf"),
-    "efficientnetb0": ("EfficientNetB0", "none"),
-    "efficientnetb1": ("EfficientNetB1", "none"),
-    "efficientnetb2": ("EfficientNetB2", "none"),
-    "efficientnetb3": ("EfficientNetB3", "none"),
-    "efficientnetv2b0": ("EfficientNetV2B0", "none"),
-    "efficientnetv2s": ("EfficientNetV2S", "none"),
-    "convnexttiny": ("ConvNeXtTiny", "none"),
-}
-
-
-def _normalise_name(name):
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
 
 def small_cnn(
     input_shape=(64, 64, 1), widths=(32, 64, 128, 128), stem_stride=2, name="small_cnn"
@@ -121,11 +94,13 @@ def small_cnn(
 
 
 BUILTIN_BACKBONES = {"small_cnn": small_cnn}
-_BUILTIN_BY_KEY = {_normalise_name(k): v for k, v in BUILTIN_BACKBONES.items()}
+_BUILTIN_BY_KEY = {normalise_name(k): v for k, v in BUILTIN_BACKBONES.items()}
 
 
 def available_backbones():
-    """Names accepted by `load_backbone` besides `.keras` paths.
+    """Names accepted by `load_backbone` besides `.keras` paths and
+    `"kerashub:<preset>"` specs: the built-in backbones and every
+    `keras.applications` constructor.
 
     Example:
 
@@ -134,7 +109,18 @@ def available_backbones():
     >>> names[0], "ResNet50" in names
     ('small_cnn', True)
     """
-    return sorted(BUILTIN_BACKBONES) + sorted(v[0] for v in _APPLICATIONS.values())
+    return sorted(BUILTIN_BACKBONES) + sorted(APPLICATION_MODES)
+
+
+def _unknown_backbone_message(spec):
+    names = available_backbones()
+    by_key = {normalise_name(name): name for name in names}
+    close = [by_key[k] for k in difflib.get_close_matches(normalise_name(spec), by_key, n=3)]
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return (
+        f"Unknown backbone {spec!r}.{hint} Expected a path to a `.keras` file, "
+        f"'kerashub:<preset>' or one of: {', '.join(names)}. Received: spec={spec!r}"
+    )
 
 
 def _single(tensors):
@@ -184,6 +170,7 @@ def load_keras_file(path, what="model"):
             f"zip archive, and this one is {state}. Expected a file written by "
             "`model.save('....keras')`."
         )
+    import_hub_for_file(path)
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     # Keras reports unloadable files with many types (ValueError, TypeError,
@@ -221,7 +208,7 @@ def is_backbone_path(spec):
     (True, False)
     """
     spec = os.fspath(spec)
-    return spec.endswith(".keras") or os.sep in spec
+    return not is_hub_spec(spec) and (spec.endswith(".keras") or os.sep in spec)
 
 
 def is_builtin_backbone(spec):
@@ -233,7 +220,7 @@ def is_builtin_backbone(spec):
     >>> models.is_builtin_backbone("small_cnn"), models.is_builtin_backbone("ResNet50")
     (True, False)
     """
-    return _normalise_name(os.fspath(spec)) in _BUILTIN_BY_KEY
+    return normalise_name(os.fspath(spec)) in _BUILTIN_BY_KEY
 
 
 def cut_backbone(model, layer_name, pooling="avg"):
@@ -323,7 +310,10 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
             - a built-in name (`"small_cnn"`);
             - a `keras.applications` name, any case or punctuation
               (`"ResNet50"`, `"mobilenet_v2"`); built without its top and
-              with global average pooling;
+              with global average pooling, its family's `preprocess_input`
+              inside the model (`named_backbones.build_application`);
+            - `"kerashub:<preset>"`: a KerasHub preset name or local preset
+              directory (`named_backbones.build_hub_backbone`);
             - a path to a `.keras` model (for example one written by the
               `pretrain` app), loaded in safe mode. It is cut at
               `cut_layer`, or at its `"features"` layer when it has one.
@@ -333,7 +323,8 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
             saved model (its own count) or an application (3).
         weights: for built-in and application backbones: `None` (random
             initialisation), `"imagenet"` (applications only; needs
-            internet on first use) or a path to a weights file.
+            internet on first use) or a path to a weights file; for a
+            KerasHub preset: `None` or `"preset"` (its own weights).
         cut_layer: layer name to cut a saved or application model at.
 
     Returns:
@@ -409,12 +400,15 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
                 ) from e
         return model
 
-    key = _normalise_name(spec)
-    if key not in _BUILTIN_BY_KEY and key not in _APPLICATIONS:
-        raise ValueError(
-            "Unknown backbone. Expected a path to a `.keras` file or one of: "
-            f"{', '.join(available_backbones())}. Received: spec={spec!r}"
-        )
+    if is_hub_spec(spec):
+        if cut_layer is not None:
+            raise ValueError(
+                f"`cut_layer` is not used with KerasHub backbones. Received: cut_layer={cut_layer!r}"
+            )
+        return build_hub_backbone(spec, input_shape, weights=weights)
+    key = normalise_name(spec)
+    if key not in _BUILTIN_BY_KEY and application_name(spec) is None:
+        raise ValueError(_unknown_backbone_message(spec))
     if weights not in (None, "imagenet"):
         weights = os.fspath(weights)
         if not os.path.isfile(weights):
@@ -423,7 +417,7 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
                 f"or a weights file (.weights.h5). Received: weights={weights!r}"
             )
     if input_shape[-1] is None:
-        if key not in _APPLICATIONS:
+        if key in _BUILTIN_BY_KEY:
             raise ValueError(
                 f"The channel count of backbone {spec!r} must be given. "
                 f"Received: input_shape={input_shape}"
@@ -454,25 +448,10 @@ def load_backbone(spec, input_shape, weights=None, cut_layer=None):
         return model
 
     # What is left is a keras.applications name.
-    constructor_name, mode = _APPLICATIONS[key]
-    constructor = getattr(keras.applications, constructor_name)
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = ImagePreprocessing(mode, name="preprocess")(inputs)
-    # MobileNetV3, EfficientNet and ConvNeXt keep their built-in
-    # preprocessing (mode "none"): they take [0, 255] inputs.
-    try:
-        app = constructor(
-            include_top=False,
-            weights=weights,
-            input_tensor=x,
-            pooling=None if cut_layer else "avg",
-        )
-    except ValueError as e:
-        raise ValueError(
-            f"keras.applications.{constructor_name} cannot be built for "
-            f"input_shape={input_shape}: {e}"
-        ) from e
-    model = keras.Model(inputs, app.output, name=_normalise_name(constructor_name))
+    model = build_application(
+        application_name(spec), input_shape, weights=weights,
+        pooling=None if cut_layer else "avg",
+    )
     if cut_layer is not None:
         model = cut_backbone(model, cut_layer)
     return model

@@ -6,6 +6,8 @@ authors' code taps them before ReLU; both are offered). A bank follows the
 protocol of `keras_seltransfer.retrieval.filter_banks`.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -50,31 +52,96 @@ class _LinearConvOutput(keras.layers.Layer):
         return outputs
 
 
-def _conv_layers(backbone, num_layers):
-    """The first `num_layers` conv layers of `backbone`, in graph order."""
-    found = []
-    for layer in backbone.layers:
-        if len(found) == num_layers:
-            break
-        if isinstance(layer, CONV_TYPES):
-            found.append(layer)
-        elif isinstance(layer, keras.Model) and any(
-            isinstance(inner, CONV_TYPES) for inner in iter_layers(layer)
-        ):
-            raise ValueError(
-                f"ConvBank taps the backbone's top-level layers, but conv layers "
-                f"sit inside the nested model {layer.name!r} before {num_layers} "
-                "top-level conv layers were found. Build the backbone as one flat "
-                "graph (for keras.applications, pass `input_tensor=`). "
-                f"Received: layers={num_layers}"
+@dataclasses.dataclass
+class _Call:
+    """One call of a layer or operation in a traced graph."""
+
+    operation: object
+    inputs: list
+    outputs: list
+
+
+def _describe(operation):
+    kind = type(operation).__name__
+    if not isinstance(operation, keras.layers.Layer):
+        kind += " operation"
+    return f"{operation.name} ({kind})"
+
+
+def _trace(backbone):
+    """Calls the backbone's graph again on a new input, nested models inlined.
+
+    A nested functional model is run operation by operation and a nested
+    `Sequential` layer by layer, so every layer call and every operation
+    node that is not a layer (`x + 3` in MobileNetV3's hard sigmoid) appears
+    once in one flat graph, in topological order. The layers are the
+    backbone's own (weights shared); each gains one more inbound node.
+
+    Returns:
+        `(inputs, calls)`: the new input tensor and the list of `_Call`s.
+    """
+    calls = []
+
+    def run(operation, *args, **kwargs):
+        # A model's inputs may come by keyword (KerasHub backbones).
+        tensors = [
+            t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)
+        ]
+        if isinstance(operation, keras.Sequential):
+            (x,) = tensors
+            for layer in operation.layers:
+                x = run(layer, x)
+            return x
+        if isinstance(operation, keras.Model):
+            start = len(calls)
+            keras.models.clone_model(
+                operation,
+                input_tensors=tensors[0] if len(tensors) == 1 else tensors,
+                clone_function=lambda inner: inner,
+                call_function=run,
             )
+            # The model `clone_model` returns holds copies of the traced
+            # tensors when its inputs are not `keras.Input` tensors (a
+            # KerasHub backbone after its image converter). A graph with one
+            # output has one node of depth 0, run last: its output is the
+            # nested model's.
+            if len(operation.outputs) != 1 or len(calls) == start or len(calls[-1].outputs) != 1:
+                raise ValueError(
+                    f"ConvBank inlines nested models with one output computed by their own "
+                    f"layers; {operation.name!r} ({type(operation).__name__}) has "
+                    f"{len(operation.outputs)} outputs. Received: backbone={backbone.name!r}"
+                )
+            return calls[-1].outputs[0]
+        outputs = operation(*args, **kwargs)
+        calls.append(_Call(operation, tensors, keras.tree.flatten(outputs)))
+        return outputs
+
+    inputs = keras.Input(batch_shape=backbone.inputs[0].shape, dtype=backbone.inputs[0].dtype)
+    run(backbone, inputs)
+    return inputs, calls
+
+
+def _all_conv_layers(backbone):
+    """Every conv layer of `backbone`, nested models included, in the order
+    of `layers` (a nested model's layers at its place)."""
+    found, seen = [], set()
+    for layer in iter_layers(backbone):
+        if isinstance(layer, CONV_TYPES) and id(layer) not in seen:
+            seen.add(id(layer))
+            found.append(layer)
+    return found
+
+
+def _conv_layers(backbone, num_layers):
+    """The first `num_layers` conv layers of `backbone`."""
+    found = _all_conv_layers(backbone)
     if len(found) < num_layers:
         raise ValueError(
             f"Expected `layers` to be at most the number of Conv2D/DepthwiseConv2D "
             f"layers in backbone {backbone.name!r} ({len(found)}). "
             f"Received: layers={num_layers}"
         )
-    return found
+    return found[:num_layers]
 
 
 def _named_conv_layers(backbone, names):
@@ -86,27 +153,26 @@ def _named_conv_layers(backbone, names):
     names = list(names)
     if len(set(names)) != len(names):
         raise ValueError(f"Expected `layers` to name each layer once. Received: layers={names!r}")
-    top = {layer.name: layer for layer in backbone.layers}
-    conv_names = [layer.name for layer in backbone.layers if isinstance(layer, CONV_TYPES)]
+    by_name = {}
+    for layer in iter_layers(backbone):
+        by_name.setdefault(layer.name, []).append(layer)
+    conv_names = [layer.name for layer in _all_conv_layers(backbone)]
     found = []
     for name in names:
-        layer = top.get(name)
-        if layer is None:
-            nested = [
-                inner.name
-                for inner in iter_layers(backbone)
-                if inner.name == name and inner.name not in top
-            ]
-            where = (
-                " It is inside a nested model; ConvBank taps top-level layers only."
-                if nested
-                else ""
-            )
+        layers = by_name.get(name, [])
+        if not layers:
             shown = ", ".join(conv_names[:12]) + (", ..." if len(conv_names) > 12 else "")
             raise ValueError(
-                f"Backbone {backbone.name!r} has no layer named {name!r}.{where} "
+                f"Backbone {backbone.name!r} has no layer named {name!r}. "
                 f"Its conv layers are: {shown}. Received: layers={names!r}"
             )
+        if len({id(layer) for layer in layers}) > 1:
+            raise ValueError(
+                f"Backbone {backbone.name!r} has {len(layers)} layers named {name!r} (in "
+                "different nested models), so the name does not say which to tap. "
+                f"Received: layers={names!r}"
+            )
+        layer = layers[0]
         if not isinstance(layer, CONV_TYPES):
             raise ValueError(
                 f"Layer {name!r} is a {type(layer).__name__}, not a Conv2D or "
@@ -116,50 +182,34 @@ def _named_conv_layers(backbone, names):
     return found
 
 
-def _consumers(backbone, tensor):
-    """Top-level layers whose (single) call takes `tensor` as an input."""
-    consumers, unreadable = [], []
-    for layer in backbone.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        try:
-            inputs = keras.tree.flatten(layer.input)
-        except (AttributeError, ValueError):
-            # A layer called more than once has no single `input`; it is
-            # reported if the activation cannot be found.
-            unreadable.append(layer.name)
-            continue
-        if any(t is tensor for t in inputs):
-            consumers.append(layer)
-    return consumers, unreadable
-
-
-def _post_activation_output(backbone, conv):
-    """The tensor after the activation that follows `conv` (see ConvBank)."""
+def _post_activation_output(call, consumers):
+    """The tensor after the activation that follows the conv `call` (see
+    ConvBank); `consumers` maps a tensor's id to the calls that read it."""
+    conv = call.operation
     if has_fused_activation(conv):
-        return conv.output
-    tensor, path = conv.output, [conv.name]
+        return call.outputs[0]
+    tensor, path = call.outputs[0], [conv.name]
+    readers = []
     for _ in range(2):
-        consumers, unreadable = _consumers(backbone, tensor)
-        if len(consumers) == 1 and isinstance(consumers[0], ACTIVATION_LAYER_TYPES):
-            return consumers[0].output
+        readers = consumers.get(id(tensor), [])
+        if len(readers) == 1 and isinstance(readers[0].operation, ACTIVATION_LAYER_TYPES):
+            return readers[0].outputs[0]
         if (
-            len(consumers) == 1
-            and isinstance(consumers[0], keras.layers.BatchNormalization)
+            len(readers) == 1
+            and isinstance(readers[0].operation, keras.layers.BatchNormalization)
             and len(path) == 1
         ):
-            path.append(consumers[0].name)
-            tensor = consumers[0].output
+            path.append(readers[0].operation.name)
+            tensor = readers[0].outputs[0]
             continue
         break
-    found = ", ".join(f"{c.name} ({type(c).__name__})" for c in consumers) or "no layer"
-    extra = f" Layers called more than once were not followed: {unreadable}." if unreadable else ""
+    found = ", ".join(_describe(r.operation) for r in readers) or "no layer"
     raise ValueError(
         f"Conv layer {conv.name!r} has no fused activation, and the output of "
         f"{' -> '.join(path)} feeds {found} rather than exactly one activation "
         "layer (ReLU, Activation, LeakyReLU, PReLU, ELU), optionally after one "
-        f"BatchNormalization.{extra} Use `pre_activation=True` or tap another "
-        f"layer. Received: pre_activation=False"
+        "BatchNormalization. Use `pre_activation=True` or tap another "
+        "layer. Received: pre_activation=False"
     )
 
 
@@ -185,18 +235,24 @@ class ConvBank:
       directly or through exactly one BatchNormalization (conv -> BN ->
       ReLU as in ResNet and `small_cnn`). The conv's (or BN's) output must
       feed only that layer; anything else (an Add of a residual branch, a
-      linear bottleneck) raises a ValueError.
+      linear bottleneck, an operation node such as `x + 3`) raises a
+      ValueError.
 
-    Only the backbone's top-level layers are searched: conv layers inside a
-    nested model cannot be tapped (build such backbones flat). Layers
-    `Conv2D` (and subclasses) and `DepthwiseConv2D` count as conv layers.
+    Conv layers inside nested models (a backbone wrapping a
+    `keras.applications` model, ConvNeXt's `Sequential` stem and
+    downsampling blocks) are found and tapped: the tap model is built on the
+    backbone's graph with every nested model inlined, operation nodes that
+    are not layers included (the layers and weights stay the backbone's
+    own). Layers `Conv2D` (and subclasses, `SeparableConv2D` excluded) and
+    `DepthwiseConv2D` count as conv layers; a layer called more than once is
+    tapped at its first call.
 
     Args:
         backbone: a functional `keras.Model` with one input taking raw
             pixels in [0, 255].
-        layers: an int N (the first N conv layers in the graph's
-            topological order, as `backbone.layers`) or a list of conv layer
-            names, in the order the groups should have.
+        layers: an int N (the first N conv layers in the order of
+            `backbone.layers`, a nested model's layers at its place) or a
+            list of conv layer names, in the order the groups should have.
         pre_activation: whether to tap before (True) or after (False) the
             activation, as detailed above.
 
@@ -211,8 +267,9 @@ class ConvBank:
 
     Raises:
         ValueError: for a backbone with several inputs, an int beyond the
-            number of conv layers, a missing or non-conv layer name, or an
-            activation that cannot be found with `pre_activation=False`.
+            number of conv layers, a missing, ambiguous or non-conv layer
+            name, or an activation that cannot be found with
+            `pre_activation=False`.
 
     Example:
 
@@ -250,16 +307,29 @@ class ConvBank:
             convs = _conv_layers(backbone, int(layers))
         else:
             convs = _named_conv_layers(backbone, layers)
+        inputs, calls = _trace(backbone)
+        first_call, consumers = {}, {}
+        for call in calls:
+            first_call.setdefault(id(call.operation), call)
+            for tensor in call.inputs:
+                consumers.setdefault(id(tensor), []).append(call)
         taps = []
         for conv in convs:
+            call = first_call.get(id(conv))
+            if call is None:
+                raise ValueError(
+                    f"Conv layer {conv.name!r} is not on the path from the input of "
+                    f"backbone {backbone.name!r} to its outputs, so it has no response to "
+                    f"tap. Received: layers={layers!r}"
+                )
             if not pre_activation:
-                tap = _post_activation_output(backbone, conv)
+                tap = _post_activation_output(call, consumers)
             elif has_fused_activation(conv):
                 tap = _LinearConvOutput(
                     conv, dtype=conv.dtype_policy, name=f"{conv.name}_linear_tap"
-                )(conv.input)
+                )(call.inputs[0])
             else:
-                tap = conv.output
+                tap = call.outputs[0]
             if conv.data_format == "channels_first":
                 tap = keras.layers.Permute((2, 3, 1), name=f"{conv.name}_nhwc_tap")(tap)
             taps.append(tap)
@@ -267,7 +337,7 @@ class ConvBank:
         self.layers = [conv.name for conv in convs]
         self.pre_activation = pre_activation
         self._groups = [(conv.name, int(tap.shape[-1])) for conv, tap in zip(convs, taps)]
-        self._model = keras.Model(backbone.inputs[0], taps, name=f"{backbone.name}_conv_bank")
+        self._model = keras.Model(inputs, taps, name=f"{backbone.name}_conv_bank")
 
     @property
     def groups(self):

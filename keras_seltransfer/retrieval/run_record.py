@@ -6,9 +6,15 @@ or settings is refused instead of reusing results that do not describe its
 data.
 """
 
+import hashlib
 import json
 import os
+import re
 
+from keras_seltransfer.models.backbones import is_backbone_path
+from keras_seltransfer.models.named_backbones import HUB_PREFIX
+from keras_seltransfer.models.named_backbones import is_hub_spec
+from keras_seltransfer.models.named_backbones import normalise_name
 from keras_seltransfer.utils.io import atomic_write_text
 from keras_seltransfer.utils.io import load_json_object
 
@@ -25,6 +31,7 @@ RUN_FIELDS = (
     "split_seed",
     "bank",
     "backbone",
+    "backbone_weights",
     "conv_layers",
     "pre_activation",
     "num_bins",
@@ -33,6 +40,10 @@ RUN_FIELDS = (
     "max_source",
     "channels",
 )
+
+# Fields added to `RUN_FIELDS` after records were first kept, with the value
+# an older record (which lacks them) stands for.
+_ADDED_FIELDS = {"backbone_weights": None}
 
 # The file of the run directory that holds the record.
 RUN_FILE = "config.json"
@@ -67,7 +78,7 @@ def recorded_settings(out):
     if not os.path.isfile(path):
         return None
     remedy = "; restore it, or delete the run directory to rebuild"
-    recorded = load_json_object(path, f"retrieval run file {path!r}", remedy)
+    recorded = {**_ADDED_FIELDS, **load_json_object(path, f"retrieval run file {path!r}", remedy)}
     if not set(RUN_FIELDS) <= set(recorded):
         raise ValueError(
             f"The retrieval run file {path!r} does not record the settings {list(RUN_FIELDS)}; "
@@ -160,10 +171,56 @@ def check_run_settings(config):
     return False
 
 
+def conv_bank_key(backbone, weights=None, image_size=None):
+    """A short, path-safe name of the network a conv bank taps.
+
+    A conv bank's responses depend on the backbone, its weights and the
+    image size, so an index cache keyed by this name is never reused for
+    another network: `<name>-<8 hex digits>`, the name readable (a
+    `keras.applications` or built-in name normalised, or a `.keras` file's
+    stem, a KerasHub preset's last component) and the digits a SHA-256 of
+    the backbone spec (a file as its normalised path), the weights (`None`,
+    `"imagenet"`, `"preset"` or a file path) and the image size.
+
+    Args:
+        backbone: a backbone spec, as `models.load_backbone` takes.
+        weights: the weights of a named backbone.
+        image_size: the square input size.
+
+    Returns:
+        The key, a string of letters, digits, `_` and `-`.
+
+    Example:
+
+    >>> a = conv_bank_key("MobileNetV2", "imagenet", 224)
+    >>> a.startswith("mobilenetv2-"), a == conv_bank_key("mobilenet_v2", "imagenet", 224)
+    (True, True)
+    >>> a == conv_bank_key("MobileNetV2", None, 224)
+    False
+    """
+    spec = os.fspath(backbone)
+    if is_backbone_path(spec):
+        spec = os.path.normpath(spec)
+        readable = os.path.splitext(os.path.basename(spec))[0]
+    elif is_hub_spec(spec):
+        readable = os.path.basename(os.path.normpath(spec[len(HUB_PREFIX):]))
+    else:
+        spec = normalise_name(spec)
+        readable = spec
+    if weights not in (None, "imagenet", "preset"):
+        weights = os.path.normpath(os.fspath(weights))
+    digest = hashlib.sha256(
+        json.dumps([spec, weights, image_size]).encode("utf-8")
+    ).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", readable)[:40] or "backbone"
+    return f"{readable}-{digest}"
+
+
 __all__ = [
     "RUN_FIELDS",
     "RUN_FILE",
     "check_run_settings",
+    "conv_bank_key",
     "recorded_settings",
     "write_run_settings",
 ]

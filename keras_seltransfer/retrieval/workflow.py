@@ -46,8 +46,9 @@ class IndexConfig:
     them (held-out split with `split_seed`, then the low-data subset of
     `target_fraction` with `seed`), so the neighbour lists line up with the
     images a fine-tuning run trains on. `channels` (None, 1 or 3) converts
-    the images of image folders that mix grayscale, RGB and RGBA; None takes
-    the conv bank's backbone's channel count, or each data set's own.
+    the images of image folders that mix grayscale, RGB and RGBA, and is the
+    input channel count of a built-in conv-bank backbone (`small_cnn`); None
+    takes the conv bank's backbone's channel count, or each data set's own.
 
     Raises:
         ValueError: for a `channels`, `bank`, `shard_index` or
@@ -81,7 +82,14 @@ class IndexConfig:
     )
     bank: str = option("conv", "Filter bank.", choices=BANKS)
     backbone: str = option(
-        None, "Backbone of the conv bank (default: the pretrain app's output)."
+        None,
+        "Backbone of the conv bank: a .keras file, a built-in or a keras.applications name "
+        "(default: the pretrain app's output).",
+    )
+    backbone_weights: str = option(
+        None,
+        "Conv bank: weights of a named backbone, 'imagenet' or a weights file. Unset: random "
+        "initialisation.",
     )
     conv_layers: int = option(2, "Conv bank: number of first conv layers.", lower=1)
     pre_activation: bool = option(
@@ -155,8 +163,12 @@ def make_bank(config):
             f"Backbone file not found: {config.backbone!r}. Run `python -m apps.pretrain` "
             "first, pass --backbone, or use --bank=gabor."
         )
+    # A saved or application backbone has its own channel count; a
+    # built-in one takes `channels`.
+    channels = config.channels if backbones.is_builtin_backbone(config.backbone) else None
     backbone = backbones.load_backbone(
-        config.backbone, (config.image_size, config.image_size, None)
+        config.backbone, (config.image_size, config.image_size, channels),
+        weights=config.backbone_weights,
     )
     bank = ConvBank(
         backbone, layers=config.conv_layers, pre_activation=config.pre_activation

@@ -29,10 +29,12 @@ def _shared(**overrides):
     specs = {
         "backbone": (defaults.DEFAULT_BACKBONE, dict(
             help="Backbone: a .keras file (e.g. from apps.pretrain), a built-in name "
-            "(small_cnn) or a keras.applications name (ResNet50, MobileNetV2, ...).")),
+            "(small_cnn), any keras.applications name (ResNet50, MobileNetV2, ConvNeXtTiny, "
+            "...) or kerashub:<preset> (a KerasHub preset name or local preset directory).")),
         "backbone_weights": (None, dict(
-            help="Weights for a named backbone: 'imagenet' (needs internet on first use) or a "
-            "weights file. Unset: random initialisation.")),
+            help="Weights for a named backbone: 'imagenet' (keras.applications; needs internet "
+            "on first use), 'preset' (a KerasHub preset's own) or a weights file. Unset: random "
+            "initialisation.")),
         "output_dir": (None, dict(
             help="Run directory for the model, report, logs and checkpoints.")),
         "image_size": (64, dict(

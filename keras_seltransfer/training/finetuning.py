@@ -2,6 +2,7 @@
 
 import os
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -64,11 +65,14 @@ def finetune_split(config):
 def load_backbone(config, data_channels):
     """The backbone of `config` (call inside the strategy scope).
 
-    Loads `config.backbone` (`keras_seltransfer.models.load_backbone`) at
-    `config.image_size`, with `config.channels` or, when unset, the data's
-    channels for a built-in backbone (a saved or application backbone keeps
-    its own); casts a saved backbone to `config.precision` and
-    re-initialises it when `config.from_scratch`.
+    Loads `config.backbone` (`keras_seltransfer.models.load_backbone`: a
+    `.keras` file, a built-in, `keras.applications` or `"kerashub:<preset>"`
+    name) with `config.backbone_weights` at `config.image_size`, with
+    `config.channels` or, when unset, the data's channels for a built-in
+    backbone (a saved or named backbone keeps its own); casts a saved
+    backbone to `config.precision` and re-initialises it when
+    `config.from_scratch`. A named backbone without weights (random
+    initialisation) is fine-tuned with a warning.
 
     Args:
         config: a `FinetuneConfig` (or any config with its backbone fields).
@@ -85,8 +89,17 @@ def load_backbone(config, data_channels):
         backbone = load_backbone(config, data_channels=1)  # input (None, 32, 32, 1)
     ```
     """
+    named = not backbones.is_backbone_path(config.backbone)
+    if named and not backbones.is_builtin_backbone(config.backbone):
+        if config.backbone_weights is None and not getattr(config, "from_scratch", False):
+            warnings.warn(
+                f"Backbone {config.backbone!r} starts from random weights: pass "
+                "--backbone_weights=imagenet (keras.applications) or --backbone_weights=preset "
+                "(KerasHub) to fine-tune pretrained ones.",
+                stacklevel=2,
+            )
     shape_channels = config.channels
-    if shape_channels is None and not backbones.is_backbone_path(config.backbone):
+    if shape_channels is None and named:
         if backbones.is_builtin_backbone(config.backbone):
             shape_channels = data_channels
     backbone = backbones.load_backbone(

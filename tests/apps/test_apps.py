@@ -1,7 +1,9 @@
 """The command-line apps, run as a user runs them: in their own processes."""
 
 import dataclasses
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -158,3 +160,26 @@ def test_finetune_sjft_end_to_end(tmp_path):
     )
     assert odd.returncode == 2
     assert "batch_size" in odd.stderr and "Traceback" not in odd.stderr
+
+
+def test_finetune_sjft_on_a_keras_application_without_a_saved_backbone(tmp_path):
+    # The most common user path: a keras.applications name, then SJFT; the
+    # conv bank comes from that backbone (random weights here, no download),
+    # the index into the default directory named after the network.
+    source = helpers.write_npz(tmp_path / "source.npz", num_per_class=12, num_classes=3, seed=4)
+    target = helpers.write_npz(tmp_path / "target.npz", num_per_class=12, seed=1)
+    result = _run(
+        "apps.finetune", "--method=sjft", f"--source=numpy:{source}", f"--target=numpy:{target}",
+        "--backbone=MobileNetV2", "--output_dir=run", "--image_size=32", "--batch_size=8",
+        "--epochs=1", "--k0=2", "--k_max=4", "--verbose=0", "--notensorboard", "--noexport",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sjft on numpy:" in result.stdout
+    (index,) = (tmp_path / "runs" / "index").iterdir()
+    assert re.fullmatch(r".*-conv-mobilenetv2-[0-9a-f]{8}", index.name)
+    with np.load(index / "neighbours.npz") as stored:
+        config = json.loads(str(stored["config"]))
+    assert config["backbone"] == "MobileNetV2" and config["channels"] is None
+    model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
+    assert tuple(model.input.shape) == (None, 32, 32, 3)

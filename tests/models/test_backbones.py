@@ -1,11 +1,14 @@
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
 from keras_seltransfer.models import backbones
+from keras_seltransfer.layers.image_preprocessing import ImagePreprocessing
 from keras_seltransfer.models import build_classifier
+from keras_seltransfer.models import named_backbones
 
 
 def test_small_cnn_shape_and_parameter_count():
@@ -102,6 +105,35 @@ def test_keras_applications_without_weights(name):
 def test_unknown_backbone_lists_names():
     with pytest.raises(ValueError, match="Unknown backbone.*small_cnn.*ResNet50"):
         backbones.load_backbone("resnet9000", (32, 32, 3))
+    close = r"Did you mean 'EfficientNetV2B\d'.*spec='efficientnet_v2b'"
+    with pytest.raises(ValueError, match=close):
+        backbones.load_backbone("efficientnet_v2b", (32, 32, 3))
+
+
+def _application_constructors():
+    return sorted(
+        name
+        for name in dir(keras.applications)
+        if name[0].isupper() and callable(getattr(keras.applications, name))
+    )
+
+
+def test_every_keras_application_is_a_backbone_name():
+    # A Keras release adding an application fails here until it is listed.
+    assert set(_application_constructors()) <= set(backbones.available_backbones())
+
+
+@pytest.mark.parametrize("name", _application_constructors())
+def test_application_normalisation_equals_its_preprocess_input(name):
+    # Independent reference: the application module's own preprocess_input,
+    # applied outside the model as its documentation asks; the model built
+    # by load_backbone applies its ImagePreprocessing layer plus whatever
+    # normalisation the application contains.
+    module = sys.modules[getattr(keras.applications, name).__module__]
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    mode = named_backbones.APPLICATION_MODES[name]
+    ours = ImagePreprocessing(mode)(pixels)
+    np.testing.assert_allclose(ours, module.preprocess_input(pixels.copy()), rtol=1e-5, atol=1e-4)
 
 
 def test_builtin_needs_channels_and_refuses_imagenet():
@@ -143,3 +175,50 @@ def test_is_backbone_path():
     assert backbones.is_backbone_path("a/b.keras")
     assert backbones.is_backbone_path(os.path.join("dir", "model"))
     assert not backbones.is_backbone_path("ResNet50")
+
+
+def _hub_preset(path):
+    """A small KerasHub ResNet preset written locally (no download)."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(None, None, 3),
+    ).save_to_preset(str(path))
+    keras_hub.layers.ResNetImageConverter(
+        image_size=(224, 224), scale=1 / 255.0, offset=-0.5
+    ).save_to_preset(str(path))
+    return f"kerashub:{path}"
+
+
+def test_kerashub_preset_backbone_from_raw_images(tmp_path):
+    from keras_seltransfer.retrieval import ConvBank
+
+    spec = _hub_preset(tmp_path / "preset")
+    random = backbones.load_backbone(spec, (32, 32, None))
+    pretrained = backbones.load_backbone(spec, (32, 32, None), weights="preset")
+    assert tuple(pretrained.input.shape) == (None, 32, 32, 3)
+    assert pretrained.output_shape == (None, 16)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    # The converter's normalisation, not its resizing, is inside the model.
+    np.testing.assert_allclose(
+        pretrained.get_layer("preprocess")(pixels), pixels / 255.0 - 0.5, rtol=1e-6, atol=1e-6
+    )
+    saved = [w.numpy() for w in pretrained.weights]
+    assert not all(np.array_equal(a, w.numpy()) for a, w in zip(saved, random.weights))
+    # The preset's weights are the ones written.
+    reloaded = backbones.load_backbone(spec, (32, 32, 3), weights="preset")
+    for a, b in zip(saved, reloaded.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    # Saved and loaded in safe mode, as a run's model.keras is.
+    path = str(tmp_path / "hub.keras")
+    pretrained.save(path)
+    np.testing.assert_allclose(
+        backbones.load_keras_file(path)(pixels), pretrained(pixels), rtol=1e-5, atol=1e-5
+    )
+    # The conv bank reaches the convolutions inside the nested KerasHub model.
+    responses = ConvBank(pretrained, layers=2)(pixels)
+    assert [r.shape[-1] for r in responses] == [64, 64]
+    with pytest.raises(ValueError, match=r"None .*'preset'.*Received: weights='imagenet'"):
+        backbones.load_backbone(spec, (32, 32, 3), weights="imagenet")

@@ -7,12 +7,15 @@ import pytest
 import tensorflow as tf
 from scipy import signal
 
+from keras_seltransfer.models import load_backbone
 from keras_seltransfer.models import small_cnn
+from keras_seltransfer.models.classifier import iter_layers
 from keras_seltransfer.retrieval import gabor_bank
 from keras_seltransfer.retrieval.conv_bank import ConvBank
 from keras_seltransfer.retrieval.filter_banks import bank_from_config
 from keras_seltransfer.retrieval.gabor_bank import gabor_kernels
 from keras_seltransfer.retrieval.gabor_bank import GaborBank
+from keras_seltransfer.utils import histograms
 
 
 def _reference_gabor(f, theta, x, y, bandwidth=1.0):
@@ -270,14 +273,102 @@ def test_conv_bank_direct_activation_and_nested_model():
     np.testing.assert_allclose(post, np.tanh(pre), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(post, model(images), rtol=1e-5, atol=1e-6)
 
-    inner = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3)], name="inner")
-    outer_inputs = keras.Input((8, 8, 1))
-    outer = keras.Model(
-        outer_inputs, keras.layers.Conv2D(2, 3, name="top")(inner(outer_inputs))
+
+
+def test_conv_bank_taps_conv_layers_inside_nested_models():
+    # A Sequential inside a functional model inside the backbone, as
+    # ConvNeXt's stem and a wrapped keras.applications model nest them; the
+    # nested model reads an intermediate tensor, as a KerasHub backbone
+    # follows its image converter.
+    inner_conv = keras.layers.Conv2D(2, 3, name="inner_conv", bias_initializer="random_normal")
+    inner = keras.Sequential(
+        [keras.Input((8, 8, 1)), inner_conv, keras.layers.ReLU(name="inner_relu")], name="inner"
     )
-    with pytest.raises(ValueError, match="nested model 'inner'"):
-        ConvBank(outer, layers=1)
-    assert ConvBank(outer, layers=["top"]).groups == [("top", 2)]
+    middle_inputs = keras.Input((8, 8, 1))
+    middle = keras.Model(middle_inputs, inner(middle_inputs), name="middle")
+    outer_inputs = keras.Input((8, 8, 1))
+    top = keras.layers.Conv2D(3, 3, name="top")
+    halved = keras.layers.Rescaling(0.5, name="halve")(outer_inputs)
+    outer = keras.Model(outer_inputs, top(middle(halved)))
+    images = _random_images((2, 8, 8, 1))
+
+    bank = ConvBank(outer, layers=2)
+    assert bank.groups == [("inner_conv", 2), ("top", 3)]
+    got_inner, got_top = [r.numpy() for r in bank(images)]
+    # Independent reference: each conv applied by hand (NumPy correlation).
+    kernel, bias = [w.numpy() for w in inner_conv.weights]
+    patches = np.lib.stride_tricks.sliding_window_view(images * 0.5, (3, 3), axis=(1, 2))
+    want_inner = np.einsum("bhwcij,ijcf->bhwf", patches, kernel) + bias
+    np.testing.assert_allclose(got_inner, want_inner, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got_top, top(np.maximum(want_inner, 0)), rtol=1e-4, atol=1e-3)
+    (post,) = ConvBank(outer, layers=["inner_conv"], pre_activation=False)(images)
+    np.testing.assert_allclose(post, np.maximum(want_inner, 0), rtol=1e-4, atol=1e-3)
+    # The backbone itself is unchanged and still computes what it did.
+    np.testing.assert_allclose(outer(images), got_top, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bank_sees_operation_nodes_that_are_not_layers():
+    inputs = keras.Input((8, 8, 2))
+    y = keras.layers.Conv2D(2, 3, padding="same", name="c1")(inputs)
+    relu = keras.layers.ReLU(name="relu")(y)
+    # `y * 2.0` is an operation node of the graph, not a layer.
+    model = keras.Model(inputs, keras.layers.Add(name="add")([relu, y * 2.0]))
+    assert not any(layer.name.startswith("multiply") for layer in model.layers)
+    with pytest.raises(ValueError, match=r"feeds relu \(ReLU\), multiply\S* \(Multiply operation\)"):
+        ConvBank(model, layers=1, pre_activation=False)
+    images = _random_images((2, 8, 8, 2))
+    (pre,) = ConvBank(model, layers=1)(images)
+    np.testing.assert_allclose(pre, model.get_layer("c1")(images), rtol=1e-5, atol=1e-5)
+
+
+def _application(name, size):
+    keras.utils.set_random_seed(0)
+    return load_backbone(name, (size, size, 3))
+
+
+@pytest.mark.parametrize(
+    "name, size, nested",
+    [
+        ("MobileNetV3Small", 32, False),
+        ("ConvNeXtTiny", 32, True),
+        ("NASNetMobile", 32, False),
+        ("Xception", 32, False),
+    ],
+)
+def test_conv_bank_describes_images_on_application_backbones(name, size, nested):
+    backbone = _application(name, size)
+    images = _random_images((2, size, size, 3))
+    bank = ConvBank(backbone, layers=2)
+    responses = [r.numpy() for r in bank(images)]
+    first = bank.layers[0]
+    assert (first not in [layer.name for layer in backbone.layers]) == nested
+    # Reference: the first conv layer called on what the backbone feeds it.
+    producer = backbone.get_layer("convnext_tiny_stem") if nested else backbone.get_layer(first)
+    feed = keras.Model(backbone.input, producer.input)(images, training=False)
+    want = next(l for l in iter_layers(backbone) if l.name == first)(feed)
+    np.testing.assert_allclose(responses[0], want, rtol=1e-4, atol=1e-3)
+    assert [r.shape[-1] for r in responses] == [c for _, c in bank.groups]
+    assert all(np.isfinite(r).all() and r.std() > 0 for r in responses)
+    edges = histograms.fit_bin_edges(bank, tf.data.Dataset.from_tensors(images), num_bins=4, progress=False)
+    described = histograms.describe(
+        bank, edges, tf.data.Dataset.from_tensors(images), progress=False
+    )
+    assert described.shape == (2, bank.num_channels, 4)
+    np.testing.assert_allclose(described.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_conv_bank_taps_after_mobilenet_v3_activations_and_names_its_operations():
+    backbone = _application("MobileNetV3Small", 32)
+    images = _random_images((2, 32, 32, 3))
+    (post,) = ConvBank(backbone, layers=["conv"], pre_activation=False)(images)
+    # conv -> conv_bn -> hard-swish Activation layer.
+    want = keras.Model(backbone.input, backbone.get_layer("activation").output)(images)
+    np.testing.assert_allclose(post, want, rtol=1e-4, atol=1e-4)
+    # The squeeze-excite conv feeds the `x + 3` of the hard sigmoid.
+    with pytest.raises(ValueError, match=r"feeds add\S* \(Add operation\)"):
+        ConvBank(
+            backbone, layers=["expanded_conv_squeeze_excite_conv_1"], pre_activation=False
+        )
 
 
 def test_conv_bank_config_round_trip():

@@ -111,6 +111,26 @@ def test_changing_the_bank_in_an_existing_run_is_refused(specs, tmp_path):
         build_neighbours(_config(specs, tmp_path / "run", bank="conv"))
 
 
+def test_conv_bank_of_a_named_backbone_and_its_weights_are_part_of_the_run(specs, tmp_path):
+    from keras_seltransfer.retrieval import run_record
+
+    out = tmp_path / "run"
+    build_neighbours(_config(specs, out, backbone="small_cnn", channels=1))
+    with open(out / "config.json") as f:
+        recorded = json.load(f)
+    assert recorded["backbone"] == "small_cnn" and recorded["backbone_weights"] is None
+    weights = str(tmp_path / "small.weights.h5")
+    with pytest.raises(ValueError, match=r"backbone_weights=None \(this command: '.*small"):
+        build_neighbours(_config(specs, out, backbone="small_cnn", channels=1,
+                                 backbone_weights=weights))
+    # A record written before `backbone_weights` was recorded stands for None.
+    del recorded["backbone_weights"]
+    with open(out / "config.json", "w") as f:
+        json.dump(recorded, f)
+    assert run_record.recorded_settings(str(out))["backbone_weights"] is None
+    assert "reused" in build_neighbours(_config(specs, out, backbone="small_cnn", channels=1))
+
+
 def test_descriptors_of_another_target_subset_are_refused(specs, tmp_path):
     build_neighbours(_config(specs, tmp_path / "run", bank="gabor"))
     with pytest.raises(ValueError, match="target_fraction=1.0 \\(this command: 0.5\\)"):
