@@ -56,28 +56,81 @@ def channel_axis(layer):
     return -1 if getattr(layer, "data_format", "channels_last") == "channels_last" else 1
 
 
+def _is_graph_model(model):
+    """Whether `model` is a keras.Model built from a graph of symbolic tensors
+    (functional, Sequential once built, or a subclass of either whose
+    constructor builds a graph, such as a KerasHub `Backbone`)."""
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return False
+    tensors = list(inputs or []) + list(outputs or [])
+    return bool(inputs) and bool(outputs) and all(isinstance(t, keras.KerasTensor) for t in tensors)
+
+
+def _plain_graph(model):
+    """`model` itself when its config is a layer graph, otherwise a plain
+    functional model over the same symbolic tensors (same layer objects,
+    weights shared)."""
+    if not isinstance(model, keras.Sequential):
+        try:
+            if "layers" in model.get_config():
+                return model
+        except (NotImplementedError, KeyError, TypeError):
+            pass
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
 def _check_functional(model, what="model"):
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"`{what}` must be a keras.Model. Received: {what} of type {type(model).__name__}"
         )
-    if isinstance(model, keras.Sequential):
-        raise ValueError(
-            f"`{what}` must be a functional model; Sequential model {model.name!r} can be "
-            "made functional with keras.Model(model.inputs, model.outputs)."
+    if not _is_graph_model(model):
+        hint = (
+            " Call it once on data (or pass an `input_shape`) to build it."
+            if isinstance(model, keras.Sequential)
+            else ""
         )
-    if not hasattr(model, "operations") or not getattr(model, "_is_graph_network", True):
         raise ValueError(
-            f"`{what}` must be a functional model; {model.name!r} is a subclassed "
-            f"{type(model).__name__} whose layer graph is unknown."
+            f"`{what}` must be a functional model (a graph of layers); {model.name!r} is a "
+            f"{type(model).__name__} whose layer graph is unknown.{hint} "
+            f"Received: {what}={model.name!r}"
         )
-    try:
-        model.get_config()["layers"]
-    except (NotImplementedError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"`{what}` must be a functional model; {model.name!r} "
-            f"({type(model).__name__}) has no layer graph: {e}"
-        ) from e
+
+
+def operations(model):
+    """Maps every operation name of a model's flattened graph to the operation.
+
+    Keras 3 functional graphs hold layers and plain operations: an
+    expression such as `x + 3.0` or `x * y` on symbolic tensors (the
+    hard-swish of MobileNetV3) becomes an operation node (`keras.ops`) that
+    is in `model.operations` but not in `model.layers`, and that
+    `model.get_layer` cannot find. Graph walkers look nodes up here.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer.models.surgery import operations
+    >>> inputs = keras.Input((4,), name="x")
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs) + 3.0)
+    >>> sorted(operations(model))
+    ['add', 'dense', 'x']
+    """
+    _check_functional(model)
+    return {op.name: op for op in flatten(model).operations}
+
+
+def is_layer(operation):
+    """Whether a graph node is a `keras.layers.Layer` (not a plain operation).
+
+    Example:
+
+    >>> import keras
+    >>> is_layer(keras.layers.ReLU())
+    True
+    """
+    return isinstance(operation, keras.layers.Layer)
 
 
 def _histories(structure):
@@ -114,8 +167,7 @@ def consumers(model):
     >>> graph["block1_conv"], graph["features"]
     (['block1_bn'], [])
     """
-    _check_functional(model)
-    layers = model.get_config()["layers"]
+    layers = flatten(model).get_config()["layers"]
     result = {spec["name"]: [] for spec in layers}
     for spec in layers:
         for node in spec.get("inbound_nodes", []):
@@ -136,9 +188,8 @@ def producers(model):
     >>> graph["block2_conv"], graph["image"]
     (['block1_pool'], [])
     """
-    _check_functional(model)
     result = {}
-    for spec in model.get_config()["layers"]:
+    for spec in flatten(model).get_config()["layers"]:
         names = []
         for node in spec.get("inbound_nodes", []):
             for producer in _histories(node):
@@ -148,14 +199,45 @@ def producers(model):
     return result
 
 
+def _inline(model, args, kwargs):
+    """Calls the layers of sub-model `model` (flattened) on `args`, in place
+    of calling `model` itself; returns its outputs in its structure."""
+    graph = flatten(model)
+    inputs = keras.tree.pack_sequence_as(graph.input, keras.tree.flatten(args))
+    if kwargs.get("training") is not None or kwargs.get("mask") is not None:
+        raise ValueError(
+            f"Cannot inline sub-model {model.name!r}: it is called with "
+            f"{sorted(k for k, v in kwargs.items() if v is not None)}, which its layers "
+            "would not see. Call it without `training`/`mask` arguments."
+        )
+    # `Function.call` runs the sub-model's graph, calling each of its layers
+    # on the given tensors, and returns their outputs as they are (calling
+    # the Function would add one node for the whole graph, and a functional
+    # model built on non-input tensors would re-root a copy of the graph).
+    return keras.Function(graph.input, graph.output).call(inputs)
+
+
 def flatten(model):
-    """Inlines nested functional models, so every layer is a top-level layer.
+    """Inlines nested sub-models, so every layer is a top-level layer.
 
     A backbone built as `keras.Model(inputs, app(inputs))` hides the
-    application's layers inside one nested model; surgery needs them at the
-    top. Returns a new model whose layers are the *same* layer objects
-    (weights shared with `model`); a model without nested functional models
-    is returned as is.
+    application's layers inside one nested model, and ConvNeXt builds its
+    stem and downsampling blocks as nested `keras.Sequential` models;
+    surgery needs every layer at the top. Nested functional models,
+    `Sequential` models and subclasses of either that build a graph
+    (KerasHub backbones) are inlined, recursively; a sub-model called
+    several times is inlined at every call, its layers becoming shared
+    layers. The layers of the result are the *same* layer objects (names
+    kept, weights shared with `model`). A top-level Sequential or subclassed
+    graph model (a KerasHub `Backbone`) becomes a plain functional model
+    over the same layers. A plain functional model without sub-models is
+    returned as is.
+
+    Raises:
+        ValueError: if `model` (or a sub-model) is not built from a graph of
+            symbolic tensors (a subclassed model with its own `call`, or an
+            unbuilt Sequential model), or a sub-model is called with
+            `training` or `mask` arguments.
 
     Example:
 
@@ -168,33 +250,20 @@ def flatten(model):
     (2, 10)
     """
     _check_functional(model)
-    nested = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential)
-    ]
-    if any(isinstance(layer, keras.Sequential) for layer in model.layers):
-        names = [layer.name for layer in model.layers if isinstance(layer, keras.Sequential)]
-        raise ValueError(
-            f"Model {model.name!r} contains Sequential sub-models {names}; rebuild them as "
-            "functional models before surgery."
-        )
+    plain = _plain_graph(model)
+    nested = [layer for layer in plain.layers if isinstance(layer, keras.Model)]
+    for layer in nested:
+        _check_functional(layer, what=f"sub-model {layer.name!r}")
     if not nested:
-        return model
+        return plain
 
     def call(layer, *args, **kwargs):
-        if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential):
-            inlined = keras.models.clone_model(
-                flatten(layer),
-                input_tensors=list(args) if len(args) > 1 else args[0],
-                clone_function=lambda inner: inner,
-            )
-            outputs = inlined.outputs
-            return outputs[0] if len(outputs) == 1 else outputs
+        if isinstance(layer, keras.Model):
+            return _inline(layer, args, kwargs)
         return layer(*args, **kwargs)
 
     return keras.models.clone_model(
-        model, clone_function=lambda layer: layer, call_function=call
+        plain, clone_function=lambda layer: layer, call_function=call
     )
 
 
@@ -248,7 +317,11 @@ def rebuild(model, call_function=None, *, name=None):
     that layer's weights; replacements must set their own (they are built
     once called, so `call_function` can copy from `original` right away).
 
-    Nested functional models are inlined first (see `flatten`).
+    Nested sub-models are inlined first (see `flatten`). Plain operations
+    of the graph (`x + 3.0`, `x * y` on symbolic tensors) are rebuilt as
+    they were and pass through `call_function` too, with `original` the
+    operation (see `is_layer`); shared layers stay shared, `call_function`
+    running once per call.
 
     Args:
         model: a functional `keras.Model`.
@@ -276,14 +349,21 @@ def rebuild(model, call_function=None, *, name=None):
     """
     _check_functional(model)
     flat = flatten(model)
-    originals = {layer.name: layer for layer in flat.layers}
+    originals = {}
+
+    def clone(operation):
+        # Layers and plain operations alike are rebuilt from their config;
+        # a shared layer is cloned once and called at each of its nodes.
+        fresh = operation.__class__.from_config(operation.get_config())
+        originals[id(fresh)] = operation
+        return fresh
 
     def call(layer, *args, **kwargs):
         if call_function is None:
             return layer(*args, **kwargs)
-        return call_function(layer, originals[layer.name], *args, **kwargs)
+        return call_function(layer, originals[id(layer)], *args, **kwargs)
 
-    new = keras.models.clone_model(flat, call_function=call)
+    new = keras.models.clone_model(flat, clone_function=clone, call_function=call)
     copy_matching_weights(flat, new)
     if name is not None and name != new.name:
         new = keras.Model(new.input, new.output, name=name)

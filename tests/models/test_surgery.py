@@ -91,9 +91,16 @@ def test_flatten_inlines_nested_applications():
 
 
 def test_errors_name_what_is_wrong():
-    seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="Sequential"):
-        surgery.rebuild(seq)
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Sequential.*build it"):
+        surgery.rebuild(unbuilt)
+
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="layer graph is unknown"):
+        surgery.flatten(Subclassed())
     with pytest.raises(ValueError, match="keras.Model"):
         surgery.consumers("not a model")
     with pytest.raises(ValueError, match="regular expression"):
