@@ -19,6 +19,8 @@ from it).
 
 import keras
 
+from keras_seltransfer.models.graph import ModelGraph
+
 
 CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 # The layers that apply an activation after a conv: a filter's response is
@@ -68,16 +70,23 @@ def _is_graph_model(model):
     return bool(inputs) and bool(outputs) and all(isinstance(t, keras.KerasTensor) for t in tensors)
 
 
+def _has_layer_config(model):
+    """Whether `model`'s config is its layer graph: a plain functional model,
+    or a subclass that keeps the functional `get_config` (as
+    `keras.models.clone_model` decides). Read from the class, since
+    serialising a large graph takes a second."""
+    for cls in type(model).__mro__:
+        if cls.__name__ == "Functional" and cls.__module__.startswith("keras."):
+            return type(model).get_config is cls.get_config
+    return False
+
+
 def _plain_graph(model):
     """`model` itself when its config is a layer graph, otherwise a plain
     functional model over the same symbolic tensors (same layer objects,
     weights shared)."""
-    if not isinstance(model, keras.Sequential):
-        try:
-            if "layers" in model.get_config():
-                return model
-        except (NotImplementedError, KeyError, TypeError):
-            pass
+    if _has_layer_config(model):
+        return model
     return keras.Model(model.inputs, model.outputs, name=model.name)
 
 
@@ -133,31 +142,31 @@ def is_layer(operation):
     return isinstance(operation, keras.layers.Layer)
 
 
-def _histories(structure):
-    """Layer names of every Keras tensor referenced in a serialised call."""
-    if isinstance(structure, dict):
-        if structure.get("class_name") == "__keras_tensor__":
-            return [structure["config"]["keras_history"][0]]
-        found = []
-        for value in structure.values():
-            found.extend(_histories(value))
-        return found
-    if isinstance(structure, (list, tuple)):
-        found = []
-        for value in structure:
-            found.extend(_histories(value))
-        return found
-    return []
+def model_graph(model):
+    """The `ModelGraph` of `model` flattened (see `flatten`): every layer and
+    plain operation by name, with consumers, producers and call counts.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import model_graph
+    >>> graph = model_graph(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> graph.consumers["block1_conv"], graph.activation_after("block1_bn")
+    (['block1_bn'], 'block1_relu')
+    """
+    return ModelGraph(flatten(model))
 
 
 def consumers(model):
-    """Maps every layer name of a functional model to the layers fed by it.
+    """Maps every node name (layer or plain operation) of a functional model,
+    flattened, to the nodes fed by it.
 
     Returns:
-        A dict `{layer_name: [consumer layer names, in graph order]}`; a
-        layer producing a model output and feeding nothing maps to `[]`.
-        Read from the model's serialised graph (`get_config`), so it sees
-        exactly the connections saving and loading would.
+        A dict `{name: [consumer names, in graph order]}`; a node producing
+        a model output and feeding nothing maps to `[]`. Read from the
+        model's serialised graph (`get_config`), so it sees exactly the
+        connections saving and loading would. Look the names up with
+        `operations`: plain operations are not in `model.layers`.
 
     Example:
 
@@ -167,18 +176,12 @@ def consumers(model):
     >>> graph["block1_conv"], graph["features"]
     (['block1_bn'], [])
     """
-    layers = flatten(model).get_config()["layers"]
-    result = {spec["name"]: [] for spec in layers}
-    for spec in layers:
-        for node in spec.get("inbound_nodes", []):
-            for producer in _histories(node):
-                if producer in result and spec["name"] not in result[producer]:
-                    result[producer].append(spec["name"])
-    return result
+    return model_graph(model).consumers
 
 
 def producers(model):
-    """Maps every layer name of a functional model to the layers feeding it.
+    """Maps every node name (layer or plain operation) of a functional model,
+    flattened, to the nodes feeding it.
 
     Example:
 
@@ -188,15 +191,7 @@ def producers(model):
     >>> graph["block2_conv"], graph["image"]
     (['block1_pool'], [])
     """
-    result = {}
-    for spec in flatten(model).get_config()["layers"]:
-        names = []
-        for node in spec.get("inbound_nodes", []):
-            for producer in _histories(node):
-                if producer not in names:
-                    names.append(producer)
-        result[spec["name"]] = names
-    return result
+    return model_graph(model).producers
 
 
 def _inline(model, args, kwargs):
@@ -404,7 +399,10 @@ __all__ = [
     "consumers",
     "copy_matching_weights",
     "flatten",
+    "is_layer",
     "matching_layers",
+    "model_graph",
+    "operations",
     "producers",
     "rebuild",
 ]
