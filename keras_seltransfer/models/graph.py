@@ -141,6 +141,8 @@ class ModelGraph:
         calls: `{name: number of times it is called}` (more than 1 for a
             shared layer).
         order: `{name: position in graph order}`.
+        specs: `{name: the node's serialised config}`, with its
+            `inbound_nodes` (the arguments of each call).
 
     Example:
 
@@ -156,6 +158,7 @@ class ModelGraph:
     def __init__(self, model):
         self.model = model
         specs = model.get_config()["layers"]
+        self.specs = {spec["name"]: spec for spec in specs}
         by_name = {op.name: op for op in model.operations}
         self.nodes = {spec["name"]: by_name[spec["name"]] for spec in specs}
         self.order = {name: i for i, name in enumerate(self.nodes)}
