@@ -222,11 +222,15 @@ def flatten(model):
     `Sequential` models and subclasses of either that build a graph
     (KerasHub backbones) are inlined, recursively; a sub-model called
     several times is inlined at every call, its layers becoming shared
-    layers. The layers of the result are the *same* layer objects (names
-    kept, weights shared with `model`). A top-level Sequential or subclassed
-    graph model (a KerasHub `Backbone`) becomes a plain functional model
-    over the same layers. A plain functional model without sub-models is
-    returned as is.
+    layers. When something was inlined, the result is made of fresh copies
+    of every layer and operation, with the same names, configs and weights
+    (a layer called inside a sub-model first would otherwise report that
+    call's tensors as its `input` and `output`, which are not those of the
+    flattened graph); weights are copied, not shared with `model`. A
+    top-level Sequential or subclassed graph model (a KerasHub `Backbone`)
+    without sub-models becomes a plain functional model over the *same*
+    layers, and a plain functional model without sub-models is returned as
+    is.
 
     Raises:
         ValueError: if `model` (or a sub-model) is not built from a graph of
@@ -257,9 +261,16 @@ def flatten(model):
             return _inline(layer, args, kwargs)
         return layer(*args, **kwargs)
 
-    return keras.models.clone_model(
+    inlined = keras.models.clone_model(
         plain, clone_function=lambda layer: layer, call_function=call
     )
+    # The inlined layers were first called inside their sub-model, so their
+    # `output` (that of their first call) would belong to the sub-model's
+    # graph. Fresh copies, called only here, make `layer.output` and
+    # `layer.input` the tensors of the flattened graph.
+    flat = keras.models.clone_model(inlined)
+    copy_matching_weights(inlined, flat)
+    return flat
 
 
 def copy_matching_weights(source, target, skip=()):
