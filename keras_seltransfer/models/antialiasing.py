@@ -153,8 +153,22 @@ def _plan(graph, filt_size, keep_stem=False, exclude=None):
     for layer in graph.model.layers:
         if layer.name in keep or (exclude is not None and exclude.search(layer.name)):
             continue
+        if isinstance(layer, BaseBlurPool):
+            continue
         strides = getattr(layer, "strides", None)
-        if strides is None or isinstance(layer, BaseBlurPool):
+        if strides is None:
+            hidden = [
+                inner.name
+                for inner in surgery.inner_layers(layer)
+                if isinstance(inner, _CONVS + _POOLS)
+                and any(s > 1 for s in _pair(getattr(inner, "strides", 1)))
+            ]
+            if hidden:
+                raise _cannot(
+                    layer,
+                    f"it subsamples inside its own call, with strided layers {hidden} that "
+                    "graph surgery cannot reach",
+                )
             continue
         strides = _pair(strides)
         if all(s == 1 for s in strides):

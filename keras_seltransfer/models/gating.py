@@ -61,6 +61,18 @@ def _select(model, pattern):
             f"{', '.join(unsupported)}",
             stacklevel=3,
         )
+    hidden = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in model.layers
+        if not isinstance(layer, CONVOLUTIONS)
+        and any(isinstance(inner, CONVOLUTIONS) for inner in surgery.inner_layers(layer))
+    ]
+    if hidden:
+        warnings.warn(
+            "adafilter leaves ungated the convolutions inside these custom layers, which "
+            f"graph surgery cannot reach: {', '.join(hidden)}",
+            stacklevel=3,
+        )
     if not selected:
         raise ValueError(
             f"`layers` matched no {supported} layer of model {model.name!r}. "

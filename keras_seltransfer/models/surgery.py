@@ -268,8 +268,17 @@ def flatten(model):
     # `output` (that of their first call) would belong to the sub-model's
     # graph. Fresh copies, called only here, make `layer.output` and
     # `layer.input` the tensors of the flattened graph.
-    flat = keras.models.clone_model(inlined)
-    copy_matching_weights(inlined, flat)
+    pairs = []
+
+    def copy(operation):
+        fresh = operation.__class__.from_config(operation.get_config())
+        pairs.append((operation, fresh))
+        return fresh
+
+    flat = keras.models.clone_model(inlined, clone_function=copy)
+    for operation, fresh in pairs:
+        if is_layer(fresh):
+            _copy_weights(operation, fresh)
     return flat
 
 
@@ -296,17 +305,57 @@ def copy_matching_weights(source, target, skip=()):
     by_name = {layer.name: layer for layer in source.layers}
     copied = []
     for layer in target.layers:
-        original = by_name.get(layer.name)
-        if original is None or layer.name in skip or not layer.weights:
-            continue
-        if type(original) is not type(layer):
-            continue
-        shapes = [tuple(w.shape) for w in original.weights]
-        if shapes != [tuple(w.shape) for w in layer.weights]:
-            continue
-        layer.set_weights(original.get_weights())
-        copied.append(layer.name)
+        if layer.name not in skip and _copy_weights(by_name.get(layer.name), layer):
+            copied.append(layer.name)
     return copied
+
+
+def _copy_weights(original, layer):
+    """Copies `original`'s weights into `layer` when both are of one class
+    with the same weight shapes; returns whether it did."""
+    if original is None or not layer.weights or type(original) is not type(layer):
+        return False
+    shapes = [tuple(w.shape) for w in original.weights]
+    if shapes != [tuple(w.shape) for w in layer.weights]:
+        return False
+    layer.set_weights(original.get_weights())
+    return True
+
+
+def inner_layers(layer):
+    """The layers a custom layer holds as attributes (e.g. the convolutions
+    of a KerasHub block layer), recursively, without `layer` itself.
+
+    Graph surgery sees a model's layers, not what a custom layer computes
+    inside its `call`: transforms use this to name the layers they cannot
+    reach.
+
+    Example:
+
+    >>> import keras
+    >>> class Block(keras.layers.Layer):
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.conv = keras.layers.Conv2D(4, 3, strides=2, name="inner_conv")
+    >>> [inner.name for inner in inner_layers(Block())]
+    ['inner_conv']
+    """
+    found, seen = [], {id(layer)}
+
+    def visit(value):
+        if isinstance(value, keras.layers.Layer):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+                for attribute in vars(value).values():
+                    visit(attribute)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for attribute in vars(layer).values():
+        visit(attribute)
+    return found
 
 
 def rebuild(model, call_function=None, *, name=None):
@@ -370,7 +419,14 @@ def rebuild(model, call_function=None, *, name=None):
         return call_function(layer, originals[id(layer)], *args, **kwargs)
 
     new = keras.models.clone_model(flat, clone_function=clone, call_function=call)
-    copy_matching_weights(flat, new)
+    # A clone gets its original's weights even when its config renamed it (a
+    # custom layer whose config does not keep its name); layers that a
+    # transformation created with an original's name get them by name.
+    done = {id(layer) for layer in new.layers if _copy_weights(originals.get(id(layer)), layer)}
+    by_name = {layer.name: layer for layer in flat.layers}
+    for layer in new.layers:
+        if id(layer) not in done and id(layer) not in originals:
+            _copy_weights(by_name.get(layer.name), layer)
     if name is not None and name != new.name:
         new = keras.Model(new.input, new.output, name=name)
     return new
@@ -410,6 +466,7 @@ __all__ = [
     "consumers",
     "copy_matching_weights",
     "flatten",
+    "inner_layers",
     "is_layer",
     "matching_layers",
     "model_graph",
