@@ -194,6 +194,20 @@ def producers(model):
     return model_graph(model).producers
 
 
+def _fresh_inputs(model):
+    """New `keras.Input`s in `model.input`'s structure, named like its input
+    layers (`clone_model` would name them after the input tensors)."""
+    names = {
+        id(op.output): op.name for op in model.operations if isinstance(op, keras.layers.InputLayer)
+    }
+    return keras.tree.map_structure(
+        lambda x: keras.Input(
+            batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=names.get(id(x), x.name)
+        ),
+        model.input,
+    )
+
+
 def _inline(model, args, kwargs):
     """Calls the layers of sub-model `model` (flattened) on `args`, in place
     of calling `model` itself; returns its outputs in its structure."""
@@ -262,7 +276,10 @@ def flatten(model):
         return layer(*args, **kwargs)
 
     inlined = keras.models.clone_model(
-        plain, clone_function=lambda layer: layer, call_function=call
+        plain,
+        input_tensors=_fresh_inputs(plain),
+        clone_function=lambda layer: layer,
+        call_function=call,
     )
     # The inlined layers were first called inside their sub-model, so their
     # `output` (that of their first call) would belong to the sub-model's
@@ -275,7 +292,9 @@ def flatten(model):
         pairs.append((operation, fresh))
         return fresh
 
-    flat = keras.models.clone_model(inlined, clone_function=copy)
+    flat = keras.models.clone_model(
+        inlined, input_tensors=_fresh_inputs(inlined), clone_function=copy
+    )
     for operation, fresh in pairs:
         if is_layer(fresh):
             _copy_weights(operation, fresh)
@@ -418,7 +437,9 @@ def rebuild(model, call_function=None, *, name=None):
             return layer(*args, **kwargs)
         return call_function(layer, originals[id(layer)], *args, **kwargs)
 
-    new = keras.models.clone_model(flat, clone_function=clone, call_function=call)
+    new = keras.models.clone_model(
+        flat, input_tensors=_fresh_inputs(flat), clone_function=clone, call_function=call
+    )
     # A clone gets its original's weights even when its config renamed it (a
     # custom layer whose config does not keep its name); layers that a
     # transformation created with an original's name get them by name.
