@@ -87,7 +87,15 @@ def _plain_graph(model):
     weights shared)."""
     if _has_layer_config(model):
         return model
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+    if isinstance(model, keras.Sequential):
+        inputs, outputs = model.inputs, model.outputs
+        return keras.Model(
+            inputs[0] if len(inputs) == 1 else inputs,
+            outputs[0] if len(outputs) == 1 else outputs,
+            name=model.name,
+        )
+    # A functional subclass keeps its input and output structure.
+    return keras.Model(model.input, model.output, name=model.name)
 
 
 def _check_functional(model, what="model"):
