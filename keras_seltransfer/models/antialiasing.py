@@ -16,6 +16,7 @@ from keras_seltransfer.layers.base_blur_pool import check_filt_size
 from keras_seltransfer.layers.base_blur_pool import check_pad_type
 from keras_seltransfer.layers.blur_pool import BlurPool
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.graph import inner_layers
 
 # Names of the layers `antialias` adds, derived from the layer they serve.
 # `<layer>_blurpool` takes the place of `<layer>`'s output (see
@@ -159,7 +160,7 @@ def _plan(graph, filt_size, keep_stem=False, exclude=None):
         if strides is None:
             hidden = [
                 inner.name
-                for inner in surgery.inner_layers(layer)
+                for inner in inner_layers(layer)
                 if isinstance(inner, _CONVS + _POOLS)
                 and any(s > 1 for s in _pair(getattr(inner, "strides", 1)))
             ]

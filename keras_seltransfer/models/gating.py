@@ -20,6 +20,7 @@ from keras_seltransfer.layers.gated_conv import GatedConv
 from keras_seltransfer.layers.gated_separable_conv import GatedSeparableConv
 from keras_seltransfer.layers.gates import ESTIMATORS
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.graph import inner_layers
 from keras_seltransfer.models.gated_conversion import CONVOLUTIONS
 from keras_seltransfer.models.gated_conversion import SUPPORTED_LAYERS
 from keras_seltransfer.models.gated_conversion import absorbable_batchnorm
@@ -65,7 +66,7 @@ def _select(model, pattern):
         f"{layer.name} ({type(layer).__name__})"
         for layer in model.layers
         if not isinstance(layer, CONVOLUTIONS)
-        and any(isinstance(inner, CONVOLUTIONS) for inner in surgery.inner_layers(layer))
+        and any(isinstance(inner, CONVOLUTIONS) for inner in inner_layers(layer))
     ]
     if hidden:
         warnings.warn(

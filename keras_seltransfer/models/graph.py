@@ -123,6 +123,43 @@ def is_elementwise(operation):
     return type(operation).__name__ in ELEMENTWISE_OPERATIONS
 
 
+def inner_layers(layer):
+    """The layers a custom layer holds as attributes (e.g. the convolutions
+    of a KerasHub block layer), recursively, without `layer` itself.
+
+    Graph surgery sees a model's layers, not what a custom layer computes
+    inside its `call`: transforms use this to name the layers they cannot
+    reach.
+
+    Example:
+
+    >>> import keras
+    >>> class Block(keras.layers.Layer):
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.conv = keras.layers.Conv2D(4, 3, strides=2, name="inner_conv")
+    >>> from keras_seltransfer.models.graph import inner_layers
+    >>> [inner.name for inner in inner_layers(Block())]
+    ['inner_conv']
+    """
+    found, seen = [], {id(layer)}
+
+    def visit(value):
+        if isinstance(value, keras.layers.Layer):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+                for attribute in vars(value).values():
+                    visit(attribute)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for attribute in vars(layer).values():
+        visit(attribute)
+    return found
+
+
 class ModelGraph:
     """Every node of a functional model's graph, by name, with its connections.
 
@@ -219,6 +256,7 @@ class ModelGraph:
 __all__ = [
     "ELEMENTWISE_OPERATIONS",
     "ModelGraph",
+    "inner_layers",
     "is_elementwise",
     "is_nonlinear_activation",
 ]

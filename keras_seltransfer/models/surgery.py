@@ -10,11 +10,12 @@ walks the graph: it builds on `keras.models.clone_model`'s public
 inputs in topological order, so a transformation only has to say what to do
 with one layer call at a time.
 
-Layers keep their names through a rebuild, so weights are matched by name:
-every layer of the new model whose name, class and weight shapes match a
-layer of the original gets the original's weights; layers a transformation
-creates are its own to initialise (it sees the original layer and can copy
-from it).
+Layers keep their names through a rebuild. Every clone gets its original's
+weights (same class and weight shapes), and so does a layer a transformation
+creates under an original's name; other new layers are the transformation's
+own to initialise (it sees the original layer and can copy from it). Graph
+nodes that are not layers (plain operations such as `x + 3.0`) are rebuilt
+like layers; `models.graph.ModelGraph` indexes both for the graph walkers.
 """
 
 import keras
@@ -349,42 +350,6 @@ def _copy_weights(original, layer):
     return True
 
 
-def inner_layers(layer):
-    """The layers a custom layer holds as attributes (e.g. the convolutions
-    of a KerasHub block layer), recursively, without `layer` itself.
-
-    Graph surgery sees a model's layers, not what a custom layer computes
-    inside its `call`: transforms use this to name the layers they cannot
-    reach.
-
-    Example:
-
-    >>> import keras
-    >>> class Block(keras.layers.Layer):
-    ...     def __init__(self, **kwargs):
-    ...         super().__init__(**kwargs)
-    ...         self.conv = keras.layers.Conv2D(4, 3, strides=2, name="inner_conv")
-    >>> [inner.name for inner in inner_layers(Block())]
-    ['inner_conv']
-    """
-    found, seen = [], {id(layer)}
-
-    def visit(value):
-        if isinstance(value, keras.layers.Layer):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-                for attribute in vars(value).values():
-                    visit(attribute)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    for attribute in vars(layer).values():
-        visit(attribute)
-    return found
-
-
 def rebuild(model, call_function=None, *, name=None):
     """Rebuilds a functional model with fresh layers and its weights copied.
 
@@ -495,7 +460,6 @@ __all__ = [
     "consumers",
     "copy_matching_weights",
     "flatten",
-    "inner_layers",
     "is_layer",
     "matching_layers",
     "model_graph",

@@ -6,6 +6,7 @@ from keras_seltransfer.models import backbones
 from keras_seltransfer.models import build_classifier
 from keras_seltransfer.models import build_multitask_model
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.graph import inner_layers
 
 
 def _classifier():
@@ -227,5 +228,5 @@ def test_inner_layers_of_custom_layers():
             super().__init__(**kwargs)
             self.convs = [keras.layers.Conv2D(2, 1, name="a"), keras.layers.Conv2D(2, 1, name="b")]
 
-    assert [layer.name for layer in surgery.inner_layers(Block())] == ["a", "b"]
-    assert surgery.inner_layers(keras.layers.Conv2D(2, 1)) == []
+    assert [layer.name for layer in inner_layers(Block())] == ["a", "b"]
+    assert inner_layers(keras.layers.Conv2D(2, 1)) == []
