@@ -68,10 +68,9 @@ def time_transforms(backbone, image_size, num_images, batch_size, transforms):
 
 
 def _run_checkout(checkout, argv):
-    """Runs this tool as a worker with `checkout`'s package first on the path."""
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
+    """Runs this tool as a worker timing `checkout`'s package."""
     command = [sys.executable, os.path.abspath(__file__), f"--worker={checkout}"] + argv
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         common.fail(f"the worker for {checkout} failed:\n{done.stderr[-2000:]}")
@@ -84,6 +83,9 @@ def main(argv):
     if unknown:
         common.fail(f"--transforms must be among {TRANSFORMS}. Received: {unknown}")
     if FLAGS.worker is not None:
+        # `common` put this checkout first on the path; the worker times
+        # the other checkout's package.
+        sys.path.insert(0, os.path.abspath(FLAGS.worker))
         import keras_seltransfer
 
         results = time_transforms(
