@@ -49,6 +49,8 @@ setup(
             "elpv-dataset>=1.0",
             "scikit-image>=0.19",
             "matplotlib>=3.7",
+            # KerasHub backbones in the backbone zoo test (tests skip without it).
+            "keras-hub>=0.32",
         ],
     },
     entry_points={

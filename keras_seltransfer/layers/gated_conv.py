@@ -274,11 +274,12 @@ class GatedConv(keras.layers.Layer):
 
         return initializer
 
-    def _conv(self, inputs, kernel):
+    def _convolve(self, inputs, pretrained):
+        """One path's convolution (the pretrained or the fine-tuned one)."""
         conv = ops.depthwise_conv if self.depthwise else ops.conv
         return conv(
             inputs,
-            kernel,
+            self.pretrained_kernel if pretrained else self.kernel,
             strides=self.strides,
             padding=self.padding,
             data_format="channels_last",
@@ -294,8 +295,8 @@ class GatedConv(keras.layers.Layer):
         return ops.cast(x, dtype)
 
     def call(self, inputs, gates, training=None):
-        pre = self._conv(inputs, self.pretrained_kernel)
-        ft = self._conv(inputs, self.kernel)
+        pre = self._convolve(inputs, pretrained=True)
+        ft = self._convolve(inputs, pretrained=False)
         if self.use_bias:
             pre = pre + self.pretrained_bias
             ft = ft + self.bias

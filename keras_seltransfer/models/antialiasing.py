@@ -7,6 +7,8 @@ the pretrained weights carry over layer by layer; `antialias` rebuilds a
 functional Keras model that way with `keras_seltransfer.models.surgery`.
 """
 
+import re
+
 import keras
 
 from keras_seltransfer.layers.base_blur_pool import BaseBlurPool
@@ -14,6 +16,7 @@ from keras_seltransfer.layers.base_blur_pool import check_filt_size
 from keras_seltransfer.layers.base_blur_pool import check_pad_type
 from keras_seltransfer.layers.blur_pool import BlurPool
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.graph import inner_layers
 
 # Names of the layers `antialias` adds, derived from the layer they serve.
 # `<layer>_blurpool` takes the place of `<layer>`'s output (see
@@ -24,19 +27,11 @@ PAD_SUFFIX = "_aa_pad"
 CROP_SUFFIX = "_aa_crop"
 
 _POOLS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
-_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
 
 
 def _pair(value):
     return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * 2
-
-
-def _is_activation(layer):
-    if isinstance(layer, keras.layers.Activation):
-        return layer.activation is not keras.activations.linear
-    return isinstance(
-        layer, (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
-    )
 
 
 def _spatial_input_size(layer):
@@ -56,30 +51,34 @@ def _same_padding(size, kernel, stride):
 
 def _cannot(layer, why):
     return ValueError(
-        f"antialias cannot convert layer {layer.name!r} ({type(layer).__name__}): {why}"
+        f"antialias cannot convert layer {layer.name!r} ({type(layer).__name__}): {why}. "
+        f"To leave it as it is, pass `exclude` a regular expression matching its name, "
+        f"e.g. exclude={'^' + layer.name + '$'!r}."
     )
 
 
-def _activation_after(name, by_name, consumers):
-    """The activation that follows conv `name` through per-channel layers
-    (BatchNormalization), or None when the chain branches or ends first."""
+def _activation_after(name, graph):
+    """The node that ends the activation following conv `name` through
+    per-channel layers (BatchNormalization), or None when the output
+    branches or ends first (see `ModelGraph.activation_after`)."""
     current = name
     while True:
-        following = consumers[current]
-        if len(following) != 1:
-            return None
-        layer = by_name[following[0]]
-        if _is_activation(layer):
-            if isinstance(layer, keras.layers.PReLU) and not set(_pair_axes(layer.shared_axes)) >= {
-                1,
-                2,
-            }:
+        end = graph.activation_after(current)
+        if end is not None:
+            last = graph.nodes[end]
+            if isinstance(last, keras.layers.PReLU) and not set(
+                _pair_axes(last.shared_axes)
+            ) >= {1, 2}:
                 raise _cannot(
-                    layer,
+                    last,
                     "a PReLU after a strided layer must share its slopes over the spatial "
                     "axes (shared_axes=[1, 2]) to run on the denser map",
                 )
-            return layer.name
+            return end
+        following = graph.consumers[current]
+        if len(following) != 1 or graph.calls[following[0]] != 1:
+            return None
+        layer = graph.nodes[following[0]]
         is_per_channel = isinstance(layer, keras.layers.BatchNormalization) and layer.axis in (
             -1,
             3,
@@ -124,40 +123,53 @@ def _dense_padding(layer, kernel, strides):
     return "same", None, crop
 
 
-def _stem_layers(flat, by_name):
+def _stem_layers(graph):
     """Strided convolutions that see the input through weight-free layers only
     (preprocessing, input normalisation, padding): the network's first
     downsampling."""
-    producers = surgery.producers(flat)
-    # Layers come in topological order, so producers are settled first.
+    # Nodes come in topological order, so producers are settled first.
     weighted_ancestor = {}
-    for layer in flat.layers:
-        weighted_ancestor[layer.name] = any(
+    for name, op in graph.nodes.items():
+        weighted_ancestor[name] = any(
             weighted_ancestor[p]
-            or (bool(by_name[p].weights) and not isinstance(by_name[p], keras.layers.Normalization))
-            for p in producers[layer.name]
+            or (
+                bool(getattr(graph.nodes[p], "weights", None))
+                and not isinstance(graph.nodes[p], keras.layers.Normalization)
+            )
+            for p in graph.producers[name]
         )
     return {
-        layer.name
-        for layer in flat.layers
-        if isinstance(layer, _CONVS)
-        and any(s > 1 for s in _pair(layer.strides))
-        and not weighted_ancestor[layer.name]
+        name
+        for name, op in graph.nodes.items()
+        if isinstance(op, _CONVS)
+        and any(s > 1 for s in _pair(op.strides))
+        and not weighted_ancestor[name]
     }
 
 
-def _plan(flat, filt_size, keep_stem=False):
+def _plan(graph, filt_size, keep_stem=False, exclude=None):
     """What happens to each layer: `{name: action}` and `{name: blur after}`."""
-    specs = {spec["name"]: spec for spec in flat.get_config()["layers"]}
-    by_name = {layer.name: layer for layer in flat.layers}
-    consumers = surgery.consumers(flat)
-    keep = _stem_layers(flat, by_name) if keep_stem else set()
+    keep = _stem_layers(graph) if keep_stem else set()
     actions, blur_after = {}, {}
-    for layer in flat.layers:
-        if layer.name in keep:
+    for layer in graph.model.layers:
+        if layer.name in keep or (exclude is not None and exclude.search(layer.name)):
+            continue
+        if isinstance(layer, BaseBlurPool):
             continue
         strides = getattr(layer, "strides", None)
-        if strides is None or isinstance(layer, BaseBlurPool):
+        if strides is None:
+            hidden = [
+                inner.name
+                for inner in inner_layers(layer)
+                if isinstance(inner, _CONVS + _POOLS)
+                and any(s > 1 for s in _pair(getattr(inner, "strides", 1)))
+            ]
+            if hidden:
+                raise _cannot(
+                    layer,
+                    f"it subsamples inside its own call, with strided layers {hidden} that "
+                    "graph surgery cannot reach",
+                )
             continue
         strides = _pair(strides)
         if all(s == 1 for s in strides):
@@ -168,9 +180,10 @@ def _plan(flat, filt_size, keep_stem=False):
             raise _cannot(
                 layer,
                 f"strided layers of this type (strides={strides}) are not supported; "
-                "supported: Conv2D, DepthwiseConv2D, MaxPooling2D, AveragePooling2D",
+                "supported: Conv2D, DepthwiseConv2D, SeparableConv2D, MaxPooling2D, "
+                "AveragePooling2D",
             )
-        if len(specs[layer.name].get("inbound_nodes", [])) > 1:
+        if graph.calls[layer.name] > 1:
             raise _cannot(layer, "it is called more than once (a shared layer)")
         if getattr(layer, "data_format", "channels_last") != "channels_last":
             raise _cannot(layer, "BlurPool works on channels-last feature maps")
@@ -186,7 +199,7 @@ def _plan(flat, filt_size, keep_stem=False):
             activation = (
                 layer.name
                 if layer.activation is not keras.activations.linear
-                else _activation_after(layer.name, by_name, consumers)
+                else _activation_after(layer.name, graph)
             )
             if activation is not None:
                 # Zhang: conv at stride 1, its activation, then the blur.
@@ -224,7 +237,7 @@ def _plan(flat, filt_size, keep_stem=False):
     return actions, blur_after
 
 
-def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None):
+def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None, exclude=None):
     """Rebuilds a pretrained functional model with anti-aliased subsampling.
 
     The swaps of Zhang (ICML 2019), made on every subsampling layer:
@@ -234,11 +247,16 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
     - `AveragePooling2D(s, s)` (non-overlapping, e.g. DenseNet's
       transitions) -> `BlurPool(s)`; kept as it is when `filt_size=1`, as in
       Zhang's code.
-    - a strided `Conv2D` / `DepthwiseConv2D` followed by an activation
-      (fused into the conv, or after BatchNormalization layers) -> the conv
-      at stride 1, the BatchNormalization and activation on the dense map,
-      then `BlurPool(s)`: the blur comes after the nonlinearity, never
-      before.
+    - a strided `Conv2D` / `DepthwiseConv2D` / `SeparableConv2D` followed
+      by an activation (fused into the conv, or after BatchNormalization
+      layers) -> the conv at stride 1, the BatchNormalization and activation
+      on the dense map, then `BlurPool(s)`: the blur comes after the
+      nonlinearity, never before. A separable conv (NASNet, Xception) is
+      converted whole, like a depthwise one: its depthwise stage carries the
+      stride, and the pointwise stage commutes with subsampling. The
+      activation may be a layer or an elementwise expression of plain
+      operations (MobileNetV3's hard-swish `x * relu6(x + 3) / 6`, see
+      `ModelGraph.activation_after`); the blur then follows its last node.
     - a strided 1x1 conv not followed by an activation (a ResNet shortcut,
       conv -> BN -> Add) -> `BlurPool(s)` then the 1x1 conv at stride 1, as
       in Zhang's anti-aliased ResNet (the two commute; the conv then runs on
@@ -276,12 +294,15 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
     still anti-aliased.
 
     Args:
-        model: a functional `keras.Model` (nested functional models are
-            inlined); channels-last.
+        model: a functional `keras.Model` (nested functional and Sequential
+            models are inlined, plain operations kept); channels-last.
         filt_size: binomial filter size of every `BlurPool`, 1 to 7. Default 4.
         pad_type: `"reflect"`, `"replicate"` or `"zero"` (see `BlurPool`).
         keep_stem: leave the stem convolution strided (see above).
         name: name of the new model (default: the original's).
+        exclude: regular expression; strided layers whose names match it
+            (`re.search`) are left as they are, not anti-aliased. None (the
+            default) converts every strided layer.
 
     Returns:
         The anti-aliased functional `keras.Model`, sharing no layer or weight
@@ -289,10 +310,11 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
 
     Raises:
         ValueError: for bad arguments, and naming any strided layer that
-            cannot be converted: a strided layer type other than Conv2D,
-            DepthwiseConv2D, MaxPooling2D and AveragePooling2D (for example
-            SeparableConv2D or a custom layer), a strided conv with dilation,
-            a channels-first layer, or a strided layer called more than once.
+            cannot be converted (pass `exclude` to leave it as it is): a
+            strided layer type other than Conv2D, DepthwiseConv2D,
+            SeparableConv2D, MaxPooling2D and AveragePooling2D (a custom
+            layer), a strided conv with dilation, a channels-first layer, or
+            a strided layer called more than once.
 
     Example:
 
@@ -306,9 +328,18 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
     """
     filt_size = check_filt_size(filt_size)
     pad_type = check_pad_type(pad_type)
-    flat = surgery.flatten(model)
-    actions, blur_after = _plan(flat, filt_size, keep_stem=bool(keep_stem))
-    taken = {layer.name for layer in flat.layers}
+    if exclude is not None:
+        try:
+            exclude = re.compile(exclude)
+        except (re.error, TypeError) as e:
+            raise ValueError(
+                f"`exclude` must be a regular expression or None ({e}). "
+                f"Received: exclude={exclude!r}"
+            ) from e
+    graph = surgery.model_graph(model)
+    flat = graph.model
+    actions, blur_after = _plan(graph, filt_size, keep_stem=bool(keep_stem), exclude=exclude)
+    taken = set(graph.nodes)
     blur_names = [n + BLUR_SUFFIX for n in blur_after]
     blur_names += [n + BLUR_SUFFIX for n, a in actions.items() if a["kind"] == "replace"]
     blur_names += [n + INPUT_BLUR_SUFFIX for n, a in actions.items() if a["kind"] == "input_blur"]
@@ -320,12 +351,12 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
             )
     taken.update(blur_names)
 
-    def blur(x, strides, layer_name, original, suffix=BLUR_SUFFIX):
+    def blur(x, strides, layer_name, source, suffix=BLUR_SUFFIX):
         return BlurPool(
             filt_size=filt_size,
             strides=strides,
             pad_type=pad_type,
-            dtype=original.dtype_policy,
+            dtype=graph.nodes[source].dtype_policy,
             name=layer_name + suffix,
         )(x)
 
@@ -347,7 +378,7 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
                 x = keras.layers.Cropping2D(
                     action["crop"], name=helper_name(original.name + CROP_SUFFIX)
                 )(x)
-            return blur(x, action["strides"], original.name, original)
+            return blur(x, action["strides"], original.name, original.name)
         else:
             config = original.get_config()
             config["strides"] = (1, 1)
@@ -361,7 +392,7 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
                         name=helper_name(original.name + PAD_SUFFIX),
                     )(x)
             else:
-                x = blur(x, action["strides"], original.name, original, INPUT_BLUR_SUFFIX)
+                x = blur(x, action["strides"], original.name, original.name, INPUT_BLUR_SUFFIX)
             outputs = type(original).from_config(config)(x, *args[1:], **kwargs)
         after = blur_after.get(original.name)
         if after is not None:
@@ -369,7 +400,7 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
                 outputs = keras.layers.Cropping2D(
                     after["crop"], name=helper_name(original.name + CROP_SUFFIX)
                 )(outputs)
-            outputs = blur(outputs, after["strides"], original.name, original)
+            outputs = blur(outputs, after["strides"], original.name, after["source"])
         return outputs
 
     new = surgery.rebuild(flat, call, name=name or model.name)
@@ -380,17 +411,16 @@ def antialias(model, filt_size=4, pad_type="reflect", keep_stem=False, name=None
 def _check_shapes(flat, new, blur_after, actions):
     """Every replaced output keeps its shape (a guard against unforeseen
     padding arithmetic)."""
-    new_names = {layer.name for layer in new.layers}
-    for layer in flat.layers:
+    new_nodes = {op.name: op for op in new.operations}
+    for layer in flat.operations:
         if layer.name in blur_after or (
             actions.get(layer.name, {}).get("kind") in ("replace", "input_blur")
         ):
             replacement = aligned_layer_name(new, layer.name)
-            if replacement not in new_names:
+            if replacement not in new_nodes:
                 continue
-            before, after = tuple(layer.output.shape), tuple(
-                new.get_layer(replacement).output.shape
-            )
+            before = tuple(layer.output.shape)
+            after = tuple(new_nodes[replacement].output.shape)
             if before != after:
                 raise ValueError(
                     f"antialias could not keep the output shape of layer {layer.name!r}: "
@@ -421,7 +451,7 @@ def aligned_layer_name(model, name):
     >>> aligned_layer_name(model, "block1_pool"), aligned_layer_name(model, "block2_conv")
     ('block1_pool_blurpool', 'block2_conv')
     """
-    names = {layer.name for layer in model.layers}
+    names = set(surgery.operations(model))
     if name + BLUR_SUFFIX in names:
         return name + BLUR_SUFFIX
     if name in names:

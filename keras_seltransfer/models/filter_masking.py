@@ -16,6 +16,7 @@ from keras_seltransfer.layers.partially_frozen_batch_normalization import (
     PartiallyFrozenBatchNormalization,
 )
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.graph import is_elementwise
 from keras_seltransfer.models.response_points import response_chains
 from keras_seltransfer.models.response_points import response_points
 
@@ -60,8 +61,18 @@ _NEXT_TYPES = (
 
 
 def _flat_layers(model):
+    """The flattened model and `{name: node}` over its layers and plain
+    operations (see `surgery.operations`)."""
     flat = surgery.flatten(model)
-    return flat, {layer.name: layer for layer in flat.layers}
+    return flat, {op.name: op for op in flat.operations}
+
+
+def _is_channelwise(node, producers):
+    """Whether a graph node keeps every channel on its own: a channel-wise
+    layer, or a plain elementwise operation on a single tensor (`x + 3.0`)."""
+    if isinstance(node, _CHANNELWISE_TYPES):
+        return True
+    return not surgery.is_layer(node) and is_elementwise(node) and len(producers) == 1
 
 
 class ChannelGraph:
@@ -71,15 +82,16 @@ class ChannelGraph:
     query would cost more than the surgery itself).
 
     Args:
-        model: a functional `keras.Model` (nested functional models are
-            flattened, see `surgery.flatten`).
+        model: a functional `keras.Model` (nested functional and Sequential
+            models are flattened, see `surgery.flatten`).
 
     Attributes:
         flat: the flattened model.
-        by_name: `{layer name: layer}` of `flat`.
-        consumers: `{layer name: names of the layers reading its output}`.
-        producers: `{layer name: names of the layers it reads}`.
-        order: `{layer name: position in graph order}`.
+        by_name: `{name: node}` of `flat`: its layers and plain operations
+            (`x + 3.0` in MobileNetV3's hard-swish, see `surgery.operations`).
+        consumers: `{node name: names of the nodes reading its output}`.
+        producers: `{node name: names of the nodes it reads}`.
+        order: `{node name: position in graph order}`.
 
     Example:
 
@@ -91,10 +103,10 @@ class ChannelGraph:
     """
 
     def __init__(self, model):
-        self.flat, self.by_name = _flat_layers(model)
-        self.consumers = surgery.consumers(self.flat)
-        self.producers = surgery.producers(self.flat)
-        self.order = {layer.name: i for i, layer in enumerate(self.flat.layers)}
+        graph = surgery.model_graph(model)
+        self.flat, self.by_name = graph.model, graph.nodes
+        self.consumers, self.producers = graph.consumers, graph.producers
+        self.order = graph.order
 
     def channels(self, conv_name):
         """The number of filters (output channels) of conv layer `conv_name`."""
@@ -122,7 +134,7 @@ class ChannelGraph:
             layer = self.by_name[name]
             if isinstance(layer, _NEXT_TYPES):
                 found.add(name)
-            elif isinstance(layer, _CHANNELWISE_TYPES):
+            elif _is_channelwise(layer, self.producers[name]):
                 frontier.extend(self.consumers[name])
             else:
                 stopped.add(name)

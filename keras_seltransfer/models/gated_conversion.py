@@ -14,7 +14,11 @@ import numpy as np
 
 # Layer types `adafilter` gates (exact types: a subclass may compute
 # something else with the same weights).
-SUPPORTED_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+SUPPORTED_LAYERS = (
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+)
 
 
 # Every Keras convolution type, to tell the unsupported ones apart.
@@ -90,7 +94,9 @@ def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
     BatchNormalization directly after it, if any).
 
     Args:
-        conv: a `keras.layers.Conv2D` or `keras.layers.DepthwiseConv2D`.
+        conv: a `keras.layers.Conv2D`, `keras.layers.DepthwiseConv2D` or
+            `keras.layers.SeparableConv2D` (then the config is a
+            `GatedSeparableConv`'s).
         batchnorm: the `keras.layers.BatchNormalization` to absorb, or None.
         train_batchnorm: whether the fine-tuned path's batch norm trains;
             None follows `batchnorm.trainable`.
@@ -111,11 +117,15 @@ def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
     """
     if not is_supported(conv):
         raise ValueError(
-            "`conv` must be a Conv2D or DepthwiseConv2D. "
+            "`conv` must be a Conv2D, DepthwiseConv2D or SeparableConv2D. "
             f"Received: conv of type {type(conv).__name__}"
         )
     c = conv.get_config()
     depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    separable = isinstance(conv, keras.layers.SeparableConv2D)
+    # The (depthwise) kernel's settings; a separable conv's pointwise kernel
+    # has its own.
+    kernel = "depthwise" if depthwise or separable else "kernel"
     config = {
         "name": c["name"],
         "trainable": c.get("trainable", True),
@@ -129,14 +139,22 @@ def gated_conv_config(conv, batchnorm=None, train_batchnorm=None):
         "depthwise": depthwise,
         "activation": c["activation"],
         "use_bias": c["use_bias"],
-        "kernel_initializer": c["depthwise_initializer" if depthwise else "kernel_initializer"],
+        "kernel_initializer": c[f"{kernel}_initializer"],
         "bias_initializer": c["bias_initializer"],
-        "kernel_regularizer": c["depthwise_regularizer" if depthwise else "kernel_regularizer"],
+        "kernel_regularizer": c[f"{kernel}_regularizer"],
         "bias_regularizer": c["bias_regularizer"],
-        "kernel_constraint": c["depthwise_constraint" if depthwise else "kernel_constraint"],
+        "kernel_constraint": c[f"{kernel}_constraint"],
         "bias_constraint": c["bias_constraint"],
         "activity_regularizer": c.get("activity_regularizer"),
     }
+    if separable:
+        del config["groups"], config["depthwise"]
+        config.update(
+            depth_multiplier=int(c["depth_multiplier"]),
+            pointwise_initializer=c["pointwise_initializer"],
+            pointwise_regularizer=c["pointwise_regularizer"],
+            pointwise_constraint=c["pointwise_constraint"],
+        )
     if batchnorm is not None:
         b = batchnorm.get_config()
         config.update(
@@ -162,7 +180,7 @@ def pretrained_probe(conv, bn, inputs, name):
     statistics.
 
     Args:
-        conv: the pretrained `Conv2D` or `DepthwiseConv2D`.
+        conv: the pretrained `Conv2D`, `DepthwiseConv2D` or `SeparableConv2D`.
         bn: the `BatchNormalization` that follows it, or None.
         inputs: the symbolic tensor `conv` reads.
         name: the probe layer's name.
@@ -182,7 +200,11 @@ def pretrained_probe(conv, bn, inputs, name):
     """
     config = conv.get_config()
     depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
-    kernel = np.asarray(conv.get_weights()[0], dtype="float64")
+    separable = isinstance(conv, keras.layers.SeparableConv2D)
+    weights = conv.get_weights()
+    # The batch norm scales output channels: the last axis of a regular or
+    # pointwise kernel.
+    kernel = np.asarray(weights[1 if separable else 0], dtype="float64")
     filters = int(conv.output.shape[-1])
     bias = (
         np.asarray(conv.bias.numpy(), dtype="float64") if conv.use_bias else np.zeros(filters)
@@ -204,7 +226,11 @@ def pretrained_probe(conv, bn, inputs, name):
             config[key] = None
     probe = type(conv).from_config(config)
     x = probe(inputs)
-    probe.set_weights([kernel.astype(probe.kernel.dtype), bias.astype(probe.bias.dtype)])
+    dtype = probe.bias.dtype
+    probe.set_weights(
+        ([weights[0].astype(dtype)] if separable else [])
+        + [kernel.astype(dtype), bias.astype(dtype)]
+    )
     if _has_no_activation(conv):
         x = keras.layers.ReLU(name=f"{name}_relu")(x)
     return x

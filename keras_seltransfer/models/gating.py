@@ -2,7 +2,8 @@
 filters per example (Guo, Li, Wang, Rosing, AAAI 2020).
 
 `adafilter(model)` replaces every selected `Conv2D` / `DepthwiseConv2D` by a
-`GatedConv` holding the frozen pretrained kernel and a trainable copy, folds
+`GatedConv` (a `SeparableConv2D` by a `GatedSeparableConv`) holding the
+frozen pretrained kernel and a trainable copy, folds
 a `BatchNormalization` that directly follows the convolution into it as the
 two separate batch norms of gated batch normalisation, and threads one
 shared `GateController` through the gated layers in the network's order.
@@ -16,8 +17,10 @@ import numpy as np
 
 from keras_seltransfer.layers.gate_controller import GateController
 from keras_seltransfer.layers.gated_conv import GatedConv
+from keras_seltransfer.layers.gated_separable_conv import GatedSeparableConv
 from keras_seltransfer.layers.gates import ESTIMATORS
 from keras_seltransfer.models import surgery
+from keras_seltransfer.models.graph import inner_layers
 from keras_seltransfer.models.gated_conversion import CONVOLUTIONS
 from keras_seltransfer.models.gated_conversion import SUPPORTED_LAYERS
 from keras_seltransfer.models.gated_conversion import absorbable_batchnorm
@@ -57,6 +60,18 @@ def _select(model, pattern):
         warnings.warn(
             f"adafilter leaves these convolutions ungated (supported types: {supported}): "
             f"{', '.join(unsupported)}",
+            stacklevel=3,
+        )
+    hidden = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in model.layers
+        if not isinstance(layer, CONVOLUTIONS)
+        and any(isinstance(inner, CONVOLUTIONS) for inner in inner_layers(layer))
+    ]
+    if hidden:
+        warnings.warn(
+            "adafilter leaves ungated the convolutions inside these custom layers, which "
+            f"graph surgery cannot reach: {', '.join(hidden)}",
             stacklevel=3,
         )
     if not selected:
@@ -102,7 +117,10 @@ def adafilter(
     """Rebuilds a pretrained model for AdaFilter's per-example filter fine-tuning.
 
     Every selected convolution becomes a `GatedConv` (same name) holding the
-    pretrained kernel frozen and a trainable copy of it. A
+    pretrained kernel frozen and a trainable copy of it; a `SeparableConv2D`
+    (Xception, NASNet) becomes a `GatedSeparableConv`, whose gate chooses per
+    output channel between the pretrained and the fine-tuned (depthwise,
+    pointwise) filter pair (see there for why the pair is the gated unit). A
     `BatchNormalization` that is the convolution's only consumer (and has no
     other input) is absorbed into it as gated batch norm: the pretrained
     batch norm, frozen, on the pretrained path and a copy on the fine-tuned
@@ -152,11 +170,13 @@ def adafilter(
     and keeps its setting.
 
     Args:
-        model: a functional `keras.Model` (nested functional models such as
-            a keras.applications backbone are inlined).
+        model: a functional `keras.Model` (nested functional and Sequential
+            models, such as a keras.applications backbone or ConvNeXt's
+            blocks, are inlined; plain operations are kept).
         layers: regular expression selecting the layers to gate by name
-            (`re.search`); None gates every Conv2D and DepthwiseConv2D (other
-            convolutions are left alone, with a warning).
+            (`re.search`); None gates every Conv2D, DepthwiseConv2D and
+            SeparableConv2D (other convolutions, such as transposed ones,
+            are left alone, with a warning).
         estimator: gate estimator, `"ste"` or `"gumbel"` (see
             `GateController`).
         temperature: Gumbel-softmax temperature.
@@ -224,21 +244,24 @@ def adafilter(
             "`train_batchnorm` must be True, False or None. "
             f"Received: train_batchnorm={train_batchnorm!r}"
         )
-    flat = surgery.flatten(model)
+    graph = surgery.model_graph(model)
+    flat = graph.model
     selected = _select(flat, layers)
-    specs = {spec["name"]: spec for spec in flat.get_config()["layers"]}
-    reused = [n for n in selected if len(specs[n].get("inbound_nodes", [])) != 1]
+    reused = [n for n in selected if graph.calls[n] != 1]
     if reused:
+        pattern = "|".join(f"^{n}$" for n in reused)
         raise ValueError(
-            f"adafilter cannot gate layers applied more than once (shared layers): {reused}."
+            f"adafilter cannot gate layers applied more than once (shared layers): "
+            f"{', '.join(f'{n} ({type(graph.nodes[n]).__name__})' for n in reused)}. Leave them "
+            f"ungated with a `layers` pattern that does not match them, e.g. "
+            f"layers='^(?!{pattern})'. Received: layers={layers!r}"
         )
-    consumers, producers = surgery.consumers(flat), surgery.producers(flat)
     absorbed = {}
     for conv_name in selected:
-        after = consumers[conv_name]
-        if len(after) == 1 and producers[after[0]] == [conv_name]:
-            candidate = flat.get_layer(after[0])
-            nodes = specs[after[0]].get("inbound_nodes", [])
+        after = graph.consumers[conv_name]
+        if len(after) == 1 and graph.producers[after[0]] == [conv_name]:
+            candidate = graph.nodes[after[0]]
+            nodes = graph.specs[after[0]].get("inbound_nodes", [])
             # A batch norm called with arguments (`training=False` to pin its
             # mode) keeps them as a layer of its own.
             plain_call = len(nodes) == 1 and all(
@@ -294,9 +317,17 @@ def adafilter(
         if step == 0 and first_gate_input == "features":
             gate_input = pretrained_probe(original, bn, inputs, f"{controller_name}_probe")
         gates, states[0] = controller(gate_input, states[0], step=step)
-        gated = GatedConv.from_config(gated_conv_config(original, bn, train_batchnorm))
+        separable = isinstance(original, keras.layers.SeparableConv2D)
+        gated_class = GatedSeparableConv if separable else GatedConv
+        gated = gated_class.from_config(gated_conv_config(original, bn, train_batchnorm))
         outputs = gated(inputs, gates)
-        values = {"kernel": original.kernel}
+        if separable:
+            values = {
+                "kernel": original.depthwise_kernel,
+                "pointwise_kernel": original.pointwise_kernel,
+            }
+        else:
+            values = {"kernel": original.kernel}
         if original.use_bias:
             values["bias"] = original.bias
         if bn is not None:

@@ -10,14 +10,17 @@ walks the graph: it builds on `keras.models.clone_model`'s public
 inputs in topological order, so a transformation only has to say what to do
 with one layer call at a time.
 
-Layers keep their names through a rebuild, so weights are matched by name:
-every layer of the new model whose name, class and weight shapes match a
-layer of the original gets the original's weights; layers a transformation
-creates are its own to initialise (it sees the original layer and can copy
-from it).
+Layers keep their names through a rebuild. Every clone gets its original's
+weights (same class and weight shapes), and so does a layer a transformation
+creates under an original's name; other new layers are the transformation's
+own to initialise (it sees the original layer and can copy from it). Graph
+nodes that are not layers (plain operations such as `x + 3.0`) are rebuilt
+like layers; `models.graph.ModelGraph` indexes both for the graph walkers.
 """
 
 import keras
+
+from keras_seltransfer.models.graph import ModelGraph
 
 
 CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
@@ -56,55 +59,123 @@ def channel_axis(layer):
     return -1 if getattr(layer, "data_format", "channels_last") == "channels_last" else 1
 
 
+def _is_graph_model(model):
+    """Whether `model` is a keras.Model built from a graph of symbolic tensors
+    (functional, Sequential once built, or a subclass of either whose
+    constructor builds a graph, such as a KerasHub `Backbone`)."""
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        return False
+    tensors = list(inputs or []) + list(outputs or [])
+    return bool(inputs) and bool(outputs) and all(isinstance(t, keras.KerasTensor) for t in tensors)
+
+
+def _has_layer_config(model):
+    """Whether `model`'s config is its layer graph: a plain functional model,
+    or a subclass that keeps the functional `get_config` (as
+    `keras.models.clone_model` decides). Read from the class, since
+    serialising a large graph takes a second."""
+    for cls in type(model).__mro__:
+        if cls.__name__ == "Functional" and cls.__module__.startswith("keras."):
+            return type(model).get_config is cls.get_config
+    return False
+
+
+def _plain_graph(model):
+    """`model` itself when its config is a layer graph, otherwise a plain
+    functional model over the same symbolic tensors (same layer objects,
+    weights shared)."""
+    if _has_layer_config(model):
+        return model
+    if isinstance(model, keras.Sequential):
+        inputs, outputs = model.inputs, model.outputs
+        return keras.Model(
+            inputs[0] if len(inputs) == 1 else inputs,
+            outputs[0] if len(outputs) == 1 else outputs,
+            name=model.name,
+        )
+    # A functional subclass keeps its input and output structure.
+    return keras.Model(model.input, model.output, name=model.name)
+
+
 def _check_functional(model, what="model"):
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"`{what}` must be a keras.Model. Received: {what} of type {type(model).__name__}"
         )
-    if isinstance(model, keras.Sequential):
-        raise ValueError(
-            f"`{what}` must be a functional model; Sequential model {model.name!r} can be "
-            "made functional with keras.Model(model.inputs, model.outputs)."
+    if not _is_graph_model(model):
+        hint = (
+            " Call it once on data (or pass an `input_shape`) to build it."
+            if isinstance(model, keras.Sequential)
+            else ""
         )
-    if not hasattr(model, "operations") or not getattr(model, "_is_graph_network", True):
         raise ValueError(
-            f"`{what}` must be a functional model; {model.name!r} is a subclassed "
-            f"{type(model).__name__} whose layer graph is unknown."
+            f"`{what}` must be a functional model (a graph of layers); {model.name!r} is a "
+            f"{type(model).__name__} whose layer graph is unknown.{hint} "
+            f"Received: {what}={model.name!r}"
         )
-    try:
-        model.get_config()["layers"]
-    except (NotImplementedError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"`{what}` must be a functional model; {model.name!r} "
-            f"({type(model).__name__}) has no layer graph: {e}"
-        ) from e
 
 
-def _histories(structure):
-    """Layer names of every Keras tensor referenced in a serialised call."""
-    if isinstance(structure, dict):
-        if structure.get("class_name") == "__keras_tensor__":
-            return [structure["config"]["keras_history"][0]]
-        found = []
-        for value in structure.values():
-            found.extend(_histories(value))
-        return found
-    if isinstance(structure, (list, tuple)):
-        found = []
-        for value in structure:
-            found.extend(_histories(value))
-        return found
-    return []
+def operations(model):
+    """Maps every operation name of a model's flattened graph to the operation.
+
+    Keras 3 functional graphs hold layers and plain operations: an
+    expression such as `x + 3.0` or `x * y` on symbolic tensors (the
+    hard-swish of MobileNetV3) becomes an operation node (`keras.ops`) that
+    is in `model.operations` but not in `model.layers`, and that
+    `model.get_layer` cannot find. Graph walkers look nodes up here.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_seltransfer.models.surgery import operations
+    >>> inputs = keras.Input((4,), name="x")
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs) + 3.0)
+    >>> sorted(operations(model))
+    ['add', 'dense', 'x']
+    """
+    _check_functional(model)
+    return {op.name: op for op in flatten(model).operations}
+
+
+def is_layer(operation):
+    """Whether a graph node is a `keras.layers.Layer` (not a plain operation).
+
+    Example:
+
+    >>> import keras
+    >>> is_layer(keras.layers.ReLU())
+    True
+    """
+    return isinstance(operation, keras.layers.Layer)
+
+
+def model_graph(model):
+    """The `ModelGraph` of `model` flattened (see `flatten`): every layer and
+    plain operation by name, with consumers, producers and call counts.
+
+    Example:
+
+    >>> from keras_seltransfer import models
+    >>> from keras_seltransfer.models.surgery import model_graph
+    >>> graph = model_graph(models.small_cnn((16, 16, 1), widths=(4, 8)))
+    >>> graph.consumers["block1_conv"], graph.activation_after("block1_bn")
+    (['block1_bn'], 'block1_relu')
+    """
+    return ModelGraph(flatten(model))
 
 
 def consumers(model):
-    """Maps every layer name of a functional model to the layers fed by it.
+    """Maps every node name (layer or plain operation) of a functional model,
+    flattened, to the nodes fed by it.
 
     Returns:
-        A dict `{layer_name: [consumer layer names, in graph order]}`; a
-        layer producing a model output and feeding nothing maps to `[]`.
-        Read from the model's serialised graph (`get_config`), so it sees
-        exactly the connections saving and loading would.
+        A dict `{name: [consumer names, in graph order]}`; a node producing
+        a model output and feeding nothing maps to `[]`. Read from the
+        model's serialised graph (`get_config`), so it sees exactly the
+        connections saving and loading would. Look the names up with
+        `operations`: plain operations are not in `model.layers`.
 
     Example:
 
@@ -114,19 +185,12 @@ def consumers(model):
     >>> graph["block1_conv"], graph["features"]
     (['block1_bn'], [])
     """
-    _check_functional(model)
-    layers = model.get_config()["layers"]
-    result = {spec["name"]: [] for spec in layers}
-    for spec in layers:
-        for node in spec.get("inbound_nodes", []):
-            for producer in _histories(node):
-                if producer in result and spec["name"] not in result[producer]:
-                    result[producer].append(spec["name"])
-    return result
+    return model_graph(model).consumers
 
 
 def producers(model):
-    """Maps every layer name of a functional model to the layers feeding it.
+    """Maps every node name (layer or plain operation) of a functional model,
+    flattened, to the nodes feeding it.
 
     Example:
 
@@ -136,26 +200,66 @@ def producers(model):
     >>> graph["block2_conv"], graph["image"]
     (['block1_pool'], [])
     """
-    _check_functional(model)
-    result = {}
-    for spec in model.get_config()["layers"]:
-        names = []
-        for node in spec.get("inbound_nodes", []):
-            for producer in _histories(node):
-                if producer not in names:
-                    names.append(producer)
-        result[spec["name"]] = names
-    return result
+    return model_graph(model).producers
+
+
+def _fresh_inputs(model):
+    """New `keras.Input`s in `model.input`'s structure, named like its input
+    layers (`clone_model` would name them after the input tensors)."""
+    names = {
+        id(op.output): op.name for op in model.operations if isinstance(op, keras.layers.InputLayer)
+    }
+    return keras.tree.map_structure(
+        lambda x: keras.Input(
+            batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=names.get(id(x), x.name)
+        ),
+        model.input,
+    )
+
+
+def _inline(model, args, kwargs):
+    """Calls the layers of sub-model `model` (flattened) on `args`, in place
+    of calling `model` itself; returns its outputs in its structure."""
+    graph = flatten(model)
+    inputs = keras.tree.pack_sequence_as(graph.input, keras.tree.flatten(args))
+    if kwargs.get("training") is not None or kwargs.get("mask") is not None:
+        raise ValueError(
+            f"Cannot inline sub-model {model.name!r}: it is called with "
+            f"{sorted(k for k, v in kwargs.items() if v is not None)}, which its layers "
+            "would not see. Call it without `training`/`mask` arguments."
+        )
+    # `Function.call` runs the sub-model's graph, calling each of its layers
+    # on the given tensors, and returns their outputs as they are (calling
+    # the Function would add one node for the whole graph, and a functional
+    # model built on non-input tensors would re-root a copy of the graph).
+    return keras.Function(graph.input, graph.output).call(inputs)
 
 
 def flatten(model):
-    """Inlines nested functional models, so every layer is a top-level layer.
+    """Inlines nested sub-models, so every layer is a top-level layer.
 
     A backbone built as `keras.Model(inputs, app(inputs))` hides the
-    application's layers inside one nested model; surgery needs them at the
-    top. Returns a new model whose layers are the *same* layer objects
-    (weights shared with `model`); a model without nested functional models
-    is returned as is.
+    application's layers inside one nested model, and ConvNeXt builds its
+    stem and downsampling blocks as nested `keras.Sequential` models;
+    surgery needs every layer at the top. Nested functional models,
+    `Sequential` models and subclasses of either that build a graph
+    (KerasHub backbones) are inlined, recursively; a sub-model called
+    several times is inlined at every call, its layers becoming shared
+    layers. When something was inlined, the result is made of fresh copies
+    of every layer and operation, with the same names, configs and weights
+    (a layer called inside a sub-model first would otherwise report that
+    call's tensors as its `input` and `output`, which are not those of the
+    flattened graph); weights are copied, not shared with `model`. A
+    top-level Sequential or subclassed graph model (a KerasHub `Backbone`)
+    without sub-models becomes a plain functional model over the *same*
+    layers, and a plain functional model without sub-models is returned as
+    is.
+
+    Raises:
+        ValueError: if `model` (or a sub-model) is not built from a graph of
+            symbolic tensors (a subclassed model with its own `call`, or an
+            unbuilt Sequential model), or a sub-model is called with
+            `training` or `mask` arguments.
 
     Example:
 
@@ -168,34 +272,42 @@ def flatten(model):
     (2, 10)
     """
     _check_functional(model)
-    nested = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential)
-    ]
-    if any(isinstance(layer, keras.Sequential) for layer in model.layers):
-        names = [layer.name for layer in model.layers if isinstance(layer, keras.Sequential)]
-        raise ValueError(
-            f"Model {model.name!r} contains Sequential sub-models {names}; rebuild them as "
-            "functional models before surgery."
-        )
+    plain = _plain_graph(model)
+    nested = [layer for layer in plain.layers if isinstance(layer, keras.Model)]
+    for layer in nested:
+        _check_functional(layer, what=f"sub-model {layer.name!r}")
     if not nested:
-        return model
+        return plain
 
     def call(layer, *args, **kwargs):
-        if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential):
-            inlined = keras.models.clone_model(
-                flatten(layer),
-                input_tensors=list(args) if len(args) > 1 else args[0],
-                clone_function=lambda inner: inner,
-            )
-            outputs = inlined.outputs
-            return outputs[0] if len(outputs) == 1 else outputs
+        if isinstance(layer, keras.Model):
+            return _inline(layer, args, kwargs)
         return layer(*args, **kwargs)
 
-    return keras.models.clone_model(
-        model, clone_function=lambda layer: layer, call_function=call
+    inlined = keras.models.clone_model(
+        plain,
+        input_tensors=_fresh_inputs(plain),
+        clone_function=lambda layer: layer,
+        call_function=call,
     )
+    # The inlined layers were first called inside their sub-model, so their
+    # `output` (that of their first call) would belong to the sub-model's
+    # graph. Fresh copies, called only here, make `layer.output` and
+    # `layer.input` the tensors of the flattened graph.
+    pairs = []
+
+    def copy(operation):
+        fresh = operation.__class__.from_config(operation.get_config())
+        pairs.append((operation, fresh))
+        return fresh
+
+    flat = keras.models.clone_model(
+        inlined, input_tensors=_fresh_inputs(inlined), clone_function=copy
+    )
+    for operation, fresh in pairs:
+        if is_layer(fresh):
+            _copy_weights(operation, fresh)
+    return flat
 
 
 def copy_matching_weights(source, target, skip=()):
@@ -221,17 +333,21 @@ def copy_matching_weights(source, target, skip=()):
     by_name = {layer.name: layer for layer in source.layers}
     copied = []
     for layer in target.layers:
-        original = by_name.get(layer.name)
-        if original is None or layer.name in skip or not layer.weights:
-            continue
-        if type(original) is not type(layer):
-            continue
-        shapes = [tuple(w.shape) for w in original.weights]
-        if shapes != [tuple(w.shape) for w in layer.weights]:
-            continue
-        layer.set_weights(original.get_weights())
-        copied.append(layer.name)
+        if layer.name not in skip and _copy_weights(by_name.get(layer.name), layer):
+            copied.append(layer.name)
     return copied
+
+
+def _copy_weights(original, layer):
+    """Copies `original`'s weights into `layer` when both are of one class
+    with the same weight shapes; returns whether it did."""
+    if original is None or not layer.weights or type(original) is not type(layer):
+        return False
+    shapes = [tuple(w.shape) for w in original.weights]
+    if shapes != [tuple(w.shape) for w in layer.weights]:
+        return False
+    layer.set_weights(original.get_weights())
+    return True
 
 
 def rebuild(model, call_function=None, *, name=None):
@@ -248,7 +364,11 @@ def rebuild(model, call_function=None, *, name=None):
     that layer's weights; replacements must set their own (they are built
     once called, so `call_function` can copy from `original` right away).
 
-    Nested functional models are inlined first (see `flatten`).
+    Nested sub-models are inlined first (see `flatten`). Plain operations
+    of the graph (`x + 3.0`, `x * y` on symbolic tensors) are rebuilt as
+    they were and pass through `call_function` too, with `original` the
+    operation (see `is_layer`); shared layers stay shared, `call_function`
+    running once per call.
 
     Args:
         model: a functional `keras.Model`.
@@ -276,15 +396,31 @@ def rebuild(model, call_function=None, *, name=None):
     """
     _check_functional(model)
     flat = flatten(model)
-    originals = {layer.name: layer for layer in flat.layers}
+    originals = {}
+
+    def clone(operation):
+        # Layers and plain operations alike are rebuilt from their config;
+        # a shared layer is cloned once and called at each of its nodes.
+        fresh = operation.__class__.from_config(operation.get_config())
+        originals[id(fresh)] = operation
+        return fresh
 
     def call(layer, *args, **kwargs):
         if call_function is None:
             return layer(*args, **kwargs)
-        return call_function(layer, originals[layer.name], *args, **kwargs)
+        return call_function(layer, originals[id(layer)], *args, **kwargs)
 
-    new = keras.models.clone_model(flat, call_function=call)
-    copy_matching_weights(flat, new)
+    new = keras.models.clone_model(
+        flat, input_tensors=_fresh_inputs(flat), clone_function=clone, call_function=call
+    )
+    # A clone gets its original's weights even when its config renamed it (a
+    # custom layer whose config does not keep its name); layers that a
+    # transformation created with an original's name get them by name.
+    done = {id(layer) for layer in new.layers if _copy_weights(originals.get(id(layer)), layer)}
+    by_name = {layer.name: layer for layer in flat.layers}
+    for layer in new.layers:
+        if id(layer) not in done and id(layer) not in originals:
+            _copy_weights(by_name.get(layer.name), layer)
     if name is not None and name != new.name:
         new = keras.Model(new.input, new.output, name=name)
     return new
@@ -324,7 +460,10 @@ __all__ = [
     "consumers",
     "copy_matching_weights",
     "flatten",
+    "is_layer",
     "matching_layers",
+    "model_graph",
+    "operations",
     "producers",
     "rebuild",
 ]

@@ -81,12 +81,16 @@ def _check_preserved(original, new, x, exact=True):
             changed.append(layer.name)
     for name in changed:
         # Only the dense (stride-1) part of a conv -> BN -> activation chain
-        # grows, and the blur after it restores the shape.
+        # grows (with the inner layers of an activation made of several
+        # nodes, such as the hard-swish), and the blur after it restores the
+        # shape.
         assert isinstance(
             original.get_layer(name),
             (
                 keras.layers.Conv2D,
                 keras.layers.DepthwiseConv2D,
+                keras.layers.SeparableConv2D,
+                keras.layers.ReLU,
                 keras.layers.BatchNormalization,
                 keras.layers.MaxPooling2D,
                 keras.layers.AveragePooling2D,
@@ -341,9 +345,24 @@ def test_densenet121():
 
 def test_errors_name_the_layer():
     inputs = keras.Input((8, 8, 2))
-    x = keras.layers.SeparableConv2D(2, 3, strides=2, name="sep")(inputs)
-    with pytest.raises(ValueError, match=r"cannot convert layer 'sep' \(SeparableConv2D\)"):
-        antialias(keras.Model(inputs, x))
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(2, 3, strides=2, padding="same", name="inner")
+
+        def call(self, x):
+            return self.conv(x)
+
+    block = keras.Model(inputs, Block(name="block")(inputs))
+    with pytest.raises(
+        ValueError, match=r"cannot convert layer 'block' \(Block\).*\['inner'\].*exclude='\^block\$'"
+    ):
+        antialias(block)
+    # The suggested option leaves that layer alone.
+    assert not blur_layers(antialias(block, exclude="^block$"))
+    with pytest.raises(ValueError, match="`exclude` must be a regular expression"):
+        antialias(block, exclude="(")
     x = keras.layers.DepthwiseConv2D(3, strides=2, dilation_rate=2, name="dilated")(inputs)
     with pytest.raises(ValueError, match="'dilated'.*dilation"):
         antialias(keras.Model(inputs, x))
@@ -359,7 +378,62 @@ def test_errors_name_the_layer():
         antialias(model, filt_size=0)
     with pytest.raises(ValueError, match="`pad_type` must be one of"):
         antialias(model, pad_type="symmetric")
-    with pytest.raises(ValueError, match="Sequential"):
-        antialias(keras.Sequential([keras.Input((8, 8, 1)), keras.layers.MaxPooling2D()]))
+    with pytest.raises(ValueError, match="Sequential.*build it"):
+        antialias(keras.Sequential([keras.layers.MaxPooling2D()]))
     with pytest.raises(ValueError, match="has no layer 'nope'"):
         aligned_layer_name(model, "nope")
+
+
+def _np_blur(x, filt_size, stride):
+    """Reflect-padded binomial blur then subsampling, as Zhang's BlurPool."""
+    taps = np.array([1.0])
+    for _ in range(filt_size - 1):
+        taps = np.convolve(taps, [1.0, 1.0])
+    kernel = np.outer(taps, taps) / taps.sum() ** 2
+    before, after = (filt_size - 1) // 2, filt_size // 2
+    padded = np.pad(x.astype(np.float64), ((0, 0), (before, after), (before, after), (0, 0)), "reflect")
+    n, h, w, c = x.shape
+    out = np.zeros((n, -(-h // stride), -(-w // stride), c))
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            patch = padded[:, i * stride : i * stride + filt_size, j * stride : j * stride + filt_size]
+            out[:, i, j] = np.einsum("nhwc,hw->nc", patch, kernel)
+    return out
+
+
+def _hard_swish(x):
+    # MobileNetV3's hard-swish, from plain operations on symbolic tensors.
+    return x * keras.layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+
+
+def test_strided_separable_conv_and_an_activation_of_plain_operations():
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.SeparableConv2D(4, 3, strides=2, padding="same", name="sep")(inputs)
+    x = keras.layers.BatchNormalization(name="sep_bn")(x)
+    x = keras.layers.ReLU(name="sep_relu")(x)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="conv")(x)
+    x = keras.layers.BatchNormalization(name="conv_bn")(x)
+    outputs = _hard_swish(x)
+    model = keras.Model(inputs, outputs)
+    _randomise_batchnorm(model)
+    images = _images((2, 12, 12, 3))
+    exact = antialias(model, filt_size=1)
+    _check_preserved(model, exact, images)
+    np.testing.assert_allclose(exact(images), model(images), rtol=1e-5, atol=1e-4)
+
+    new = antialias(model, filt_size=3)
+    graph = surgery.model_graph(new)
+    assert new.get_layer("sep").strides == (1, 1) and new.get_layer("conv").strides == (1, 1)
+    # The blurs follow the activations: the ReLU layer, and the last node of
+    # the hard-swish (a plain multiply, not a layer).
+    assert graph.producers["sep_relu_blurpool"] == ["sep_relu"]
+    (last,) = graph.producers[blur_layers(new)[-1]]
+    assert type(graph.nodes[last]).__name__ == "Multiply"
+    assert graph.consumers[last] == [blur_layers(new)[-1]]
+    # NumPy reference: the blur of the dense (stride-1) map x * relu6(x + 3),
+    # then the hard-swish's last scaling by 1/6 (a linear operation, which
+    # the activation does not need to include).
+    dense = keras.Model(new.inputs, graph.nodes[last].output)(images)
+    expected = _np_blur(np.asarray(dense), 3, 2) / 6.0
+    np.testing.assert_allclose(new(images), expected, rtol=1e-4, atol=1e-4)
+    assert new.output.shape == model.output.shape

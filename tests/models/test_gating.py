@@ -154,7 +154,7 @@ def _branchy_model():
     e = keras.layers.BatchNormalization(name="pinned_bn")(e, training=False)
     e = keras.layers.Conv2D(3, 1, name="plain_conv")(e)
     e = keras.layers.BatchNormalization(name="plain_bn")(e)
-    sep = keras.layers.SeparableConv2D(3, 3, name="separable")(e)
+    sep = keras.layers.Conv2DTranspose(3, 3, name="transposed")(e)
     out = keras.layers.GlobalAveragePooling2D()(sep)
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(out))
 
@@ -164,7 +164,7 @@ def test_batch_norms_are_absorbed_only_after_a_plain_sole_producer():
     _randomise_batchnorm(model)
     x = np.random.default_rng(0).normal(0, 1, (3, 8, 8, 2)).astype("float32")
     expected = np.asarray(model(x))
-    with pytest.warns(UserWarning, match=r"ungated .*separable \(SeparableConv2D\)"):
+    with pytest.warns(UserWarning, match=r"ungated .*transposed \(Conv2DTranspose\)"):
         gated = adafilter(model)
     # Only the last batch norm moves into its convolution: the first follows
     # an activation, the second's convolution also feeds the Add and the
@@ -175,17 +175,17 @@ def test_batch_norms_are_absorbed_only_after_a_plain_sole_producer():
     for name in ("after_act", "bn_of_two", "pinned_bn"):
         assert isinstance(gated.get_layer(name), keras.layers.BatchNormalization)
     assert "plain_bn" not in [layer.name for layer in gated.layers]
-    assert type(gated.get_layer("separable")) is keras.layers.SeparableConv2D
+    assert type(gated.get_layer("transposed")) is keras.layers.Conv2DTranspose
     _scramble_gates(gated)
     np.testing.assert_allclose(gated(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_selection_errors():
     model = _branchy_model()
-    with pytest.raises(ValueError, match=r"cannot gate: separable \(SeparableConv2D\)\. "
-                       "Supported layer types: Conv2D, DepthwiseConv2D"):
-        adafilter(model, layers="sep|act")
-    with pytest.raises(ValueError, match="matched no Conv2D, DepthwiseConv2D layer"):
+    with pytest.raises(ValueError, match=r"cannot gate: transposed \(Conv2DTranspose\)\. "
+                       "Supported layer types: Conv2D, DepthwiseConv2D, SeparableConv2D"):
+        adafilter(model, layers="trans|act")
+    with pytest.raises(ValueError, match="matched no Conv2D, DepthwiseConv2D, SeparableConv2D layer"):
         adafilter(model, layers="^nothing$")
     with pytest.raises(ValueError, match="`layers` is not a regular expression"):
         adafilter(model, layers="(")
@@ -200,12 +200,14 @@ def test_layer_selection_errors():
     inputs = keras.Input((8, 8, 2))
     shared = keras.layers.Conv2D(2, 1, name="shared")
     twice = keras.Model(inputs, shared(shared(inputs)))
-    with pytest.raises(ValueError, match=r"applied more than once .*\['shared'\]"):
+    with pytest.raises(
+        ValueError, match=r"applied more than once .*: shared \(Conv2D\)\. .*layers='\^\(\?!\^shared\$\)'"
+    ):
         adafilter(twice)
     with pytest.raises(ValueError, match="must be a functional model"):
-        adafilter(keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(2, 1)]))
-    with pytest.raises(ValueError, match="`conv` must be a Conv2D or DepthwiseConv2D"):
-        gated_conv_config(model.get_layer("separable"))
+        adafilter(keras.Sequential([keras.layers.Conv2D(2, 1)]))
+    with pytest.raises(ValueError, match="`conv` must be a Conv2D, DepthwiseConv2D or SeparableConv2D"):
+        gated_conv_config(model.get_layer("transposed"))
     with pytest.raises(ValueError, match="Expected one GateController"):
         gate_controller(model)
 
@@ -377,3 +379,44 @@ def test_fit_under_mirrored_strategy_logs_gate_usage():
     assert history.history["val_gate_usage_block2_conv"][-1] == pytest.approx(
         second.mean(), abs=1e-6
     )
+
+
+def test_separable_convolutions_are_gated_per_output_channel():
+    # Xception / NASNet style: strided separable convs with batch norms, a
+    # separable conv first (the first gate's probe folds its batch norm).
+    inputs = keras.Input((12, 12, 3), name="x")
+    x = keras.layers.SeparableConv2D(4, 3, strides=2, padding="same", use_bias=False, name="sep1")(
+        inputs
+    )
+    x = keras.layers.BatchNormalization(name="sep1_bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.SeparableConv2D(
+        6, 3, depth_multiplier=2, padding="same", activation="relu", name="sep2"
+    )(x)
+    x = keras.layers.Conv2D(5, 1, name="conv")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    _randomise_batchnorm(model)
+    images = _images(4, size=12, channels=3)
+    expected = np.asarray(model(images))
+    gated = adafilter(model)
+    assert [(type(layer).__name__, layer.name) for layer in gated_layers(gated)] == [
+        ("GatedSeparableConv", "sep1"),
+        ("GatedSeparableConv", "sep2"),
+        ("GatedConv", "conv"),
+    ]
+    assert "sep1_bn" not in [layer.name for layer in gated.layers]  # absorbed
+    _scramble_gates(gated)
+    gates = np.concatenate([np.ravel(g) for g in _probe(gated)(images)])
+    assert 0 < gates.mean() < 1  # some gates open, some closed
+    np.testing.assert_allclose(gated(images), expected, rtol=1e-4, atol=1e-4)
+    # Moving the fine-tuned (depthwise and pointwise) filters changes exactly
+    # the output channels whose gates are open.
+    sep2 = gated.get_layer("sep2")
+    sep2.pointwise_kernel.assign(sep2.pointwise_kernel.numpy() + 0.5)
+    features = keras.Model(gated.input, sep2.input[0])(images)
+    g = np.random.default_rng(3).integers(0, 2, (4, 6)).astype("float32")
+    after = np.asarray(sep2(features, g))
+    before = np.asarray(keras.Model(model.input, model.get_layer("sep2").output)(images))
+    moved = np.abs(after - before).max(axis=(1, 2)) > 1e-6
+    assert 0 < g.mean() < 1
+    np.testing.assert_array_equal(moved, g > 0.5)

@@ -1,0 +1,24 @@
+import json
+
+from tests import helpers
+
+
+def test_times_each_transform_per_checkout_and_prints_a_table():
+    done = helpers.run_tool(
+        "bench_transforms.py",
+        "--backbone=MobileNet",
+        "--image_size=32",
+        "--transforms=antialias,adafilter",
+        "--checkouts=.",
+    )
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout.splitlines()[0])
+    assert row["checkout"] == "." and row["package"].endswith("keras_seltransfer")
+    assert all(isinstance(row[t], float) and row[t] > 0 for t in ("antialias", "adafilter"))
+    assert "| . | " in done.stdout
+
+
+def test_unknown_transform_is_a_clear_error():
+    done = helpers.run_tool("bench_transforms.py", "--transforms=prune")
+    assert done.returncode == 2
+    assert "--transforms must be among" in done.stderr and "['prune']" in done.stderr
