@@ -49,9 +49,12 @@ setup(
             "elpv-dataset>=1.0",
             "scikit-image>=0.19",
             "matplotlib>=3.7",
-            # KerasHub backbones in the backbone zoo test (tests skip without it).
-            "keras-hub>=0.32",
         ],
+        # KerasHub backbones (`kerashub:<preset>`, the backbone zoo test). Its
+        # tensorflow-text requirement pulls in the full `tensorflow` package
+        # beside `tensorflow-cpu`; tools/setup_env.sh installs it for the
+        # tests without that dependency, which only its text models need.
+        "hub": ["keras-hub>=0.32"],
     },
     entry_points={
         "console_scripts": [

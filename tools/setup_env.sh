@@ -33,4 +33,14 @@ fi
 echo "setup: installing keras_seltransfer[$extras] into .venv (first time: a few minutes)"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[$extras]"
+if [[ ",$extras," == *",dev,"* ]] && ! .venv/bin/python -c "import keras_hub" 2>/dev/null; then
+  # KerasHub for the backbone tests, without tensorflow-text (text models
+  # only), which would install the full tensorflow package over tensorflow-cpu.
+  echo "setup: installing keras-hub (image backbones only) into .venv"
+  if ! { .venv/bin/python -m pip install -q --no-deps "keras-hub>=0.32" &&
+         .venv/bin/python -m pip install -q regex rich "kagglehub!=1.0.1" "kagglesdk==0.1.28" \
+           sentencepiece tokenizers packaging; }; then
+    echo "setup: warning: keras-hub could not be installed; its tests will be skipped." >&2
+  fi
+fi
 echo "setup: done"
