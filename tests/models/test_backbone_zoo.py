@@ -3,7 +3,9 @@
 Each `keras.applications` constructor of the installed Keras (random
 weights, no top, the smallest input it accepts) and a few KerasHub backbones
 built from constructor arguments go through `antialias`, `adafilter`,
-`selective_filter_transfer` and a `.keras` save/load of each result. The
+`selective_filter_transfer` and a `.keras` save/load of each result; SJFT's
+`ConvBank(2)` describes images with it, and `build_multitask_model` gives
+its two heads (saved and reloaded too). The
 default run checks the smallest models; `pytest -m slow` checks them all.
 """
 
@@ -17,6 +19,8 @@ from keras_seltransfer.models import adafilter
 from keras_seltransfer.models import antialias
 from keras_seltransfer.models import selective_filter_transfer
 from keras_seltransfer.models.antialiasing import BLUR_SUFFIX
+from keras_seltransfer.models.multitask import build_multitask_model
+from keras_seltransfer.retrieval.conv_bank import ConvBank
 
 # Every keras.applications constructor, by family (the test fails when Keras
 # adds one, so that it joins the zoo).
@@ -46,7 +50,14 @@ MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
 # are covered by small models in test_surgery, test_antialiasing and
 # test_gating, and here by the slow run and the KerasHub Xception.
 FAST = {"MobileNetV3Small": dict(alpha=0.75)}
-TRANSFORMS = ("antialias_exact", "antialias_shapes", "adafilter", "selective_filter_transfer")
+TRANSFORMS = (
+    "antialias_exact",
+    "antialias_shapes",
+    "adafilter",
+    "selective_filter_transfer",
+    "conv_bank",
+    "multitask",
+)
 
 
 def _images(size, n=2):
@@ -89,6 +100,30 @@ def check_backbone(model, size, tmp_path, transforms=TRANSFORMS):
             elif transform == "adafilter":
                 new = adafilter(model, seed=0)
                 _assert_same(new(x), expected)
+            elif transform == "conv_bank":
+                groups = ConvBank(model, layers=2)(x)
+                assert len(groups) == 2, f"{len(groups)} conv groups"
+                for group in groups:
+                    group = np.asarray(group)
+                    assert group.shape[0] == len(x) and group.ndim == 4, group.shape
+                    assert np.isfinite(group).all()
+                results[transform] = "ok"
+                continue
+            elif transform == "multitask":
+                inputs = keras.Input(model.input_shape[1:])
+                pooled = keras.layers.GlobalAveragePooling2D(name="zoo_pool")(model(inputs))
+                new = build_multitask_model(keras.Model(inputs, pooled), 5, 3)
+                outputs = new(x)
+                assert np.asarray(outputs["source"]).shape == (len(x), 5)
+                assert np.asarray(outputs["target"]).shape == (len(x), 3)
+                np.testing.assert_allclose(np.asarray(outputs["target"]).sum(-1), 1.0, rtol=1e-5)
+                path = str(tmp_path / "multitask.keras")
+                new.save(path)
+                restored = keras.saving.load_model(path)(x)
+                for head in ("source", "target"):
+                    _assert_same(restored[head], outputs[head])
+                results[transform] = "ok"
+                continue
             else:
                 data = tf.data.Dataset.from_tensor_slices(x).batch(2)
                 new = selective_filter_transfer(model, data, ratio=0.5, seed=0)
