@@ -31,3 +31,36 @@ def test_finetune_a_keras_application_by_name(tmp_path, method):
         serve = tf.saved_model.load(outputs["saved_model"]).signatures["serving_default"]
         served = serve(tf.constant(images))["probabilities"].numpy()
         np.testing.assert_allclose(served, probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_every_copy_of_a_named_backbone_has_the_same_names_and_starting_weights():
+    # A keras.applications backbone built twice gets new names for its
+    # unnamed layers and new random weights: the frozen reference of DELTA,
+    # L2-SP and KTFT must be the network the run starts from, by name.
+    config = helpers.small_run_config(backbone="MobileNetV3Small", image_size=32)
+    with pytest.warns(UserWarning, match="random weights"):
+        load = training.finetuning.backbone_loader(config, 1)
+        tuned = load()
+    names = [layer.name for layer in tuned.layers]
+    start = [np.array(w) for w in tuned.get_weights()]
+    for variable in tuned.trainable_variables:  # training moves the tuned copy
+        variable.assign(variable + 1.0)
+    reference = load()
+    assert reference is not tuned
+    assert [layer.name for layer in reference.layers] == names
+    for got, expected in zip(reference.get_weights(), start):
+        np.testing.assert_array_equal(got, expected)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    assert not np.allclose(np.asarray(reference(images)), np.asarray(tuned(images)))
+
+
+def test_delta_on_an_application_with_unnamed_layers(tmp_path):
+    # DELTA reads feature maps by layer name from its frozen reference copy.
+    target = helpers.write_npz(tmp_path / "target.npz", num_per_class=6, seed=1)
+    config = helpers.small_run_config(
+        method="delta", target=f"numpy:{target}", backbone="MobileNetV3Small", image_size=32,
+        epochs=1, batch_size=8, output_dir=str(tmp_path / "delta"), delta_attention_images=8,
+    )
+    with pytest.warns(UserWarning, match="random weights"):
+        outputs = training.finetune(config)
+    assert outputs["report"]["delta"]["layers"]

@@ -115,6 +115,45 @@ def load_backbone(config, data_channels):
     return backbone
 
 
+def backbone_loader(config, data_channels):
+    """A function of no arguments returning fresh copies of the run's backbone.
+
+    The first call loads it (`load_backbone`); later calls clone that model
+    (`keras.models.clone_model`) and give the clone its weights as they were
+    when first loaded. So every copy a method asks for (the network fine-tuned,
+    the frozen reference of L2-SP, DELTA and KTFT, SJFT's conv bank) has the
+    same layer names and starting weights, also for a `keras.applications`
+    backbone with random weights, whose unnamed layers get new names
+    (`activation_162`, ...) and new random weights each time it is built.
+
+    Args:
+        config: a `FinetuneConfig`.
+        data_channels: channels of the target images as stored.
+
+    Returns:
+        The loader (call it inside the strategy scope).
+
+    Example:
+
+    ```python
+    load = backbone_loader(FinetuneConfig(backbone="MobileNetV3Small", image_size=32), 1)
+    tuned, reference = load(), load()  # same names, same weights
+    ```
+    """
+    first = {}
+
+    def load():
+        if "model" not in first:
+            model = load_backbone(config, data_channels)
+            first["model"], first["weights"] = model, model.get_weights()
+            return model
+        copy = keras.models.clone_model(first["model"])
+        copy.set_weights(first["weights"])
+        return copy
+
+    return load
+
+
 def _check_backbone_file(config):
     if backbones.is_backbone_path(config.backbone) and not os.path.isfile(config.backbone):
         hint = (
@@ -186,7 +225,7 @@ def finetune(config):
         run_dir=config.output_dir,
         is_chief=distribute.is_chief(),
         class_weight=_class_weight(config, train_full.labels[train_ids]),
-        load_backbone=lambda: load_backbone(config, train_full.channels),
+        load_backbone=backbone_loader(config, train_full.channels),
         state={"train_ids": train_ids},
     )
     method.prepare(config, context)
@@ -307,4 +346,4 @@ def _save(config, setup, report, class_names, is_chief):
     return outputs
 
 
-__all__ = ["finetune", "finetune_split", "load_backbone"]
+__all__ = ["backbone_loader", "finetune", "finetune_split", "load_backbone"]
