@@ -64,3 +64,31 @@ def test_delta_on_an_application_with_unnamed_layers(tmp_path):
     with pytest.warns(UserWarning, match="random weights"):
         outputs = training.finetune(config)
     assert outputs["report"]["delta"]["layers"]
+
+
+def test_ktft_and_delta_find_layers_inside_nested_sequential_blocks(tmp_path):
+    # A backbone wrapping an application whose blocks are nested models:
+    # KTFT and DELTA compare feature maps by the inner layers' names.
+    def nested_backbone():
+        block = keras.Sequential(
+            [keras.layers.Conv2D(4, 3, strides=2, padding="same", name="inner_conv"),
+             keras.layers.BatchNormalization(name="inner_bn"),
+             keras.layers.ReLU(name="inner_relu")],
+            name="inner_block",
+        )
+        inputs = keras.Input((16, 16, 3))
+        x = block(keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs))
+        x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="top_conv")(x)
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(x))
+
+    path = tmp_path / "nested.keras"
+    nested_backbone().save(path)
+    target = helpers.write_npz(tmp_path / "target.npz", num_per_class=6, seed=1)
+    for method in ("ktft", "delta"):
+        config = helpers.small_run_config(
+            method=method, target=f"numpy:{target}", backbone=str(path), channels=3,
+            epochs=1, batch_size=8, output_dir=str(tmp_path / method), delta_attention_images=8,
+        )
+        report = training.finetune(config)["report"]
+        layers = report["ktft"]["layers"] if method == "ktft" else report["delta"]["layers"]
+        assert any("inner" in str(name) for name in np.ravel(layers)), layers

@@ -15,6 +15,7 @@ from keras_seltransfer import evaluation
 from keras_seltransfer import methods
 from keras_seltransfer.export import export_saved_model
 from keras_seltransfer.models import backbones
+from keras_seltransfer.models import surgery
 from keras_seltransfer.models.classifier import set_batchnorm_mode
 from keras_seltransfer.training import loop
 from keras_seltransfer.training.config import FinetuneConfig
@@ -118,7 +119,10 @@ def load_backbone(config, data_channels):
 def backbone_loader(config, data_channels):
     """A function of no arguments returning fresh copies of the run's backbone.
 
-    The first call loads it (`load_backbone`); later calls clone that model
+    The first call loads it (`load_backbone`) with nested models inlined
+    (`models.surgery.flatten`: ConvNeXt's `Sequential` blocks, a wrapped
+    application), so methods find every layer by name at the top level;
+    later calls clone that model
     (`keras.models.clone_model`) and give the clone its weights as they were
     when first loaded. So every copy a method asks for (the network fine-tuned,
     the frozen reference of L2-SP, DELTA and KTFT, SJFT's conv bank) has the
@@ -144,7 +148,7 @@ def backbone_loader(config, data_channels):
 
     def load():
         if "model" not in first:
-            model = load_backbone(config, data_channels)
+            model = surgery.flatten(load_backbone(config, data_channels))
             first["model"], first["weights"] = model, model.get_weights()
             return model
         copy = keras.models.clone_model(first["model"])
