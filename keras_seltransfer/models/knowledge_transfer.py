@@ -30,8 +30,13 @@ def stage_outputs(model):
     spatial size; padding and cropping layers are skipped, as are maps at
     the input's resolution (no downsampling yet). For keras.applications'
     ResNet50 this gives `conv1_relu`, `conv2_block3_out`, ...,
-    `conv5_block3_out`: the outputs of its downsampling stages. Nested
-    functional models are inlined first.
+    `conv5_block3_out`: the outputs of its downsampling stages. A stage
+    output is a layer the rest of the network is a function of: where the
+    last map at a resolution comes from a residual branch whose sum is a
+    plain operation (ConvNeXt's `x + block(x)`), the last layer at that
+    resolution with that property is taken instead (ConvNeXt: the
+    downsampling convolution), and a resolution with none is left out.
+    Nested functional and `Sequential` models are inlined first.
 
     Raises:
         ValueError: if a map has no static spatial size.
@@ -62,8 +67,25 @@ def stage_outputs(model):
             )
         if size[0] >= height and size[1] >= width:
             continue
-        last[size] = layer.name
-    return list(last.values())
+        last.setdefault(size, []).append(layer)
+    names = []
+    for layers in last.values():
+        cut = next((layer for layer in reversed(layers) if _is_cut(flat, layer)), None)
+        if cut is not None:
+            names.append(cut.name)
+    return names
+
+
+def _is_cut(model, layer):
+    """Whether every path from the model's input to its outputs goes
+    through `layer`'s output (so the rest of the model is a function of it)."""
+    if any(layer.output is output for output in model.outputs):
+        return True
+    try:
+        keras.Model(layer.output, model.outputs)
+    except ValueError:
+        return False
+    return True
 
 
 @keras.saving.register_keras_serializable(package="keras_seltransfer")

@@ -230,3 +230,28 @@ def test_errors():
     three = build_classifier(backbones.small_cnn((16, 16, 1), widths=(4, 8)), 3)
     with pytest.raises(ValueError, match="same classes"):
         KnowledgeTransferModel(three, teacher)
+
+
+def test_stage_outputs_are_cuts_of_the_graph():
+    # A residual branch summed by a plain operation (ConvNeXt's
+    # `x + block(x)`): the branch's last layer is not a stage output, since
+    # the rest of the network also needs the sum's other input.
+    inputs = keras.Input((16, 16, 3))
+    down = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="down")(inputs)
+    branch = keras.layers.Conv2D(4, 3, padding="same", name="branch")(down)
+    summed = down + branch
+    pooled = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="down2")(summed)
+    out = keras.layers.ReLU(name="last")(pooled)
+    model = keras.Model(inputs, out)
+    assert stage_outputs(model) == ["down", "last"]
+    from keras_seltransfer.models import channel_attention
+
+    # The attention of DELTA can cut the network at every stage output.
+    classifier = build_classifier(
+        keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(out)), 2
+    )
+    images = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 3)).astype("float32")
+    increases = channel_attention.channel_loss_increases(
+        classifier, images, np.array([0, 1, 0, 1]), stage_outputs(model)
+    )
+    assert [len(d) for d in increases] == [4, 4]
