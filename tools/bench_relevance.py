@@ -19,11 +19,11 @@ difference between their per-filter means (they compute the same sums).
 
 Part 2 (--sft), `selective_filter_transfer(ratio=0.5)` end to end, timed
 in a fresh Python process per checkout (--sft_checkouts, default this one),
-so that a checkout's own code runs (for example `--sft_checkouts=/work/main,.`
+so that a checkout's own code runs (for example `--sft_checkouts=../before,.`
 for before and after).
 
   python tools/bench_relevance.py --num_images=8,64
-  python tools/bench_relevance.py --checkout=/work/main --sft --sft_checkouts=/work/main,.
+  python tools/bench_relevance.py --checkout=../before --sft --sft_checkouts=../before,.
 """
 
 import importlib.util

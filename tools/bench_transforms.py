@@ -5,10 +5,10 @@ Times `antialias` (filt_size 4), `adafilter` and `selective_filter_transfer`
 --batch_size) on --backbone (random weights, no top, --image_size), each
 from the same freshly built backbone, in a fresh Python process per
 checkout (--checkouts), so that each checkout's own code runs: for example
-`--checkouts=/work/main,.` for before and after a change. It prints one
+`--checkouts=../before,.` for before and after a change (`../before`: a checkout of the earlier commit, e.g. `git worktree add ../before <commit>`). It prints one
 line per checkout and transform with the seconds, then a table.
 
-  python tools/bench_transforms.py --checkouts=/work/main,.
+  python tools/bench_transforms.py --checkouts=../before,.
   python tools/bench_transforms.py --backbone=MobileNetV3Small --transforms=antialias
 """
 
