@@ -10,7 +10,7 @@ from keras_seltransfer import training
 from tests import helpers
 
 
-@pytest.mark.parametrize("method", ["baseline", "l2sp"])
+@pytest.mark.parametrize("method", ["baseline", pytest.param("l2sp", marks=pytest.mark.slow)])
 def test_finetune_a_keras_application_by_name(tmp_path, method):
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=12, seed=1)
     config = helpers.small_run_config(
@@ -54,6 +54,7 @@ def test_every_copy_of_a_named_backbone_has_the_same_names_and_starting_weights(
     assert not np.allclose(np.asarray(reference(images)), np.asarray(tuned(images)))
 
 
+@pytest.mark.slow
 def test_delta_on_an_application_with_unnamed_layers(tmp_path):
     # DELTA reads feature maps by layer name from its frozen reference copy.
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=6, seed=1)

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 ROOT = helpers.REPO_ROOT
@@ -15,6 +17,9 @@ def _reproduce(*args, timeout=600):
     return helpers.run_tool("reproduce.py", "--protocol=paper", *args, timeout=timeout)
 
 
+# The papers' protocol (`--protocol=paper`) end to end; the default run
+# covers the deconfounded protocol end to end (tests/tools/test_protocol.py).
+@pytest.mark.slow
 def test_reproduce_tunes_caches_resumes_and_tabulates(tmp_path):
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=40)
     source = helpers.write_npz(tmp_path / "source.npz", num_per_class=20, num_classes=3, seed=4)
