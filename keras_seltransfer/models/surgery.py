@@ -18,6 +18,9 @@ nodes that are not layers (plain operations such as `x + 3.0`) are rebuilt
 like layers; `models.graph.ModelGraph` indexes both for the graph walkers.
 """
 
+import contextlib
+import sys
+
 import keras
 
 from keras_seltransfer.models.graph import ModelGraph
@@ -350,6 +353,24 @@ def _copy_weights(original, layer):
     return True
 
 
+@contextlib.contextmanager
+def _graph_depth_allowance(model, per_node=4):
+    """Raises Python's recursion limit while Keras maps a deep graph.
+
+    Keras walks a functional graph recursively, one frame per node on the
+    longest path; a transformation that inserts layers (a `FilterMask`
+    after every conv of EfficientNetV2L) can pass the default limit of
+    1000. The limit is raised for the duration only, by `per_node` frames
+    per operation of `model` (room for the layers a transformation adds).
+    """
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, previous + per_node * len(model.operations)))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
+
+
 def rebuild(model, call_function=None, *, name=None):
     """Rebuilds a functional model with fresh layers and its weights copied.
 
@@ -410,9 +431,10 @@ def rebuild(model, call_function=None, *, name=None):
             return layer(*args, **kwargs)
         return call_function(layer, originals[id(layer)], *args, **kwargs)
 
-    new = keras.models.clone_model(
-        flat, input_tensors=_fresh_inputs(flat), clone_function=clone, call_function=call
-    )
+    with _graph_depth_allowance(flat):
+        new = keras.models.clone_model(
+            flat, input_tensors=_fresh_inputs(flat), clone_function=clone, call_function=call
+        )
     # A clone gets its original's weights even when its config renamed it (a
     # custom layer whose config does not keep its name); layers that a
     # transformation created with an original's name get them by name.
@@ -422,7 +444,8 @@ def rebuild(model, call_function=None, *, name=None):
         if id(layer) not in done and id(layer) not in originals:
             _copy_weights(by_name.get(layer.name), layer)
     if name is not None and name != new.name:
-        new = keras.Model(new.input, new.output, name=name)
+        with _graph_depth_allowance(new):
+            new = keras.Model(new.input, new.output, name=name)
     return new
 
 

@@ -230,3 +230,27 @@ def test_inner_layers_of_custom_layers():
 
     assert [layer.name for layer in inner_layers(Block())] == ["a", "b"]
     assert inner_layers(keras.layers.Conv2D(2, 1)) == []
+
+
+def test_rebuild_handles_graphs_deeper_than_the_recursion_limit():
+    # Keras maps a functional graph recursively; inserting a layer after
+    # each of 700 layers (as filter masks after every conv of
+    # EfficientNetV2L) makes the longest path exceed Python's default limit.
+    import sys
+
+    inputs = keras.Input((4,))
+    x = inputs
+    for i in range(700):
+        x = keras.layers.Activation("linear", name=f"a{i}")(x)
+    model = keras.Model(inputs, x)
+    limit = sys.getrecursionlimit()
+
+    def insert(layer, original, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        return keras.layers.Activation("linear", name=f"{original.name}_after")(out)
+
+    new = surgery.rebuild(model, insert, name="deeper")
+    assert len(new.layers) == 1 + 2 * 700
+    assert sys.getrecursionlimit() == limit
+    x = np.arange(8, dtype="float32").reshape(2, 4)
+    np.testing.assert_array_equal(np.asarray(new(x)), x)
