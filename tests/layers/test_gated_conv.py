@@ -63,7 +63,7 @@ CASES = {
 }
 
 
-def _assign_random(layer, rng):
+def assign_random(layer, rng):
     """Distinct random values for every weight of both paths; returns them."""
     values = {}
     for w in layer.weights:
@@ -122,7 +122,7 @@ def _check_against_reference(case, batchnorm):
     layer = GatedConv(**CASES[case], batchnorm=batchnorm, epsilon=EPS, activation="relu")
     gates = rng.integers(0, 2, (3, layer.filters)).astype("float32")
     layer(x, gates)
-    values = _assign_random(layer, rng)
+    values = assign_random(layer, rng)
     pre, ft = _reference(layer, values, x)
     assert np.abs(pre - ft).max() > 0.1  # the two paths really differ
     g = gates[:, None, None, :]
@@ -147,7 +147,7 @@ def test_all_zero_gates_ignore_the_finetuned_weights_and_all_one_the_pretrained(
     layer = GatedConv(5, 3, padding="same", batchnorm=True)
     zeros, ones = np.zeros((3, 5), "float32"), np.ones((3, 5), "float32")
     layer(x, zeros)
-    _assign_random(layer, rng)
+    assign_random(layer, rng)
     frozen, tuned = np.asarray(layer(x, zeros)), np.asarray(layer(x, ones))
     for w in layer.weights:  # change one path's weights at a time
         if not w.name.startswith("pretrained_"):
@@ -201,7 +201,7 @@ def test_training_uses_batch_statistics_on_the_finetuned_path_only():
     layer = GatedConv(3, 3, padding="same", batchnorm=True, momentum=0.9, epsilon=EPS)
     gates = rng.integers(0, 2, (4, 3)).astype("float32")
     layer(x, gates)
-    values = _assign_random(layer, rng)
+    values = assign_random(layer, rng)
     pre, ft = _reference(layer, values, x, batch_stats=True)
     g = gates[:, None, None, :]
     got = np.asarray(layer(x, gates, training=True))
@@ -222,7 +222,7 @@ def test_training_uses_batch_statistics_on_the_finetuned_path_only():
     # With a frozen fine-tuned batch norm, training changes nothing.
     frozen = GatedConv(3, 3, padding="same", batchnorm=True, train_batchnorm=False, epsilon=EPS)
     frozen(x, gates)
-    values = _assign_random(frozen, rng)
+    values = assign_random(frozen, rng)
     pre, ft = _reference(frozen, values, x)
     np.testing.assert_allclose(
         frozen(x, gates, training=True), (1 - g) * pre + g * ft, rtol=1e-4, atol=1e-4
@@ -238,7 +238,7 @@ def test_gradients_reach_gates_and_finetuned_weights_only():
     layer = GatedConv(4, 3, padding="same")
     gates = tf.Variable(rng.integers(0, 2, (3, 4)).astype("float32"))
     layer(x, gates)
-    values = _assign_random(layer, rng)
+    values = assign_random(layer, rng)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(x, gates))
     grads = tape.gradient(loss, [gates] + layer.trainable_weights)
@@ -266,7 +266,7 @@ def test_config_round_trip_and_keras_file(tmp_path):
     )
     model = _model(layer)
     rng = np.random.default_rng(5)
-    _assign_random(layer, rng)
+    assign_random(layer, rng)
     x = rng.normal(0, 1, (2, 8, 8, 2)).astype("float32")
     g = rng.integers(0, 2, (2, 4)).astype("float32")
     restored = helpers.assert_layer_round_trip(layer, [x, g], tmp_path, model=model, rtol=0, atol=0)

@@ -5,6 +5,7 @@ import pytest
 from keras_seltransfer.layers.gated_separable_conv import GatedSeparableConv
 from tests import helpers
 from tests.layers.test_gated_conv import EPS
+from tests.layers.test_gated_conv import assign_random
 from tests.layers.test_gated_conv import np_bn
 from tests.layers.test_gated_conv import np_conv
 
@@ -21,20 +22,6 @@ def _model(layer, shape=(9, 9, 3), filters=5):
     return keras.Model([images, gates], layer(images, gates))
 
 
-def _assign_random(layer, rng):
-    values = {}
-    for w in layer.weights:
-        if "variance" in w.name:
-            value = rng.uniform(0.5, 2.0, w.shape)
-        elif "gamma" in w.name:
-            value = rng.uniform(0.5, 1.5, w.shape)
-        else:
-            value = rng.normal(0, 0.5, w.shape)
-        w.assign(value.astype("float32"))
-        values[w.name] = value.astype("float32")
-    return values
-
-
 CASES = {
     "same": dict(kernel_size=3, padding="same"),
     "strided_multiplier": dict(kernel_size=3, strides=2, depth_multiplier=2, padding="same"),
@@ -49,7 +36,7 @@ def test_matches_numpy_reference_with_mixed_gates(case):
     layer = GatedSeparableConv(5, **CASES[case], batchnorm=True, epsilon=EPS, activation="relu")
     gates = rng.integers(0, 2, (3, 5)).astype("float32")
     layer(x, gates)
-    values = _assign_random(layer, rng)
+    values = assign_random(layer, rng)
     paths = []
     for prefix in ("pretrained_", ""):
         y = _np_separable(
@@ -103,7 +90,7 @@ def test_config_round_trip_keras_file_and_one_training_step(tmp_path):
     )
     model = _model(layer)
     rng = np.random.default_rng(2)
-    _assign_random(layer, rng)
+    assign_random(layer, rng)
     x = rng.normal(0, 1, (4, 9, 9, 3)).astype("float32")
     g = rng.integers(0, 2, (4, 5)).astype("float32")
     restored = helpers.assert_layer_round_trip(layer, [x, g], tmp_path, model=model, rtol=0, atol=0)
