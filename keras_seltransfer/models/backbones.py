@@ -7,6 +7,7 @@ the same raw pixels serve training, evaluation and the exported SavedModel.
 """
 
 import difflib
+import json
 import os
 import zipfile
 
@@ -20,6 +21,7 @@ from keras_seltransfer.models.named_backbones import build_hub_backbone
 from keras_seltransfer.models.named_backbones import import_hub_for_file
 from keras_seltransfer.models.named_backbones import is_hub_spec
 from keras_seltransfer.models.named_backbones import normalise_name
+from keras_seltransfer.models.surgery import recursion_allowance
 
 # Where the `pretrain` app saves its default backbone (Fashion-MNIST,
 # small_cnn, 64 px), relative to the working directory: the backbone that
@@ -128,6 +130,27 @@ def _single(tensors):
     return tensors[0] if len(tensors) == 1 else tensors
 
 
+def _saved_layer_count(path):
+    """Number of layers in the config of a `.keras` archive, nested models
+    included (0 for other formats or an unreadable config)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return 0
+    count = 0
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            # A layer of a functional graph lists the nodes it was called on.
+            count += "inbound_nodes" in item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def load_keras_file(path, what="model"):
     """Loads a saved Keras model in safe mode, with errors that name the file.
 
@@ -137,6 +160,13 @@ def load_keras_file(path, what="model"):
     code while it loads. Whatever makes a file unloadable (not a `.keras`
     zip archive, truncated, unknown classes, refused code) is reported as
     one `ValueError` naming the file.
+
+    Deep graphs load too: Keras rebuilds a saved functional graph
+    recursively, and a model with more than about a thousand layers on one
+    path (EfficientNetV2L after `selective_filter_transfer`) passes
+    Python's default recursion limit in `keras.saving.load_model`; the
+    limit is raised while this function loads, by the size of the saved
+    graph.
 
     Args:
         path: a `.keras` file (or a legacy `.h5` file, also loaded in safe
@@ -172,7 +202,8 @@ def load_keras_file(path, what="model"):
         )
     import_hub_for_file(path)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        with recursion_allowance(_saved_layer_count(path)):
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
     # Keras reports unloadable files with many types (ValueError, TypeError,
     # KeyError, OSError from h5py, zip errors); each means this file cannot
     # be used, and the caller gets one error naming it.

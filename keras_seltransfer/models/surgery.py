@@ -354,21 +354,38 @@ def _copy_weights(original, layer):
 
 
 @contextlib.contextmanager
-def _graph_depth_allowance(model, per_node=4):
-    """Raises Python's recursion limit while Keras maps a deep graph.
+def recursion_allowance(nodes, per_node=4):
+    """Raises Python's recursion limit while Keras maps a graph of `nodes` nodes.
 
-    Keras walks a functional graph recursively, one frame per node on the
-    longest path; a transformation that inserts layers (a `FilterMask`
-    after every conv of EfficientNetV2L) can pass the default limit of
+    Keras walks a functional graph recursively (building, cloning and
+    loading a saved model alike), one or more frames per node on the longest
+    path; a deep network (EfficientNetV2L, more so after a transformation
+    inserts a `FilterMask` after every conv) can pass the default limit of
     1000. The limit is raised for the duration only, by `per_node` frames
-    per operation of `model` (room for the layers a transformation adds).
+    per node, and restored afterwards.
+
+    Example:
+
+    >>> import sys
+    >>> limit = sys.getrecursionlimit()
+    >>> with recursion_allowance(2000):
+    ...     sys.getrecursionlimit() == limit + 8000
+    True
+    >>> sys.getrecursionlimit() == limit
+    True
     """
     previous = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(previous, previous + per_node * len(model.operations)))
+    sys.setrecursionlimit(max(previous, previous + per_node * int(nodes)))
     try:
         yield
     finally:
         sys.setrecursionlimit(previous)
+
+
+def _graph_depth_allowance(model, per_node=4):
+    """`recursion_allowance` for the operations of `model` (room for the
+    layers a transformation adds)."""
+    return recursion_allowance(len(model.operations), per_node)
 
 
 def rebuild(model, call_function=None, *, name=None):

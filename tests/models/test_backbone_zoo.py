@@ -17,6 +17,7 @@ import tensorflow as tf
 from keras_seltransfer.layers.base_blur_pool import BaseBlurPool
 from keras_seltransfer.models import adafilter
 from keras_seltransfer.models import antialias
+from keras_seltransfer.models import load_keras_file
 from keras_seltransfer.models import selective_filter_transfer
 from keras_seltransfer.models.antialiasing import BLUR_SUFFIX
 from keras_seltransfer.models.multitask import build_multitask_model
@@ -72,7 +73,7 @@ def _assert_same(got, expected):
 
 def _round_trip(model, x, path):
     model.save(path)
-    restored = keras.saving.load_model(path)
+    restored = load_keras_file(path)
     _assert_same(restored(x), model(x))
 
 
@@ -119,7 +120,7 @@ def check_backbone(model, size, tmp_path, transforms=TRANSFORMS):
                 np.testing.assert_allclose(np.asarray(outputs["target"]).sum(-1), 1.0, rtol=1e-5)
                 path = str(tmp_path / "multitask.keras")
                 new.save(path)
-                restored = keras.saving.load_model(path)(x)
+                restored = load_keras_file(path)(x)
                 for head in ("source", "target"):
                     _assert_same(restored[head], outputs[head])
                 results[transform] = "ok"

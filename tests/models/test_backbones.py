@@ -83,6 +83,28 @@ def test_load_saved_model_errors(tmp_path):
         backbones.load_backbone(path, (16, 16, 1), weights="imagenet")
 
 
+def test_load_keras_file_loads_graphs_deeper_than_the_recursion_limit(tmp_path):
+    # Keras rebuilds a saved graph recursively: a 1400-layer chain (the depth
+    # of EfficientNetV2L with a filter mask after every conv) passes Python's
+    # default limit of 1000 in `keras.saving.load_model`.
+    inputs = keras.Input((4,))
+    x = inputs
+    for i in range(1400):
+        x = keras.layers.Activation("linear", name=f"a{i}")(x)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10000)
+    try:
+        path = str(tmp_path / "deep.keras")
+        keras.Model(inputs, x).save(path)
+    finally:
+        sys.setrecursionlimit(limit)
+    loaded = backbones.load_keras_file(path)
+    assert len(loaded.layers) == 1401
+    assert sys.getrecursionlimit() == limit
+    x = np.arange(8, dtype="float32").reshape(2, 4)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), x)
+
+
 def test_unsafe_lambda_model_is_refused(tmp_path):
     inputs = keras.Input((4, 4, 1))
     outputs = keras.layers.Lambda(lambda t: t * 2, name="features")(inputs)
