@@ -2,6 +2,8 @@
 
 Methods (--method):
 {methods}
+  auto          choose among --auto_candidates by k-fold cross-validation on the
+                training images, then train the choice as its own run would
 
 Writes the fine-tuned classifier (model.keras), a test report (report.json,
 report.md: accuracy, balanced accuracy, per-class accuracy, confusion matrix),
@@ -14,6 +16,7 @@ Example (after `python -m apps.pretrain`):
 
   python -m apps.finetune --target=elpv --fraction=0.15 --seed=1
   python -m apps.finetune --method=sjft --source=fashion_mnist --target=elpv --fraction=0.15
+  python -m apps.finetune --method=auto --target=elpv --fraction=0.15 --auto_time_budget=30
 """
 
 import textwrap
@@ -23,6 +26,7 @@ from absl import flags
 from keras_seltransfer import methods
 from keras_seltransfer import training
 from keras_seltransfer.apps import common
+from keras_seltransfer.training import auto
 
 
 def _method_list():
@@ -37,7 +41,9 @@ def _method_list():
 
 __doc__ = __doc__.format(methods=_method_list())
 
-common.define_config_flags(training.FinetuneConfig, choices={"method": methods.names()})
+common.define_config_flags(
+    training.FinetuneConfig, choices={"method": methods.names() + (methods.AUTO,)}
+)
 
 FLAGS = flags.FLAGS
 
@@ -50,8 +56,13 @@ def main(argv):
     except common.USER_ERRORS as e:
         common.fail("finetune", e)
     report = outputs["report"]
+    if "auto" in report:
+        print("\n" + auto.summary_markdown(report["auto"]), end="")
+    method = report.get("auto_choice", config.method)
+    if "auto" in report:
+        method = f"auto ({method})"
     print(
-        f"\n{config.method} on {config.target}: test accuracy {report['accuracy']:.4f}, "
+        f"\n{method} on {config.target}: test accuracy {report['accuracy']:.4f}, "
         f"balanced accuracy {report['balanced_accuracy']:.4f} "
         f"({report['num_examples']} test images, {report['train_examples']} training images)"
     )
@@ -59,6 +70,7 @@ def main(argv):
         outputs,
         (
             ("report_md", "report"),
+            ("auto_json", "method selection"),
             ("model", "model"),
             ("multitask_model", "two-head model"),
             ("saved_model", "SavedModel"),

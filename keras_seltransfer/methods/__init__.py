@@ -24,6 +24,7 @@ from keras_seltransfer.methods.base import Method
 from keras_seltransfer.methods.base import MethodContext
 from keras_seltransfer.methods.base import MethodSetup
 from keras_seltransfer.methods.base import Transform
+from keras_seltransfer.methods.registry import AUTO
 from keras_seltransfer.methods.registry import apply_transforms
 from keras_seltransfer.methods.registry import check_compose
 from keras_seltransfer.utils.options import check_option
@@ -61,6 +62,7 @@ def joint_methods():
 
 
 __all__ = [
+    "AUTO",
     "Method",
     "MethodContext",
     "MethodSetup",

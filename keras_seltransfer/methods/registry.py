@@ -11,6 +11,11 @@ from keras_seltransfer.methods.base import Transform
 _METHODS = {}
 _TRANSFORMS = {}
 
+# The `method` value that chooses among methods by cross-validation
+# (`keras_seltransfer.training.auto`) instead of naming one; no method may
+# be registered under it.
+AUTO = "auto"
+
 
 def register(method):
     """Adds a `Method` instance to the registry and returns it.
@@ -34,6 +39,11 @@ def register(method):
         raise TypeError(f"register() takes a Method instance. Received: {method!r}")
     if not method.name or not isinstance(method.name, str):
         raise ValueError(f"A method needs a name. Received: name={method.name!r}")
+    if method.name == AUTO:
+        raise ValueError(
+            f"{AUTO!r} is reserved for `method=\"{AUTO}\"` (choosing a method by "
+            "cross-validation); give the method another name."
+        )
     if method.name in _METHODS and type(_METHODS[method.name]) is not type(method):
         raise ValueError(f"A method named {method.name!r} is already registered.")
     if method.default_batchnorm not in ("frozen", "train"):

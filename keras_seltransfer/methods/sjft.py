@@ -146,7 +146,7 @@ class SJFTOptions:
         """Checks across options, and the default `index_dir`."""
         if config.k0 > config.k_max:
             raise ValueError(f"`k0` ({config.k0}) must not exceed `k_max` ({config.k_max}).")
-        if get(config.method).joint and config.batch_size % 2:
+        if config.is_joint and config.batch_size % 2:
             raise ValueError(
                 "The sjft methods need an even `batch_size` (half target, half source). "
                 f"Received: batch_size={config.batch_size}"

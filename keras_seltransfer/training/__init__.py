@@ -4,7 +4,8 @@
 (`keras_seltransfer.methods`) through one general loop: data loading and
 low-data subsetting, the strategy, the method's model and transforms,
 `model.fit` with early stopping, resumable checkpoints and TensorBoard logs,
-the evaluation report and the exports. `pretrain` makes a backbone the same
+the evaluation report and the exports; `method="auto"` chooses the method
+by cross-validation (`keras_seltransfer.training.auto`). `pretrain` makes a backbone the same
 way. The absl apps (`keras_seltransfer.apps`) map flags onto these configs.
 
 Example:
@@ -23,6 +24,7 @@ from keras_seltransfer.training.defaults import DEFAULT_BACKBONE
 from keras_seltransfer.training.defaults import DEFAULT_PRETRAIN_DIR
 from keras_seltransfer.training.finetuning import finetune
 from keras_seltransfer.training.finetuning import finetune_split
+from keras_seltransfer.training.finetuning import fit_and_score
 from keras_seltransfer.training.loop import evaluate_model
 from keras_seltransfer.training.pretraining import pretrain
 from keras_seltransfer.training.reporting import mean_std
@@ -36,6 +38,7 @@ __all__ = [
     "evaluate_model",
     "finetune",
     "finetune_split",
+    "fit_and_score",
     "load_train_test",
     "mean_std",
     "pretrain",

@@ -102,7 +102,9 @@ def _finetune_general():
         "method": option(
             "baseline",
             f"Fine-tuning method: one of {', '.join(methods.names())} (each a module of "
-            "keras_seltransfer.methods; apps.finetune --help describes them).",
+            "keras_seltransfer.methods; apps.finetune --help describes them), or auto: score "
+            "the --auto_candidates by k-fold cross-validation on the training images, choose "
+            "one (--auto_rule) and train it as its own run would.",
         ),
         "per_class": option(
             None, "Keep exactly this many training images per class (overrides --fraction).",
@@ -146,6 +148,34 @@ def _finetune_general():
         ),
         "cut_layer": option(None, "Layer at which to cut a saved or application backbone."),
         "export": option(True, "Write a SavedModel of the fine-tuned classifier."),
+        "auto_candidates": option(
+            None,
+            "The methods --method=auto chooses among, comma-separated, simplest first (a tie "
+            "within noise goes to the earlier one); each a method name, optionally with its "
+            "own settings after colons, e.g. baseline:batchnorm=train:learning_rate=1e-4. "
+            f"Unset: {', '.join(defaults.AUTO_CANDIDATES)} (those that fail to apply to the "
+            "backbone or data are reported and left out).",
+        ),
+        "auto_folds": option(
+            5, "Cross-validation folds of --method=auto (stratified, over the training and "
+            "validation images).", lower=2, upper=20,
+        ),
+        "auto_metric": option(
+            "balanced_accuracy", "The held-out fold score --method=auto compares.",
+            choices=defaults.AUTO_METRICS,
+        ),
+        "auto_rule": option(
+            "one_se",
+            "How --method=auto chooses: one_se, the earliest (simplest) candidate whose mean "
+            "fold score is within one standard error (of the paired per-fold differences) of "
+            "the best; best, the highest mean.",
+            choices=defaults.AUTO_RULES,
+        ),
+        "auto_time_budget": option(
+            0.0, "Minutes --method=auto may spend on cross-validation (0: no limit). Folds run "
+            "in rounds over every candidate, so a budget that ends early leaves all candidates "
+            "scored on the same folds.", lower=0.0,
+        ),
     }
     return [(name, made.metadata["type"], made) for name, made in own.items()]
 
@@ -191,9 +221,11 @@ class _FinetuneConfigBase:
     def __post_init__(self):
         # Checked against the registry now, not when the class was made:
         # a method registered later (without options of its own) runs too.
-        methods.get(self.method)
+        if self.method != methods.AUTO:
+            methods.get(self.method)
         _validate_fields(self)
-        methods.check_compose(self.method, self.compose)
+        if self.method != methods.AUTO:
+            methods.check_compose(self.method, self.compose)
         if self.sampling != "uniform" and self.is_joint:
             raise ValueError(
                 f"`sampling` applies to the single-task pipeline; --method={self.method} draws "
@@ -208,11 +240,18 @@ class _FinetuneConfigBase:
                 "runs", "finetune",
                 f"{self.method}-{spec_slug(self.target)}-{amount}-seed{self.seed}",
             )
+        if self.method == methods.AUTO:
+            # Every candidate's settings (and composition) are checked now,
+            # before anything trains. Imported here: the auto mode's module
+            # builds on this one.
+            from keras_seltransfer.training import auto
+
+            auto.candidate_configs(self)
 
     @property
     def is_joint(self):
         """Whether the method trains on source images too (the SJFT family)."""
-        return methods.get(self.method).joint
+        return self.method != methods.AUTO and methods.get(self.method).joint
 
     @property
     def batchnorm_mode(self):
@@ -221,6 +260,8 @@ class _FinetuneConfigBase:
             return "train"
         if self.batchnorm is not None:
             return self.batchnorm
+        if self.method == methods.AUTO:
+            return None  # each candidate's own
         return methods.get(self.method).default_batchnorm
 
 

@@ -18,7 +18,27 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 BATCHNORM_MODES = ("frozen", "train")
 CLASS_WEIGHTS = ("none", "balanced")
 
+# The candidates of `method="auto"`, simplest first: the baselines that the
+# measured comparisons (docs/results/RESULTS.md) found strongest (the linear
+# probe, LP-FT, fine-tuning with either BatchNorm mode), then one method of
+# each paper.
+AUTO_CANDIDATES = (
+    "linear_probe",
+    "lp_ft",
+    "baseline",
+    "baseline:batchnorm=train",
+    "sjft",
+    "adafilter",
+    "filter_transfer",
+    "ktft",
+)
+AUTO_METRICS = ("balanced_accuracy", "accuracy")
+AUTO_RULES = ("one_se", "best")
+
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AUTO_METRICS",
+    "AUTO_RULES",
     "BATCHNORM_MODES",
     "CLASS_WEIGHTS",
     "DEFAULT_BACKBONE",

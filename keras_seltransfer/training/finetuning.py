@@ -179,6 +179,10 @@ def _class_weight(config, labels):
 def finetune(config):
     """Fine-tunes a backbone on a target data set and writes the run's outputs.
 
+    With `config.method == "auto"` it chooses the method first, by k-fold
+    cross-validation on the training images, and trains the choice
+    (`keras_seltransfer.training.auto.finetune_auto`).
+
     The loop is the same for every method (`keras_seltransfer.methods`):
     data -> the method's model (a classifier, or SJFT's two-head model) ->
     BatchNorm mode -> `config.compose` transforms -> the method's setup ->
@@ -209,8 +213,84 @@ def finetune(config):
         raise TypeError(
             f"`config` must be a FinetuneConfig. Received: config of type {type(config).__name__}"
         )
+    if config.method == methods.AUTO:
+        # Imported here: the auto mode runs `finetune` for its candidates.
+        from keras_seltransfer.training import auto
+
+        return auto.finetune_auto(config)
     _check_backbone_file(config)
     start = time.time()
+    strategy, train_full, test, train_ids, val_ids = _start(config)
+    setup, context, fit_info, extra = _train(config, strategy, train_full, train_ids, val_ids)
+    report = loop.evaluate_model(
+        setup.classifier,
+        test,
+        config.batch_size,
+        {
+            **_run_facts(config, context, strategy, start),
+            **fit_info,
+            **extra,
+        },
+    )
+    return _save(config, setup, report, test.class_names, context.is_chief)
+
+
+def fit_and_score(config, train_ids, val_ids):
+    """Trains `config`'s method on chosen images and scores it on the others.
+
+    The run of `finetune` on the images of `config.target`'s training split
+    at positions `train_ids`, with early stopping and model selection on
+    those at `val_ids`, and its classification report on the `val_ids`
+    images: the test split is never loaded into the model, nothing is
+    exported and no model is saved (one fold of cross-validation; see
+    `keras_seltransfer.training.auto`). An interrupted fit resumes from
+    `config.output_dir`'s checkpoint.
+
+    Args:
+        config: a `FinetuneConfig` of a registered method.
+        train_ids: positions in the target's training split to train on.
+        val_ids: positions to stop on and score on (disjoint from `train_ids`).
+
+    Returns:
+        The classification report on the `val_ids` images (accuracy,
+        balanced accuracy, ...) with the run's facts (`epochs_run`,
+        `seconds`, ...).
+
+    Raises:
+        ValueError: if the positions overlap or are out of range.
+
+    Example:
+
+    ```python
+    train_full, _, train_ids, val_ids = finetune_split(config)
+    report = fit_and_score(config, train_ids, val_ids)
+    report["balanced_accuracy"]
+    ```
+    """
+    _check_backbone_file(config)
+    start = time.time()
+    strategy, train_full, _, _, _ = _start(config)
+    train_ids, val_ids = np.asarray(train_ids, int), np.asarray(val_ids, int)
+    for name, ids in (("train_ids", train_ids), ("val_ids", val_ids)):
+        if not len(ids) or ids.min() < 0 or ids.max() >= len(train_full):
+            raise ValueError(
+                f"`{name}` must be non-empty positions in the training split of "
+                f"{config.target!r} (0 to {len(train_full) - 1}). Received: {len(ids)} "
+                f"positions{'' if not len(ids) else f' from {ids.min()} to {ids.max()}'}"
+            )
+    if np.intersect1d(train_ids, val_ids).size:
+        raise ValueError("`train_ids` and `val_ids` must be disjoint: a scored image was trained on.")
+    setup, context, fit_info, extra = _train(config, strategy, train_full, train_ids, val_ids)
+    return loop.evaluate_model(
+        setup.classifier,
+        context.val,
+        config.batch_size,
+        {**_run_facts(config, context, strategy, start), **fit_info, **extra},
+    )
+
+
+def _start(config):
+    """Seeds, the strategy and the run's images (see `finetune_split`)."""
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -219,6 +299,12 @@ def finetune(config):
     # the runtime (the sjft selection creates variables).
     strategy = distribute.get_strategy(config.strategy)
     train_full, test, train_ids, val_ids = finetune_split(config)
+    return strategy, train_full, test, train_ids, val_ids
+
+
+def _train(config, strategy, train_full, train_ids, val_ids):
+    """Prepares, builds and fits `config`'s method on the given images;
+    returns `(setup, context, fit_info, extra report entries)`."""
     method = methods.get(config.method)
     context = methods.MethodContext(
         strategy=strategy,
@@ -241,27 +327,23 @@ def finetune(config):
         setup = _setup(config, method, context)
         fit_info = _compile_and_fit(config, setup, context)
         extra = setup.report(fit_info) if setup.report is not None else {}
-    report = loop.evaluate_model(
-        setup.classifier,
-        test,
-        config.batch_size,
-        {
-            "method": config.method,
-            "target": config.target,
-            "backbone": config.backbone,
-            "fraction": config.fraction if config.per_class is None else None,
-            "per_class": config.per_class,
-            "seed": config.seed,
-            "train_examples": len(context.train),
-            "val_examples": len(context.val),
-            **fit_info,
-            **extra,
-            "strategy": distribute.describe_strategy(strategy),
-            "seconds": round(time.time() - start, 1),
-            "environment": run_environment(),
-        },
-    )
-    return _save(config, setup, report, test.class_names, context.is_chief)
+    return setup, context, fit_info, extra
+
+
+def _run_facts(config, context, strategy, start):
+    return {
+        "method": config.method,
+        "target": config.target,
+        "backbone": config.backbone,
+        "fraction": config.fraction if config.per_class is None else None,
+        "per_class": config.per_class,
+        "seed": config.seed,
+        "train_examples": len(context.train),
+        "val_examples": len(context.val),
+        "strategy": distribute.describe_strategy(strategy),
+        "seconds": round(time.time() - start, 1),
+        "environment": run_environment(),
+    }
 
 
 def _setup(config, method, context):
@@ -350,4 +432,4 @@ def _save(config, setup, report, class_names, is_chief):
     return outputs
 
 
-__all__ = ["backbone_loader", "finetune", "finetune_split", "load_backbone"]
+__all__ = ["backbone_loader", "finetune", "finetune_split", "fit_and_score", "load_backbone"]
