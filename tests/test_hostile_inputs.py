@@ -763,6 +763,9 @@ SETUP_CASES = [
             "--data=numpy:{d}/target.npz", "--output_dir={d}/eval_good"), expect="ok", rc=0),
     AppCase("setup-export", "export", ("--model={d}/run_good/model.keras",
             "--output={d}/export_good"), expect="ok", rc=0),
+    AppCase("setup-finetune-auto", "finetune", (_T, _B, "--output_dir={d}/run_auto", *_FT,
+            "--method=auto", "--auto_candidates=linear_probe,baseline", "--auto_folds=2",
+            "--noexport"), expect="ok", rc=0),
 ]
 
 USAGE = r"FATAL Flags parsing error: flag "
@@ -1059,6 +1062,16 @@ def test_setup_runs_succeeded(app_results, hostile):
         assert result["rc"] == 0, result["stderr"][-3000:]
     for path in _GOOD_RUN + _GOOD_EXPORT + _GOOD_EVAL:
         assert os.path.exists(hostile(path)), path
+
+
+def test_auto_run_prints_the_candidates_and_the_choice(app_results, hostile):
+    stdout = app_results["setup-finetune-auto"]["stdout"]
+    assert "## Method selection (--method=auto)" in stdout
+    assert "| linear_probe" in stdout and "| baseline" in stdout
+    choice = re.search(r"\nauto \((linear_probe|baseline)\) on numpy:.*: test accuracy", stdout)
+    assert choice, stdout[-2000:]
+    with open(hostile("run_auto/report.json")) as f:
+        assert json.load(f)["auto_choice"] == choice.group(1)
 
 
 @pytest.mark.parametrize("case", APP_CASES, ids=str)
