@@ -148,11 +148,11 @@ def is_joint_row(row):
     return methods.get(row.overrides["method"]).joint
 
 
-def select_rows(names=None, source=None, rows=ROWS):
+def select_rows(methods=None, source=None, rows=ROWS):
     """The rows a comparison runs, by name, in table order.
 
     Args:
-        names: row names, or None for `DEFAULT_ROWS` (without the joint rows
+        methods: row names, or None for `DEFAULT_ROWS` (without the joint rows
             when there is no `source`).
         source: the source data set spec, or None.
         rows: the rows to choose from.
@@ -170,6 +170,7 @@ def select_rows(names=None, source=None, rows=ROWS):
     ['linear_probe', 'baseline']
     """
     by_name = {row.name: row for row in rows}
+    names = methods
     if names is None:
         names = [n for n in DEFAULT_ROWS if n in by_name
                  and (source is not None or not is_joint_row(by_name[n]))]
