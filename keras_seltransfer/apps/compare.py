@@ -98,7 +98,8 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Batch size.", lower_bound=2)
 flags.DEFINE_integer(
-    "max_source", None, "Index only the first N source training images (default: all).",
+    "max_source", None,
+    "Index only the first N source training images (default: all; 6000 with --quick).",
     lower_bound=1,
 )
 flags.DEFINE_string(
@@ -108,7 +109,7 @@ flags.DEFINE_string("runs_dir", None, "The run cache (default: <output_dir>/runs
 flags.DEFINE_boolean(
     "quick", False,
     "A check of the whole pipeline, not a result: one fraction (0.15), seeds 0,1, 2 epochs, "
-    "4 trials per row, the search on seed 0.",
+    "4 trials per row, the search on seed 0, the first 6000 source images.",
 )
 flags.DEFINE_boolean("table_only", False, "Train nothing: rebuild the outputs from the run cache.")
 flags.DEFINE_boolean("plot", True, "Write accuracy_vs_fraction.png (needs matplotlib).")
@@ -201,7 +202,10 @@ def resolve_settings(flag_values=FLAGS):
         source=f.source,
         image_size=f.image_size,
         batch_size=f.batch_size,
-        max_source=f.max_source,
+        # A quick check indexes a slice of a large source pool, not all of it.
+        max_source=f.max_source if f.max_source is not None else (
+            6000 if quick and f.source else None
+        ),
         trials=trials,
         quick=quick,
         table_only=f.table_only,
