@@ -1,7 +1,7 @@
 """Imports flow one way: a module of the library never imports a higher layer.
 
 The layers, lowest first (DESIGN: utils -> layers -> models -> data -> retrieval
--> methods -> training -> apps/tools). Every import is parsed, also those inside
+-> methods -> training -> comparison -> apps/tools). Every import is parsed, also those inside
 functions: an import inside a function to dodge a cycle is still a cycle.
 """
 
@@ -29,7 +29,8 @@ RANKS = {
     "callbacks": 4,
     "methods": 5,
     "training": 6,
-    "apps": 7,
+    "comparison": 7,
+    "apps": 8,
 }
 # The package's __init__.py gathers every layer for `import keras_seltransfer`.
 TOP = max(RANKS.values()) + 1

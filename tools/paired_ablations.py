@@ -15,7 +15,7 @@ import common  # noqa: F401  (tools/common.py: environment, repository root on s
 import json
 import sys
 
-from tools.results.stats import paired_interval
+from keras_seltransfer.comparison.stats import paired_interval
 
 
 def _line(label, differences):

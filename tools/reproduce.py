@@ -39,9 +39,14 @@ cached run whose stored configuration differs from what is asked (say,
 another epoch budget) is an error, not silently reused. The test split is
 never looked at when choosing.
 
-The code is in tools/results/: the grid (`grid`), the run cache (`cache`),
-training and tuning (`runner`), tables (`tables`) and plots (`plots`); the
-deconfounded protocol in `protocol`, `protocol_runner` and `protocol_tables`.
+The deconfounded protocol is a preset of the library's comparison
+(`keras_seltransfer.comparison`, which `apps.compare` runs on the user's own
+target, source and backbone): the same search, run cache, tables,
+statistics and plot; tools/results/ adds what is specific to this
+reproduction: the linear probe's feature search on the default backbone,
+the SJFT controls, the paper claims (`protocol`, `protocol_runner`,
+`protocol_tables`), and the papers' own protocol (`grid`, `runner`,
+`tables`, `plots`).
 """
 
 import os

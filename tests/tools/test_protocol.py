@@ -12,7 +12,7 @@ from tests import helpers
 from tools.results import protocol
 from tools.results import protocol_runner
 from tools.results import protocol_tables
-from tools.results import stats
+from keras_seltransfer.comparison import stats
 
 
 

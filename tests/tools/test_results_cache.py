@@ -1,4 +1,4 @@
-"""tools/results/cache.py: a finished run is reused only with the same settings."""
+"""keras_seltransfer.comparison.cache: a finished run is reused only with the same settings."""
 
 import dataclasses
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tools.results import cache
+from keras_seltransfer.comparison import cache
 from tools.results import grid
 
 

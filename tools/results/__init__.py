@@ -1,11 +1,13 @@
-"""The code behind tools/reproduce.py, one module per role.
+"""The code behind tools/reproduce.py that is specific to the documented
+reproduction; the comparison machinery itself (run cache, search, runner,
+tables, statistics, plots) is `keras_seltransfer.comparison`.
 
-- `grid`: the experiment grid (rows, combinations, ablations), the methods
-  it may name, and the `FinetuneConfig` of one cell.
-- `cache`: the run cache: a finished run's report, and the check that it was
-  made with the settings asked for.
-- `runner`: training what the cache lacks, learning-rate tuning, the
-  combination choice, the shift measurements.
-- `tables`: the Markdown tables, RESULTS.md and results.json.
-- `plots`: the PNG plots.
+- `grid`: the papers' grid (rows, combinations, ablations) and the
+  `FinetuneConfig` of one cell.
+- `runner`: the papers' protocol: learning-rate tuning, the combination
+  choice, the shift measurements.
+- `tables`, `plots`: its tables, RESULTS.md and results.json, and plots.
+- `protocol`, `protocol_runner`, `protocol_tables`: the deconfounded
+  protocol's rows on the default backbone, SJFT controls, paper claims and
+  summary file.
 """

@@ -256,6 +256,7 @@ class Settings:
         batch_size: batch size.
         tune_fraction: the fraction learning rates are chosen at.
         table_only: train nothing, read only the cache.
+        pretrain_backbone: pretrain the backbone on the source when missing.
     """
 
     rows: list
@@ -275,6 +276,7 @@ class Settings:
     batch_size: int
     tune_fraction: float
     table_only: bool
+    pretrain_backbone: bool = True
 
 
 def index_bank(row):

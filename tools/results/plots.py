@@ -5,36 +5,13 @@ AdaFilter gate usage per layer, and accuracy versus input shift. Every plot
 is written atomically; a plot whose runs are missing is skipped.
 """
 
-import io
 import json
 import os
 
+from keras_seltransfer.comparison import plots as comparison_plots
+from keras_seltransfer.comparison.plots import figure_bytes
+from keras_seltransfer.comparison.plots import pyplot
 from tools.results import grid
-
-
-def pyplot():
-    """matplotlib's pyplot with the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def figure_bytes(fig):
-    """The PNG bytes of a matplotlib figure (110 dpi, tight), closing it.
-
-    Args:
-        fig: a `matplotlib.figure.Figure`.
-
-    Returns:
-        bytes.
-    """
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
-    return buffer.getvalue()
 
 
 def _write(path, fig):
@@ -45,36 +22,13 @@ def _write(path, fig):
 
 def plot_accuracy(settings, results, path):
     """Test accuracy and balanced accuracy versus target fraction, one line
-    per row (mean ± std over seeds)."""
-    import numpy as np
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for metric, ax in zip(("accuracy", "balanced_accuracy"), axes):
-        for row in settings.rows:
-            xs, ms, ss = [], [], []
-            for f in settings.fractions:
-                values = [r[metric] for r in results if r["row"] == row.name and r["fraction"] == f]
-                if values:
-                    xs.append(f)
-                    ms.append(np.mean(values))
-                    ss.append(np.std(values))
-            if xs:
-                style = "--" if row.name.startswith(("sjft", "scratch")) else "-"
-                ax.errorbar(xs, ms, yerr=ss, label=row.label, linestyle=style, marker="o",
-                            capsize=3, markersize=4)
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(settings.fractions, [f"{f:.0%}" for f in settings.fractions])
-        ax.set_xlabel("target training data")
-        ax.set_ylabel(metric.replace("_", " "))
-        ax.grid(alpha=0.3)
-        if metric == "accuracy" and settings.target == "elpv":
-            # Always answering "functional".
-            ax.axhline(0.6875, color="grey", linewidth=0.8, linestyle=":")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{settings.target} test accuracy versus target training data (mean ± std over seeds)")
-    _write(path, fig)
+    per row (`comparison.plots.plot_accuracy`); on ELPV with the accuracy
+    of always answering "functional"."""
+    comparison_plots.plot_accuracy(
+        settings.rows, settings.fractions, results, path,
+        f"{settings.target} test accuracy versus target training data (mean ± std over seeds)",
+        reference_accuracy=0.6875 if settings.target == "elpv" else None,
+    )
 
 
 def plot_growth(results, path):

@@ -1,5 +1,11 @@
 """The deconfounded protocol of tools/reproduce.py (`--protocol=deconfounded`).
 
+The search, runner and tables are the library's (`keras_seltransfer.comparison`,
+which `apps.compare` runs on the user's own data); this module adds what is
+specific to the documented ELPV reproduction: the linear probe's feature
+search over the default backbone's layers, the SJFT controls and the rows
+each paper compares with.
+
 What it controls, and how (the protocol statement at the top of RESULTS.md
 is this docstring's first list):
 
@@ -32,95 +38,39 @@ is this docstring's first list):
 """
 
 import dataclasses
-import itertools
-import os
 
-# Stage 1 of every fine-tuning row.
-LEARNING_RATES = (1e-3, 3e-4)
-BATCHNORM_MODES = ("frozen", "train")
-# Runs per row at the tuning fraction (per tuning seed).
-TRIALS = 6
-# Learning rates stage 2 tries next to the best stage-1 one, in this order.
-EXTRA_LR_FACTORS = (1 / 3, 3.0)
-TUNE_SEEDS = (0, 1)
-SEEDS = {0.15: (0, 1, 2, 3, 4), 0.3: (0, 1, 2, 3, 4), 0.5: (0, 1, 2), 1.0: (0, 1, 2)}
-FRACTIONS = (0.15, 0.3, 0.5, 1.0)
+from keras_seltransfer.comparison import search
+from keras_seltransfer.comparison.search import BASELINE  # noqa: F401
+from keras_seltransfer.comparison.search import BATCHNORM_MODES  # noqa: F401
+from keras_seltransfer.comparison.search import EPOCHS  # noqa: F401
+from keras_seltransfer.comparison.search import FRACTIONS  # noqa: F401
+from keras_seltransfer.comparison.search import LEARNING_RATES  # noqa: F401
+from keras_seltransfer.comparison.search import METHOD  # noqa: F401
+from keras_seltransfer.comparison.search import OVERRIDES  # noqa: F401
+from keras_seltransfer.comparison.search import SEEDS  # noqa: F401
+from keras_seltransfer.comparison.search import TRIALS  # noqa: F401
+from keras_seltransfer.comparison.search import TUNE_SEEDS  # noqa: F401
+from keras_seltransfer.comparison.search import ProtocolRow  # noqa: F401
+from keras_seltransfer.comparison.search import run_dir  # noqa: F401
+from keras_seltransfer.comparison.search import seeds_for  # noqa: F401
+from keras_seltransfer.comparison.search import stage1_trials  # noqa: F401
+from keras_seltransfer.comparison.search import stage2_trials  # noqa: F401
+from keras_seltransfer.comparison.search import trial_slug  # noqa: F401
+
 CONTROL_FRACTIONS = (0.15, 0.3)
-EPOCHS = 30
 
-BASELINE = "baseline"
-METHOD = "method"
-
-
-@dataclasses.dataclass(frozen=True)
-class ProtocolRow:
-    """One row of the deconfounded table.
-
-    Attributes:
-        name: short name (cache directory, --rows).
-        label: what the table calls it.
-        paper: where the row comes from.
-        kind: `"baseline"` (a candidate for the best baseline) or `"method"`.
-        overrides: FinetuneConfig fields that define the row.
-        search: stage-2 settings, `((field, (alternative values...)), ...)`,
-            at most two fields.
-        stage1: stage-1 dimensions, `((field, values), ...)`; None: the
-            learning rates times the BatchNorm modes.
-    """
-
-    name: str
-    label: str
-    paper: str
-    kind: str
-    overrides: dict
-    search: tuple = ()
-    stage1: tuple = None
-
-    def stage1_dimensions(self):
-        """The stage-1 grid's dimensions."""
-        if self.stage1 is not None:
-            return self.stage1
-        return (("learning_rate", LEARNING_RATES), ("batchnorm", BATCHNORM_MODES))
-
-
-JOINT = {"joint_steps": "single_task"}
-# A search entry whose values are dicts of several fields changed together.
-OVERRIDES = "overrides"
-
-ROWS = (
-    ProtocolRow("linear_probe", "Linear probe (frozen features, logistic regression)",
-                "Kumar et al. 2022", BASELINE, {"method": "linear_probe"},
-                search=(("probe_layer", ("block2_relu",)),
-                        (OVERRIDES, ({"probe_pooling": "flatten", "probe_pool_size": 2},))),
-                stage1=(("probe_layer", ("block4_relu", "block3_relu")),
-                        ("probe_pooling", ("avg", "flatten")))),
-    ProtocolRow("lp_ft", "LP-FT (probe, then fine-tune everything)", "Kumar et al. 2022",
-                BASELINE, {"method": "lp_ft"}, search=(("lp_ft_lr_scale", (1.0,)),)),
-    ProtocolRow("baseline", "Fine-tuning", "-", BASELINE, {"method": "baseline"}),
-    ProtocolRow("baseline_balanced", "Class-balanced fine-tuning", "-", BASELINE,
-                {"method": "baseline", "class_weight": "balanced"},
-                search=((OVERRIDES, ({"class_weight": "none", "sampling": "balanced"},)),)),
-    ProtocolRow("l2sp", "L2-SP", "Li et al. 2018", BASELINE, {"method": "l2sp"},
-                search=(("l2sp_alpha", (0.01,)),)),
-    ProtocolRow("delta", "DELTA", "Li et al. 2019", BASELINE, {"method": "delta"},
-                search=(("delta_alpha", (0.01,)), ("delta_attention", (False,)))),
-    ProtocolRow("bss", "BSS", "Chen et al. 2019", BASELINE, {"method": "bss"},
-                search=(("bss_eta", (0.01,)),)),
-    ProtocolRow("sjft", "SJFT (selective joint fine-tuning)", "Ge & Yu 2017", METHOD,
-                {"method": "sjft", **JOINT},
-                search=(("max_level", (0,)), ("joint_bn_stats", ("target",)))),
-    # AdaFilter's batch norms are its gated ones (`gated_batchnorm`); every
-    # conv of the backbone is gated, so `batchnorm` would change nothing.
-    ProtocolRow("adafilter", "AdaFilter", "Guo et al. 2020", METHOD, {"method": "adafilter"},
-                search=(("gate_lr_multiplier", (1.0,)), ("gate_estimator", ("gumbel",))),
-                stage1=(("learning_rate", LEARNING_RATES), ("gated_batchnorm", BATCHNORM_MODES))),
-    ProtocolRow("filter_transfer", "Selective filter transfer", "Jung & Kim 2019", METHOD,
-                {"method": "filter_transfer"},
-                search=(("transfer_ratio", (0.75,)), ("reinit_next", (True,)))),
-    ProtocolRow("antialias_ft", "Anti-aliased fine-tuning", "IEEE Access 2022", METHOD,
-                {"method": "antialias_ft"}, search=(("blur_filt_size", (2,)),)),
-    ProtocolRow("ktft", "KTFT (anti-aliased, knowledge-transferred)", "IEEE Access 2022",
-                METHOD, {"method": "ktft"}, search=(("blur_filt_size", (2,)),)),
+# The library's rows, with the linear probe's stage 1 searching the
+# features of the default backbone (`small_cnn`'s block outputs) as the
+# documented tables were made.
+ROWS = tuple(
+    dataclasses.replace(
+        row,
+        search=(("probe_layer", ("block2_relu",)),
+                (OVERRIDES, ({"probe_pooling": "flatten", "probe_pool_size": 2},))),
+        stage1=(("probe_layer", ("block4_relu", "block3_relu")),
+                ("probe_pooling", ("avg", "flatten"))),
+    ) if row.name == "linear_probe" else row
+    for row in search.ROWS
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 
@@ -152,155 +102,30 @@ PAPER_REFERENCES = (
 
 
 def validate_rows(rows=ROWS, controls=CONTROLS):
-    """Checks that every row and control names a known method and known
-    configuration fields, and that no row searches more than two settings.
+    """Checks the rows (`search.validate_rows`) and that every control names
+    a known parent row and method.
 
     Raises:
-        ValueError: naming the first offending row.
+        ValueError: naming the first offending row or control.
 
     Example:
 
     >>> validate_rows()
     """
-    import dataclasses as dc
-
     from keras_seltransfer import methods
-    from keras_seltransfer import training
 
-    fields = {f.name for f in dc.fields(training.FinetuneConfig)}
+    search.validate_rows(rows)
     names = methods.names()
-    for row in rows:
-        if row.overrides.get("method") not in names:
-            raise ValueError(
-                f"Row {row.name!r} must name a method in {list(names)}. "
-                f"Received: method={row.overrides.get('method')!r}"
-            )
-        if len(row.search) > 2:
-            raise ValueError(
-                f"Row {row.name!r} may search at most two settings. Received: {len(row.search)}"
-            )
-        searched = set()
-        for field, values in row.search:
-            searched |= set().union(*values) if field == OVERRIDES else {field}
-        used = set(row.overrides) | searched | {f for f, _ in row.stage1_dimensions()}
-        unknown = sorted((used - fields) - {"index_bank"})
-        if unknown:
-            raise ValueError(f"Row {row.name!r} sets unknown configuration fields {unknown}.")
     for name, _, parent, change in controls:
-        if parent not in {row.name for row in ROWS}:
+        if parent not in ROWS_BY_NAME:
             raise ValueError(f"Control {name!r} names an unknown parent row {parent!r}.")
         if change.get("method", "sjft") not in names:
             raise ValueError(f"Control {name!r} names an unknown method {change['method']!r}.")
 
 
-def stage1_trials(row, budget=TRIALS):
-    """The stage-1 trials of a row: every point of its stage-1 grid.
-
-    Args:
-        row: the `ProtocolRow`.
-        budget: trials per row; the stage-1 grid must fit in it.
-
-    Returns:
-        A list of dicts of FinetuneConfig overrides (the row's own included).
-
-    Example:
-
-    >>> [t["batchnorm"] for t in stage1_trials(ROWS_BY_NAME["baseline"])]
-    ['frozen', 'train', 'frozen', 'train']
-    """
-    dims = row.stage1_dimensions()
-    names = [name for name, _ in dims]
-    trials = []
-    for values in itertools.product(*(v for _, v in dims)):
-        trials.append({**row.overrides, **dict(zip(names, values))})
-    if len(trials) > budget:
-        raise ValueError(
-            f"Row {row.name!r} has {len(trials)} stage-1 trials; the budget is {budget}. "
-            f"Received: budget={budget}"
-        )
-    return trials
-
-
-def stage2_trials(row, best, budget=TRIALS):
-    """The stage-2 trials of a row from its best stage-1 trial.
-
-    First one trial per alternative value of each search setting, then
-    learning rates next to the best one (for rows whose stage 1 searches
-    the learning rate), until the row has `budget` trials in all.
-
-    Args:
-        row: the `ProtocolRow`.
-        best: the best stage-1 trial (a dict of overrides).
-        budget: trials per row.
-
-    Returns:
-        A list of dicts of overrides.
-
-    Example:
-
-    >>> best = {"method": "baseline", "learning_rate": 1e-3, "batchnorm": "train"}
-    >>> [t["learning_rate"] for t in stage2_trials(ROWS_BY_NAME["baseline"], best)]
-    [0.0003333333333333333, 0.003]
-    """
-    left = budget - len(stage1_trials(row, budget))
-    trials = []
-    for field, values in row.search:
-        for value in values:
-            trials.append({**best, **value} if field == OVERRIDES else {**best, field: value})
-    if "learning_rate" in dict(row.stage1_dimensions()):
-        tried = set(dict(row.stage1_dimensions())["learning_rate"])
-        for factor in EXTRA_LR_FACTORS:
-            lr = best["learning_rate"] * factor
-            if not any(abs(lr - t) / t < 0.05 for t in tried):
-                trials.append({**best, "learning_rate": lr})
-    return trials[:left]
-
-
-def trial_slug(trial, base):
-    """A readable, file-system-safe name of a trial's overrides beyond `base`.
-
-    Example:
-
-    >>> trial_slug({"method": "sjft", "learning_rate": 0.001, "batchnorm": "train"}, {"method": "sjft"})
-    'batchnorm=train,learning_rate=0.001'
-    """
-    parts = []
-    for key in sorted(trial):
-        if key in base and base[key] == trial[key]:
-            continue
-        value = trial[key]
-        text = f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text}")
-    return ",".join(parts) or "defaults"
-
-
-def run_dir(runs_dir, row_name, trial, base, fraction, seed):
-    """The cache directory of one run of the deconfounded grid."""
-    return os.path.join(runs_dir, row_name, f"{trial_slug(trial, base)}-f{fraction:g}-seed{seed}")
-
-
-def seeds_for(fraction, seeds=None):
-    """The seeds of one fraction (`SEEDS`, or `seeds` when given).
-
-    Example:
-
-    >>> seeds_for(0.15), seeds_for(1.0), seeds_for(0.15, [0])
-    ((0, 1, 2, 3, 4), (0, 1, 2), (0,))
-    """
-    if seeds is not None:
-        return tuple(seeds)
-    return SEEDS.get(float(fraction), (0, 1, 2))
-
-
 __all__ = [
     "CONTROLS",
     "PAPER_REFERENCES",
-    "ProtocolRow",
     "ROWS",
-    "run_dir",
-    "seeds_for",
-    "stage1_trials",
-    "stage2_trials",
-    "trial_slug",
     "validate_rows",
 ]

@@ -12,36 +12,15 @@ import json
 import os
 import time
 
-from tools.results import cache
+from keras_seltransfer.comparison import cache
+from keras_seltransfer.comparison.runner import Runner as CacheRunner
+from keras_seltransfer.comparison.runner import log  # noqa: F401
+from keras_seltransfer.comparison.runner import validation_loss
 from tools.results import grid
 
 
-def log(message):
-    """Prints a time-stamped progress line of tools/reproduce.py."""
-    print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def validation_loss(report):
-    """The best validation cross-entropy a run reached (the tuning criterion).
-
-    Args:
-        report: a run's `report.json`.
-
-    Returns:
-        A float: `best_val_crossentropy`, or `best_val_target_crossentropy`
-        for joint runs.
-
-    Raises:
-        ValueError: if the report has neither.
-    """
-    for key in ("best_val_crossentropy", "best_val_target_crossentropy"):
-        if report.get(key) is not None:
-            return float(report[key])
-    raise ValueError("report has no best validation cross-entropy")
-
-
-class Runner:
-    """Trains or reads every cell of one invocation.
+class Runner(CacheRunner):
+    """Trains or reads every cell of one invocation of the papers' protocol.
 
     Args:
         settings: the invocation's `grid.Settings`.
@@ -53,51 +32,7 @@ class Runner:
     """
 
     def __init__(self, settings):
-        self.settings = settings
-        self.run_seconds = {}
-
-    def ensure_backbone(self):
-        """Pretrains the backbone on the source set when it is missing."""
-        from keras_seltransfer import training
-
-        settings = self.settings
-        if os.path.isfile(settings.backbone) or settings.table_only:
-            return
-        log(f"no backbone at {settings.backbone}: pretraining on {settings.source}")
-        config = training.PretrainConfig(
-            source=settings.source,
-            output_dir=os.path.dirname(settings.backbone),
-            image_size=settings.image_size,
-            fraction=0.1 if settings.quick else 1.0,
-            epochs=1 if settings.quick else training.PretrainConfig.epochs,
-            tensorboard=False,
-            verbose=2,
-        )
-        training.pretrain(config)
-
-    def ensure_index(self, bank):
-        """Builds the neighbour index a joint row needs (once, shared by all its runs)."""
-        from keras_seltransfer.retrieval import workflow
-
-        settings = self.settings
-        directory = grid.index_dir(settings, bank)
-        if os.path.isfile(os.path.join(directory, "neighbours.npz")) or settings.table_only:
-            return directory
-        log(f"building the {bank} neighbour index in {directory}")
-        workflow.build_neighbours(
-            workflow.IndexConfig(
-                source=settings.source,
-                target=settings.target,
-                target_fraction=1.0,
-                bank=bank,
-                backbone=settings.backbone if bank == "conv" else None,
-                image_size=settings.image_size,
-                max_source=settings.max_source,
-                output_dir=directory,
-                progress=False,
-            )
-        )
-        return directory
+        super().__init__(settings, program="reproduce")
 
     def run_cell(self, row, fraction, seed, lr):
         """Runs (or reads from the cache) one cell; returns its report or None."""
@@ -113,13 +48,13 @@ class Runner:
             return report
         if grid.is_joint(row.overrides["method"]):
             self.ensure_index(grid.index_bank(row))
-        log(f"{row.name} fraction {fraction:g} seed {seed} lr {lr:g}: training")
+        self.log(f"{row.name} fraction {fraction:g} seed {seed} lr {lr:g}: training")
         start = time.time()
         training.finetune(config)
         keras.backend.clear_session()
         report = cache.cached_report(config)
         self.run_seconds[config.output_dir] = report["seconds"]
-        log(
+        self.log(
             f"{row.name} fraction {fraction:g} seed {seed} lr {lr:g}: accuracy "
             f"{report['accuracy']:.4f}, balanced {report['balanced_accuracy']:.4f} "
             f"({time.time() - start:.0f} s)"

@@ -8,33 +8,10 @@ accuracy, ...), so the tables can be rebuilt from the cache alone.
 import json
 import os
 
+from keras_seltransfer.comparison.tables import cell
 from tools.results import grid
 
 MARKER = "<!-- results-table -->"
-
-
-def cell(runs):
-    """One table cell: `accuracy / balanced accuracy`, each as mean ± population
-    std over the runs; "-" when there are none.
-
-    Args:
-        runs: cell records (dicts with `accuracy` and `balanced_accuracy`).
-
-    Returns:
-        A string such as `"0.688 ± 0.000 / 0.500 ± 0.000"`.
-
-    Example:
-
-    >>> cell([{"accuracy": 0.5, "balanced_accuracy": 0.25}])
-    '0.500 ± 0.000 / 0.250 ± 0.000'
-    """
-    from keras_seltransfer.training import mean_std
-
-    if not runs:
-        return "-"
-    acc = mean_std([r["accuracy"] for r in runs])
-    bal = mean_std([r["balanced_accuracy"] for r in runs])
-    return f"{acc[0]:.3f} ± {acc[1]:.3f} / {bal[0]:.3f} ± {bal[1]:.3f}"
 
 
 def table(settings, choices, results):

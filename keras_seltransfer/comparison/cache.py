@@ -1,6 +1,6 @@
-"""The run cache of tools/reproduce.py.
+"""The run cache of a comparison: finished runs are reused, never redone.
 
-Every cell is one `apps.finetune`-style run directory (`grid.run_dir`) with
+Every run is one `apps.finetune`-style run directory (`search.run_dir`) with
 the run's `config.json` and, once it finished, its `report.json`. A finished
 run is reused only when its stored configuration matches the one asked for
 in every field that changes what the run computes; otherwise the cache is
@@ -55,7 +55,8 @@ def cached_report(config):
 
     Example:
 
-    >>> cached_report(grid.run_config(settings, row, 0.15, 0, 1e-3)) is None
+    >>> config = FinetuneConfig(output_dir="runs/compare/elpv/baseline/defaults-f0.15-seed0")
+    >>> cached_report(config) is None  # not run yet
     True
     """
     report_path = os.path.join(config.output_dir, "report.json")
@@ -83,8 +84,16 @@ def read_json(path):
 
     Returns:
         The parsed JSON, or None.
+
+    Example:
+
+    >>> read_json("runs/compare/elpv/never_written.json") is None
+    True
     """
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+__all__ = ["NOT_COMPARED", "cached_report", "changed_fields", "read_json"]

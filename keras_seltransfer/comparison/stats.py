@@ -1,4 +1,4 @@
-"""Paired statistics of the results tables: per-seed differences with
+"""Paired statistics of the comparison tables: per-seed differences with
 Student-t intervals, and the verdict they allow."""
 
 import numpy as np
