@@ -41,7 +41,7 @@ from keras_seltransfer import training  # noqa: E402
 from keras_seltransfer.models import load_keras_file  # noqa: E402
 from keras_seltransfer.training import auto  # noqa: E402
 from keras_seltransfer.utils.io import atomic_write_text  # noqa: E402
-from tools.results import stats  # noqa: E402
+from keras_seltransfer.comparison import stats  # noqa: E402
 
 flags.DEFINE_string("target", "elpv", "Target data set spec.")
 flags.DEFINE_float("fraction", 0.15, "Training fraction of each class.")
