@@ -15,8 +15,10 @@ pretrain app's backbone):
    as a second rule, the lowest validation cross-entropy.
 
 It prints, and writes to `--output` (JSON, atomically, after every seed), the
-test score of auto's choice, of each single-split choice and of the
-test-best candidate, the paired differences over seeds with a 95% Student-t
+test score of auto's choice (and of the highest cross-validated mean, auto's
+`--auto_rule=best`), of each single-split choice, of the one candidate with
+the best validation score averaged over the seeds, and of the test-best
+candidate, the paired differences over seeds with a 95% Student-t
 interval, and how often each choice equals the test-best candidate. Every
 run is resumable (rerunning skips finished runs and folds); the test split
 is only scored, never chosen on.
@@ -118,22 +120,51 @@ def interval(differences):
     return list(stats.paired_interval(differences))
 
 
+def derived_choices(per_seed):
+    """Adds, per seed, the choices computed from the stored scores:
+    `auto_best_rule` (the highest cross-validated mean, auto with
+    --auto_rule=best) and `fixed_on_validation` (the one candidate with the
+    highest validation balanced accuracy averaged over the seeds, run at
+    every seed: the best single method chosen on validation)."""
+    seeds = sorted(per_seed)
+    labels = list(per_seed[seeds[0]]["candidates"])
+    mean_val = [np.mean([per_seed[s]["candidates"][l]["val_balanced_accuracy"] for s in seeds]) for l in labels]
+    fixed = first_best(labels, mean_val)
+    for s in seeds:
+        record = per_seed[s]
+        cv = [record["cross_validation"][l].get("mean") for l in labels]
+        best = first_best(labels, [np.nan if m is None else m for m in cv])
+        for key, label in (("auto_best_rule", best), ("fixed_on_validation", fixed)):
+            record["choices"][key] = {
+                "label": label, "test": record["candidates"][label]["test_balanced_accuracy"]
+            }
+
+
 def summarise(per_seed):
-    keys = ("auto", "single_split_balanced_accuracy", "single_split_crossentropy", "test_best")
+    derived_choices(per_seed)
+    keys = (
+        "auto", "auto_best_rule", "single_split_balanced_accuracy", "single_split_crossentropy",
+        "fixed_on_validation", "test_best",
+    )
     out = {"seeds": sorted(per_seed), "test_balanced_accuracy": {}, "matches_test_best": {}}
     for key in keys:
         values = [per_seed[s]["choices"][key]["test"] for s in sorted(per_seed)]
-        out["test_balanced_accuracy"][key] = [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
+        out["test_balanced_accuracy"][key] = [
+            float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        ]
         out["matches_test_best"][key] = int(sum(
             per_seed[s]["choices"][key]["label"] == per_seed[s]["choices"]["test_best"]["label"]
             for s in per_seed
         ))
-    out["auto_minus_single_split"] = {
+    out["auto_minus"] = {
         key: interval([
             per_seed[s]["choices"]["auto"]["test"] - per_seed[s]["choices"][key]["test"]
             for s in sorted(per_seed)
         ])
-        for key in ("single_split_balanced_accuracy", "single_split_crossentropy")
+        for key in keys if key != "auto"
+    }
+    out["choices"] = {
+        s: {key: per_seed[s]["choices"][key]["label"] for key in keys} for s in sorted(per_seed)
     }
     return out
 
