@@ -25,6 +25,7 @@ is only scored, never chosen on.
 
   python tools/auto_vs_validation.py                      # ELPV 15%, seeds 1-3
   python tools/auto_vs_validation.py --seeds=1 --auto_folds=3 --epochs=5   # a quick check
+  python tools/auto_vs_validation.py --seeds=                # summary of the stored seeds only
 """
 
 import dataclasses
@@ -210,19 +211,29 @@ def main(argv):
             ) < 1e-9,
             "cross_validation_seconds": summary["cross_validation_seconds"],
         }
-        document = {
-            "target": FLAGS.target,
-            "fraction": FLAGS.fraction,
-            "auto_folds": FLAGS.auto_folds,
-            "epochs": FLAGS.epochs,
-            "environment": training.run_environment(),
-            "per_seed": results,
-            "summary": summarise(results),
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        atomic_write_text(FLAGS.output, json.dumps(document, indent=2) + "\n")
+        write(results)
         print(json.dumps({"seed": seed, "choices": choices}, indent=1), flush=True)
-    print(json.dumps(summarise(results), indent=2))
+    if not results:
+        raise app.UsageError(f"no results: no seeds given and nothing stored in {FLAGS.output}")
+    print(json.dumps(write(results), indent=2))
+
+
+def write(results):
+    """Writes every seed's results and their summary to --output, atomically;
+    returns the summary."""
+    summary = summarise(results)
+    document = {
+        "target": FLAGS.target,
+        "fraction": FLAGS.fraction,
+        "auto_folds": FLAGS.auto_folds,
+        "epochs": FLAGS.epochs,
+        "environment": training.run_environment(),
+        "per_seed": results,
+        "summary": summary,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    atomic_write_text(FLAGS.output, json.dumps(document, indent=2) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
