@@ -9,6 +9,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_seltransfer import training
@@ -162,6 +163,7 @@ def test_finetune_sjft_end_to_end(tmp_path):
     assert "batch_size" in odd.stderr and "Traceback" not in odd.stderr
 
 
+@pytest.mark.slow  # the default run keeps its cheaper sibling
 def test_finetune_sjft_on_a_keras_application_without_a_saved_backbone(tmp_path):
     # The most common user path: a keras.applications name, then SJFT; the
     # conv bank comes from that backbone (random weights here, no download),

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 ROOT = helpers.REPO_ROOT
@@ -22,6 +24,7 @@ def _run(tmp_path, backbone):
     )
 
 
+@pytest.mark.slow  # the default run keeps its cheaper sibling
 def test_scores_every_row_caches_cells_and_writes_the_table(tmp_path):
     backbone = helpers.saved_backbone(tmp_path / "b.keras", num_classes=10, pretrain_epochs=1)
     first = _run(tmp_path, backbone)

@@ -128,6 +128,7 @@ def test_the_summary_file_gets_only_its_targets_block(tmp_path):
     assert not (tmp_path / "none.md").exists()
 
 
+@pytest.mark.slow  # the default run keeps its cheaper sibling
 def test_deconfounded_protocol_searches_runs_controls_and_resumes(tmp_path):
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=20)
     source = helpers.write_npz(tmp_path / "source.npz", num_per_class=20, num_classes=3, seed=4)
