@@ -369,7 +369,7 @@ def _fast_search(
         if running_scores is not None:
             scores = tf.concat([running_scores, scores], axis=1)
             indices = tf.concat([running_indices, indices], axis=1)
-            scores, positions = tf.math.top_k(scores, k=keep)
+            scores, positions = tf.math.top_k(scores, k=min(keep, stop))
             indices = tf.gather(indices, positions, batch_dims=1)
         running_scores, running_indices = scores, indices
         if progbar is not None:
