@@ -353,7 +353,7 @@ def _fast_search(
     if num_targets == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k))
     keep = min(k + margin, num_sources)
-    target_terms = _weighted_terms(_gemm_terms(target, eps, dtype), weights)
+    target_terms = _weighted_terms(_gemm_terms(target, eps, dtype, bounds=False), weights)
     num_blocks = math.ceil(num_sources / block_size)
     progbar = keras.utils.Progbar(num_blocks, unit_name="block") if progress else None
     # Negated GEMM distances and global indices of the running survivors.
@@ -363,7 +363,7 @@ def _fast_search(
     for block_index, start in enumerate(range(0, num_sources, block_size)):
         stop = min(start + block_size, num_sources)
         block = _read_block(source_descriptors, start, stop, target.shape)
-        scores = -_gemm_distances(target_terms, _gemm_terms(block, eps, dtype))
+        scores = -_gemm_distances(target_terms, _gemm_terms(block, eps, dtype, bounds=False))
         scores, columns = tf.math.top_k(scores, k=min(keep, stop - start))
         indices = tf.cast(columns, tf.int64) + start
         if running_scores is not None:
@@ -444,12 +444,13 @@ def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps)
     return distances
 
 
-def _gemm_terms(descriptors, eps, dtype):
+def _gemm_terms(descriptors, eps, dtype, bounds=True):
     """The per-row GEMM operands of `descriptors` `[N, C, B]`, unweighted.
 
     `values` and `logs` are `p` and `log(p + eps)` flattened to `[N, C * B]`
     in `dtype`; `channel_self` (per-channel `sum_b p log p`) and `log_bound`
-    are what `_gemm_distances` and `_margin_scale` need per row. The source
+    are what `_gemm_distances` and `_margin_scale` need per row (the fast
+    mode, which needs no bound, passes `bounds=False`). The source
     side is used as returned, the target side through `_weighted_terms`, so
     each source block is converted once and never weighted or concatenated.
     """
@@ -457,16 +458,18 @@ def _gemm_terms(descriptors, eps, dtype):
     x = tf.reshape(tf.constant(descriptors, dtype=dtype), [num, -1])
     logs = tf.math.log(x + tf.constant(eps, dtype=dtype))
     channels = descriptors.shape[1]
-    return {
+    terms = {
         "values": x,
         "logs": logs,
         # `sum_h w_h sum_b p log p` needs the weights, which `_weighted_terms`
         # applies: keep the per-channel sums until then.
         "channel_self": tf.reduce_sum(tf.reshape(x * logs, [num, channels, -1]), axis=2),
+    }
+    if bounds:
         # Largest |log(p + eps)| of the row: bounds every term of the row's
         # products (see `_margin_scale`).
-        "log_bound": tf.cast(tf.reduce_max(tf.abs(logs), axis=1), tf.float64),
-    }
+        terms["log_bound"] = tf.cast(tf.reduce_max(tf.abs(logs), axis=1), tf.float64)
+    return terms
 
 
 def _weighted_terms(terms, weights):
@@ -481,7 +484,7 @@ def _weighted_terms(terms, weights):
     return {
         "values": terms["values"] * flat,
         "logs": terms["logs"] * flat,
-        "log_bound": terms["log_bound"],
+        "log_bound": terms.get("log_bound"),
         "weights": tf.constant(weights, dtype=dtype),
         "self": tf.linalg.matvec(terms["channel_self"], tf.constant(weights, dtype=dtype)),
     }
