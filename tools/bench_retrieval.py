@@ -36,6 +36,11 @@ from absl import app
 from absl import flags
 
 flags.DEFINE_integer("targets", 512, "Target descriptors in the throughput test.")
+flags.DEFINE_integer(
+    "targets_large", 2048,
+    "A second target count, timed at the smallest source size, so that the extrapolation "
+    "separates per-pair, per-source and per-target costs (0: skip).",
+)
 flags.DEFINE_list(
     "sources", ["8192", "32768"],
     "Source sizes of the throughput test (two or more for the extrapolation).",
@@ -119,17 +124,36 @@ def _device():
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"
 
 
-def _extrapolate(sizes, times, targets):
-    """Seconds for FULL_TARGETS x FULL_SOURCES from times at several source sizes.
+def _extrapolate(points):
+    """Seconds of one FULL_TARGETS x FULL_SOURCES search, and the fitted costs.
 
-    A least-squares line `t = a * S + b` over the measured source sizes (the
-    per-source cost, GEMMs and top-k, and the per-target cost that does not
-    grow with S, the fast mode's re-scoring), for `targets` targets; the
-    10k targets are taken as `FULL_TARGETS / targets` such searches, which is
-    how a search over that many targets can be batched.
+    `points` are `(targets, sources, seconds)`. With two target counts, a
+    non-negative least-squares fit `t = a * T * S + c * S + d * T` separates the per-pair
+    cost (GEMMs, top-k), the per-source-row cost (reading, checking and
+    taking logarithms of a block, shared by all targets) and the per-target
+    cost that does not grow with the source (the fast mode's re-scoring).
+    With one target count, `t = a * S + d` at that count, and the 10k targets
+    are searched in batches of that count.
     """
-    a, b = np.polyfit(np.asarray(sizes, float), np.asarray(times, float), 1)
-    return float(FULL_TARGETS / targets * (a * FULL_SOURCES + max(b, 0.0)))
+    t_values = np.array([p[0] for p in points], float)
+    s_values = np.array([p[1] for p in points], float)
+    seconds = np.array([p[2] for p in points], float)
+    if len(set(t_values)) > 1:
+        columns = {"per_pair": t_values * s_values, "per_source": s_values, "per_target": t_values}
+        full = {"per_pair": FULL_TARGETS * FULL_SOURCES, "per_source": FULL_SOURCES,
+                "per_target": FULL_TARGETS}
+        batches = 1.0
+    else:
+        columns = {"per_pair": s_values, "per_target": np.ones_like(s_values)}
+        full = {"per_pair": FULL_SOURCES, "per_target": 1.0}
+        batches = FULL_TARGETS / t_values[0]
+    import scipy.optimize
+
+    names = list(columns)
+    coefficients, _ = scipy.optimize.nnls(np.stack([columns[n] for n in names], axis=1), seconds)
+    fitted = dict(zip(names, (float(c) for c in coefficients)))
+    total = batches * sum(fitted[n] * full[n] for n in names)
+    return float(total), fitted
 
 
 def _describe_real(similarity):
@@ -218,6 +242,7 @@ def main(argv):
     weights = np.full(c, 1.0 / c)
     target = _histograms(rng, t, c, b)
     all_sources = _histograms(rng, sizes[-1], c, b)
+    large_target = _histograms(rng, FLAGS.targets_large, c, b) if FLAGS.targets_large else None
     margin = FLAGS.margin if FLAGS.margin is not None else similarity.DEFAULT_MARGIN
     results = {
         "device": device,
@@ -230,9 +255,13 @@ def main(argv):
 
     # 1. Throughput and matmul fraction per size and mode. The matmul
     # reference: the search's two GEMMs per block, same shapes and dtype.
-    for size in sizes:
+    points = [(target, size) for size in sizes]
+    if large_target is not None:
+        points.append((large_target, sizes[0]))
+    for point_target, size in points:
         source = all_sources[:size]
-        row = results["throughput"][str(size)] = {}
+        t = len(point_target)
+        row = results["throughput"][f"{t}x{size}"] = {}
         for mode in MODES:
             dtype = tf.float32 if mode == "fast" or FLAGS.exact_dtype == "float32" else tf.float64
             a = tf.constant(rng.random((t, c * b)), dtype)
@@ -248,7 +277,7 @@ def main(argv):
 
             def search():
                 similarity.nearest_sources(
-                    target, source, FLAGS.k, channel_weights=weights,
+                    point_target, source, FLAGS.k, channel_weights=weights,
                     block_size=FLAGS.block_size, **_mode_kwargs(mode),
                 )
 
@@ -266,13 +295,20 @@ def main(argv):
                 "pairs_per_s": t * size / statistics.median(t_search),
                 "matmul_fraction": statistics.median(t_matmul) / statistics.median(t_search),
             }
-    extrapolated = {
-        mode: _extrapolate(
-            sizes, [results["throughput"][str(s)][mode]["seconds"] for s in sizes], t
-        ) if len(sizes) > 1 else None
-        for mode in MODES
-    }
+    t = FLAGS.targets
+    extrapolated, fitted, batched = {}, {}, {}
+    for mode in MODES:
+        measured = [
+            (int(key.split("x")[0]), int(key.split("x")[1]), row[mode]["seconds"])
+            for key, row in results["throughput"].items()
+        ]
+        extrapolated[mode], fitted[mode] = _extrapolate(measured)
+        # The conservative figure: 10k targets in batches of `t`, each paying
+        # the per-source costs again.
+        batched[mode] = _extrapolate([p for p in measured if p[0] == t])[0]
     results["extrapolated_seconds_1.28M_x_10k"] = extrapolated
+    results["extrapolated_seconds_1.28M_x_10k_in_batches"] = batched
+    results["fitted_costs_seconds"] = fitted
 
     # 2. Recall of the fast mode.
     results["recall_random"] = _recalls(similarity, target, all_sources[: sizes[0]], weights)
@@ -351,21 +387,25 @@ def main(argv):
                 })
 
     print(
-        f"descriptors {c} channels x {b} bins, {t} targets, k={FLAGS.k}, block "
+        f"descriptors {c} channels x {b} bins, {t} targets "
+        f"(and {FLAGS.targets_large} at {sizes[0]} sources), k={FLAGS.k}, block "
         f"{FLAGS.block_size}; exact mode GEMM {FLAGS.exact_dtype}, fast mode float32 "
         f"with margin {margin}"
     )
-    print(f"{'sources':>8} {'mode':>5} {'seconds':>8} {'pairs/s':>12} {'matmul s':>9} "
-          f"{'matmul fraction':>15}")
-    for size in sizes:
+    print(f"{'targets':>8} {'sources':>8} {'mode':>5} {'seconds':>8} {'pairs/s':>12} "
+          f"{'matmul s':>9} {'matmul fraction':>15}")
+    for key, row in results["throughput"].items():
+        targets, size = key.split("x")
         for mode in MODES:
-            r = results["throughput"][str(size)][mode]
-            print(f"{size:>8} {mode:>5} {r['seconds']:8.2f} {r['pairs_per_s']:12.0f} "
-                  f"{r['matmul_seconds']:9.2f} {r['matmul_fraction']:15.2f}")
+            r = row[mode]
+            print(f"{targets:>8} {size:>8} {mode:>5} {r['seconds']:8.2f} "
+                  f"{r['pairs_per_s']:12.0f} {r['matmul_seconds']:9.2f} "
+                  f"{r['matmul_fraction']:15.2f}")
     for mode in MODES:
-        if extrapolated[mode] is not None:
-            print(f"extrapolated 1.28M sources x 10k targets, {mode}: "
-                  f"{extrapolated[mode] / 60:.1f} min ({extrapolated[mode] / 3600:.2f} h)")
+        costs = ", ".join(f"{name} {value:.3g} s" for name, value in fitted[mode].items())
+        print(f"extrapolated 1.28M sources x 10k targets, {mode}: one search "
+              f"{extrapolated[mode] / 60:.1f} min (fitted costs: {costs}); in batches of "
+              f"{t} targets {batched[mode] / 60:.1f} min")
     print("recall of the exact top-k by the fast mode, random histograms "
           f"({t} x {sizes[0]}): "
           + ", ".join(f"k={k}: {v:.4f}" for k, v in results["recall_random"].items()))
@@ -376,7 +416,7 @@ def main(argv):
               + f", {r['channels']} channels, Fashion-MNIST {r['sources']} sources -> ELPV "
               f"{r['targets']} targets at {r['image_size']} px): "
               + ", ".join(f"k={k}: {v:.4f}" for k, v in r["recall"].items()))
-    exact_rate = results["throughput"][str(sizes[0])]["exact"]["pairs_per_s"]
+    exact_rate = results["throughput"][f"{t}x{sizes[0]}"]["exact"]["pairs_per_s"]
     print(f"NumPy per-pair loop: {loop_rate:.0f} pairs/s; scipy cdist (Python): "
           f"{cdist_rate:.0f} pairs/s; exact search at {sizes[0]} sources: "
           f"{exact_rate / loop_rate:.0f}x the loop, {exact_rate / cdist_rate:.0f}x cdist")

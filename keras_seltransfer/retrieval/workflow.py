@@ -54,8 +54,8 @@ class IndexConfig:
     takes the conv bank's backbone's channel count, or each data set's own.
 
     Raises:
-        ValueError: for a `channels`, `bank`, `shard_index` or
-            `target_fraction` out of range, or a `k_max` below 1.
+        ValueError: for a `channels`, `bank`, `search_mode`, `shard_index`
+            or `target_fraction` out of range, or a `k_max` below 1.
 
     Example:
 
