@@ -1,21 +1,29 @@
-r"""Retrieval speed and memory, measured side by side in one run.
+r"""Retrieval speed, recall and memory: the exact and fast search modes side by side.
 
-Prints:
-  1. all-pairs distance throughput (pairs/s) of `nearest_sources` versus the
-     straightforward NumPy per-pair loop and versus
-     `scipy.spatial.distance.cdist` with a Python metric, as ratios;
-  2. the fraction of this machine's matmul throughput the search reaches
-     (a plain `tf.matmul` of the same shapes and dtype, timed in this run);
-  3. descriptor extraction images/s for the Gabor and the conv bank;
-  4. the search's working memory (peak RSS above the stored descriptors) at
-     two source sizes 4x apart, each in a fresh process;
-  5. the estimated time for 1.28M source x 10k target images here.
+Prints, all measured in one run on one device (printed first):
+  1. for every source size in --sources and each search mode (exact, fast):
+     the search throughput (pairs/s), its matmul fraction (the time of a
+     plain `tf.matmul` of the same shapes and dtype, the search's two GEMMs,
+     timed in this run, divided by the search's time) and the extrapolated
+     time of a 1.28M-source x 10k-target search (see `_extrapolate`);
+  2. the recall of the fast mode's neighbours against the exact ones at
+     k = 10, 50, 200 on random histograms and on a real filter-bank index:
+     Fashion-MNIST sources and ELPV targets described by the conv bank of
+     --backbone (or the Gabor bank) at --image_size, bin edges fitted on the
+     targets, as a retrieval run fits them;
+  3. the throughput of the NumPy per-pair loop and of scipy's `cdist` with a
+     Python metric, as ratios to the exact search;
+  4. descriptor extraction images/s for the Gabor and the conv bank;
+  5. each mode's working memory (peak RSS above the stored descriptors) at
+     two source sizes 4x apart, each in a fresh process.
+--output writes everything as JSON (atomically).
 
-  python tools/bench_retrieval.py
+  python tools/bench_retrieval.py --sources=8192,32768 --output=/tmp/bench.json
 """
 
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -28,15 +36,44 @@ from absl import app
 from absl import flags
 
 flags.DEFINE_integer("targets", 512, "Target descriptors in the throughput test.")
-flags.DEFINE_integer("sources", 8192, "Source descriptors in the throughput test.")
+flags.DEFINE_integer(
+    "targets_large", 2048,
+    "A second target count, timed at the smallest source size (0: skip): the "
+    "matmul fraction with more targets per call.",
+)
+flags.DEFINE_list(
+    "sources", ["8192", "32768"],
+    "Source sizes of the throughput test (two or more for the extrapolation).",
+)
 flags.DEFINE_integer("channels", 96, "Channels per descriptor (conv bank of small_cnn: 32+64).")
 flags.DEFINE_integer("bins", 32, "Bins per channel.")
-flags.DEFINE_integer("k", 200, "Neighbours per target.")
+flags.DEFINE_integer("k", 200, "Neighbours per target in the throughput test.")
+flags.DEFINE_list("recall_k", ["10", "50", "200"], "k values of the recall measurement.")
+flags.DEFINE_integer("margin", None, "Fast mode margin (default: nearest_sources').")
 flags.DEFINE_integer("block_size", 4096, "Source rows per search block.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Search precision.")
+flags.DEFINE_enum(
+    "exact_dtype", "float32", ["float32", "float64"],
+    "GEMM precision of the exact mode (float32: its faster variant, the fair comparison).",
+)
 flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+flags.DEFINE_string(
+    "backbone", "small_cnn",
+    "Network whose first two conv layers make the conv bank (extraction and the real index): "
+    "a .keras file (e.g. apps.pretrain's Fashion-MNIST model) or a built-in/applications name.",
+)
+flags.DEFINE_integer("image_size", 64, "Images are resized to this size for describing.")
+flags.DEFINE_enum("real_bank", "conv", ["conv", "gabor"], "Filter bank of the real index.")
+flags.DEFINE_integer("real_sources", 8192, "Fashion-MNIST source images of the real index (0: skip).")
+flags.DEFINE_integer("real_targets", 256, "ELPV target images of the real index.")
+flags.DEFINE_bool("memory", True, "Measure working memory (four fresh processes).")
+flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
 flags.DEFINE_string("memory_child", None, "Internal: run one memory measurement in this process.")
 FLAGS = flags.FLAGS
+
+MODES = ("exact", "fast")
+# The search the extrapolation is for: ImageNet's training set against a
+# large target set.
+FULL_SOURCES, FULL_TARGETS = 1.28e6, 1e4
 
 
 def _histograms(rng, n, channels, bins):
@@ -61,6 +98,97 @@ def _current_rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _mode_kwargs(mode):
+    kwargs = {"mode": mode}
+    if mode == "exact":
+        kwargs["dtype"] = FLAGS.exact_dtype
+    elif FLAGS.margin is not None:
+        kwargs["margin"] = FLAGS.margin
+    return kwargs
+
+
+def _recall(expected, found):
+    """Mean share of each target's exact neighbours the fast mode found."""
+    return float(np.mean(
+        [len(set(e.tolist()) & set(f.tolist())) / len(e) for e, f in zip(expected, found)]
+    ))
+
+
+def _device():
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        return f"GPU: {', '.join(names)}"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"
+
+
+def _extrapolate(points):
+    """Seconds of FULL_TARGETS x FULL_SOURCES from `(targets, sources, seconds)`
+    measured at one target count T: a least-squares line `t = a * S + b`
+    over the source sizes (the per-source cost, GEMMs and top-k, and the
+    per-call cost that does not grow with the source, the re-scoring), the
+    10k targets searched as `FULL_TARGETS / T` calls of T targets each.
+
+    Conservative: a single call with more targets shares each block's
+    reading, checking and logarithms among all of them. A fit over two
+    target counts that separates those costs proved unstable on a shared
+    machine, so the bench reports this figure and the GEMM-only floor.
+    """
+    targets = points[0][0]
+    sizes = np.array([p[1] for p in points], float)
+    seconds = np.array([p[2] for p in points], float)
+    a, b = np.polyfit(sizes, seconds, 1)
+    return float(FULL_TARGETS / targets * (a * FULL_SOURCES + max(b, 0.0)))
+
+
+def _describe_real(similarity):
+    """Fashion-MNIST source and ELPV target descriptors of one bank."""
+    import tensorflow as tf  # noqa: F401
+
+    from keras_seltransfer import data as data_lib
+    from keras_seltransfer.data.protocol import load_train_test
+    from keras_seltransfer.retrieval import workflow
+    from keras_seltransfer.utils import histograms
+
+    config = workflow.IndexConfig(
+        source="fashion_mnist", target="elpv", bank=FLAGS.real_bank,
+        backbone=FLAGS.backbone if FLAGS.real_bank == "conv" else None,
+        image_size=FLAGS.image_size, num_bins=FLAGS.bins, channels=1, progress=False,
+    )
+    bank, bank_channels = workflow.make_bank(config)
+    channels = bank_channels or 1
+    target, _ = load_train_test("elpv")
+    source, _ = load_train_test("fashion_mnist")
+    target = target.subset(np.arange(min(FLAGS.real_targets, len(target))))
+    source = source.subset(np.arange(min(FLAGS.real_sources, len(source))))
+    target_ds = data_lib.make_dataset(target, FLAGS.image_size, 64, channels=channels)
+    source_ds = data_lib.make_dataset(
+        source, FLAGS.image_size, 128, channels=channels, cache=False
+    )
+    edges = histograms.fit_bin_edges(bank, target_ds, num_bins=FLAGS.bins, progress=False)
+    return (
+        histograms.describe(bank, edges, target_ds, progress=False),
+        histograms.describe(bank, edges, source_ds, progress=False),
+        histograms.channel_weights(bank),
+    )
+
+
+def _recalls(similarity, target, source, weights):
+    out = {}
+    for k in (int(k) for k in FLAGS.recall_k):
+        k = min(k, len(source))
+        exact, _ = similarity.nearest_sources(
+            target, source, k, weights, block_size=FLAGS.block_size, mode="exact"
+        )
+        fast, _ = similarity.nearest_sources(
+            target, source, k, weights, block_size=FLAGS.block_size, **_mode_kwargs("fast")
+        )
+        out[str(k)] = _recall(exact, fast)
+    return out
+
+
 def main(argv):
     common.reject_arguments(argv)
     global np
@@ -68,17 +196,20 @@ def main(argv):
 
     from keras_seltransfer.retrieval import similarity
     from keras_seltransfer.utils import divergence
+    from keras_seltransfer.utils.io import atomic_write_text
 
     if FLAGS.memory_child:
         spec = json.loads(FLAGS.memory_child)
+        FLAGS.exact_dtype = spec["exact_dtype"]
         rng = np.random.default_rng(0)
         target = _histograms(rng, spec["targets"], spec["channels"], spec["bins"])
         source = _histograms(rng, spec["sources"], spec["channels"], spec["bins"])
-        similarity.nearest_sources(target[:4], source[:64], 2, dtype=spec["dtype"])
+        kwargs = _mode_kwargs(spec["mode"])
+        similarity.nearest_sources(target[:4], source[:64], 2, **kwargs)
         before = _current_rss_mib()
         peak_before = _rss_mib()
         similarity.nearest_sources(
-            target, source, spec["k"], block_size=spec["block_size"], dtype=spec["dtype"]
+            target, source, spec["k"], block_size=spec["block_size"], **kwargs
         )
         print(json.dumps({
             "rss_before_mib": before,
@@ -90,106 +221,200 @@ def main(argv):
     import scipy.spatial.distance
     import tensorflow as tf
 
+    device = _device()
+    print(f"device: {device}; TensorFlow {tf.__version__}")
     rng = np.random.default_rng(0)
-    c, b = FLAGS.channels, FLAGS.bins
-    target = _histograms(rng, FLAGS.targets, c, b)
-    source = _histograms(rng, FLAGS.sources, c, b)
+    c, b, t = FLAGS.channels, FLAGS.bins, FLAGS.targets
+    sizes = sorted(int(s) for s in FLAGS.sources)
     weights = np.full(c, 1.0 / c)
+    target = _histograms(rng, t, c, b)
+    all_sources = _histograms(rng, sizes[-1], c, b)
+    large_target = _histograms(rng, FLAGS.targets_large, c, b) if FLAGS.targets_large else None
+    margin = FLAGS.margin if FLAGS.margin is not None else similarity.DEFAULT_MARGIN
+    results = {
+        "device": device,
+        "tensorflow": tf.__version__,
+        "cpus": os.cpu_count(),
+        "targets": t, "channels": c, "bins": b, "k": FLAGS.k, "margin": margin,
+        "block_size": FLAGS.block_size, "exact_dtype": FLAGS.exact_dtype,
+        "throughput": {},
+    }
 
-    # 1. Throughput: the search versus the per-pair loop and cdist.
-    search = lambda: similarity.nearest_sources(  # noqa: E731
-        target, source, FLAGS.k, channel_weights=weights,
-        block_size=FLAGS.block_size, dtype=FLAGS.dtype,
-    )
-    search()
-    t_search = _median_time(search, FLAGS.repeats)
-    search_rate = target.shape[0] * source.shape[0] / t_search
+    # 1. Throughput and matmul fraction per size and mode. The matmul
+    # reference: the search's two GEMMs per block, same shapes and dtype.
+    points = [(target, size) for size in sizes]
+    if large_target is not None:
+        points.append((large_target, sizes[0]))
+    for point_target, size in points:
+        source = all_sources[:size]
+        t = len(point_target)
+        row = results["throughput"][f"{t}x{size}"] = {}
+        for mode in MODES:
+            dtype = tf.float32 if mode == "fast" or FLAGS.exact_dtype == "float32" else tf.float64
+            a = tf.constant(rng.random((t, c * b)), dtype)
+            blocks = [
+                tf.constant(rng.random((min(FLAGS.block_size, size - i), c * b)), dtype)
+                for i in range(0, size, FLAGS.block_size)
+            ]
 
+            def matmuls():
+                for block in blocks:
+                    tf.matmul(a, block, transpose_b=True).numpy()
+                    tf.matmul(a, block, transpose_b=True).numpy()
+
+            def search():
+                similarity.nearest_sources(
+                    point_target, source, FLAGS.k, channel_weights=weights,
+                    block_size=FLAGS.block_size, **_mode_kwargs(mode),
+                )
+
+            search()
+            matmuls()
+            # Alternate the two so that load on the shared machine hits both.
+            t_search, t_matmul = [], []
+            for _ in range(FLAGS.repeats):
+                t_search.append(_median_time(search, 1))
+                t_matmul.append(_median_time(matmuls, 1))
+            row[mode] = {
+                "seconds": statistics.median(t_search),
+                "seconds_fastest": min(t_search),
+                "matmul_seconds": statistics.median(t_matmul),
+                "pairs_per_s": t * size / statistics.median(t_search),
+                "matmul_fraction": statistics.median(t_matmul) / statistics.median(t_search),
+            }
+    t = FLAGS.targets
+    extrapolated = {}
+    for mode in MODES:
+        extrapolated[mode] = _extrapolate([
+            (t, size, results["throughput"][f"{t}x{size}"][mode]["seconds"]) for size in sizes
+        ]) if len(sizes) > 1 else None
+    # The GEMMs alone (the plain matmul of the largest measured size), scaled
+    # by pairs: no search in this mode can be faster here.
+    largest = results["throughput"][f"{t}x{sizes[-1]}"]["fast"]
+    matmul_floor = largest["matmul_seconds"] * FULL_TARGETS * FULL_SOURCES / (t * sizes[-1])
+    results["extrapolated_seconds_1.28M_x_10k"] = extrapolated
+    results["matmul_only_seconds_1.28M_x_10k"] = matmul_floor
+
+    # 2. Recall of the fast mode.
+    results["recall_random"] = _recalls(similarity, target, all_sources[: sizes[0]], weights)
+    if FLAGS.real_sources:
+        start = time.perf_counter()
+        real_target, real_source, real_weights = _describe_real(similarity)
+        results["real_index"] = {
+            "bank": FLAGS.real_bank,
+            "backbone": FLAGS.backbone if FLAGS.real_bank == "conv" else None,
+            "image_size": FLAGS.image_size,
+            "sources": len(real_source), "targets": len(real_target),
+            "channels": int(real_source.shape[1]),
+            "describe_seconds": time.perf_counter() - start,
+            "recall": _recalls(similarity, real_target, real_source, real_weights),
+        }
+
+    # 3. The per-pair loop and cdist, against the exact search of the first size.
     nt, ns = 8, 64
     def loop():
         for i in range(nt):
             for j in range(ns):
-                divergence.symmetric_kl(target[i], source[j], weights)
-    t_loop = _median_time(loop, FLAGS.repeats)
-    loop_rate = nt * ns / t_loop
-
+                divergence.symmetric_kl(target[i], all_sources[j], weights)
+    loop_rate = nt * ns / _median_time(loop, FLAGS.repeats)
     flat_t = target[:nt].reshape(nt, -1).astype(np.float64)
-    flat_s = source[:ns].reshape(ns, -1).astype(np.float64)
+    flat_s = all_sources[:ns].reshape(ns, -1).astype(np.float64)
     metric = lambda u, v: divergence.symmetric_kl(u.reshape(c, b), v.reshape(c, b), weights)  # noqa: E731
-    t_cdist = _median_time(lambda: scipy.spatial.distance.cdist(flat_t, flat_s, metric), FLAGS.repeats)
-    cdist_rate = nt * ns / t_cdist
+    cdist_rate = nt * ns / _median_time(
+        lambda: scipy.spatial.distance.cdist(flat_t, flat_s, metric), FLAGS.repeats
+    )
+    results["numpy_loop_pairs_per_s"] = loop_rate
+    results["cdist_pairs_per_s"] = cdist_rate
 
-    # 2. The machine's own matmul throughput for the search's two GEMMs.
-    dtype = tf.float32 if FLAGS.dtype == "float32" else tf.float64
-    a = tf.constant(rng.random((FLAGS.targets, c * b)), dtype)
-    blocks = [
-        tf.constant(rng.random((c * b, min(FLAGS.block_size, FLAGS.sources - i))), dtype)
-        for i in range(0, FLAGS.sources, FLAGS.block_size)
-    ]
-    def matmuls():
-        for block in blocks:
-            tf.matmul(a, block).numpy()
-            tf.matmul(a, block).numpy()
-    matmuls()
-    t_matmul = _median_time(matmuls, FLAGS.repeats)
-    flops = 2 * 2 * FLAGS.targets * FLAGS.sources * c * b
-
-    # 3. Descriptor extraction.
-    from keras_seltransfer.models import small_cnn
+    # 4. Descriptor extraction.
+    from keras_seltransfer.models import backbones
     from keras_seltransfer.retrieval.conv_bank import ConvBank
     from keras_seltransfer.retrieval.gabor_bank import GaborBank
     from keras_seltransfer.utils import histograms
 
+    image_size = FLAGS.image_size
+    backbone = backbones.load_backbone(
+        FLAGS.backbone,
+        (image_size, image_size, 1 if backbones.is_builtin_backbone(FLAGS.backbone) else None),
+    )
+    in_channels = int(backbone.inputs[0].shape[-1])
     images = tf.data.Dataset.from_tensor_slices(
-        rng.uniform(0, 255, (1024, 64, 64, 1)).astype("float32")
+        rng.uniform(0, 255, (1024, image_size, image_size, in_channels)).astype("float32")
     ).batch(128)
     extraction = {}
-    for name, bank in (
-        ("gabor", GaborBank()),
-        ("conv", ConvBank(small_cnn((64, 64, 1)), layers=2)),
-    ):
+    for name, bank in (("gabor", GaborBank()), ("conv", ConvBank(backbone, layers=2))):
         edges = histograms.fit_bin_edges(bank, images.take(2), num_bins=b, progress=False)
         histograms.describe(bank, edges, images.take(1), progress=False)
-        t = _median_time(lambda: histograms.describe(bank, edges, images, progress=False), 1)
-        extraction[name] = (1024 / t, bank.num_channels)
+        seconds = _median_time(lambda: histograms.describe(bank, edges, images, progress=False), 1)
+        extraction[name] = {"images_per_s": 1024 / seconds, "channels": bank.num_channels}
+    results["describe"] = extraction
 
-    # 4. Working memory at two source sizes 4x apart, each in a fresh process.
-    memory = []
-    for sources in (FLAGS.sources, 4 * FLAGS.sources):
-        spec = json.dumps({
-            "targets": FLAGS.targets, "sources": sources, "channels": c, "bins": b,
-            "k": FLAGS.k, "block_size": FLAGS.block_size, "dtype": FLAGS.dtype,
-        })
-        result = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), f"--memory_child={spec}"],
-            capture_output=True, text=True, check=True, cwd=common.ROOT,
-        )
-        m = json.loads(result.stdout.strip().splitlines()[-1])
-        memory.append((sources, m["peak_mib"] - m["rss_before_mib"], m["descriptors_mib"]))
+    # 5. Working memory at two source sizes 4x apart, each in a fresh process.
+    results["memory"] = []
+    if FLAGS.memory:
+        for mode in MODES:
+            for sources in (sizes[0], 4 * sizes[0]):
+                spec = json.dumps({
+                    "targets": t, "sources": sources, "channels": c, "bins": b, "k": FLAGS.k,
+                    "block_size": FLAGS.block_size, "mode": mode,
+                    "exact_dtype": FLAGS.exact_dtype,
+                })
+                result = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), f"--memory_child={spec}"]
+                    + ([f"--margin={FLAGS.margin}"] if FLAGS.margin is not None else []),
+                    capture_output=True, text=True, check=True, cwd=common.ROOT,
+                )
+                m = json.loads(result.stdout.strip().splitlines()[-1])
+                results["memory"].append({
+                    "mode": mode, "sources": sources,
+                    "working_mib": m["peak_mib"] - m["rss_before_mib"],
+                    "descriptors_mib": m["descriptors_mib"],
+                })
 
     print(
-        f"descriptors {c} channels x {b} bins, {FLAGS.targets} targets x {FLAGS.sources} "
-        f"sources, k={FLAGS.k}, block {FLAGS.block_size}, {FLAGS.dtype}, "
-        f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}"
+        f"descriptors {c} channels x {b} bins, {t} targets "
+        f"(and {FLAGS.targets_large} at {sizes[0]} sources), k={FLAGS.k}, block "
+        f"{FLAGS.block_size}; exact mode GEMM {FLAGS.exact_dtype}, fast mode float32 "
+        f"with margin {margin}"
     )
-    print(f"nearest_sources:        {search_rate:12.0f} pairs/s  ({t_search:.2f} s)")
-    print(f"NumPy per-pair loop:    {loop_rate:12.0f} pairs/s")
-    print(f"scipy cdist (Python):   {cdist_rate:12.0f} pairs/s")
-    print(f"matmul alone:           {flops / t_matmul / 1e9:12.1f} GFLOP/s; "
-          f"search effective {flops / t_search / 1e9:.1f} GFLOP/s")
-    for name, (rate, channels) in extraction.items():
-        print(f"describe ({name}, {channels} channels): {rate:8.1f} images/s at 64x64")
-    for sources, extra, desc in memory:
-        print(f"working memory with {sources:>7} sources: {extra:8.1f} MiB above "
-              f"{desc:.1f} MiB of descriptors")
-    total_pairs = 1.28e6 * 1e4
-    estimate_h = total_pairs / search_rate / 3600
-    describe_h = 1.29e6 / extraction["conv"][0] / 3600
-    print(f"estimate, 1.28M x 10k: search {estimate_h:.1f} h + conv-bank description "
-          f"{describe_h:.1f} h on this machine")
-    print(f"ratio search / NumPy loop: {search_rate / loop_rate:.0f}x")
-    print(f"ratio search / cdist: {search_rate / cdist_rate:.0f}x")
-    print(f"fraction of matmul throughput: {t_matmul / t_search:.2f}")
+    print(f"{'targets':>8} {'sources':>8} {'mode':>5} {'seconds':>8} {'pairs/s':>12} "
+          f"{'matmul s':>9} {'matmul fraction':>15}")
+    for key, row in results["throughput"].items():
+        targets, size = key.split("x")
+        for mode in MODES:
+            r = row[mode]
+            print(f"{targets:>8} {size:>8} {mode:>5} {r['seconds']:8.2f} "
+                  f"{r['pairs_per_s']:12.0f} {r['matmul_seconds']:9.2f} "
+                  f"{r['matmul_fraction']:15.2f}")
+    for mode in MODES:
+        if extrapolated[mode] is not None:
+            print(f"extrapolated 1.28M sources x 10k targets, {mode}: "
+                  f"{extrapolated[mode] / 60:.1f} min ({extrapolated[mode] / 3600:.2f} h), "
+                  f"as {FULL_TARGETS / t:.0f} searches of {t} targets")
+    print(f"the float32 GEMMs alone at that scale: {matmul_floor / 60:.1f} min")
+    print("recall of the exact top-k by the fast mode, random histograms "
+          f"({t} x {sizes[0]}): "
+          + ", ".join(f"k={k}: {v:.4f}" for k, v in results["recall_random"].items()))
+    if "real_index" in results:
+        r = results["real_index"]
+        print(f"recall, real index ({r['bank']} bank"
+              + (f" of {r['backbone']}" if r["backbone"] else "")
+              + f", {r['channels']} channels, Fashion-MNIST {r['sources']} sources -> ELPV "
+              f"{r['targets']} targets at {r['image_size']} px): "
+              + ", ".join(f"k={k}: {v:.4f}" for k, v in r["recall"].items()))
+    exact_rate = results["throughput"][f"{t}x{sizes[0]}"]["exact"]["pairs_per_s"]
+    print(f"NumPy per-pair loop: {loop_rate:.0f} pairs/s; scipy cdist (Python): "
+          f"{cdist_rate:.0f} pairs/s; exact search at {sizes[0]} sources: "
+          f"{exact_rate / loop_rate:.0f}x the loop, {exact_rate / cdist_rate:.0f}x cdist")
+    for name, r in extraction.items():
+        print(f"describe ({name}, {r['channels']} channels): {r['images_per_s']:8.1f} "
+              f"images/s at {image_size}x{image_size}")
+    for m in results["memory"]:
+        print(f"working memory, {m['mode']}, {m['sources']:>7} sources: "
+              f"{m['working_mib']:8.1f} MiB above {m['descriptors_mib']:.1f} MiB of descriptors")
+    if FLAGS.output:
+        atomic_write_text(FLAGS.output, json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {FLAGS.output}")
 
 
 if __name__ == "__main__":

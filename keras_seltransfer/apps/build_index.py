@@ -19,6 +19,12 @@ Writes into --output_dir:
   config.json          the settings of the run; a later command into the same
                        --output_dir with other data or settings is refused
 
+--search_mode=exact gives every target exactly the neighbours of a double
+loop over pairs; --search_mode=fast re-scores only the k_max + margin
+nearest by float32 GEMM distance (the GEMMs are the cost; a rare neighbour may
+be missed); auto, the default, is fast from 100,000 source images. The mode
+(auto resolved) is part of the run's settings.
+
 A shard is finished once its topk.npz exists (written last, atomically); a
 rerun skips finished stages and shards (listed as "reused") and recomputes
 a shard whose process was killed. A merge reads the data sets and settings

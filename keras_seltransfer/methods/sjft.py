@@ -37,6 +37,10 @@ from keras_seltransfer.models.multitask import target_model
 from keras_seltransfer.retrieval import workflow
 from keras_seltransfer.retrieval.filter_banks import BANKS
 from keras_seltransfer.retrieval.run_record import conv_bank_key
+from keras_seltransfer.retrieval.similarity import AUTO_FAST_MIN_SOURCES
+from keras_seltransfer.retrieval.similarity import resolve_search_mode
+from keras_seltransfer.retrieval.similarity import SEARCH_MODES
+from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.naming import spec_slug
 
 INDEX_BANKS = BANKS
@@ -68,6 +72,15 @@ class SJFTOptions:
         "the network the run fine-tunes: --backbone with --backbone_weights, a .keras file or "
         "a name) or gabor.",
         choices=INDEX_BANKS,
+    )
+    index_search_mode: str = option(
+        "auto",
+        "sjft: how the index is searched when it is built (apps.build_index --search_mode): "
+        "exact, fast (float32 GEMM with exact re-scoring of the nearest survivors; may miss "
+        "a rare neighbour) or auto (fast from "
+        f"{AUTO_FAST_MIN_SOURCES:,} source images). An index searched in another mode is "
+        "refused; the default index directory of fast ends in -fast.",
+        choices=SEARCH_MODES,
     )
     k0: int = option(10, "sjft: initial neighbours per target image.", lower=1)
     k_max: int = option(
@@ -157,8 +170,13 @@ class SJFTOptions:
                 bank += "-" + conv_bank_key(
                     config.backbone, config.backbone_weights, config.image_size
                 )
+            # Auto and exact share a directory: they agree below the auto
+            # threshold, and `load_neighbours` refuses a mismatch above it.
+            suffix = "-fast" if config.index_search_mode == "fast" else ""
             config.index_dir = os.path.join(
-                "runs", "index", f"{spec_slug(config.source)}-{spec_slug(config.target)}-{bank}"
+                "runs",
+                "index",
+                f"{spec_slug(config.source)}-{spec_slug(config.target)}-{bank}{suffix}",
             )
 
 
@@ -187,6 +205,7 @@ def index_config(config, data_channels=None):
         backbone_weights=config.backbone_weights if conv else None,
         channels=channels,
         k_max=config.k_max,
+        search_mode=config.index_search_mode,
         image_size=config.image_size,
         output_dir=config.index_dir,
         progress=config.verbose > 0,
@@ -233,6 +252,16 @@ def load_neighbours(config, train_ids, data_channels=None):
                 f"{getattr(built, name)!r}, but this run has {name}="
                 f"{getattr(config, name)!r}; pass another --index_dir."
             )
+    expected_mode = config.index_search_mode
+    if expected_mode == "auto":
+        expected_mode = resolve_search_mode(expected_mode, _num_sources(path, built))
+    if built.search_mode != expected_mode:
+        raise ValueError(
+            f"The index in {config.index_dir} was searched in search_mode="
+            f"{built.search_mode!r}, but this run has index_search_mode="
+            f"{config.index_search_mode!r} ({expected_mode} for this source); pass "
+            f"--index_search_mode={built.search_mode} or another --index_dir."
+        )
     rows = {int(t): i for i, t in enumerate(target_ids)}
     missing = [int(t) for t in train_ids if int(t) not in rows]
     if missing:
@@ -247,6 +276,15 @@ def load_neighbours(config, train_ids, data_channels=None):
             f"target, fewer than k0={config.k0}."
         )
     return neighbour_ids[[rows[int(t)] for t in train_ids]], built
+
+
+def _num_sources(path, built):
+    """Source images searched by the index `path` (built with `built`)."""
+    stored = load_npz(path, what="neighbour index")
+    if "num_sources" in stored:
+        return int(stored["num_sources"])
+    # Indexes written before the count was kept: count the source.
+    return len(workflow.source_training_images(built))
 
 
 def rounds_schedule(config, steps_per_epoch):

@@ -24,6 +24,7 @@ from keras_seltransfer.retrieval.index_build import describe_shard
 from keras_seltransfer.retrieval.index_files import ARRAY_NAMES
 from keras_seltransfer.retrieval.index_files import read_index_directory
 from keras_seltransfer.retrieval.index_files import write_index_directory
+from keras_seltransfer.retrieval.similarity import DEFAULT_MARGIN
 from keras_seltransfer.retrieval.similarity import nearest_sources
 from keras_seltransfer.utils.divergence import check_channel_weights
 from keras_seltransfer.utils.divergence import check_histograms
@@ -361,13 +362,18 @@ class SourceIndex:
         target_bin_edges,
         block_size=4096,
         progress=False,
-        dtype="float64",
+        dtype=None,
+        mode="auto",
+        margin=DEFAULT_MARGIN,
     ):
         """The `k_max` indexed source images nearest to every target.
 
         Uses `similarity.nearest_sources` with the index's channel weights;
-        its exactness and tie rule apply (ties go to the lower position in
-        the index, which is the lower id in a built or merged index).
+        its search modes, exactness and tie rule apply (ties go to the lower
+        position in the index, which is the lower id in a built or merged
+        index). `mode="auto"` decides by the size of this index: search the
+        shards of one source with the mode resolved for the whole source
+        (as `apps.build_index` does) so that every shard uses the same one.
 
         Args:
             target_descriptors: `[T, channels, bins]` target descriptors.
@@ -377,7 +383,10 @@ class SourceIndex:
                 over other bins are not comparable.
             block_size: source rows per search block.
             progress: show a progress bar over the blocks.
-            dtype: precision of the search GEMM (see `nearest_sources`).
+            dtype: precision of the search GEMM; None: float64 in the exact
+                mode, float32 in the fast mode (see `nearest_sources`).
+            mode: `"exact"`, `"fast"` or `"auto"` (see `nearest_sources`).
+            margin: survivors beyond `k_max` re-scored in the fast mode.
 
         Returns:
             `(ids, distances)`: int64 global source ids `[T, k_max]` and
@@ -385,7 +394,8 @@ class SourceIndex:
 
         Raises:
             ValueError: if `target_bin_edges` differ from the index's,
-                `k_max` is out of range, or as `nearest_sources`.
+                `k_max` is out of range, `mode` is unknown, `margin` is
+                negative, or as `nearest_sources`.
         """
         edges = np.asarray(target_bin_edges, dtype=np.float64)
         if not _same_array(edges, self.bin_edges):
@@ -410,6 +420,8 @@ class SourceIndex:
             block_size=block_size,
             dtype=dtype,
             progress=progress,
+            mode=mode,
+            margin=margin,
         )
         return self.ids[rows], distances
 

@@ -39,11 +39,14 @@ RUN_FIELDS = (
     "image_size",
     "max_source",
     "channels",
+    "search_mode",
 )
 
 # Fields added to `RUN_FIELDS` after records were first kept, with the value
 # an older record (which lacks them) stands for.
-_ADDED_FIELDS = {"backbone_weights": None}
+# Runs from before the search mode was recorded searched exactly; a run
+# records the mode "auto" resolved to (see `workflow.resolve_run_search_mode`).
+_ADDED_FIELDS = {"backbone_weights": None, "search_mode": "exact"}
 
 # The file of the run directory that holds the record.
 RUN_FILE = "config.json"

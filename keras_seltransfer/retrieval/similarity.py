@@ -12,11 +12,16 @@ The symmetric sum expands to `sum p log p + sum q log q - sum p log q -
 sum q log p`; the cross terms are matrix products, so the distances from
 every target to a block of source images cost two GEMMs (`tf.matmul`, on
 whatever device TensorFlow places them) plus row and column terms.
-`nearest_sources` streams the source in blocks through that GEMM, keeps a
-running top-k per target, and re-scores the few candidates near the k-th
-distance exactly in NumPy float64 (see its docstring), so its results are
-exactly those of a double loop over `symmetric_kl`
-(`keras_seltransfer.utils.divergence`, with the shared argument checks).
+`nearest_sources` streams the source in blocks through that GEMM and has two
+search modes. "exact" keeps a running top-k per target and re-scores the few
+candidates near the k-th distance exactly in NumPy float64 (see its
+docstring), so its results are exactly those of a double loop over
+`symmetric_kl` (`keras_seltransfer.utils.divergence`, with the shared
+argument checks). "fast" keeps the `k + margin` nearest by float32 GEMM
+distance (`tf.math.top_k` per block, merged across blocks) and re-scores only
+those survivors, so its cost is the GEMMs; it may miss a neighbour whose
+float32 distance ranks beyond `k + margin`. "auto" picks fast from
+`AUTO_FAST_MIN_SOURCES` sources.
 
 Reference:
     Ge and Yu, "Borrowing Treasures from the Wealthy: Deep Transfer Learning
@@ -36,13 +41,31 @@ from keras_seltransfer.utils.divergence import check_eps
 from keras_seltransfer.utils.divergence import check_histograms
 from keras_seltransfer.utils.divergence import DEFAULT_EPS
 from keras_seltransfer.utils.divergence import weighted_symmetric_kl
+from keras_seltransfer.utils.validation import check_choice
 from keras_seltransfer.utils.validation import check_int
 
 
 _DTYPES = ("float32", "float64")
 
+# The search modes of `nearest_sources` (see its docstring).
+SEARCH_MODES = ("auto", "exact", "fast")
+
+# From this many sources, `mode="auto"` searches in the fast mode. Below it
+# the exact search takes at most a few minutes for a few thousand targets on
+# two CPU cores (Fashion-MNIST's 60,000 training images stay exact), and
+# above it the exact re-scoring, which grows with log(sources / block_size),
+# dominates the GEMMs.
+AUTO_FAST_MIN_SOURCES = 100_000
+
+# Extra survivors per target the fast mode re-scores beyond `k` (see
+# `nearest_sources`).
+DEFAULT_MARGIN = 32
+
 # Descriptor values gathered per chunk of re-scored pairs (512 KiB of float64).
 _RESCORE_CHUNK_VALUES = 1 << 16
+# The fast mode re-scores many pairs per block; chunks of 128 KiB of float64
+# re-scored them about 25% faster on two CPU cores.
+_FAST_RESCORE_CHUNK_VALUES = 1 << 14
 
 # Marks the empty slots of a running top-k before enough sources were seen:
 # an infinite distance sorts after every real one, the largest index after
@@ -107,8 +130,10 @@ def nearest_sources(
     channel_weights=None,
     block_size=4096,
     eps=DEFAULT_EPS,
-    dtype="float64",
+    dtype=None,
     progress=False,
+    mode="auto",
+    margin=DEFAULT_MARGIN,
 ):
     """The `k` source descriptors nearest to every target descriptor.
 
@@ -133,9 +158,23 @@ def nearest_sources(
     near the k-th distance are re-scored (about `k * (1 + log(S / block_size))`
     per target in all), so the GEMM dominates the cost.
 
-    With `dtype="float32"` the GEMM runs in float32 (faster, half the
-    memory) with a margin sized for typical rather than worst-case float32
-    rounding. Returned distances are still exact `symmetric_kl` values, but
+    That is the `"exact"` mode. The `"fast"` mode (`mode="fast"`, or
+    `"auto"` from `AUTO_FAST_MIN_SOURCES` sources) keeps, per target, the
+    `k + margin` sources nearest by GEMM distance (`tf.math.top_k` on every
+    block, merged with the running survivors, ties to the lower index), then
+    re-scores only those survivors exactly in float64, as the exact mode
+    re-scores, and returns the `k` nearest of them. The re-scoring then
+    costs `T * (k + margin)` exact distances whatever the source size, so
+    the GEMMs dominate. Returned distances are exactly the exact mode's for
+    the returned indices, in the same order and tie rule, but a true
+    neighbour is missed when rounding pushes its GEMM distance beyond rank
+    `k + margin` (see `tools/bench_retrieval.py` for measured recall, and
+    the README). Sharded fast searches merged with `merge_topk` may differ
+    from one fast search in the same way.
+
+    With `dtype="float32"` the exact mode's GEMM runs in float32 (faster,
+    half the memory) with a margin sized for typical rather than worst-case
+    float32 rounding. Returned distances are still exact `symmetric_kl` values, but
     neighbours whose GEMM distances err by more than the margin may then be
     missed or ordered differently. On recent NVIDIA GPUs TensorFlow runs
     float32 matmuls in TF32 (10-bit mantissa) by default, whose rounding
@@ -157,9 +196,17 @@ def nearest_sources(
             of the per-channel symmetric divergence.
         block_size: source rows per block.
         eps: positive constant added inside the logarithms.
-        dtype: `"float64"` (exact, the default) or `"float32"` (faster
-            GEMM, near-ties may order differently) for the GEMM.
+        dtype: `"float64"` or `"float32"`, the precision of the GEMM;
+            None (the default) gives float64 in the exact mode (exact
+            results) and float32 in the fast mode. In the exact mode,
+            float32 may order near-ties differently.
         progress: show a `keras.utils.Progbar` over the blocks.
+        mode: `"exact"`, `"fast"` or `"auto"` (the default): fast when the
+            source has at least `AUTO_FAST_MIN_SOURCES` rows, exact
+            otherwise (see `resolve_search_mode`).
+        margin: int >= 0, survivors kept per target beyond `k` in the fast
+            mode (at most the source size in all); ignored by the exact
+            mode. A larger margin raises recall and the re-scoring cost.
 
     Returns:
         `(indices, distances)`: int64 source row indices `[T, k]` and their
@@ -171,8 +218,8 @@ def nearest_sources(
             bin counts in target and source, entries that are NaN,
             infinite or negative, rows not summing to 1, `k` outside
             `[1, S]`, `channel_weights` of the wrong length, negative,
-            non-finite or all zero, `block_size < 1`, a non-positive `eps` or an
-            unknown `dtype`.
+            non-finite or all zero, `block_size < 1`, a non-positive `eps`,
+            an unknown `dtype` or `mode`, or a negative `margin`.
 
     Example:
 
@@ -202,8 +249,15 @@ def nearest_sources(
     weights = check_channel_weights(channel_weights, target.shape[1])
     block_size = check_int(block_size, "block_size", 1)
     eps = check_eps(eps)
-    dtype = _check_dtype(dtype)
+    mode = resolve_search_mode(mode, num_sources)
+    margin = check_int(margin, "margin", 0, expected="an int >= 0")
+    dtype = _check_dtype(dtype if dtype is not None else _MODE_DTYPES[mode])
 
+    if mode == "fast":
+        return _fast_search(
+            target, source_descriptors, num_sources, k, weights, block_size, eps,
+            dtype, margin, progress,
+        )
     num_targets = target.shape[0]
     best_indices = np.full((num_targets, k), _EMPTY_INDEX, np.int64)
     best_distances = np.full((num_targets, k), np.inf)
@@ -218,19 +272,7 @@ def nearest_sources(
     progbar = keras.utils.Progbar(num_blocks, unit_name="block") if progress else None
     for block_index, start in enumerate(range(0, num_sources, block_size)):
         stop = min(start + block_size, num_sources)
-        # Float32 blocks stay float32: converting every row to float64 would
-        # cost a pass over the block, and only re-scored rows need it.
-        block = as_histograms(
-            source_descriptors[start:stop], "source_descriptors", keep_float=True
-        )
-        _check_layout(block.shape, target.shape, "source_descriptors")
-        if block.shape[0] != stop - start:
-            raise ValueError(
-                f"Expected `source_descriptors[{start}:{stop}]` to have "
-                f"{stop - start} rows. Received: shape={block.shape}"
-            )
-        check_histograms(block, "source_descriptors", row_offset=start)
-
+        block = _read_block(source_descriptors, start, stop, target.shape)
         pairs = _candidate_pairs(
             target_terms,
             _gemm_terms(block, eps, dtype),
@@ -249,6 +291,118 @@ def nearest_sources(
         if progbar is not None:
             progbar.update(block_index + 1)
     return best_indices, best_distances
+
+
+def resolve_search_mode(mode, num_sources):
+    """The search mode `nearest_sources` runs for `mode` and a source size.
+
+    Args:
+        mode: one of `SEARCH_MODES`: `"exact"`, `"fast"`, or `"auto"`,
+            which is `"fast"` from `AUTO_FAST_MIN_SOURCES` sources and
+            `"exact"` below.
+        num_sources: the number of source rows searched.
+
+    Returns:
+        `"exact"` or `"fast"`.
+
+    Raises:
+        ValueError: for a `mode` not in `SEARCH_MODES`.
+
+    Example:
+
+    >>> resolve_search_mode("auto", 1000), resolve_search_mode("auto", 10**6)
+    ('exact', 'fast')
+    """
+    check_choice(mode, "mode", SEARCH_MODES)
+    if mode == "auto":
+        return "fast" if num_sources >= AUTO_FAST_MIN_SOURCES else "exact"
+    return mode
+
+
+# The GEMM precision of each mode when `dtype` is None.
+_MODE_DTYPES = {"exact": "float64", "fast": "float32"}
+
+
+def _read_block(source_descriptors, start, stop, target_shape):
+    """Rows `[start, stop)` of the source, checked as histograms."""
+    # Float32 blocks stay float32: converting every row to float64 would
+    # cost a pass over the block, and only re-scored rows need it.
+    block = as_histograms(
+        source_descriptors[start:stop], "source_descriptors", keep_float=True
+    )
+    _check_layout(block.shape, target_shape, "source_descriptors")
+    if block.shape[0] != stop - start:
+        raise ValueError(
+            f"Expected `source_descriptors[{start}:{stop}]` to have "
+            f"{stop - start} rows. Received: shape={block.shape}"
+        )
+    check_histograms(block, "source_descriptors", row_offset=start)
+    return block
+
+
+def _fast_search(
+    target, source_descriptors, num_sources, k, weights, block_size, eps, dtype,
+    margin, progress,
+):
+    """The fast mode of `nearest_sources` (arguments checked there).
+
+    First pass: GEMM distances per block and a running `tf.math.top_k` of
+    the `k + margin` nearest per target. Second pass: the survivors are
+    re-scored exactly, block by block (only blocks holding survivors are
+    read again, and only their survivor rows converted), so any source that
+    supports row slicing works and memory stays bounded by a block.
+    """
+    num_targets = target.shape[0]
+    if num_targets == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k))
+    keep = min(k + margin, num_sources)
+    target_terms = _weighted_terms(_gemm_terms(target, eps, dtype, bounds=False), weights)
+    num_blocks = math.ceil(num_sources / block_size)
+    progbar = keras.utils.Progbar(num_blocks, unit_name="block") if progress else None
+    # Negated GEMM distances and global indices of the running survivors.
+    # New blocks are appended after them, so `top_k`'s rule (equal values:
+    # the lower position first) breaks ties to the lower source index.
+    running_scores = running_indices = None
+    for block_index, start in enumerate(range(0, num_sources, block_size)):
+        stop = min(start + block_size, num_sources)
+        block = _read_block(source_descriptors, start, stop, target.shape)
+        scores = -_gemm_distances(target_terms, _gemm_terms(block, eps, dtype, bounds=False))
+        scores, columns = tf.math.top_k(scores, k=min(keep, stop - start))
+        indices = tf.cast(columns, tf.int64) + start
+        if running_scores is not None:
+            scores = tf.concat([running_scores, scores], axis=1)
+            indices = tf.concat([running_indices, indices], axis=1)
+            scores, positions = tf.math.top_k(scores, k=min(keep, stop))
+            indices = tf.gather(indices, positions, batch_dims=1)
+        running_scores, running_indices = scores, indices
+        if progbar is not None:
+            progbar.update(block_index + 1)
+
+    survivors = running_indices.numpy()
+    flat = survivors.reshape(-1)
+    flat_distances = np.empty(flat.shape)
+    order = np.argsort(flat, kind="stable")
+    rows = np.repeat(np.arange(num_targets), keep)[order]
+    sorted_indices = flat[order]
+    half_weights = 0.5 * weights
+    target_logs = np.log(target + eps)
+    bounds = np.searchsorted(
+        sorted_indices, np.arange(0, num_sources + block_size, block_size)
+    )
+    for block_index, start in enumerate(range(0, num_sources, block_size)):
+        low, high = bounds[block_index], bounds[block_index + 1]
+        if low == high:
+            continue
+        stop = min(start + block_size, num_sources)
+        # Checked in the first pass; `_rescore_pairs` converts only the
+        # survivor rows of the block.
+        block = np.asarray(source_descriptors[start:stop])
+        flat_distances[order[low:high]] = _rescore_pairs(
+            target, target_logs, block, rows[low:high],
+            sorted_indices[low:high] - start, half_weights, eps,
+            chunk_values=_FAST_RESCORE_CHUNK_VALUES,
+        )
+    return top_k_rows(survivors, flat_distances.reshape(survivors.shape), k)
 
 
 def _merge_candidates(best_indices, best_distances, rows, indices, distances, k):
@@ -270,7 +424,10 @@ def _merge_candidates(best_indices, best_distances, rows, indices, distances, k)
     best_indices[touched], best_distances[touched] = merged
 
 
-def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps):
+def _rescore_pairs(
+    target, target_logs, block, rows, columns, half_weights, eps,
+    chunk_values=_RESCORE_CHUNK_VALUES,
+):
     """Exact distances of the `(rows[i], columns[i])` target/block pairs."""
     used, inverse = np.unique(columns, return_inverse=True)
     # Float32 to float64 is exact, so converting only the re-scored rows
@@ -284,7 +441,7 @@ def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps)
     # Gathered pairs take `C * B` values each: small chunks keep the
     # temporaries in cache (several times faster than block-sized ones) and
     # the memory bounded even when many candidates tie.
-    chunk = max(1, _RESCORE_CHUNK_VALUES // (target.shape[1] * target.shape[2]))
+    chunk = max(1, chunk_values // (target.shape[1] * target.shape[2]))
     for start in range(0, rows.shape[0], chunk):
         r = rows[start : start + chunk]
         c = inverse[start : start + chunk]
@@ -294,12 +451,13 @@ def _rescore_pairs(target, target_logs, block, rows, columns, half_weights, eps)
     return distances
 
 
-def _gemm_terms(descriptors, eps, dtype):
+def _gemm_terms(descriptors, eps, dtype, bounds=True):
     """The per-row GEMM operands of `descriptors` `[N, C, B]`, unweighted.
 
     `values` and `logs` are `p` and `log(p + eps)` flattened to `[N, C * B]`
     in `dtype`; `channel_self` (per-channel `sum_b p log p`) and `log_bound`
-    are what `_gemm_distances` and `_margin_scale` need per row. The source
+    are what `_gemm_distances` and `_margin_scale` need per row (the fast
+    mode, which needs no bound, passes `bounds=False`). The source
     side is used as returned, the target side through `_weighted_terms`, so
     each source block is converted once and never weighted or concatenated.
     """
@@ -307,16 +465,18 @@ def _gemm_terms(descriptors, eps, dtype):
     x = tf.reshape(tf.constant(descriptors, dtype=dtype), [num, -1])
     logs = tf.math.log(x + tf.constant(eps, dtype=dtype))
     channels = descriptors.shape[1]
-    return {
+    terms = {
         "values": x,
         "logs": logs,
         # `sum_h w_h sum_b p log p` needs the weights, which `_weighted_terms`
         # applies: keep the per-channel sums until then.
         "channel_self": tf.reduce_sum(tf.reshape(x * logs, [num, channels, -1]), axis=2),
+    }
+    if bounds:
         # Largest |log(p + eps)| of the row: bounds every term of the row's
         # products (see `_margin_scale`).
-        "log_bound": tf.cast(tf.reduce_max(tf.abs(logs), axis=1), tf.float64),
-    }
+        terms["log_bound"] = tf.cast(tf.reduce_max(tf.abs(logs), axis=1), tf.float64)
+    return terms
 
 
 def _weighted_terms(terms, weights):
@@ -331,7 +491,7 @@ def _weighted_terms(terms, weights):
     return {
         "values": terms["values"] * flat,
         "logs": terms["logs"] * flat,
-        "log_bound": terms["log_bound"],
+        "log_bound": terms.get("log_bound"),
         "weights": tf.constant(weights, dtype=dtype),
         "self": tf.linalg.matvec(terms["channel_self"], tf.constant(weights, dtype=dtype)),
     }

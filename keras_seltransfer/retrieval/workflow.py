@@ -29,6 +29,9 @@ from keras_seltransfer.retrieval.index import SourceIndex
 from keras_seltransfer.retrieval.run_record import check_run_settings
 from keras_seltransfer.retrieval.run_record import recorded_settings
 from keras_seltransfer.retrieval.run_record import write_run_settings
+from keras_seltransfer.retrieval.similarity import AUTO_FAST_MIN_SOURCES
+from keras_seltransfer.retrieval.similarity import resolve_search_mode
+from keras_seltransfer.retrieval.similarity import SEARCH_MODES
 from keras_seltransfer.retrieval.topk import merge_topk
 from keras_seltransfer.utils import histograms
 from keras_seltransfer.utils.io import atomic_write_bytes
@@ -51,8 +54,8 @@ class IndexConfig:
     takes the conv bank's backbone's channel count, or each data set's own.
 
     Raises:
-        ValueError: for a `channels`, `bank`, `shard_index` or
-            `target_fraction` out of range, or a `k_max` below 1.
+        ValueError: for a `channels`, `bank`, `search_mode`, `shard_index`
+            or `target_fraction` out of range, or a `k_max` below 1.
 
     Example:
 
@@ -98,6 +101,15 @@ class IndexConfig:
     num_bins: int = option(32, "Histogram bins per channel.", lower=1, upper=1000)
     k_max: int = option(200, "Neighbours kept per target image.", lower=1)
     block_size: int = option(4096, "Source rows per search block.", lower=1)
+    search_mode: str = option(
+        "auto",
+        "How the source is searched: exact (every neighbour exactly the float64 double loop's), "
+        "fast (float32 GEMM, the k_max + margin nearest re-scored exactly: the cost is the "
+        "GEMMs, a rare neighbour may be missed), or auto (fast from "
+        f"{AUTO_FAST_MIN_SOURCES:,} source images, exact below). A run records the mode "
+        "auto resolved to, so results of another mode are never reused.",
+        choices=SEARCH_MODES,
+    )
     image_size: int = option(64, "Images are resized to this size.", lower=8, upper=4096)
     batch_size: int = option(128, "Batch size for describing images.", lower=1)
     max_source: int = option(
@@ -122,6 +134,7 @@ class IndexConfig:
                 f"`channels` must be None, 1 or 3. Received: channels={self.channels!r}"
             )
         check_choice(self.bank, "bank", BANKS)
+        check_choice(self.search_mode, "search_mode", SEARCH_MODES)
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(
                 f"`shard_index` must be in [0, num_shards={self.num_shards}). "
@@ -234,6 +247,7 @@ def build_neighbours(config, merge_only=False):
             # shards hold (and what neighbours.npz will record).
             config = dataclasses.replace(config, **recorded)
     else:
+        config = resolve_run_search_mode(config)
         record_later = check_run_settings(config)
         outputs.update(_describe_and_search(config, shard_dirs[config.shard_index]))
         if record_later:
@@ -276,11 +290,37 @@ def build_neighbours(config, merge_only=False):
                 neighbour_labels=neighbour_labels,
                 distances=distances,
                 config=np.array(json.dumps(dataclasses.asdict(config))),
+                # Shards written before their size was kept leave it out.
+                **(
+                    {"num_sources": np.array(sum(int(p["num_sources"]) for p in parts))}
+                    if all("num_sources" in p for p in parts)
+                    else {}
+                ),
             )
         ),
     )
     outputs["neighbours"] = path
     return outputs
+
+
+def resolve_run_search_mode(config):
+    """`config` with `search_mode` resolved to `"exact"` or `"fast"`.
+
+    `"auto"` is resolved against the whole source searched (all shards
+    together, `max_source` applied), so every shard of a run searches in
+    the same mode and the run records the mode its results come from.
+
+    Example:
+
+    >>> resolve_run_search_mode(IndexConfig(search_mode="fast")).search_mode
+    'fast'
+    """
+    if config.search_mode != "auto":
+        return config
+    num_sources = len(source_training_images(config))
+    return dataclasses.replace(
+        config, search_mode=resolve_search_mode(config.search_mode, num_sources)
+    )
 
 
 def _positions(all_ids, chosen):
@@ -418,11 +458,20 @@ def _describe_and_search(config, shard_dir):
             labels = ids.copy()
         else:
             ids, distances = index.query(
-                target_desc, k, edges, block_size=config.block_size, progress=config.progress
+                target_desc, k, edges, block_size=config.block_size, progress=config.progress,
+                mode=config.search_mode,
             )
             labels = index.neighbour_labels(ids)
         atomic_write_bytes(
-            topk_path, npz_bytes(dict(ids=ids, distances=distances, neighbour_labels=labels))
+            topk_path,
+            npz_bytes(
+                dict(
+                    ids=ids,
+                    distances=distances,
+                    neighbour_labels=labels,
+                    num_sources=np.array(len(index.ids), np.int64),
+                )
+            ),
         )
     if reused:
         outputs["reused"] = ", ".join(reused)
@@ -487,6 +536,9 @@ def read_neighbours(path):
             stored = json.loads(str(arrays["config"]))
             if not isinstance(stored, dict):
                 raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+            # Files written before the search mode was recorded come from
+            # the exact search.
+            stored = {"search_mode": "exact", **stored}
             index_config = IndexConfig(
                 **{k: v for k, v in stored.items() if k in IndexConfig.__dataclass_fields__}
             )
