@@ -122,6 +122,216 @@ def blurred_size(n, stride):
     return None if n is None else -(-n // stride)
 
 
+def padded_blur(x, kernel, filt_size, strides, pad_type):
+    """The blur as written: pad every side, then a 'valid' strided depthwise
+    convolution.
+
+    The reference for `strided_blur`, and the path for dynamic spatial sizes
+    and unequal strides (TensorFlow's CPU depthwise convolution takes equal
+    strides only, so those run at stride 1 and are subsampled after).
+    """
+    stride_h, stride_w = strides
+    before, after = blur_padding(filt_size)
+    x = pad_spatial(x, ((before, after), (before, after)), pad_type)
+    if stride_h == stride_w:
+        return ops.depthwise_conv(x, kernel, strides=stride_h, padding="valid")
+    y = ops.depthwise_conv(x, kernel, strides=1, padding="valid")
+    return y[:, ::stride_h, ::stride_w, :]
+
+
+def _same_matches(n, filt_size, stride):
+    """Whether a 'same' convolution pads an axis of size n as the blur does
+    (floor((f-1)/2) zeros before, the samples it reads after in range)."""
+    before, _ = blur_padding(filt_size)
+    out = -(-n // stride)
+    total = max((out - 1) * stride + filt_size - n, 0)
+    return total // 2 == before
+
+
+def _zero_padded_blur(x, kernel, filt_size, stride):
+    """The blur of `x` zero-padded on every side, without a padded copy where
+    a 'same' convolution pads the same way (even filter sizes, and odd ones
+    on odd sizes)."""
+    if _same_matches(x.shape[1], filt_size, stride) and _same_matches(
+        x.shape[2], filt_size, stride
+    ):
+        return ops.depthwise_conv(x, kernel, strides=stride, padding="same")
+    before, after = blur_padding(filt_size)
+    x = ops.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
+    return ops.depthwise_conv(x, kernel, strides=stride, padding="valid")
+
+
+def _border_rows(n, filt_size, stride):
+    """Outputs along one axis whose window reads padding: `(top, bottom)`,
+    the counts at each end, or None when the two ends meet (small maps)."""
+    before, _ = blur_padding(filt_size)
+    out = -(-n // stride)
+    top = -(-before // stride)
+    # Output o reads padded samples [s*o, s*o + f); padding after starts at
+    # before + n.
+    first_bottom = max(0, -(-(before + n - filt_size + 1) // stride))
+    bottom = out - first_bottom
+    if top + bottom >= out:
+        return None
+    return top, bottom
+
+
+def _span(first, count, filt_size, stride):
+    """Map coordinates (negative before the map) read by outputs
+    `[first, first + count)` along one axis."""
+    before, _ = blur_padding(filt_size)
+    return list(range(first * stride - before, (first + count - 1) * stride - before + filt_size))
+
+
+def _bands(x, filt_size, stride, pad_type, rows, cols):
+    """The border bands of `strided_blur`: for each end of each axis whose
+    outputs read padding, which outputs, which map positions they read, and
+    the contiguous slice `[lo, hi)` of the map the padding copies."""
+    bands = []
+    for axis, counts in ((1, rows), (2, cols)):
+        n = x.shape[axis]
+        out = -(-n // stride)
+        for first, count in ((0, counts[0]), (out - counts[1], counts[1])):
+            if not count:
+                continue
+            positions = _span(first, count, filt_size, stride)
+            before, after = max(0, -positions[0]), max(0, positions[-1] - n + 1)
+            index = _static_indices(n, before, after, pad_type)
+            source = [int(index[p + before]) for p in positions]
+            padded = [not 0 <= p < n for p in positions]
+            used = [i for i, pad in zip(source, padded) if pad]
+            lo, hi = min(used), max(used) + 1
+            bands.append(
+                {
+                    "axis": axis,
+                    "outputs": list(range(first, first + count)),
+                    "lo": lo,
+                    "hi": hi,
+                    "local": np.array([i - lo if pad else 0 for i, pad in zip(source, padded)]),
+                    "mask": np.array(padded, dtype="float32"),
+                }
+            )
+    return bands
+
+
+def _band_blur(strip, band, kernel, filt_size, stride, row_index):
+    """The blur of what the padding adds to one band's outputs, from the map
+    slice `strip` that the padding copies (`row_index`: the row padding's
+    source rows, for column bands)."""
+    import tensorflow as tf
+
+    axis = band["axis"]
+    before, after = blur_padding(filt_size)
+    shape = [1, 1, 1, 1]
+    shape[axis] = len(band["mask"])
+    part = tf.gather(strip, band["local"], axis=axis) * tf.cast(
+        band["mask"].reshape(shape), strip.dtype
+    )
+    if axis == 1:
+        # Row padding, zero-padded along the width (the column padding of
+        # the row padding is the other term's).
+        part = tf.pad(part, ((0, 0), (0, 0), (before, after), (0, 0)))
+    else:
+        # Column padding of the row-padded map.
+        part = tf.gather(part, row_index, axis=1)
+    return tf.nn.depthwise_conv2d(part, kernel, (1, stride, stride, 1), "VALID")
+
+
+def _scatter_add(y, pieces):
+    """`y` plus every `(axis, positions, update)` of `pieces`: `update` added
+    at `positions` along `axis` (1 or 2) and everywhere along the other
+    spatial axis, in one `tensor_scatter_nd_add`."""
+    import tensorflow as tf
+
+    if not pieces:
+        return y
+    shape = tf.shape(y)
+    indices, updates = [], []
+    for axis, positions, update in pieces:
+        positions = tf.constant(positions, dtype=tf.int32)
+        if axis == 1:
+            grid = (tf.range(shape[0]), positions, tf.range(shape[2]))
+        else:
+            grid = (tf.range(shape[0]), tf.range(shape[1]), positions)
+        grid = tf.stack(tf.meshgrid(*grid, indexing="ij"), axis=-1)
+        indices.append(tf.reshape(grid, (-1, 3)))
+        updates.append(tf.reshape(update, (-1, shape[3])))
+    return tf.tensor_scatter_nd_add(y, tf.concat(indices, 0), tf.concat(updates, 0))
+
+
+def _border_corrected_blur(x, kernel, filt_size, stride, pad_type, rows, cols):
+    import tensorflow as tf
+
+    bands = _bands(x, filt_size, stride, pad_type, rows, cols)
+    kernel = tf.convert_to_tensor(kernel)
+    before, after = blur_padding(filt_size)
+    row_index = _static_indices(x.shape[1], before, after, pad_type)
+
+    def strip_of(x, band):
+        return x[:, band["lo"] : band["hi"]] if band["axis"] == 1 else x[:, :, band["lo"] : band["hi"]]
+
+    @tf.custom_gradient
+    def blur(x):
+        # The slices are taken outside the tape, so its gradient for `x` is
+        # the main convolution's alone; the bands' gradients, a few rows and
+        # columns, are then added into it in one scatter instead of through
+        # full-size slice gradients.
+        strips = [strip_of(x, band) for band in bands]
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            tape.watch(strips)
+            y = _zero_padded_blur(x, kernel, filt_size, stride)
+            y = _scatter_add(
+                y,
+                [
+                    (
+                        band["axis"],
+                        band["outputs"],
+                        _band_blur(strip, band, kernel, filt_size, stride, row_index),
+                    )
+                    for band, strip in zip(bands, strips)
+                ],
+            )
+
+        def grad(upstream):
+            grads = tape.gradient(y, [x] + strips, output_gradients=upstream)
+            return _scatter_add(
+                grads[0],
+                [
+                    (band["axis"], list(range(band["lo"], band["hi"])), g)
+                    for band, g in zip(bands, grads[1:])
+                ],
+            )
+
+        return y, grad
+
+    return blur(x)
+
+
+def strided_blur(x, kernel, filt_size, stride, pad_type):
+    """The blur of `padded_blur` at equal strides and static sizes, computed
+    without padding the whole map.
+
+    The blur is linear, so blurring the reflect- (or replicate-) padded map
+    equals blurring the zero-padded map (one 'same' strided depthwise
+    convolution, no padded copy) plus the blur of what the padding adds,
+    which only the outputs at the borders see. With `P = Z + D` the padding
+    of each axis split into zero padding and the padded samples:
+    `blur(P_w P_h x) = blur(Z_w Z_h x) + blur(Z_w D_h x) + blur(D_w P_h x)`;
+    the last two terms are convolutions of strips a few samples wide, added
+    in place to the first and last rows and columns of the output (and
+    their gradients to the first and last rows and columns of the input's).
+    Maps too small for separate border strips take `padded_blur`.
+    """
+    if pad_type == "zero":
+        return _zero_padded_blur(x, kernel, filt_size, stride)
+    height, width = x.shape[1], x.shape[2]
+    rows, cols = _border_rows(height, filt_size, stride), _border_rows(width, filt_size, stride)
+    if rows is None or cols is None or keras.backend.backend() != "tensorflow":
+        return padded_blur(x, kernel, filt_size, (stride, stride), pad_type)
+    return _border_corrected_blur(x, kernel, filt_size, stride, pad_type, rows, cols)
+
+
 class BaseBlurPool(keras.layers.Layer):
     """Base of the anti-aliasing layers: a fixed binomial blur, then subsampling.
 
@@ -170,14 +380,10 @@ class BaseBlurPool(keras.layers.Layer):
         stride_h, stride_w = self.strides
         if self.filt_size == 1:
             return x[:, ::stride_h, ::stride_w, :]
-        before, after = blur_padding(self.filt_size)
-        x = pad_spatial(x, ((before, after), (before, after)), self.pad_type)
         kernel = ops.cast(self.kernel, x.dtype)
-        if stride_h == stride_w:
-            return ops.depthwise_conv(x, kernel, strides=stride_h, padding="valid")
-        # TensorFlow's CPU depthwise convolution takes equal strides only.
-        y = ops.depthwise_conv(x, kernel, strides=1, padding="valid")
-        return y[:, ::stride_h, ::stride_w, :]
+        if stride_h == stride_w and x.shape[1] is not None and x.shape[2] is not None:
+            return strided_blur(x, kernel, self.filt_size, stride_h, self.pad_type)
+        return padded_blur(x, kernel, self.filt_size, self.strides, self.pad_type)
 
     def blurred_shape(self, input_shape):
         batch, height, width, channels = input_shape

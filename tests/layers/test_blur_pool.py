@@ -67,6 +67,92 @@ def test_matches_numpy_reference(filt_size):
                 np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def _reference_blur_gradient(x, weights, filt_size, strides, pad_type):
+    """The gradient of sum(weights * blur(x)) in NumPy: each output spreads
+    its weight over its padded window, and every padded sample hands its
+    share back to the map sample it copies (none for zero padding)."""
+    taps = _pascal_row(filt_size)
+    kernel = np.outer(taps, taps) / taps.sum() ** 2
+    before, after = (filt_size - 1) // 2, filt_size - 1 - (filt_size - 1) // 2
+    batch, height, width, channels = x.shape
+    padded = np.zeros((batch, height + filt_size - 1, width + filt_size - 1, channels))
+    for i in range(weights.shape[1]):
+        for j in range(weights.shape[2]):
+            r, c = i * strides[0], j * strides[1]
+            padded[:, r : r + filt_size, c : c + filt_size] += (
+                weights[:, i, j][:, None, None, :] * kernel[None, :, :, None]
+            )
+    mode = {"reflect": "reflect", "replicate": "edge", "zero": "constant"}[pad_type]
+
+    def source(n):
+        if mode == "constant":
+            return np.pad(np.arange(n), (before, after), constant_values=-1)
+        return np.pad(np.arange(n), (before, after), mode=mode)
+
+    gradient = np.zeros(x.shape)
+    for r, row in enumerate(source(height)):
+        for c, col in enumerate(source(width)):
+            if row >= 0 and col >= 0:
+                gradient[:, row, col] += padded[:, r, c]
+    return gradient
+
+
+@pytest.mark.parametrize("pad_type", ["reflect", "replicate", "zero"])
+def test_values_and_gradients_on_maps_with_separate_borders(pad_type):
+    # Maps large enough that the blur runs as one 'same' convolution plus
+    # border strips (no padded copy): values and input gradients match the
+    # NumPy blur and its adjoint for every filter size and equal stride.
+    cases = [((2, 16, 13, 3), 0), ((1, 20, 31, 2), 1), ((1, 9, 12, 1), 2)]
+    for filt_size in range(2, 8):
+        for stride in (1, 2, 3):
+            for shape, seed in cases:
+                x = _images(shape, seed)
+                layer = BlurPool(filt_size, strides=stride, pad_type=pad_type)
+                out_shape = (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), shape[3])
+                weights = _images(out_shape, seed + 10)
+                tensor = tf.constant(x)
+                with tf.GradientTape() as tape:
+                    tape.watch(tensor)
+                    out = layer(tensor)
+                    loss = tf.reduce_sum(out * weights)
+                np.testing.assert_allclose(
+                    out.numpy(),
+                    _reference_blur(x, filt_size, (stride, stride), pad_type),
+                    rtol=1e-5,
+                    atol=1e-5,
+                )
+                np.testing.assert_allclose(
+                    tape.gradient(loss, tensor).numpy(),
+                    _reference_blur_gradient(x, weights, filt_size, (stride, stride), pad_type),
+                    rtol=1e-5,
+                    atol=1e-5,
+                )
+
+
+def test_static_maps_blur_without_padding_the_whole_map():
+    # The fast path: no mirror-pad (or any pad) of the full map, forward or
+    # backward, at the sizes anti-aliased networks run at.
+    layer = BlurPool(4, strides=2, pad_type="reflect")
+    x = tf.constant(_images((2, 32, 32, 8)))
+
+    @tf.function
+    def step(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            loss = tf.reduce_sum(layer(t) ** 2)
+        return tape.gradient(loss, t)
+
+    graph = step.get_concrete_function(x).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert "MirrorPad" not in op_types and "MirrorPadGrad" not in op_types
+    padded_shapes = [
+        tuple(op.outputs[0].shape)
+        for op in graph.get_operations()
+        if op.type in ("Pad", "PadV2", "MirrorPad")
+    ]
+    assert all(shape[1] < 32 and shape[2] < 32 or shape[1] <= 8 or shape[2] <= 8 for shape in padded_shapes)
+
+
 def test_filt_size_one_is_exact_subsampling():
     x = _images((2, 9, 8, 4))
     np.testing.assert_array_equal(np.asarray(BlurPool(1, strides=2)(x)), x[:, ::2, ::2])
