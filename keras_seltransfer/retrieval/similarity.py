@@ -46,6 +46,8 @@ from keras_seltransfer.utils.validation import check_int
 
 
 _DTYPES = ("float32", "float64")
+# GEMM precisions of the fast mode (bfloat16 operands, float32 products).
+_FAST_DTYPES = ("bfloat16", "float32", "float64")
 
 # The search modes of `nearest_sources` (see its docstring).
 SEARCH_MODES = ("auto", "exact", "fast")
@@ -251,7 +253,9 @@ def nearest_sources(
     eps = check_eps(eps)
     mode = resolve_search_mode(mode, num_sources)
     margin = check_int(margin, "margin", 0, expected="an int >= 0")
-    dtype = _check_dtype(dtype if dtype is not None else _MODE_DTYPES[mode])
+    if dtype is None:
+        dtype = fast_gemm_dtype() if mode == "fast" else _MODE_DTYPES[mode]
+    dtype = _check_dtype(dtype, _FAST_DTYPES if mode == "fast" else _DTYPES, mode)
 
     if mode == "fast":
         return _fast_search(
@@ -356,7 +360,13 @@ def _fast_search(
     if num_targets == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k))
     keep = min(k + margin, num_sources)
-    target_terms = _weighted_terms(_gemm_terms(target, eps, dtype, bounds=False), weights)
+    # Terms in float32 (float64 when asked), operands rounded after: the
+    # logarithms of bfloat16 values would lose more than the operands do.
+    term_dtype = "float64" if dtype == "float64" else "float32"
+    target_terms = _weighted_terms(_gemm_terms(target, eps, term_dtype, bounds=False), weights)
+    target_operand = _fast_operands(target_terms, dtype, "target")
+    target_self = target_terms["self"]
+    block_scores = _bfloat16_scores if dtype == "bfloat16" else _float_scores
     num_blocks = math.ceil(num_sources / block_size)
     progbar = keras.utils.Progbar(num_blocks, unit_name="block") if progress else None
     # Negated GEMM distances and global indices of the running survivors.
@@ -366,7 +376,13 @@ def _fast_search(
     for block_index, start in enumerate(range(0, num_sources, block_size)):
         stop = min(start + block_size, num_sources)
         block = _read_block(source_descriptors, start, stop, target.shape)
-        scores = -_gemm_distances(target_terms, _gemm_terms(block, eps, dtype, bounds=False))
+        source_terms = _gemm_terms(block, eps, term_dtype, bounds=False)
+        scores = block_scores(
+            target_operand,
+            _fast_operands(source_terms, dtype, "source"),
+            target_self,
+            tf.linalg.matvec(source_terms["channel_self"], target_terms["weights"]),
+        )
         scores, columns = tf.math.top_k(scores, k=min(keep, stop - start))
         indices = tf.cast(columns, tf.int64) + start
         if running_scores is not None:
@@ -575,11 +591,74 @@ def _check_same_layout(target, source, target_name, source_name):
         )
 
 
-def _check_dtype(dtype):
+def _check_dtype(dtype, allowed=_DTYPES, mode="exact"):
     try:
-        name = np.dtype(dtype).name
+        name = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
     except TypeError:
         name = None
-    if name not in _DTYPES:
-        raise ValueError(f"Expected `dtype` to be one of {_DTYPES}. Received: dtype={dtype!r}")
+    if name not in allowed:
+        raise ValueError(
+            f"Expected `dtype` to be one of {allowed} in the {mode} mode. Received: dtype={dtype!r}"
+        )
     return name
+
+
+def _has_fast_bfloat16():
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get(
+            "compute_capability", (0, 0)
+        )
+        return tuple(capability) >= (8, 0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+_FAST_GEMM_DTYPE = []
+
+
+def fast_gemm_dtype():
+    """The fast mode's default GEMM precision on this machine.
+
+    `"bfloat16"` (bfloat16 operands, products summed in float32) where the
+    hardware multiplies bfloat16 natively: x86 CPUs with AMX or
+    AVX512-BF16, NVIDIA GPUs of compute capability 8.0 or later; else
+    `"float32"`. Rounding the operands to bfloat16 only changes which
+    sources survive to the exact re-scoring, never the returned distances.
+
+    Example:
+
+    >>> fast_gemm_dtype() in ("bfloat16", "float32")
+    True
+    """
+    if not _FAST_GEMM_DTYPE:
+        _FAST_GEMM_DTYPE.append("bfloat16" if _has_fast_bfloat16() else "float32")
+    return _FAST_GEMM_DTYPE[0]
+
+
+@tf.function(jit_compile=True)
+def _bfloat16_scores(target_operand, source_operand, target_self, source_self):
+    # bfloat16 x bfloat16 products summed in float32, as XLA compiles them
+    # (TensorFlow's own kernels return bfloat16 sums, too coarse to rank).
+    cross = tf.raw_ops.BatchMatMulV3(
+        x=target_operand, y=source_operand, Tout=tf.float32, adj_y=True
+    )
+    return -0.5 * (target_self[:, None] + source_self[None, :] - cross)
+
+
+@tf.function
+def _float_scores(target_operand, source_operand, target_self, source_self):
+    cross = tf.matmul(target_operand, source_operand, transpose_b=True)
+    return -0.5 * (target_self[:, None] + source_self[None, :] - cross)
+
+
+def _fast_operands(terms, dtype, side):
+    """The fast mode's GEMM operand of one side: `[values, logs]` for the
+    target, `[logs, values]` for the source, so one product gives both cross
+    terms."""
+    parts = [terms["values"], terms["logs"]] if side == "target" else [terms["logs"], terms["values"]]
+    return tf.cast(tf.concat(parts, axis=1), dtype)

@@ -46,12 +46,39 @@ def data():
     return _histograms(rng, 24), _histograms(rng, 1500)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("k", [10, 50, 200])
-def test_fast_recall_of_the_exact_top_k(data, k):
+def test_fast_recall_of_the_exact_top_k(data, k, dtype):
     target, source = data
     exact_ids, _ = nearest_sources(target, source, k, mode="exact", block_size=256)
-    fast_ids, _ = nearest_sources(target, source, k, mode="fast", block_size=256)
+    fast_ids, fast_d = nearest_sources(
+        target, source, k, mode="fast", block_size=256, dtype=dtype
+    )
     assert _recall(exact_ids, fast_ids) >= 0.99
+    np.testing.assert_array_equal(
+        fast_d[:3], [[symmetric_kl(target[r], source[i]) for i in row] for r, row in enumerate(fast_ids[:3])]
+    )
+
+
+def test_fast_gemm_precision_follows_the_hardware_and_bad_ones_are_refused(data):
+    from keras_seltransfer.retrieval import similarity
+
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split())
+    native = bool(flags & {"amx_bf16", "avx512_bf16"})
+    if not tf_gpus():
+        assert similarity.fast_gemm_dtype() == ("bfloat16" if native else "float32")
+    target, source = data
+    with pytest.raises(ValueError, match="`dtype` to be one of .* in the exact mode"):
+        nearest_sources(target, source, 3, mode="exact", dtype="bfloat16")
+    with pytest.raises(ValueError, match="`dtype` to be one of .* in the fast mode"):
+        nearest_sources(target, source, 3, mode="fast", dtype="float16")
+
+
+def tf_gpus():
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
 
 
 @pytest.mark.parametrize("margin", [0, 5, 32])
@@ -205,8 +232,9 @@ def test_fast_recall_on_real_filter_bank_descriptors():
     weights = histograms.channel_weights(bank)
     for k in (10, 50, 200):
         exact_ids, _ = nearest_sources(target, source, k, weights, mode="exact")
-        fast_ids, fast_d = nearest_sources(target, source, k, weights, mode="fast")
-        assert _recall(exact_ids, fast_ids) >= 0.99, k
+        for dtype in ("bfloat16", "float32"):
+            fast_ids, fast_d = nearest_sources(target, source, k, weights, mode="fast", dtype=dtype)
+            assert _recall(exact_ids, fast_ids) >= 0.99, (k, dtype)
     np.testing.assert_array_equal(
         fast_d[:5],
         [[symmetric_kl(target[r], source[i], weights) for i in row] for r, row in enumerate(fast_ids[:5])],
