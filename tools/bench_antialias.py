@@ -26,10 +26,18 @@ result).
 
   python tools/bench_antialias.py --fraction=0.15 --seed=0
   python tools/bench_antialias.py --train_quick --quick_epochs=3
+
+--precision builds and times the timing part's models in a Keras dtype
+policy (a named backbone only: a saved one keeps its own); --output writes
+the figures of both parts as JSON.
 """
 
+import contextlib
+import io
 import os
+import re
 import statistics
+import sys
 import time
 
 import common  # tools/common.py: environment, repository root on sys.path
@@ -83,6 +91,7 @@ flags.DEFINE_integer("quick_epochs", 3, "Epochs of --train_quick.", lower_bound=
 flags.DEFINE_string(
     "quick_dir", os.path.join("runs", "bench_antialias", "quick"), "Runs of --train_quick."
 )
+common.define_benchmark_flags()  # --precision: of the timing part
 FLAGS = flags.FLAGS
 
 
@@ -302,8 +311,122 @@ def _plot(curves):
     print(f"plot: {FLAGS.plot}")
 
 
+class _Tee(io.TextIOBase):
+    """A text stream that writes through to `stream` and keeps the text."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _printed_lines():
+    """Yields a list that holds, after the block, the lines printed in it."""
+    lines = []
+    tee = _Tee(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(tee):
+            yield lines
+    finally:
+        lines.extend("".join(tee.parts).splitlines())
+
+
+_FLOAT = r"(\d+(?:\.\d*)?)"
+
+
+def _figures(device, timing_lines, shift_lines):
+    """The JSON of --output, read from the lines the two parts printed.
+
+    The parts print their figures rather than return them; reading the
+    lines keeps them unchanged. A line format they no longer match is an
+    error, not a silently empty report.
+    """
+    results = common.benchmark_results(
+        FLAGS.backbone, FLAGS.image_size, FLAGS.precision, device
+    )
+    results.update(batch_size=FLAGS.batch_size, filt_size=FLAGS.filt_size, pad_type=FLAGS.pad_type)
+    if timing_lines is not None:
+        header = [re.match(r"Step time: (\S+) \+ head", line) for line in timing_lines]
+        steps = [
+            re.match(rf"\s*(\w+): median\s+{_FLOAT} ms/step, {_FLOAT}x the original", line)
+            for line in timing_lines
+        ]
+        ratios = [
+            re.match(
+                rf"(\w+) / original step time, medians: {_FLOAT}, fastest rounds: {_FLOAT}"
+                rf"\s+\(goal <= {_FLOAT}\); forward FLOPs: {_FLOAT}x",
+                line,
+            )
+            for line in timing_lines
+        ]
+        header = [m for m in header if m]
+        steps = [m for m in steps if m]
+        ratios = [m for m in ratios if m]
+        if not header or not steps or not ratios:
+            common.fail("could not read the step-time figures from the lines printed above.")
+        results["backbone"] = header[0].group(1)
+        results["step_ms"] = {m.group(1): float(m.group(2)) for m in steps}
+        results["ratio_medians"] = {m.group(1): float(m.group(3)) for m in steps}
+        results["ratio_fastest"] = {m.group(1): float(m.group(3)) for m in ratios}
+        results["forward_flops_ratio"] = {m.group(1): float(m.group(5)) for m in ratios}
+        for m in ratios:
+            results["headline"].append(common.goal(
+                f"step time {m.group(1)} / original (medians)", float(m.group(2)),
+                at_most=float(m.group(4)),
+            ))
+        results["headline"].append(common.goal(
+            "step time ktft / original (medians)", results["ratio_medians"].get("ktft")
+        ))
+    if shift_lines is not None:
+        rows = [
+            re.match(
+                rf"\s*(\w+) \| {_FLOAT} \| {_FLOAT} \| {_FLOAT} / {_FLOAT} \| (.*)$", line
+            )
+            for line in shift_lines
+        ]
+        rows = [m for m in rows if m]
+        if not rows:
+            common.fail("could not read the shift-robustness figures from the lines printed above.")
+        results["shift_robustness"] = {
+            m.group(1): {
+                "accuracy": float(m.group(2)), "consistency": float(m.group(3)),
+                "sweep_accuracy_min": float(m.group(4)),
+                "sweep_accuracy_mean": float(m.group(5)), "run_dir": m.group(6),
+            }
+            for m in rows
+        }
+        for row, figures in results["shift_robustness"].items():
+            results["headline"].append(
+                common.goal(f"shift consistency, {row}", figures["consistency"])
+            )
+    return results
+
+
+def _check_precision_reaches_backbone():
+    from keras_seltransfer import models
+    from keras_seltransfer import training
+
+    # The backbone _time_steps times, resolved as it resolves it.
+    spec = FLAGS.backbone or (
+        training.DEFAULT_BACKBONE if os.path.isfile(training.DEFAULT_BACKBONE) else "small_cnn"
+    )
+    if FLAGS.precision != "float32" and models.is_backbone_path(spec):
+        common.fail(
+            f"--precision={FLAGS.precision} does not reach the saved backbone {spec} (a .keras "
+            "file keeps its own dtype policy): time a named backbone, e.g. --backbone=small_cnn "
+            "(the default file's architecture; step time does not depend on the weights)."
+        )
+
+
 def main(argv):
     common.reject_arguments(argv)
+    common.check_precision(FLAGS.precision)
     run_dirs = _run_dirs()
     if not FLAGS.skip_shift and not FLAGS.train_quick:
         missing = [
@@ -318,12 +441,20 @@ def main(argv):
                 "pass --baseline_run/--antialias_ft_run/--ktft_run, use --train_quick for a "
                 "smoke run, or --skip_shift."
             )
+    device = common.describe_device()
+    print(device)
+    timing_lines = shift_lines = None
     if not FLAGS.skip_timing:
-        _time_steps()
+        _check_precision_reaches_backbone()
+        with _printed_lines() as timing_lines, common.precision_scope(FLAGS.precision):
+            _time_steps()
     if not FLAGS.skip_shift:
         if FLAGS.train_quick:
             _train_quick(run_dirs)
-        _shift_robustness(run_dirs)
+        with _printed_lines() as shift_lines:
+            _shift_robustness(run_dirs)
+    if FLAGS.output:
+        common.write_results(FLAGS.output, _figures(device, timing_lines, shift_lines))
 
 
 if __name__ == "__main__":
