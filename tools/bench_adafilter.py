@@ -48,6 +48,7 @@ flags.DEFINE_integer("steps", 10, "Steps per timed round.", lower_bound=1)
 flags.DEFINE_enum("batchnorm", "frozen", ["frozen", "train"], "BatchNorm mode of both models.")
 flags.DEFINE_enum("estimator", "ste", ["ste", "gumbel"], "AdaFilter gate estimator.")
 common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 

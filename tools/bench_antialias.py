@@ -92,6 +92,7 @@ flags.DEFINE_string(
     "quick_dir", os.path.join("runs", "bench_antialias", "quick"), "Runs of --train_quick."
 )
 common.define_benchmark_flags()  # --precision: of the timing part
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 

@@ -47,6 +47,7 @@ flags.DEFINE_integer(
     "max_targets", 0, "Use only the first this many target training images (0: all).", lower_bound=0
 )
 common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 

@@ -28,6 +28,7 @@ flags.DEFINE_integer("steps", 100, "Training steps per timed round.", lower_boun
 flags.DEFINE_integer("rounds", 5, "Timed rounds per input kind (alternating).", lower_bound=1)
 flags.DEFINE_string("backbone", "small_cnn", "Backbone name (built-in or keras.applications).")
 common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 

@@ -52,6 +52,7 @@ flags.DEFINE_string("checkout", None, "Another checkout whose relevance module i
 flags.DEFINE_boolean("sft", False, "Also time selective_filter_transfer end to end.")
 flags.DEFINE_list("sft_checkouts", ["."], "Checkouts whose selective_filter_transfer is timed.")
 common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 
 FLAGS = flags.FLAGS
 

@@ -68,6 +68,7 @@ flags.DEFINE_integer("real_sources", 8192, "Fashion-MNIST source images of the r
 flags.DEFINE_integer("real_targets", 256, "ELPV target images of the real index.")
 flags.DEFINE_bool("memory", True, "Measure working memory (four fresh processes).")
 common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 flags.DEFINE_string("memory_child", None, "Internal: run one memory measurement in this process.")
 FLAGS = flags.FLAGS
 

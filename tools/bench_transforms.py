@@ -35,6 +35,7 @@ flags.DEFINE_list("transforms", list(TRANSFORMS), f"Which of {TRANSFORMS} to tim
 flags.DEFINE_list("checkouts", ["."], "Checkouts whose transforms are timed, in turn.")
 flags.DEFINE_string("worker", None, "(internal) time the transforms of this process and exit.")
 common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 
