@@ -35,7 +35,6 @@ the figures of both parts as JSON.
 import contextlib
 import io
 import os
-import re
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ import common  # tools/common.py: environment, repository root on sys.path
 
 from absl import app
 from absl import flags
+
+from tools import benchmarks
 
 ROWS = ("baseline", "antialias_ft", "ktft")
 
@@ -338,74 +339,19 @@ def _printed_lines():
         lines.extend("".join(tee.parts).splitlines())
 
 
-_FLOAT = r"(\d+(?:\.\d*)?)"
-
-
 def _figures(device, timing_lines, shift_lines):
-    """The JSON of --output, read from the lines the two parts printed.
-
-    The parts print their figures rather than return them; reading the
-    lines keeps them unchanged. A line format they no longer match is an
-    error, not a silently empty report.
-    """
+    """The JSON of --output, read from the lines the two parts printed
+    (`benchmarks.antialias_figures`): the parts print their figures rather
+    than return them. A line format it no longer reads is an error, not a
+    silently empty report."""
     results = common.benchmark_results(
         FLAGS.backbone, FLAGS.image_size, FLAGS.precision, device
     )
     results.update(batch_size=FLAGS.batch_size, filt_size=FLAGS.filt_size, pad_type=FLAGS.pad_type)
-    if timing_lines is not None:
-        header = [re.match(r"Step time: (\S+) \+ head", line) for line in timing_lines]
-        steps = [
-            re.match(rf"\s*(\w+): median\s+{_FLOAT} ms/step, {_FLOAT}x the original", line)
-            for line in timing_lines
-        ]
-        ratios = [
-            re.match(
-                rf"(\w+) / original step time, medians: {_FLOAT}, fastest rounds: {_FLOAT}"
-                rf"\s+\(goal <= {_FLOAT}\); forward FLOPs: {_FLOAT}x",
-                line,
-            )
-            for line in timing_lines
-        ]
-        header = [m for m in header if m]
-        steps = [m for m in steps if m]
-        ratios = [m for m in ratios if m]
-        if not header or not steps or not ratios:
-            common.fail("could not read the step-time figures from the lines printed above.")
-        results["backbone"] = header[0].group(1)
-        results["step_ms"] = {m.group(1): float(m.group(2)) for m in steps}
-        results["ratio_medians"] = {m.group(1): float(m.group(3)) for m in steps}
-        results["ratio_fastest"] = {m.group(1): float(m.group(3)) for m in ratios}
-        results["forward_flops_ratio"] = {m.group(1): float(m.group(5)) for m in ratios}
-        for m in ratios:
-            results["headline"].append(common.goal(
-                f"step time {m.group(1)} / original (medians)", float(m.group(2)),
-                at_most=float(m.group(4)),
-            ))
-        results["headline"].append(common.goal(
-            "step time ktft / original (medians)", results["ratio_medians"].get("ktft")
-        ))
-    if shift_lines is not None:
-        rows = [
-            re.match(
-                rf"\s*(\w+) \| {_FLOAT} \| {_FLOAT} \| {_FLOAT} / {_FLOAT} \| (.*)$", line
-            )
-            for line in shift_lines
-        ]
-        rows = [m for m in rows if m]
-        if not rows:
-            common.fail("could not read the shift-robustness figures from the lines printed above.")
-        results["shift_robustness"] = {
-            m.group(1): {
-                "accuracy": float(m.group(2)), "consistency": float(m.group(3)),
-                "sweep_accuracy_min": float(m.group(4)),
-                "sweep_accuracy_mean": float(m.group(5)), "run_dir": m.group(6),
-            }
-            for m in rows
-        }
-        for row, figures in results["shift_robustness"].items():
-            results["headline"].append(
-                common.goal(f"shift consistency, {row}", figures["consistency"])
-            )
+    with common.errors_reported(ValueError):
+        figures, headline = benchmarks.antialias_figures(timing_lines, shift_lines)
+    results.update(figures)
+    results["headline"] += headline
     return results
 
 

@@ -5,13 +5,17 @@ Every `tools/bench_<name>.py` takes `--backbone`, `--image_size`,
 whose `"headline"` list holds its headline figures, each with its goal when
 it has one (`common.goal`). This module plans the arguments of each run
 (`planned_arguments`), decides whether a stored result can be kept
-(`stored_result`) and renders the table (`summary_table`); it imports
-nothing heavy, so it is tested without running a benchmark.
+(`stored_result`) and renders the table (`summary_table`); it also reads
+the figures tools/bench_antialias.py prints (`antialias_figures`). It
+imports nothing heavy, so it is tested without running a benchmark.
 """
 
 import dataclasses
 import json
 import os
+import re
+
+from tools import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,3 +231,78 @@ def failure_reason(log_path, returncode):
     errors = [line for line in lines if "error" in line.lower()]
     last = (errors or lines or ["no output"])[-1]
     return f"exit {returncode}: {last[:300]} (log: {os.path.basename(log_path)})"
+
+
+_FLOAT = r"(\d+(?:\.\d*)?)"
+_STEP_HEADER = re.compile(r"Step time: (\S+) \+ head")
+_STEP = re.compile(rf"\s*(\w+): median\s+{_FLOAT} ms/step, {_FLOAT}x the original")
+_STEP_RATIO = re.compile(
+    rf"(\w+) / original step time, medians: {_FLOAT}, fastest rounds: {_FLOAT}"
+    rf"\s+\(goal <= {_FLOAT}\); forward FLOPs: {_FLOAT}x"
+)
+_SHIFT_ROW = re.compile(rf"\s*(\w+) \|\s+{_FLOAT} \|\s+{_FLOAT} \| {_FLOAT} / {_FLOAT} \| (.*)$")
+
+
+def antialias_figures(timing_lines=None, shift_lines=None):
+    """The figures of tools/bench_antialias.py, read from the lines it printed.
+
+    Its step-time and shift-robustness parts print their figures rather
+    than return them; this reads them back for its `--output`.
+
+    Args:
+        timing_lines: the lines the step-time part printed, or None when
+            it did not run.
+        shift_lines: the lines the shift-robustness part printed, or None.
+
+    Returns:
+        `(figures, headline)`: a dict of the figures (the timed `backbone`,
+        `step_ms`, `ratio_medians` and `ratio_fastest` per variant,
+        `forward_flops_ratio`, `shift_robustness` per model) and the list
+        of headline `common.goal`s (the step-time ratios with their goal,
+        KTFT's and the shift consistencies without).
+
+    Raises:
+        ValueError: when lines were given but hold none of the figures (the
+            printed format changed).
+    """
+    figures, headline = {}, []
+    if timing_lines is not None:
+        header = [m for m in map(_STEP_HEADER.match, timing_lines) if m]
+        steps = [m for m in map(_STEP.match, timing_lines) if m]
+        ratios = [m for m in map(_STEP_RATIO.match, timing_lines) if m]
+        if not header or not steps or not ratios:
+            raise ValueError("could not read the step-time figures from the lines printed above.")
+        figures["backbone"] = header[0].group(1)
+        figures["step_ms"] = {m.group(1): float(m.group(2)) for m in steps}
+        figures["ratio_medians"] = {m.group(1): float(m.group(3)) for m in steps}
+        figures["ratio_fastest"] = {m.group(1): float(m.group(3)) for m in ratios}
+        figures["forward_flops_ratio"] = {m.group(1): float(m.group(5)) for m in ratios}
+        headline += [
+            common.goal(
+                f"step time {m.group(1)} / original (medians)", float(m.group(2)),
+                at_most=float(m.group(4)),
+            )
+            for m in ratios
+        ]
+        headline.append(common.goal(
+            "step time ktft / original (medians)", figures["ratio_medians"].get("ktft")
+        ))
+    if shift_lines is not None:
+        rows = [m for m in map(_SHIFT_ROW.match, shift_lines) if m]
+        if not rows:
+            raise ValueError(
+                "could not read the shift-robustness figures from the lines printed above."
+            )
+        figures["shift_robustness"] = {
+            m.group(1): {
+                "accuracy": float(m.group(2)), "consistency": float(m.group(3)),
+                "sweep_accuracy_min": float(m.group(4)),
+                "sweep_accuracy_mean": float(m.group(5)), "run_dir": m.group(6),
+            }
+            for m in rows
+        }
+        headline += [
+            common.goal(f"shift consistency, {row}", row_figures["consistency"])
+            for row, row_figures in figures["shift_robustness"].items()
+        ]
+    return figures, headline

@@ -177,3 +177,49 @@ def test_bench_all_quick_runs_resumes_and_writes_the_table(tmp_path):
         r"^\| relevance \| — \| — \| failed: exit 1: .*image_size.* \(log: relevance.log\) \| — \|$",
         (tmp_path / "summary.md").read_text(), re.M,
     ), (tmp_path / "summary.md").read_text()
+
+
+def _antialias_lines():
+    """Lines as tools/bench_antialias.py prints them (its format strings)."""
+    timing = ["Step time: small_cnn + head at 64x64x1, batch 32, BlurPool filt_size=4 ..."]
+    for name, ms, ratio in (("original", 10.0, 1.0), ("antialiased", 27.0, 2.7),
+                            ("stem_kept", 17.5, 1.75), ("ktft", 35.4, 3.54)):
+        timing.append(f"{name:>12}: median {ms:7.1f} ms/step, {ratio:.3f}x the original "
+                      f"(rounds: {ms:.1f})")
+    for name, ratio, fastest, flops in (("antialiased", 2.7, 2.5, 1.15), ("stem_kept", 1.75, 1.7, 1.03)):
+        timing.append(f"{name} / original step time, medians: {ratio:.3f}, fastest rounds: "
+                      f"{fastest:.3f}  (goal <= 1.2); forward FLOPs: {flops:.3f}x")
+    shift = [f"{'model':>13} | accuracy | consistency | diagonal-sweep accuracy min / mean | run"]
+    for row, accuracy, consistency in (("baseline", 0.75, 0.9), ("antialias_ft", 0.7, 0.95)):
+        shift.append(f"{row:>13} | {accuracy:8.4f} | {consistency:11.4f} | "
+                     f"{0.6:.4f} / {0.65:.4f} | runs/{row} 0")
+    return timing, shift
+
+
+def test_antialias_figures_read_from_its_printed_lines():
+    timing, shift = _antialias_lines()
+    figures, headline = benchmarks.antialias_figures(timing, shift)
+    assert figures["backbone"] == "small_cnn"
+    assert figures["ratio_medians"] == {
+        "original": 1.0, "antialiased": 2.7, "stem_kept": 1.75, "ktft": 3.54
+    }
+    assert figures["ratio_fastest"] == {"antialiased": 2.5, "stem_kept": 1.7}
+    assert figures["forward_flops_ratio"] == {"antialiased": 1.15, "stem_kept": 1.03}
+    assert figures["shift_robustness"]["antialias_ft"] == {
+        "accuracy": 0.7, "consistency": 0.95, "sweep_accuracy_min": 0.6,
+        "sweep_accuracy_mean": 0.65, "run_dir": "runs/antialias_ft 0",
+    }
+    assert [(h["measure"], h["value"], h["goal"]) for h in headline] == [
+        ("step time antialiased / original (medians)", 2.7, {"at_most": 1.2}),
+        ("step time stem_kept / original (medians)", 1.75, {"at_most": 1.2}),
+        ("step time ktft / original (medians)", 3.54, None),
+        ("shift consistency, baseline", 0.9, None),
+        ("shift consistency, antialias_ft", 0.95, None),
+    ]
+    assert benchmarks.antialias_figures(timing, None)[0].keys() == {
+        "backbone", "step_ms", "ratio_medians", "ratio_fastest", "forward_flops_ratio"
+    }
+    with pytest.raises(ValueError, match="step-time figures"):
+        benchmarks.antialias_figures(["the format changed"], None)
+    with pytest.raises(ValueError, match="shift-robustness figures"):
+        benchmarks.antialias_figures(None, shift[:1])
