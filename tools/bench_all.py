@@ -11,13 +11,13 @@ saying why (the others still run, and the exit status is 1).
 
 Resumable: a benchmark whose JSON exists and was measured with the same
 arguments is kept, not rerun (--force reruns it). --quick runs tiny
-settings (a smoke run of the whole set; the figures mean nothing) into
-`<output_dir>/quick` by default. --backbone, --image_size and --precision
-are passed to every benchmark (a --backbone that is not a keras.applications
-name only to those that accept it); unset, each keeps its own default. The
-anti-aliasing benchmark runs with --skip_shift: its shift-robustness part
-needs fine-tuned runs (run tools/bench_antialias.py itself after
-tools/reproduce.py).
+settings (a smoke run of the whole set; the figures mean nothing), into
+runs/bench_all/quick unless --output_dir is given. --backbone, --image_size
+and --precision are passed to every benchmark (a --backbone that is not a
+keras.applications name only to those that accept it); unset, each keeps
+its own default. The anti-aliasing benchmark runs with --skip_shift: its
+shift-robustness part needs fine-tuned runs (run tools/bench_antialias.py
+itself after tools/reproduce.py).
 
   python tools/bench_all.py                          # the README's figures
   python tools/bench_all.py --quick                  # a smoke run
