@@ -16,10 +16,13 @@ filters, so the convolutions alone cost about 2x) and the parameter counts.
 Default backbone: the Fashion-MNIST-pretrained small_cnn of the pretrain app
 at 64x64 (an untrained small_cnn of the same shape when that file is
 missing); --backbone=MobileNetV2 (or any keras.applications name) builds that
-architecture with random weights at --image_size.
+architecture with random weights at --image_size. --precision builds and
+times both models in a Keras dtype policy (a saved backbone is cast to it);
+--output writes the figures as JSON.
 
   python tools/bench_adafilter.py
   python tools/bench_adafilter.py --backbone=MobileNetV2 --image_size=96
+  python tools/bench_adafilter.py --precision=mixed_float16 --output=runs/bench/adafilter.json
 """
 
 import os
@@ -44,6 +47,8 @@ flags.DEFINE_integer("rounds", 11, "Timed rounds per kind (alternating).", lower
 flags.DEFINE_integer("steps", 10, "Steps per timed round.", lower_bound=1)
 flags.DEFINE_enum("batchnorm", "frozen", ["frozen", "train"], "BatchNorm mode of both models.")
 flags.DEFINE_enum("estimator", "ste", ["ste", "gumbel"], "AdaFilter gate estimator.")
+common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 
@@ -53,6 +58,11 @@ def _count(weights):
 
 def main(argv):
     common.reject_arguments(argv)
+    with common.precision_scope(FLAGS.precision):
+        _bench()
+
+
+def _bench():
     import keras
     import numpy as np
     import tensorflow as tf
@@ -61,6 +71,8 @@ def main(argv):
     from keras_seltransfer.models.gating import adafilter
     from keras_seltransfer.models.gating import gated_layers
 
+    device = common.describe_device()
+    print(device)
     keras.utils.set_random_seed(0)
     size, batch = FLAGS.image_size, FLAGS.batch_size
     spec = FLAGS.backbone
@@ -69,7 +81,7 @@ def main(argv):
         spec = "small_cnn"
     channels = 1 if models.is_backbone_path(spec) or models.is_builtin_backbone(spec) else 3
     saved = models.is_backbone_path(spec)
-    backbone = models.load_backbone(spec, (size, size, None if saved else channels))
+    backbone = common.load_backbone(spec, (size, size, None if saved else channels), FLAGS.precision)
     channels = int(backbone.inputs[0].shape[-1])
     plain = models.build_classifier(backbone, 2)
     models.set_batchnorm_mode(plain, FLAGS.batchnorm)
@@ -107,8 +119,14 @@ def main(argv):
     print(
         f"{backbone.name} ({spec}) at {size}x{size}x{channels}, batch {batch}, BatchNorm "
         f"{FLAGS.batchnorm}, {len(gated_layers(gated))} gated convolutions, estimator "
-        f"{FLAGS.estimator}, {FLAGS.rounds} rounds x {FLAGS.steps} steps, {os.cpu_count()} CPUs, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
+        f"{FLAGS.estimator}, {FLAGS.rounds} rounds x {FLAGS.steps} steps, precision "
+        f"{FLAGS.precision}, Keras {keras.__version__}"
+    )
+    results = common.benchmark_results(spec, size, FLAGS.precision, device)
+    results.update(
+        batch_size=batch, batchnorm=FLAGS.batchnorm, estimator=FLAGS.estimator,
+        gated_convolutions=len(gated_layers(gated)), transformation_seconds=build_seconds,
+        step_seconds={f"{task}_{kind}": values for (task, kind), values in seconds.items()},
     )
     print(f"adafilter() transformation: {build_seconds:.1f} s")
     for (task, kind), values in seconds.items():
@@ -117,7 +135,7 @@ def main(argv):
             f"{task:>5} {kind:>9}: median {1000 * statistics.median(values):7.1f} ms/step "
             f"(rounds: {shown})"
         )
-    for task, goal in (("train", "  (goal <= 2.2)"), ("infer", "")):
+    for task, goal in (("train", 2.2), ("infer", None)):
         ada, plain = seconds[(task, "adafilter")], seconds[(task, "plain")]
         # Each round times the two kinds back to back, so the ratio within
         # a round is the steadier figure when other work shares the CPUs.
@@ -125,13 +143,26 @@ def main(argv):
         medians = statistics.median(ada) / statistics.median(plain)
         print(
             f"{task} step time adafilter / plain: median of per-round ratios {paired:.2f}, "
-            f"ratio of medians {medians:.2f}, fastest rounds {min(ada) / min(plain):.2f}{goal}"
+            f"ratio of medians {medians:.2f}, fastest rounds {min(ada) / min(plain):.2f}"
+            + (f"  (goal <= {goal})" if goal else "")
         )
+        results[f"{task}_ratio"] = {
+            "paired": paired, "medians": medians, "fastest": min(ada) / min(plain)
+        }
+        results["headline"].append(common.goal(
+            f"{task} step time adafilter / plain (median of per-round ratios)", paired,
+            at_most=goal,
+        ))
     for kind, model in kinds.items():
         print(
             f"parameters {kind:>9}: {_count(model.trainable_weights):,} trainable / "
             f"{_count(model.weights):,} total"
         )
+        results[f"parameters_{kind}"] = {
+            "trainable": _count(model.trainable_weights), "total": _count(model.weights)
+        }
+    if FLAGS.output:
+        common.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,25 @@ result).
 
   python tools/bench_antialias.py --fraction=0.15 --seed=0
   python tools/bench_antialias.py --train_quick --quick_epochs=3
+
+--precision builds and times the timing part's models in a Keras dtype
+policy (a named backbone only: a saved one keeps its own); --output writes
+the figures of both parts as JSON.
 """
 
+import contextlib
+import io
 import os
 import statistics
+import sys
 import time
 
 import common  # tools/common.py: environment, repository root on sys.path
 
 from absl import app
 from absl import flags
+
+from tools import benchmarks
 
 ROWS = ("baseline", "antialias_ft", "ktft")
 
@@ -83,6 +92,8 @@ flags.DEFINE_integer("quick_epochs", 3, "Epochs of --train_quick.", lower_bound=
 flags.DEFINE_string(
     "quick_dir", os.path.join("runs", "bench_antialias", "quick"), "Runs of --train_quick."
 )
+common.define_benchmark_flags()  # --precision: of the timing part
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 
@@ -302,8 +313,67 @@ def _plot(curves):
     print(f"plot: {FLAGS.plot}")
 
 
+class _Tee(io.TextIOBase):
+    """A text stream that writes through to `stream` and keeps the text."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _printed_lines():
+    """Yields a list that holds, after the block, the lines printed in it."""
+    lines = []
+    tee = _Tee(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(tee):
+            yield lines
+    finally:
+        lines.extend("".join(tee.parts).splitlines())
+
+
+def _figures(device, timing_lines, shift_lines):
+    """The JSON of --output, read from the lines the two parts printed
+    (`benchmarks.antialias_figures`): the parts print their figures rather
+    than return them. A line format it no longer reads is an error, not a
+    silently empty report."""
+    results = common.benchmark_results(
+        FLAGS.backbone, FLAGS.image_size, FLAGS.precision, device
+    )
+    results.update(batch_size=FLAGS.batch_size, filt_size=FLAGS.filt_size, pad_type=FLAGS.pad_type)
+    with common.errors_reported(ValueError):
+        figures, headline = benchmarks.antialias_figures(timing_lines, shift_lines)
+    results.update(figures)
+    results["headline"] += headline
+    return results
+
+
+def _check_precision_reaches_backbone():
+    from keras_seltransfer import models
+    from keras_seltransfer import training
+
+    # The backbone _time_steps times, resolved as it resolves it.
+    spec = FLAGS.backbone or (
+        training.DEFAULT_BACKBONE if os.path.isfile(training.DEFAULT_BACKBONE) else "small_cnn"
+    )
+    if FLAGS.precision != "float32" and models.is_backbone_path(spec):
+        common.fail(
+            f"--precision={FLAGS.precision} does not reach the saved backbone {spec} (a .keras "
+            "file keeps its own dtype policy): time a named backbone, e.g. --backbone=small_cnn "
+            "(the default file's architecture; step time does not depend on the weights)."
+        )
+
+
 def main(argv):
     common.reject_arguments(argv)
+    common.check_precision(FLAGS.precision)
     run_dirs = _run_dirs()
     if not FLAGS.skip_shift and not FLAGS.train_quick:
         missing = [
@@ -318,12 +388,20 @@ def main(argv):
                 "pass --baseline_run/--antialias_ft_run/--ktft_run, use --train_quick for a "
                 "smoke run, or --skip_shift."
             )
+    device = common.describe_device()
+    print(device)
+    timing_lines = shift_lines = None
     if not FLAGS.skip_timing:
-        _time_steps()
+        _check_precision_reaches_backbone()
+        with _printed_lines() as timing_lines, common.precision_scope(FLAGS.precision):
+            _time_steps()
     if not FLAGS.skip_shift:
         if FLAGS.train_quick:
             _train_quick(run_dirs)
-        _shift_robustness(run_dirs)
+        with _printed_lines() as shift_lines:
+            _shift_robustness(run_dirs)
+    if FLAGS.output:
+        common.write_results(FLAGS.output, _figures(device, timing_lines, shift_lines))
 
 
 if __name__ == "__main__":

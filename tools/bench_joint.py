@@ -18,7 +18,9 @@ work the fastest rounds are the steadier figure.
 Neighbour lists come from --index_dir's neighbours.npz when it exists (as
 built by apps.build_index for this source and target), otherwise random
 lists of --k_max source images per target (the cost does not depend on which
-images are listed).
+images are listed). --max_targets keeps the first training targets only (a
+shorter joint epoch, for smoke runs). --precision builds and trains both
+models in a Keras dtype policy; --output writes the figures as JSON.
 
   python tools/bench_joint.py --target=elpv --source=fashion_mnist --batch_size=32
 """
@@ -41,21 +43,34 @@ flags.DEFINE_integer("image_size", 64, "Input size.", lower_bound=8)
 flags.DEFINE_integer("batch_size", 32, "Global batch size of both kinds (even).", lower_bound=2)
 flags.DEFINE_integer("rounds", 5, "Timed rounds per kind (alternating).", lower_bound=1)
 flags.DEFINE_string("backbone", "small_cnn", "Backbone name (built-in or keras.applications).")
+flags.DEFINE_integer(
+    "max_targets", 0, "Use only the first this many target training images (0: all).", lower_bound=0
+)
+common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     common.reject_arguments(argv)
+    with common.precision_scope(FLAGS.precision):
+        _bench()
+
+
+def _bench():
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from keras_seltransfer import data as data_lib
     from keras_seltransfer import models
     from keras_seltransfer import training
 
+    device = common.describe_device()
+    print(device)
     keras.utils.set_random_seed(0)
     target, _ = training.load_train_test(FLAGS.target)
+    if FLAGS.max_targets:
+        target = target.subset(np.arange(min(FLAGS.max_targets, len(target))))
     source, _ = training.load_train_test(FLAGS.source)
     path = os.path.join(FLAGS.index_dir, "neighbours.npz")
     if os.path.isfile(path):
@@ -72,10 +87,14 @@ def main(argv):
     size, batch = FLAGS.image_size, FLAGS.batch_size
     channels = target.channels if models.is_builtin_backbone(FLAGS.backbone) else 3
     shape = (size, size, channels)
-    single = models.build_classifier(models.load_backbone(FLAGS.backbone, shape), target.num_classes)
+    single = models.build_classifier(
+        common.load_backbone(FLAGS.backbone, shape, FLAGS.precision), target.num_classes
+    )
     single.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     joint = models.build_multitask_model(
-        models.load_backbone(FLAGS.backbone, shape), sampler.num_source_classes, target.num_classes
+        common.load_backbone(FLAGS.backbone, shape, FLAGS.precision),
+        sampler.num_source_classes,
+        target.num_classes,
     )
     joint.compile(keras.optimizers.Adam(1e-3), **models.joint_compile_args())
 
@@ -108,8 +127,7 @@ def main(argv):
         f"{FLAGS.backbone} at {size}x{size}x{channels}, global batch {batch} "
         f"(joint: {batch // 2} target + {batch // 2} source), {steps} steps per round, "
         f"{len(target)} {FLAGS.target} targets, {len(sampler.candidate_ids)} candidate "
-        f"{FLAGS.source} source images from {origin}, {os.cpu_count()} CPUs, "
-        f"TensorFlow {tf.__version__}"
+        f"{FLAGS.source} source images from {origin}, precision {FLAGS.precision}"
     )
     print(f"joint pipeline set-up (decode and resize the targets once): {setup:.1f} s")
     for kind, values in seconds.items():
@@ -122,6 +140,18 @@ def main(argv):
     print(f"joint / target-only time per image, fastest rounds: {best:.3f}")
     ratio = statistics.median(seconds["joint"]) / statistics.median(seconds["target_only"])
     print(f"joint / target-only time per image, medians: {ratio:.3f}  (goal <= 1.1)")
+    if FLAGS.output:
+        results = common.benchmark_results(FLAGS.backbone, size, FLAGS.precision, device)
+        results.update(
+            target=FLAGS.target, source=FLAGS.source, targets=len(target), neighbours=origin,
+            batch_size=batch, steps_per_round=steps, setup_seconds=setup,
+            images_per_s={kind: [images / v for v in values] for kind, values in seconds.items()},
+            ratio_fastest=best, ratio_medians=ratio,
+        )
+        results["headline"].append(
+            common.goal("time per image, joint / target-only (medians)", ratio, at_most=1.1)
+        )
+        common.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ Trains the same model, side by side in one process, on
       input side nothing (the model's compute-only ceiling),
 alternating the two over several rounds after a warm-up that fills the
 pipeline's cache. The last line prints the ratio of (a) to (b); the pipeline
-is not the bottleneck when it is at least 0.9.
+is not the bottleneck when it is at least 0.9. --precision builds and trains
+the model in a Keras dtype policy; --output writes the figures as JSON.
 
   python tools/bench_pipeline.py --image_size=64 --batch_size=32
 """
 
-import os
 import statistics
 import time
 
@@ -27,11 +27,18 @@ flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
 flags.DEFINE_integer("steps", 100, "Training steps per timed round.", lower_bound=1)
 flags.DEFINE_integer("rounds", 5, "Timed rounds per input kind (alternating).", lower_bound=1)
 flags.DEFINE_string("backbone", "small_cnn", "Backbone name (built-in or keras.applications).")
+common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     common.reject_arguments(argv)
+    with common.precision_scope(FLAGS.precision):
+        _bench()
+
+
+def _bench():
     import keras
     import tensorflow as tf
 
@@ -39,12 +46,15 @@ def main(argv):
     from keras_seltransfer import models
     from keras_seltransfer import training
 
+    device = common.describe_device()
+    print(device)
     keras.utils.set_random_seed(0)
     train, _ = training.load_train_test(FLAGS.data)
     channels = train.channels if models.is_builtin_backbone(FLAGS.backbone) else 3
     size = FLAGS.image_size
     model = models.build_classifier(
-        models.load_backbone(FLAGS.backbone, (size, size, channels)), train.num_classes
+        common.load_backbone(FLAGS.backbone, (size, size, channels), FLAGS.precision),
+        train.num_classes,
     )
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
 
@@ -74,15 +84,25 @@ def main(argv):
 
     print(
         f"{FLAGS.backbone} at {size}x{size}x{channels}, batch {FLAGS.batch_size}, "
-        f"{len(train)} {FLAGS.data} training images, {os.cpu_count()} CPUs, "
-        f"TensorFlow {tf.__version__}"
+        f"{len(train)} {FLAGS.data} training images, precision {FLAGS.precision}"
     )
     print(f"first pass (decode + resize + cache fill): {len(train) / cold:8.1f} images/s")
     for kind, values in rates.items():
         shown = ", ".join(f"{v:.1f}" for v in values)
         print(f"{kind:>10}: median {statistics.median(values):8.1f} images/s  (rounds: {shown})")
     ratio = statistics.median(rates["pipeline"]) / statistics.median(rates["in_memory"])
-    print(f"ratio pipeline / in-memory: {ratio:.3f}")
+    print(f"ratio pipeline / in-memory: {ratio:.3f}  (goal >= 0.9)")
+    if FLAGS.output:
+        results = common.benchmark_results(FLAGS.backbone, size, FLAGS.precision, device)
+        results.update(
+            data=FLAGS.data, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+            training_images=len(train), first_pass_images_per_s=len(train) / cold,
+            images_per_s=rates,
+        )
+        results["headline"].append(
+            common.goal("training images/s, pipeline / in-memory (medians)", ratio, at_least=0.9)
+        )
+        common.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,16 @@ in a fresh Python process per checkout (--sft_checkouts, default this one),
 so that a checkout's own code runs (for example `--sft_checkouts=../before,.`
 for before and after).
 
+--precision builds the backbone (in both parts) in a Keras dtype policy;
+--output writes the figures as JSON.
+
   python tools/bench_relevance.py --num_images=8,64
   python tools/bench_relevance.py --checkout=../before --sft --sft_checkouts=../before,.
 """
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +51,8 @@ flags.DEFINE_boolean("skip_per_layer", False, "Skip the per-layer reference (slo
 flags.DEFINE_string("checkout", None, "Another checkout whose relevance module is also timed.")
 flags.DEFINE_boolean("sft", False, "Also time selective_filter_transfer end to end.")
 flags.DEFINE_list("sft_checkouts", ["."], "Checkouts whose selective_filter_transfer is timed.")
+common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 
 FLAGS = flags.FLAGS
 
@@ -56,8 +62,10 @@ import json, sys, time
 import numpy as np, tensorflow as tf, keras
 import keras_seltransfer
 from keras_seltransfer.models import selective_filter_transfer
-backbone = getattr(keras.applications, {backbone!r})(
-    weights=None, include_top=False, input_shape=({size}, {size}, 3))
+from keras_seltransfer.training.loop import dtype_policy
+with dtype_policy({precision!r}):
+    backbone = getattr(keras.applications, {backbone!r})(
+        weights=None, include_top=False, input_shape=({size}, {size}, 3))
 images = np.random.default_rng(0).uniform(0, 255, ({n}, {size}, {size}, 3)).astype("float32")
 data = tf.data.Dataset.from_tensor_slices(images).batch({batch})
 start = time.perf_counter()
@@ -150,6 +158,7 @@ def bench_relevance():
           f"batch size {FLAGS.batch_size}, statistic {FLAGS.statistic!r}")
     print(f"{'images':>6} {'per_layer s':>12} {'one_pass s':>11} {'checkout s':>11} "
           f"{'ratio':>6} {'max |diff|':>11}")
+    rows = []
     for num_images in (int(n) for n in FLAGS.num_images):
         data = _data(num_images)
         seconds, values = _timed(relevance.filter_statistics, model, data, FLAGS.statistic)
@@ -167,10 +176,18 @@ def bench_relevance():
         print(f"{num_images:>6} {row.get('per_layer', float('nan')):>12.2f} "
               f"{row['one_pass']:>11.2f} {row.get('checkout', float('nan')):>11.2f} "
               f"{ratio:>6.1f} {difference:>11.2e}", flush=True)
+        rows.append({
+            "images": num_images,
+            **{f"{kind}_seconds": value for kind, value in row.items()},
+            "ratio_per_layer_one_pass": None if FLAGS.skip_per_layer else ratio,
+            "max_abs_difference": None if math.isnan(difference) else difference,
+        })
+    return {"conv_layers": layers, "relevance": rows}
 
 
 def bench_transfer():
     print(f"\nselective_filter_transfer(ratio=0.5), {FLAGS.backbone}, fresh process each")
+    rows = []
     for checkout in FLAGS.sft_checkouts:
         for num_images in (int(n) for n in FLAGS.num_images):
             snippet = _SFT_SNIPPET.format(
@@ -178,6 +195,7 @@ def bench_transfer():
                 size=FLAGS.image_size,
                 n=num_images,
                 batch=FLAGS.batch_size,
+                precision=FLAGS.precision,
             )
             directory = os.path.abspath(checkout)
             environment = dict(os.environ, PYTHONPATH=directory)
@@ -193,14 +211,29 @@ def bench_transfer():
             result = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{checkout:>24} {num_images:>4} images: {result['seconds']:8.2f} s "
                   f"({os.path.dirname(os.path.dirname(result['package']))})", flush=True)
+            rows.append({"checkout": checkout, "images": num_images, "seconds": result["seconds"]})
+    return rows
 
 
 def main(argv):
     common.reject_arguments(argv)
-    with common.errors_reported():
-        bench_relevance()
+    FLAGS.backbone = common.application_backbone(FLAGS.backbone)
+    device = common.describe_device()
+    print(device)
+    with common.errors_reported(), common.precision_scope(FLAGS.precision):
+        results = common.benchmark_results(
+            FLAGS.backbone, FLAGS.image_size, FLAGS.precision, device
+        )
+        results.update(bench_relevance(), batch_size=FLAGS.batch_size, statistic=FLAGS.statistic)
         if FLAGS.sft:
-            bench_transfer()
+            results["selective_filter_transfer"] = bench_transfer()
+    if FLAGS.output:
+        largest = results["relevance"][-1]
+        results["headline"].append(common.goal(
+            f"relevance seconds, per_layer / one_pass ({largest['images']} images)",
+            largest["ratio_per_layer_one_pass"],
+        ))
+        common.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

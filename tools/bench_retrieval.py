@@ -16,14 +16,15 @@ Prints, all measured in one run on one device (printed first):
   4. descriptor extraction images/s for the Gabor and the conv bank;
   5. each mode's working memory (peak RSS above the stored descriptors) at
      two source sizes 4x apart, each in a fresh process.
---output writes everything as JSON (atomically).
+--output writes everything as JSON (atomically). --precision builds the conv
+bank's backbone (a named one) in a Keras dtype policy; the search itself is
+float32/float64 TensorFlow arithmetic that no Keras policy reaches.
 
   python tools/bench_retrieval.py --sources=8192,32768 --output=/tmp/bench.json
 """
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -66,7 +67,8 @@ flags.DEFINE_enum("real_bank", "conv", ["conv", "gabor"], "Filter bank of the re
 flags.DEFINE_integer("real_sources", 8192, "Fashion-MNIST source images of the real index (0: skip).")
 flags.DEFINE_integer("real_targets", 256, "ELPV target images of the real index.")
 flags.DEFINE_bool("memory", True, "Measure working memory (four fresh processes).")
-flags.DEFINE_string("output", None, "Write the results as JSON to this file.")
+common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 flags.DEFINE_string("memory_child", None, "Internal: run one memory measurement in this process.")
 FLAGS = flags.FLAGS
 
@@ -112,16 +114,6 @@ def _recall(expected, found):
     return float(np.mean(
         [len(set(e.tolist()) & set(f.tolist())) / len(e) for e, f in zip(expected, found)]
     ))
-
-
-def _device():
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
-        return f"GPU: {', '.join(names)}"
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible"
 
 
 def _extrapolate(points):
@@ -196,7 +188,6 @@ def main(argv):
 
     from keras_seltransfer.retrieval import similarity
     from keras_seltransfer.utils import divergence
-    from keras_seltransfer.utils.io import atomic_write_text
 
     if FLAGS.memory_child:
         spec = json.loads(FLAGS.memory_child)
@@ -221,8 +212,16 @@ def main(argv):
     import scipy.spatial.distance
     import tensorflow as tf
 
-    device = _device()
-    print(f"device: {device}; TensorFlow {tf.__version__}")
+    from keras_seltransfer.models import is_backbone_path
+
+    common.check_precision(FLAGS.precision)
+    if FLAGS.precision != "float32" and is_backbone_path(FLAGS.backbone):
+        common.fail(
+            f"--precision={FLAGS.precision} does not reach the saved backbone {FLAGS.backbone} "
+            "(a .keras file keeps its own dtype policy): pass a named --backbone."
+        )
+    device = common.describe_device()
+    print(device)
     rng = np.random.default_rng(0)
     c, b, t = FLAGS.channels, FLAGS.bins, FLAGS.targets
     sizes = sorted(int(s) for s in FLAGS.sources)
@@ -239,6 +238,9 @@ def main(argv):
         "block_size": FLAGS.block_size, "exact_dtype": FLAGS.exact_dtype,
         "throughput": {},
     }
+    results.update(common.benchmark_results(
+        FLAGS.backbone, FLAGS.image_size, FLAGS.precision, device
+    ))
 
     # 1. Throughput and matmul fraction per size and mode. The matmul
     # reference: the search's two GEMMs per block, same shapes and dtype.
@@ -299,7 +301,8 @@ def main(argv):
     results["recall_random"] = _recalls(similarity, target, all_sources[: sizes[0]], weights)
     if FLAGS.real_sources:
         start = time.perf_counter()
-        real_target, real_source, real_weights = _describe_real(similarity)
+        with common.precision_scope(FLAGS.precision):
+            real_target, real_source, real_weights = _describe_real(similarity)
         results["real_index"] = {
             "bank": FLAGS.real_bank,
             "backbone": FLAGS.backbone if FLAGS.real_bank == "conv" else None,
@@ -333,10 +336,11 @@ def main(argv):
     from keras_seltransfer.utils import histograms
 
     image_size = FLAGS.image_size
-    backbone = backbones.load_backbone(
-        FLAGS.backbone,
-        (image_size, image_size, 1 if backbones.is_builtin_backbone(FLAGS.backbone) else None),
-    )
+    with common.precision_scope(FLAGS.precision):
+        backbone = backbones.load_backbone(
+            FLAGS.backbone,
+            (image_size, image_size, 1 if backbones.is_builtin_backbone(FLAGS.backbone) else None),
+        )
     in_channels = int(backbone.inputs[0].shape[-1])
     images = tf.data.Dataset.from_tensor_slices(
         rng.uniform(0, 255, (1024, image_size, image_size, in_channels)).astype("float32")
@@ -413,8 +417,22 @@ def main(argv):
         print(f"working memory, {m['mode']}, {m['sources']:>7} sources: "
               f"{m['working_mib']:8.1f} MiB above {m['descriptors_mib']:.1f} MiB of descriptors")
     if FLAGS.output:
-        atomic_write_text(FLAGS.output, json.dumps(results, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {FLAGS.output}")
+        recall = results.get("real_index", {}).get("recall") or results["recall_random"]
+        largest_k = max(recall, key=int)
+        largest = results["throughput"][f"{t}x{sizes[-1]}"]
+        results["headline"] += [
+            common.goal(
+                f"fast-mode recall of the exact top-{largest_k}, "
+                + ("real index" if "real_index" in results else "random histograms"),
+                recall[largest_k], at_least=0.99,
+            ),
+            common.goal(
+                f"search pairs/s, fast / exact ({t} x {sizes[-1]})",
+                largest["fast"]["pairs_per_s"] / largest["exact"]["pairs_per_s"],
+            ),
+            common.goal("exact search pairs/s / NumPy per-pair loop", exact_rate / loop_rate),
+        ]
+        common.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Times `antialias` (filt_size 4), `adafilter` and `selective_filter_transfer`
 from the same freshly built backbone, in a fresh Python process per
 checkout (--checkouts), so that each checkout's own code runs: for example
 `--checkouts=../before,.` for before and after a change (`../before`: a checkout of the earlier commit, e.g. `git worktree add ../before <commit>`). It prints one
-line per checkout and transform with the seconds, then a table.
+line per checkout and transform with the seconds, then a table. --precision
+builds the backbones in a Keras dtype policy (the transforms rebuild their
+layers in it); --output writes the figures as JSON.
 
   python tools/bench_transforms.py --checkouts=../before,.
   python tools/bench_transforms.py --backbone=MobileNetV3Small --transforms=antialias
@@ -32,6 +34,8 @@ flags.DEFINE_integer("batch_size", 8, "Batch size of those images.", lower_bound
 flags.DEFINE_list("transforms", list(TRANSFORMS), f"Which of {TRANSFORMS} to time.")
 flags.DEFINE_list("checkouts", ["."], "Checkouts whose transforms are timed, in turn.")
 flags.DEFINE_string("worker", None, "(internal) time the transforms of this process and exit.")
+common.define_benchmark_flags()
+flags.adopt_module_key_flags(common)  # --help lists them
 FLAGS = flags.FLAGS
 
 
@@ -87,28 +91,50 @@ def main(argv):
         # the other checkout's package.
         sys.path.insert(0, os.path.abspath(FLAGS.worker))
         import keras_seltransfer
+        from keras_seltransfer.training.loop import dtype_policy
 
-        results = time_transforms(
-            FLAGS.backbone, FLAGS.image_size, FLAGS.num_images, FLAGS.batch_size, FLAGS.transforms
-        )
+        with dtype_policy(FLAGS.precision):
+            results = time_transforms(
+                FLAGS.backbone, FLAGS.image_size, FLAGS.num_images, FLAGS.batch_size,
+                FLAGS.transforms,
+            )
         print(json.dumps({"package": os.path.dirname(keras_seltransfer.__file__), **results}))
         return
+    # The workers import the timed checkouts' packages; this process may
+    # import its own.
+    backbone = common.application_backbone(FLAGS.backbone)
+    common.check_precision(FLAGS.precision)
+    device = common.describe_device()
+    print(device)
     argv = [
-        f"--backbone={FLAGS.backbone}",
+        f"--backbone={backbone}",
         f"--image_size={FLAGS.image_size}",
         f"--num_images={FLAGS.num_images}",
         f"--batch_size={FLAGS.batch_size}",
         f"--transforms={','.join(FLAGS.transforms)}",
+        f"--precision={FLAGS.precision}",
     ]
     rows = {}
     for checkout in FLAGS.checkouts:
         rows[checkout] = _run_checkout(checkout, argv)
         print(json.dumps({"checkout": checkout, **rows[checkout]}), flush=True)
-    print(f"\n{FLAGS.backbone} at {FLAGS.image_size}x{FLAGS.image_size}, seconds")
+    print(f"\n{backbone} at {FLAGS.image_size}x{FLAGS.image_size}, {FLAGS.precision}, seconds")
     print("| checkout | " + " | ".join(FLAGS.transforms) + " |")
     print("|---" * (len(FLAGS.transforms) + 1) + "|")
     for checkout, row in rows.items():
         print(f"| {checkout} | " + " | ".join(str(row[t]) for t in FLAGS.transforms) + " |")
+    if FLAGS.output:
+        results = common.benchmark_results(backbone, FLAGS.image_size, FLAGS.precision, device)
+        results.update(num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, checkouts=rows)
+        for checkout, row in rows.items():
+            for transform in FLAGS.transforms:
+                seconds = row[transform]
+                results["headline"].append(common.goal(
+                    f"{transform} seconds ({checkout})"
+                    + ("" if isinstance(seconds, float) else f", failed: {seconds}"),
+                    seconds if isinstance(seconds, float) else None,
+                ))
+        common.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,19 @@ def test_times_each_transform_per_checkout_and_prints_a_table():
         "--checkouts=.",
     )
     assert done.returncode == 0, done.stderr
-    row = json.loads(done.stdout.splitlines()[0])
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("device: ")
+    row = json.loads(lines[1])
     assert row["checkout"] == "." and row["package"].endswith("keras_seltransfer")
     assert all(isinstance(row[t], float) and row[t] > 0 for t in ("antialias", "adafilter"))
     assert "| . | " in done.stdout
+
+
+def test_backbone_must_be_a_keras_application():
+    done = helpers.run_tool("bench_transforms.py", "--backbone=small_cnn")
+    assert done.returncode == 2
+    assert "--backbone must name a keras.applications constructor" in done.stderr
+    assert "Received: 'small_cnn'" in done.stderr
 
 
 def test_unknown_transform_is_a_clear_error():
