@@ -115,6 +115,14 @@ def get_strategy(name="auto", devices=None):
       Keras 3 `model.fit` and `model.evaluate` pass to it; with the plain
       TensorFlow class both fail (keras-team/keras#20585).
 
+    Every `MirroredStrategy` and the `"multi_worker"` strategy returned are
+    subclasses whose `reduce` also takes the first batch that Keras 3
+    averages over the replicas before every `evaluate` (and so after every
+    epoch of `fit` with validation data) only to read its shapes: when that
+    batch does not split evenly over the replicas (a dataset smaller than the
+    global batch, of a size not divisible by the replica count) the plain
+    TensorFlow classes fail there with a shape mismatch.
+
     Looking up the devices starts the TensorFlow runtime, so call
     `configure_logical_cpus` before this function, not after.
 
@@ -166,7 +174,7 @@ def get_strategy(name="auto", devices=None):
     gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
     if name == "auto":
         if len(gpus) > 1:
-            return tf.distribute.MirroredStrategy(gpus)
+            return _KerasMirroredStrategy(gpus)
         if len(gpus) == 1:
             return tf.distribute.OneDeviceStrategy(gpus[0])
         return tf.distribute.get_strategy()
@@ -186,7 +194,7 @@ def get_strategy(name="auto", devices=None):
         # devices ("Shape mismatch in the collective instance"). CPU replicas
         # share host memory, so reducing on one device is also the cheap way.
         cross_device_ops = tf.distribute.ReductionToOneDevice()
-    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+    return _KerasMirroredStrategy(devices, cross_device_ops=cross_device_ops)
 
 
 def describe_strategy(strategy):
@@ -238,7 +246,9 @@ def describe_strategy(strategy):
             f"MultiWorkerMirroredStrategy with {replicas} {noun} over "
             f"{workers} workers; this worker on {devices}"
         )
-    return f"{type(strategy).__name__} with {replicas} {noun} on {devices}"
+    # Name the public TensorFlow class, not the Keras-compatibility subclass.
+    name = next(c.__name__ for c in type(strategy).__mro__ if not c.__name__.startswith("_"))
+    return f"{name} with {replicas} {noun} on {devices}"
 
 
 def is_chief():
@@ -281,6 +291,40 @@ def is_chief():
     )
 
 
+def _first_local_values(strategy, value):
+    """This worker's first replica's part of every per-replica value in `value`."""
+
+    def first(one_value):
+        if isinstance(one_value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(one_value)[0]
+        return one_value
+
+    return tf.nest.map_structure(first, value)
+
+
+class _KerasMirroredStrategy(tf.distribute.MirroredStrategy):
+    """`MirroredStrategy` whose `reduce` takes the batch Keras 3 builds from.
+
+    Before every `fit` and `evaluate` (so after every epoch of `fit` with
+    validation data) Keras 3 averages the first `(x, y)` batch over the
+    replicas with `strategy.reduce("MEAN", batch, axis=None)`, only to read
+    its shapes and dtypes for a symbolic build. When that batch does not
+    split evenly (5 examples over 2 replicas: 3 and 2) the average is
+    undefined and the plain class fails with a shape mismatch. Here a nest
+    whose replicas hold different shapes gives the first replica's values
+    (what Keras needs); every other call behaves as before.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        if tf.nest.is_nested(value) and any(
+            len({tuple(part.shape) for part in self.experimental_local_results(leaf)}) > 1
+            for leaf in tf.nest.flatten(value)
+            if isinstance(leaf, tf.distribute.DistributedValues)
+        ):
+            return _first_local_values(self, value)
+        return super().reduce(reduce_op, value, axis)
+
+
 class _KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """`MultiWorkerMirroredStrategy` whose `reduce` accepts what Keras 3 passes.
 
@@ -288,29 +332,30 @@ class _KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrateg
     `MultiWorkerMirroredStrategy` rejects, so plain `fit` fails under it
     (keras-team/keras#20585, tensorflow/tensorflow#72388):
 
-    - on a whole `(x, y)` batch, before training, to build the model: the
-      multi-worker `reduce` takes a single value, not a nest
-      (`MirroredStrategy` maps over nests);
+    - on a whole `(x, y)` batch, before every `fit` and `evaluate` (so after
+      every epoch of `fit` with validation data), only to read its shapes
+      and dtypes for a symbolic build: the multi-worker `reduce` takes a
+      single value, not a nest;
     - on every scalar log (the loss) with `axis=0`, after each step: a
       scalar has no axis 0 to reduce.
 
-    This subclass maps `reduce` over nests and reduces scalars across
-    replicas only, which is what Keras means by both calls; every call that
-    the base class accepts behaves as before.
+    This subclass answers a nest with this worker's first replica's values,
+    without communicating: averaging the batch over the workers, as the
+    mirrored `reduce` would, fails with a shape mismatch whenever the batch
+    does not split evenly (a dataset smaller than the global batch, of a
+    size not divisible by the replica count), and no worker can tell
+    without asking the others. It reduces scalars across replicas
+    only, which is what Keras means by the second call; every call that the
+    base class accepts behaves as before.
     """
 
     def reduce(self, reduce_op, value, axis):
-        def reduce_one(one_value):
-            local = one_value
-            if isinstance(one_value, tf.distribute.DistributedValues):
-                local = self.experimental_local_results(one_value)[0]
-            shape = tf.TensorShape(getattr(local, "shape", ()))
-            one_axis = None if shape.rank == 0 else axis
-            return super(_KerasMultiWorkerMirroredStrategy, self).reduce(
-                reduce_op, one_value, axis=one_axis
-            )
-
-        return tf.nest.map_structure(reduce_one, value)
+        if tf.nest.is_nested(value):
+            return _first_local_values(self, value)
+        local = _first_local_values(self, value)
+        if tf.TensorShape(getattr(local, "shape", ())).rank == 0:
+            axis = None
+        return super().reduce(reduce_op, value, axis=axis)
 
 
 def _check_devices(name, devices):
