@@ -438,12 +438,18 @@ class JointFinetuning(Method):
                 extra.update(_neighbour_report(sampler, growth, steps, config, fit_info))
             return extra
 
+        # The metrics' variables must be the strategy's, so every replica
+        # and worker adds to the same totals; made outside its scope they
+        # count only this worker's examples (a different target_accuracy on
+        # each worker).
+        with context.strategy.scope():
+            compile_kwargs = joint_compile_args(config.target_weight, config.source_weight)
         return MethodSetup(
             model=model,
             classifier=target_model(model, name=f"{model.name}_target"),
             callbacks=callbacks,
             state_variables=sampler.state_variables(),
-            compile_kwargs=joint_compile_args(config.target_weight, config.source_weight),
+            compile_kwargs=compile_kwargs,
             # The joint pipeline ends after each epoch (its length follows
             # the neighbour counts), so `fit` runs every epoch to its end.
             train_data=lambda initial_epoch: train_ds,
