@@ -1,5 +1,6 @@
 """TrainingCheckpoint: atomic end-of-epoch checkpoints that a rerun resumes from."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,8 +113,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         if state is None:
             return 0
         if model.optimizer is not None and not model.optimizer.built:
-            # Optimizer variables must exist before their values can load.
-            model.optimizer.build(model.trainable_variables)
+            # Optimizer variables must exist before their values can load,
+            # and under a distribution strategy (TensorFlow backend) they
+            # must be the strategy's, as `fit` would build them.
+            strategy = getattr(model, "distribute_strategy", None)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(self.directory, state["weights"]))
         if self.state_variables:
             saved = state.get("state_variables")

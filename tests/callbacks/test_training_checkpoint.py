@@ -205,3 +205,30 @@ def test_joint_run_resumes_to_identical_weights(tmp_path):
     for a, b in zip(reference.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert isinstance(sampler.epoch, tf.Variable) and int(sampler.epoch.numpy()) == 4
+
+
+def test_resume_under_a_distribution_strategy(tmp_path):
+    # A resumed run restores before `fit`, so the optimizer's variables are
+    # built by `restore`: outside the strategy's scope that failed ("Need to
+    # be inside `with strategy.scope()`"), so no mirrored or multi-worker
+    # run could resume.
+    from keras_seltransfer import distribute
+
+    strategy = distribute.get_strategy("mirrored")
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        reference = _model()
+    start = reference.get_weights()
+    _fit(reference, str(tmp_path / "ref"), epochs=4)
+
+    with strategy.scope():
+        resumed = _model()
+    resumed.set_weights(start)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(resumed, str(tmp_path / "ckpt"), epochs=4, interrupt_at=2)
+    with strategy.scope():
+        fresh = _model()
+    initial, _ = _fit(fresh, str(tmp_path / "ckpt"), epochs=4)
+    assert initial == 2
+    for a, b in zip(reference.get_weights(), fresh.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
