@@ -291,6 +291,46 @@ def is_chief():
     )
 
 
+def worker_values(strategy, value):
+    """Every worker's `value` (an int) under a multi-worker strategy.
+
+    Under `MultiWorkerMirroredStrategy` every worker must call this at the
+    same point of its program (it is a collective operation) and every
+    worker gets the same list; under other strategies, one process being
+    the whole run, it returns `[value]` and communicates nothing. Use it to
+    check that the workers agree before they train together (for example
+    on the epoch they resume from).
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+        value: this worker's int.
+
+    Returns:
+        A list of ints, one per worker, in worker order (the chief first
+        when the cluster has no separate chief job).
+
+    Example:
+
+    ```python
+    epochs = worker_values(strategy, initial_epoch)
+    if len(set(epochs)) > 1:
+        raise ValueError(f"The workers resumed from different epochs: {epochs}")
+    ```
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return [int(value)]
+    value = tf.constant([int(value)], tf.int64)
+
+    # In a function: `strategy.run` called eagerly warns of its overhead.
+    @tf.function
+    def gather():
+        return strategy.gather(strategy.run(lambda: tf.identity(value)), axis=0)
+
+    gathered = gather().numpy().tolist()
+    # One entry per replica, the replicas of each worker together.
+    return gathered[:: len(strategy.extended.worker_devices)]
+
+
 def _first_local_values(strategy, value):
     """This worker's first replica's part of every per-replica value in `value`."""
 
@@ -473,4 +513,5 @@ __all__ = [
     "describe_strategy",
     "get_strategy",
     "is_chief",
+    "worker_values",
 ]

@@ -62,6 +62,83 @@ def run_tool(script, *args, timeout=600):
     )
 
 
+def free_ports(count):
+    """`count` distinct free TCP ports on 127.0.0.1."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        # Held open until all are read, so the ports differ.
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def start_workers(argvs, log_dir, ports, name="worker", first_index=0):
+    """Starts one process per command line of `argvs` as the workers
+    `first_index, first_index + 1, ...` of a `MultiWorkerMirroredStrategy`
+    cluster on `127.0.0.1:<port>` for each of `ports`.
+
+    Each process gets its `TF_CONFIG`, the repository root on `PYTHONPATH`
+    and the repository root as working directory; its stdout and stderr go
+    to `<log_dir>/<name><index>.log` (files, not pipes: a full pipe would
+    block a worker while the test waits on another). A log that exists is
+    appended to, so a restarted worker keeps its earlier output.
+
+    Returns:
+        The `subprocess.Popen` of each worker, in index order.
+    """
+    import subprocess
+
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes = []
+    for offset, argv in enumerate(argvs):
+        index = first_index + offset
+        env = dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        with open(Path(log_dir) / f"{name}{index}.log", "ab") as log:
+            processes.append(
+                subprocess.Popen(
+                    argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
+    return processes
+
+
+def wait_workers(processes, timeout):
+    """Waits for worker processes; returns their exit codes.
+
+    Polls rather than waiting on each in turn, and stops at the first
+    failure: when one worker fails the others may block in their
+    collectives. Workers still running then, or after `timeout` seconds,
+    are killed (exit code -9).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in processes]
+            if all(code == 0 for code in codes) or any(codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    return [process.returncode for process in processes]
+
+
 def small_run_config(**fields):
     """A `FinetuneConfig` of `SMALL_RUN` with `fields` on top."""
     from keras_seltransfer import training

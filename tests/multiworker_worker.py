@@ -8,7 +8,8 @@ Run by `tests/test_distribute.py` as
 with the repository root on `PYTHONPATH`. It builds
 `get_strategy("multi_worker")`, trains the tiny model of `train` on this
 worker's shard of the synthetic data and writes the final weights, with the
-number of replicas, `is_chief()` and `describe_strategy()`, to `WEIGHTS.npz`.
+number of replicas, `is_chief()`, `describe_strategy()` and what
+`worker_values` gathers, to `WEIGHTS.npz`.
 
 The test also imports this module for the same recipe (data, model, input
 pipeline, training) so the single-process reference cannot drift from what
@@ -141,6 +142,8 @@ def main(argv):
         num_replicas=strategy.num_replicas_in_sync,
         is_chief=distribute.is_chief(),
         description=distribute.describe_strategy(strategy),
+        # 10 on the chief, 11 on the other worker.
+        worker_values=distribute.worker_values(strategy, 10 + int(not distribute.is_chief())),
         **{f"weight_{i}": weight for i, weight in enumerate(weights)},
     )
     return 0

@@ -7,16 +7,14 @@ multi-worker test starts two real worker processes on 127.0.0.1.
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_seltransfer import distribute
+from tests import helpers
 from tests import multiworker_worker as recipe
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,6 +199,11 @@ def test_is_chief(monkeypatch, tf_config, expected):
     assert distribute.is_chief() is expected
 
 
+def test_worker_values_of_a_single_process():
+    assert distribute.worker_values(tf.distribute.get_strategy(), 3) == [3]
+    assert distribute.worker_values(distribute.get_strategy("mirrored"), 4) == [4]
+
+
 def test_is_chief_rejects_malformed_tf_config(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "worker 0")
     with pytest.raises(ValueError, match="must be valid JSON"):
@@ -245,68 +248,20 @@ def test_mirrored_fit_matches_default_strategy(repeat):
     np.testing.assert_allclose(loss, reference_loss, rtol=1e-6)
 
 
-def _free_ports(count):
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        # Held open until all are read, so the ports differ.
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _run_two_workers(tmp_path, script, extra_args=(), suffix=".npz"):
     """Runs `script OUTPUT [extra_args]` as two workers on 127.0.0.1; returns
     the outputs (npz contents, or the output paths for another `suffix`)."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [_REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p]
+    outputs = [tmp_path / f"worker{index}{suffix}" for index in range(2)]
+    processes = helpers.start_workers(
+        [[sys.executable, script, str(output), *extra_args] for output in outputs],
+        tmp_path,
+        helpers.free_ports(2),
     )
-    processes, logs, outputs = [], [], []
-    try:
-        for index in range(2):
-            env["TF_CONFIG"] = json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            )
-            outputs.append(tmp_path / f"worker{index}{suffix}")
-            # Logs go to files, not pipes: a full pipe would block a worker
-            # while the test waits on the other one.
-            logs.append(open(tmp_path / f"worker{index}.log", "wb"))
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, script, str(outputs[-1]), *extra_args],
-                    cwd=_REPO_ROOT,
-                    env=dict(env),
-                    stdout=logs[-1],
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + _WORKER_TIMEOUT_S
-        # Poll rather than wait on each in turn: when one worker fails, the
-        # other blocks in its collectives, so stop at the first failure.
-        while time.monotonic() < deadline:
-            codes = [process.poll() for process in processes]
-            if all(code == 0 for code in codes) or any(codes):
-                break
-            time.sleep(0.2)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for log in logs:
-            log.close()
-
-    for index, process in enumerate(processes):
+    codes = helpers.wait_workers(processes, _WORKER_TIMEOUT_S)
+    for index, code in enumerate(codes):
         log = (tmp_path / f"worker{index}.log").read_text(errors="replace")
-        assert process.returncode == 0, (
-            f"worker {index} exited with {process.returncode} (-9: killed "
+        assert code == 0, (
+            f"worker {index} exited with {code} (-9: killed "
             f"after {_WORKER_TIMEOUT_S} s or after the other worker failed):\n"
             f"{log[-4000:]}"
         )
@@ -325,6 +280,7 @@ def test_multi_worker_fit_matches_single_process(tmp_path):
             "MultiWorkerMirroredStrategy with 2 replicas over 2 workers; "
             f"this worker on /job:worker/task:{index}/cpu:0"
         )
+        assert result["worker_values"].tolist() == [10, 11]
     num_weights = sum(key.startswith("weight_") for key in results[0])
     worker_weights = [
         [result[f"weight_{i}"] for i in range(num_weights)] for result in results

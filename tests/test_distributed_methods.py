@@ -44,6 +44,9 @@ METHODS = {
     "delta": {"delta_alpha": 1.0},
     "bss": {"bss_eta": 0.01},
 }
+# How close a two-worker run's best validation cross-entropy must come to a
+# single-device run's (see the module docstring for why they differ).
+MULTI_WORKER_TOLERANCE = dict(rtol=0.25, atol=0.03)
 # The default run checks these; every method runs with `pytest -m slow`.
 DEFAULT_MIRRORED = ("ktft",)
 DEFAULT_MULTI_WORKER = ("adafilter",)
@@ -130,7 +133,7 @@ def test_two_workers_stay_in_sync_and_match_single_device(data, method, tmp_path
     print(f"{method} multi-worker: {chief_loss:.4f} single: {single_loss:.4f}")
     assert chief["history"] == other["history"]
     assert single_loss < 0.6, single_loss
-    np.testing.assert_allclose(chief_loss, single_loss, rtol=0.25, atol=0.03)
+    np.testing.assert_allclose(chief_loss, single_loss, **MULTI_WORKER_TOLERANCE)
     # Only the chief wrote the run's outputs.
     run = tmp_path / "multi_worker"
     assert (run / "model.keras").is_file() and (run / "report.json").is_file()

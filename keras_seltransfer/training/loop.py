@@ -11,6 +11,7 @@ import warnings
 import keras
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
 from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer.callbacks import ValidationCollapseMonitor
@@ -241,6 +242,7 @@ def fit(
         state_variables=state_variables or None,
     )
     initial_epoch = checkpoint.restore(model)
+    _check_same_resume_epoch(model, initial_epoch, run_dir)
     if is_chief:
         _write_config(config, run_dir)
     if initial_epoch and config.verbose:
@@ -280,6 +282,27 @@ def fit(
             "min_drop": collapse.min_drop,
         },
     }
+
+
+def _check_same_resume_epoch(model, initial_epoch, run_dir):
+    """Refuses to train when the workers of a multi-worker run restored
+    checkpoints of different epochs: each keeps its own (a worker killed
+    between the chief's save and its own, or restarted without its disk,
+    lags), and training on from different weights, schedules and data
+    positions would leave the workers' copies of the model out of step."""
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        return
+    epochs = distribute.worker_values(strategy, initial_epoch)
+    if len(set(epochs)) > 1:
+        scratch = os.path.join(run_dir, ".worker_scratch", "backup")
+        raise ValueError(
+            f"The workers resumed from checkpoints of different epochs: {epochs} (worker 0 "
+            f"first; 0 is no checkpoint). Each worker keeps its own checkpoint (the chief in "
+            f"{os.path.join(run_dir, 'backup')}, the others in {scratch}). Copy the chief's "
+            f"backup directory to {scratch} on every other worker and restart them all, or "
+            "delete those directories on every worker to start afresh."
+        )
 
 
 def _write_config(config, run_dir):
