@@ -8,6 +8,10 @@ the run's report.json lies beside the model, the data must have the classes
 the model was trained on, in the same order. Writes <stem>.json and
 <stem>.md beside the model unless --output_dir is set.
 
+With --strategy=multi_worker (and TF_CONFIG, as for apps.finetune) every
+worker runs the same command, predicts its share of each batch and gets
+every prediction; only the chief writes the report.
+
 Example:
 
   python -m apps.evaluate --model=runs/finetune/baseline-elpv-1-seed0/model.keras --data=elpv
@@ -18,6 +22,7 @@ import os
 from absl import flags
 
 from keras_seltransfer import data as data_lib
+from keras_seltransfer import distribute
 from keras_seltransfer import evaluation
 from keras_seltransfer import training
 from keras_seltransfer.apps import common
@@ -36,6 +41,11 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_size", 64, "Evaluation batch size.", lower_bound=1)
 flags.DEFINE_string("output_dir", None, "Where to write the report (default: beside the model).")
 flags.DEFINE_string("stem", "evaluation", "File name stem of the report.")
+flags.DEFINE_enum(
+    "strategy", "auto", distribute.STRATEGY_NAMES,
+    "Distribution strategy (see distribute.get_strategy); the test images are split "
+    "over its replicas and workers.",
+)
 flags.mark_flag_as_required("model")
 
 FLAGS = flags.FLAGS
@@ -75,7 +85,11 @@ def main(argv):
     try:
         if not os.path.isfile(FLAGS.model):
             raise FileNotFoundError(f"--model file not found: {FLAGS.model!r}")
-        model = load_keras_file(FLAGS.model, what="model")
+        # First: a multi-worker strategy configures TensorFlow's collective
+        # ops before anything starts the runtime.
+        strategy = distribute.get_strategy(FLAGS.strategy)
+        with strategy.scope():
+            model = load_keras_file(FLAGS.model, what="model")
         channels = int(model.inputs[0].shape[-1])
         # Image folders mixing channel counts load converted to the model's.
         _, test = data_lib.load_train_test(
@@ -85,19 +99,29 @@ def main(argv):
         _check_classes(model, FLAGS.model, test, FLAGS.data)
         report = training.evaluate_model(
             model, test, FLAGS.batch_size,
-            {"model": os.path.abspath(FLAGS.model), "data": FLAGS.data},
+            {
+                "model": os.path.abspath(FLAGS.model),
+                "data": FLAGS.data,
+                "strategy": distribute.describe_strategy(strategy),
+            },
+            strategy=strategy,
         )
         out_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(FLAGS.model))
-        json_path, md_path = evaluation.write_report(
-            report, out_dir, stem=FLAGS.stem, title=f"Evaluation on {FLAGS.data}"
-        )
+        written = None
+        if distribute.is_chief():
+            written = evaluation.write_report(
+                report, out_dir, stem=FLAGS.stem, title=f"Evaluation on {FLAGS.data}"
+            )
     except common.USER_ERRORS as e:
         common.fail("evaluate", e)
     print(
         f"accuracy {report['accuracy']:.4f}, balanced accuracy "
-        f"{report['balanced_accuracy']:.4f} on {report['num_examples']} images\n"
-        f"  report: {md_path}\n  json: {json_path}"
+        f"{report['balanced_accuracy']:.4f} on {report['num_examples']} images"
     )
+    if written is None:
+        print("  report: written by the chief worker")
+    else:
+        print(f"  report: {written[1]}\n  json: {written[0]}")
 
 
 def run():

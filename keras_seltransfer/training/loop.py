@@ -349,10 +349,16 @@ def no_fit(config, run_dir, is_chief, monitor="val_crossentropy"):
     }
 
 
-def evaluate_model(model, images, batch_size, extra=None):
+def evaluate_model(model, images, batch_size, extra=None, strategy=None):
     """The classification report (`evaluation.classification_report`) of
     `model` on `images` (an `ImageSource`), resized to the model's input
     size and converted to its channels, with `extra` entries added.
+
+    With a `strategy` of several replicas (the model built or loaded in its
+    scope), `model.predict` splits each batch of `batch_size` images over
+    the replicas (and workers: under `MultiWorkerMirroredStrategy` every
+    worker runs this and gets every prediction, in order); otherwise the
+    model predicts batch by batch in this process.
 
     Example:
 
@@ -363,7 +369,13 @@ def evaluate_model(model, images, batch_size, extra=None):
     """
     height, width, channels = (int(d) for d in model.inputs[0].shape[1:])
     dataset = data_lib.make_dataset(images, (height, width), batch_size, channels=channels)
-    probabilities, labels = evaluation.predict_dataset(model, dataset)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        with strategy.scope():
+            probabilities = model.predict(dataset, verbose=0)
+        # The dataset keeps the source's order.
+        labels = images.labels
+    else:
+        probabilities, labels = evaluation.predict_dataset(model, dataset)
     report = evaluation.classification_report(labels, probabilities, images.class_names)
     report.update(extra or {})
     return report
