@@ -241,8 +241,11 @@ def fit(
         early_stopping=early_stopping,
         state_variables=state_variables or None,
     )
+    # Checked before restoring: restoring builds the optimizer, whose
+    # variables' creation is itself a collective operation.
+    state = checkpoint.read_state()
+    _check_same_resume_epoch(model, 0 if state is None else int(state["epoch"]), run_dir)
     initial_epoch = checkpoint.restore(model)
-    _check_same_resume_epoch(model, initial_epoch, run_dir)
     if is_chief:
         _write_config(config, run_dir)
     if initial_epoch and config.verbose:
@@ -284,24 +287,25 @@ def fit(
     }
 
 
-def _check_same_resume_epoch(model, initial_epoch, run_dir):
-    """Refuses to train when the workers of a multi-worker run restored
-    checkpoints of different epochs: each keeps its own (a worker killed
-    between the chief's save and its own, or restarted without its disk,
-    lags), and training on from different weights, schedules and data
-    positions would leave the workers' copies of the model out of step."""
+def _check_same_resume_epoch(model, epoch, run_dir):
+    """Refuses to train when the workers of a multi-worker run would resume
+    from checkpoints of different epochs: each keeps its own (a worker
+    killed between the chief's save and its own, or restarted without its
+    disk, lags), and training on from different weights, schedules and
+    data positions would leave the workers' copies of the model out of
+    step."""
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is None:
         return
-    epochs = distribute.worker_values(strategy, initial_epoch)
+    epochs = distribute.worker_values(strategy, epoch)
     if len(set(epochs)) > 1:
         scratch = os.path.join(run_dir, ".worker_scratch", "backup")
         raise ValueError(
-            f"The workers resumed from checkpoints of different epochs: {epochs} (worker 0 "
-            f"first; 0 is no checkpoint). Each worker keeps its own checkpoint (the chief in "
-            f"{os.path.join(run_dir, 'backup')}, the others in {scratch}). Copy the chief's "
-            f"backup directory to {scratch} on every other worker and restart them all, or "
-            "delete those directories on every worker to start afresh."
+            f"The workers' checkpoints are of different epochs: {epochs} (worker 0 first; "
+            "0 is no checkpoint), so they cannot resume together. Each worker keeps its own "
+            f"checkpoint (the chief in {os.path.join(run_dir, 'backup')}, the others in "
+            f"{scratch}). Copy the chief's backup directory to {scratch} on every other worker "
+            "and restart them all, or delete those directories on every worker to start afresh."
         )
 
 
