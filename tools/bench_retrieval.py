@@ -101,6 +101,19 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
+def _alternate(search, matmuls):
+    """`(search seconds, matmul seconds)` of --repeats alternating timed runs
+    after one untimed run of each (alternating, so that load on a shared
+    machine hits both)."""
+    search()
+    matmuls()
+    t_search, t_matmul = [], []
+    for _ in range(FLAGS.repeats):
+        t_search.append(_median_time(search, 1))
+        t_matmul.append(_median_time(matmuls, 1))
+    return t_search, t_matmul
+
+
 def _rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -324,13 +337,7 @@ def main(argv):
                     block_size=FLAGS.block_size, **_mode_kwargs(mode),
                 )
 
-            search()
-            matmuls()
-            # Alternate the two so that load on the shared machine hits both.
-            t_search, t_matmul = [], []
-            for _ in range(FLAGS.repeats):
-                t_search.append(_median_time(search, 1))
-                t_matmul.append(_median_time(matmuls, 1))
+            t_search, t_matmul = _alternate(search, matmuls)
             row[mode] = {
                 "seconds": statistics.median(t_search),
                 "seconds_fastest": min(t_search),
@@ -378,12 +385,7 @@ def main(argv):
                 for block in blocks:
                     product(a, block).numpy()
 
-            search()
-            matmuls()
-            t_search, t_matmul = [], []
-            for _ in range(FLAGS.repeats):
-                t_search.append(_median_time(search, 1))
-                t_matmul.append(_median_time(matmuls, 1))
+            t_search, t_matmul = _alternate(search, matmuls)
             full_rows[str(size)] = {
                 "seconds": statistics.median(t_search),
                 "matmul_seconds": statistics.median(t_matmul),
