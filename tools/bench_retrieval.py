@@ -115,6 +115,19 @@ def _alternate(search, matmuls):
 
 
 def _rss_mib():
+    """Peak resident memory of this process image, MiB.
+
+    Linux's `VmHWM`, not `getrusage`'s `ru_maxrss`: the latter survives
+    `execve`, so a child started by a large parent would report the parent's
+    peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
