@@ -84,7 +84,7 @@ LOCK_FILE = "run.lock"
 _POLL_SECONDS = 0.5
 # A lock that is being taken over is in flux for a moment: looks again
 # this often before answering from what it saw.
-_SETTLE_TRIES = 20
+_SETTLE_TRIES = 10
 _SETTLE_SECONDS = 0.05
 
 # Locks this process holds, by the lock file's real path: a run nested in
