@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 
+from keras_seltransfer import training
 from keras_seltransfer.retrieval import workflow
 from keras_seltransfer.training import loop
 from keras_seltransfer.utils import run_lock
@@ -282,6 +283,20 @@ def test_only_the_chief_takes_the_run_directory_lock(tmp_path, monkeypatch):
         with pytest.raises(RunLockedError, match=f"pid {holder.pid},"):
             with loop.run_directory_lock(config):
                 pass
+    finally:
+        holder.finish()
+
+
+def test_auto_run_held_by_another_is_refused_before_any_fold(tmp_path):
+    holder = Holder(tmp_path / "run")
+    try:
+        config = helpers.small_run_config(
+            method="auto", auto_candidates="linear_probe,baseline", target="numpy:/nowhere.npz",
+            output_dir=str(tmp_path / "run"),
+        )
+        with pytest.raises(RunLockedError, match=rf"in use by another run \(host .*, pid {holder.pid},"):
+            training.finetune(config)
+        assert os.listdir(tmp_path / "run") == ["run.lock"]  # no fold started
     finally:
         holder.finish()
 
