@@ -435,6 +435,27 @@ def test_an_unsharded_index_in_use_is_refused(tmp_path):
         holder.finish()
 
 
+def test_sjft_run_waits_for_another_building_its_shared_index(tmp_path, capsys):
+    from keras_seltransfer.methods import sjft
+
+    _index_data(tmp_path)
+    config = training.FinetuneConfig(
+        method="sjft", target=f"numpy:{tmp_path / 'target.npz'}",
+        source=f"numpy:{tmp_path / 'source.npz'}", index_dir=str(tmp_path / "index"),
+        index_bank="gabor", k0=2, k_max=5, image_size=16, verbose=1,
+    )
+    _, _, train_ids, _ = training.finetune_split(config)
+    holder = Holder(tmp_path / "index", "--hold=1.0")  # "another run building it"
+    start = time.monotonic()
+    neighbour_ids, built = sjft.load_neighbours(config, train_ids)
+    assert time.monotonic() - start >= 0.5
+    assert holder.process.wait(timeout=30) == 0
+    assert neighbour_ids.shape == (len(train_ids), 5) and built.bank == "gabor"
+    out = capsys.readouterr().out
+    assert f"Waiting: The retrieval run '{tmp_path / 'index'}' is in use by another run" in out
+    assert f"pid {holder.pid}," in out
+
+
 @pytest.mark.slow
 def test_build_index_shards_in_parallel_and_one_shard_twice(tmp_path):
     """Real `apps.build_index` processes: shards 0 and 1 of one index at the

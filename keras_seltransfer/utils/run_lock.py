@@ -15,8 +15,9 @@ and removes it when it ends, normally or on an error or KeyboardInterrupt
 (`RunLock` is a context manager that removes the file on leaving its
 block, whatever ends it; `atexit` would only run when the interpreter
 exits, not when a library call fails in a longer program). A process that
-is killed removes nothing; its lock file is then found stale (below) and
-taken over by the next run.
+is killed (SIGKILL, an out-of-memory kill, or SIGTERM, which Python does not
+turn into an exception) removes nothing; its lock file is then found stale
+(below) and taken over by the next run.
 
 How the lock is taken, and why this way. Two mechanisms are combined:
 
@@ -33,6 +34,9 @@ How the lock is taken, and why this way. Two mechanisms are combined:
   pid is checked as well (`os.kill(pid, 0)`, and the start time of the
   process in `/proc/<pid>/stat` against pid reuse, and the boot id against
   a reboot), which also covers file systems where flock does nothing.
+  The descriptor is not inherited by programs the run starts (`exec`);
+  a child forked without `exec` shares it, and the lock then lasts while
+  either runs.
   Replacing a dead owner's record needs its flock, held while the new
   record is renamed over the old one (`atomic_write_text`), so two runs
   taking over one stale lock cannot both win.
@@ -43,11 +47,13 @@ host does not see"; O_EXCL alone must guess staleness from the pid, and its
 takeover of a stale file races. Together, the creation is exclusive
 everywhere and the staleness is the kernel's answer where there is one.
 
-What cannot be decided is refused: a record from another host (its process
-cannot be checked from here, and NFS mounted with `nolock` or
-`local_lock=flock` shares no locks between hosts) or a file that is not a
-readable record. `force=True` (`--force`) takes such a directory over; a
-lock whose process is running on this host is never taken over.
+Hosts are told apart by their host name (`socket.gethostname()`), so
+machines sharing a file system need distinct names. What cannot be decided
+is refused: a record from another host (its process cannot be checked from
+here, and NFS mounted with `nolock` or `local_lock=flock` shares no locks
+between hosts) or a file that is not a readable record. `force=True`
+(`--force`) takes such a directory over; a lock whose process is running on
+this host is never taken over.
 
 NFS: link is atomic on NFS; flock is forwarded to the server by Linux
 clients (as a POSIX lock over the whole file) unless the mount says
@@ -214,6 +220,8 @@ def _process_gone(record):
     boot, now = record.get("boot_id"), _boot_id()
     if boot and now and boot != now:
         return "the host has restarted since"
+    if os.name == "nt":
+        return None  # os.kill(pid, 0) would interrupt the process there
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -433,16 +441,16 @@ class RunLock:
         try:
             try:
                 current = read_lock(entry["path"])
-            except ValueError:
-                current = None
-            if current is not None and current.get("token") == entry["record"]["token"]:
+            except (ValueError, OSError):
+                current = {}  # unreadable: another's, or garbage; not ours to remove
+            if current and current.get("token") == entry["record"]["token"]:
                 # Removed before the flock is let go, so a run waiting for
                 # the flock finds the name free, not a stale file.
                 os.remove(entry["path"])
             else:
                 warnings.warn(
                     f"The lock file {entry['path']!r} no longer names this run "
-                    f"({'removed' if current is None else 'now ' + _describe(current)}): "
+                    f"({_now_holds(current)}): "
                     "another run took the directory over while this one held it.",
                     stacklevel=2,
                 )
@@ -579,6 +587,14 @@ class RunLock:
             raise
         os.close(fd)
         return None
+
+
+def _now_holds(record):
+    if record is None:
+        return "it was removed"
+    if not record:
+        return "it is unreadable now"
+    return f"it now names {_describe(record)}"
 
 
 def _capitalised(text):
