@@ -118,7 +118,7 @@ class Runner:
     Args:
         settings: settings with `backbone`, `source`, `target`,
             `image_size`, `runs_dir`, `max_source`, `quick`, `table_only`
-            (and optionally `backbone_weights`, `pretrain_backbone`).
+            (and optionally `backbone_weights`, `pretrain_backbone`, `force`).
         program: the name progress lines start with.
 
     Attributes:
