@@ -161,6 +161,29 @@ def saved_backbone(path, size=16, widths=(4, 8), num_classes=3, pretrain_epochs=
     return str(path)
 
 
+def method_world(root, num_per_class, with_source=True):
+    """The data of end-to-end method tests under `root`: a two-class target
+    (`num_per_class` images each), a three-class source, a pretrained saved
+    backbone and an index directory, as specs `FinetuneConfig` takes.
+
+    Module fixtures run before the per-test seeding, so the backbone's
+    pretraining is seeded here and does not depend on which tests ran first.
+    """
+    keras.utils.set_random_seed(0)
+    world = {
+        "target": "numpy:" + write_npz(root / "target.npz", num_per_class=num_per_class),
+        "root": root,
+    }
+    if with_source:
+        world["source"] = "numpy:" + write_npz(
+            root / "source.npz", num_per_class=20 if num_per_class > 24 else 16,
+            num_classes=3, seed=4,
+        )
+        world["index_dir"] = str(root / "index")
+    world["backbone"] = saved_backbone(root / "backbone.keras")
+    return world
+
+
 def _plain(config):
     """`config` as it comes back from a `.keras` file's JSON (tuples -> lists)."""
     return json.loads(json.dumps(config))

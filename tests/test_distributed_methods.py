@@ -22,7 +22,6 @@ nearly the same loss.
 import json
 import os
 
-import keras
 import numpy as np
 import pytest
 
@@ -54,18 +53,7 @@ DEFAULT_MULTI_WORKER = ("adafilter",)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed_methods")
-    # Module fixtures run before the per-test seeding: seed the backbone's
-    # pretraining here so it does not depend on which tests ran before.
-    keras.utils.set_random_seed(0)
-    return {
-        "target": "numpy:" + helpers.write_npz(root / "target.npz", num_per_class=40),
-        "source": "numpy:"
-        + helpers.write_npz(root / "source.npz", num_per_class=20, num_classes=3, seed=4),
-        "backbone": helpers.saved_backbone(root / "backbone.keras"),
-        "index_dir": str(root / "index"),
-        "root": root,
-    }
+    return helpers.method_world(tmp_path_factory.mktemp("distributed_methods"), num_per_class=40)
 
 
 def _fields(data, method, run_dir):

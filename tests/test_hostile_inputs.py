@@ -404,6 +404,18 @@ def hostile(tmp_path_factory):
     run_copy("record_garbage", lambda p: open(os.path.join(p, "config.json"), "w").write("{x"))
     for name in ("other_target", "other_source", "other_k"):
         run_copy(name, lambda p: None)
+
+    # Run directories owned by a run on another host (whose process cannot
+    # be checked from here), and one whose lock file is garbage.
+    other_host = {"host": "elsewhere.example", "pid": 4242, "started": "2024-01-01T09:30:00+00:00",
+                  "command": "python -m apps.finetune --output_dir=/shared/run"}
+    for path in ("run_locked/run.lock", "index_locked/shard-1-of-2.lock"):
+        os.makedirs(os.path.dirname(h(path)))
+        with open(h(path), "w") as f:
+            json.dump(other_host, f)
+    os.makedirs(h("run_lock_garbage"))
+    with open(h("run_lock_garbage/run.lock"), "w") as f:
+        f.write("{ not a lock")
     return h
 
 
@@ -932,6 +944,28 @@ APP_CASES = [
             match=r"Cannot merge: 2 of 2 shards are not finished: .*shard-0-of-2, .*shard-1-of-2"),
     AppCase("build_index-channels-two", "build_index", ("--channels=2",), rc=1,
             match=USAGE + r"--channels=2: value should be one of <1\|3>"),
+    # Run directories owned by another run: refused, the owner's lock left as it was.
+    AppCase("finetune-output-dir-locked-on-another-host", "finetune",
+            (_T, _B, "--output_dir={d}/run_locked", *_FT), watch=("run_locked/run.lock",),
+            process=True,
+            match=r"The run directory '.*run_locked' is locked by a run on another host \(host "
+                  r"elsewhere\.example, pid 4242, started 2024-01-01T09:30:00\+00:00, command: .*\); "
+                  r"its lock file is '.*run_locked/run\.lock'\. Whether that run is still going "
+                  r"cannot be checked from .* pass --force \(force=True\) to take the directory over"),
+    AppCase("finetune-output-dir-lock-file-garbage", "finetune",
+            (_T, _B, "--output_dir={d}/run_lock_garbage", *_FT), watch=("run_lock_garbage/run.lock",),
+            match=r"The run directory '.*run_lock_garbage' has a lock file '.*run\.lock' that is not "
+                  r"a lock record \(it is not JSON: .*\)"),
+    AppCase("pretrain-output-dir-locked-on-another-host", "pretrain",
+            ("--source=numpy:{d}/target.npz", "--output_dir={d}/run_locked"),
+            watch=("run_locked/run.lock",),
+            match=r"The run directory '.*run_locked' is locked by a run on another host \(host "
+                  r"elsewhere\.example, pid 4242,"),
+    AppCase("build_index-shard-locked-on-another-host", "build_index",
+            (*_IX, _T, "--num_shards=2", "--shard_index=1", "--output_dir={d}/index_locked"),
+            watch=("index_locked/shard-1-of-2.lock",),
+            match=r"Shard 1 of 2 of the retrieval run '.*index_locked' is locked by a run on another "
+                  r"host \(host elsewhere\.example, pid 4242,"),
     # evaluate: untrusted and mismatched models and data; the good report stays.
     AppCase("evaluate-model-untrusted-lambda", "evaluate",
             ("--model={d}/lambda.keras", "--data=numpy:{d}/target.npz", "--output_dir={d}/eval_good"),

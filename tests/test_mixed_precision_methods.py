@@ -40,15 +40,7 @@ DEFAULT = ("adafilter", "filter_transfer", "antialias_ft")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed_precision")
-    keras.utils.set_random_seed(0)
-    return {
-        "target": "numpy:" + helpers.write_npz(root / "target.npz", num_per_class=24),
-        "source": "numpy:"
-        + helpers.write_npz(root / "source.npz", num_per_class=16, num_classes=3, seed=4),
-        "backbone": helpers.saved_backbone(root / "backbone.keras"),
-        "index_dir": str(root / "index"),
-    }
+    return helpers.method_world(tmp_path_factory.mktemp("mixed_precision"), num_per_class=24)
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,8 @@ def test_auto_run_scores_chooses_trains_and_resumes(world, tmp_path, monkeypatch
     assert outputs["report"]["confusion_matrix"] == own["confusion_matrix"]
     for name in ("model.keras", "report.md", "auto.json", "saved_model"):
         assert os.path.exists(tmp_path / "run" / name), name
+    # One lock held over the folds and the final run (nested in it), all released.
+    assert not list((tmp_path / "run").rglob("*.lock"))
     text = (tmp_path / "run" / "report.md").read_text()
     assert "## Method selection (--method=auto)" in text and f"**{choice}**" in text
 

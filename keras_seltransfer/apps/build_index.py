@@ -18,6 +18,9 @@ Writes into --output_dir:
                        distance (written once every shard is done)
   config.json          the settings of the run; a later command into the same
                        --output_dir with other data or settings is refused
+  run.lock             while a command runs (shard-i-of-n.lock for a shard):
+                       names it; a second command on the same run (or the
+                       same shard) is refused meanwhile, see --force
 
 --search_mode=exact gives every target exactly the neighbours of a double
 loop over pairs; --search_mode=fast re-scores only the k_max + margin
@@ -30,7 +33,8 @@ rerun skips finished stages and shards (listed as "reused") and recomputes
 a shard whose process was killed. A merge reads the data sets and settings
 from config.json, so it needs only --output_dir and --num_shards.
 
-Sharded use (each shard can run on another machine sharing --output_dir):
+Sharded use (each shard can run on another machine sharing --output_dir, or
+beside the others on one machine):
 
   python -m apps.build_index --num_shards=4 --shard_index=0   # ... 1, 2, 3
   python -m apps.build_index --num_shards=4 --merge           # merge the parts

@@ -16,7 +16,8 @@ Writes into --output_dir (default runs/compare/<target>): results_table.md
 differences and their verdicts), results.json and accuracy_vs_fraction.png;
 every run is cached under --runs_dir, so rerunning an interrupted command
 skips the finished runs, and --table_only rebuilds the outputs from the
-cache without training.
+cache without training. A comparison owns --output_dir while it runs (its
+lock file run.lock), and each run of the cache its own directory.
 
 Example:
 
@@ -113,6 +114,13 @@ flags.DEFINE_boolean(
 )
 flags.DEFINE_boolean("table_only", False, "Train nothing: rebuild the outputs from the run cache.")
 flags.DEFINE_boolean("plot", True, "Write accuracy_vs_fraction.png (needs matplotlib).")
+flags.DEFINE_boolean(
+    "force", False,
+    "Take over --output_dir and the runs of the cache although their lock files (run.lock) "
+    "name another command, when you know it is gone (it ran on another host, whose processes "
+    "cannot be checked from here). A lock of a process running on this host is never taken "
+    "over; one whose process is gone is taken over without --force.",
+)
 
 FLAGS = flags.FLAGS
 
@@ -209,6 +217,7 @@ def resolve_settings(flag_values=FLAGS):
         trials=trials,
         quick=quick,
         table_only=f.table_only,
+        force=f.force,
     )
 
 

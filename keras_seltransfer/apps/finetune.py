@@ -8,7 +8,9 @@ Methods (--method):
 Writes the fine-tuned classifier (model.keras), a test report (report.json,
 report.md: accuracy, balanced accuracy, per-class accuracy, confusion matrix),
 a SavedModel serving raw images (saved_model/), TensorBoard logs and resumable
-checkpoints into --output_dir. Rerunning an interrupted command resumes it.
+checkpoints into --output_dir. Rerunning an interrupted command resumes it;
+a second command on the same --output_dir is refused while the first runs
+(its lock file, run.lock, names it; see --force).
 Every option below is an option of keras_seltransfer.training.FinetuneConfig,
 declared by the method that reads it (keras_seltransfer/methods/).
 

@@ -3,7 +3,9 @@ r"""Pretrains a backbone on a source data set and saves it as a .keras file.
 Pretrained backbones for offline work come from here: by default the built-in
 small_cnn is trained on Fashion-MNIST at 64x64 for 3 epochs (a few minutes on
 two CPU cores) and saved to runs/pretrain/fashion_mnist-small_cnn-64/model.keras,
-which is the default --backbone of apps.finetune.
+which is the default --backbone of apps.finetune. A second command on the same
+--output_dir is refused while the first runs (its lock file, run.lock, names
+it; see --force).
 
 Example:
 

@@ -14,7 +14,7 @@ import json
 import os
 
 # Fields that do not change what a run computes.
-NOT_COMPARED = frozenset({"output_dir", "verbose", "tensorboard", "export", "index_dir"})
+NOT_COMPARED = frozenset({"output_dir", "verbose", "tensorboard", "export", "index_dir", "force"})
 
 
 def changed_fields(stored, wanted):

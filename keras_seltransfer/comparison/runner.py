@@ -77,6 +77,9 @@ class ComparisonSettings:
         table_only: train nothing, read only the cache.
         pretrain_backbone: pretrain a missing `.keras` backbone on the
             source (the documented reproduction), instead of failing.
+        force: take over the output directory and the runs of the cache
+            whose locks name a run that cannot be checked (another host):
+            `FinetuneConfig.force` for every run.
 
     Example:
 
@@ -106,6 +109,7 @@ class ComparisonSettings:
     quick: bool = False
     table_only: bool = False
     pretrain_backbone: bool = False
+    force: bool = False
 
 
 class Runner:
@@ -114,7 +118,7 @@ class Runner:
     Args:
         settings: settings with `backbone`, `source`, `target`,
             `image_size`, `runs_dir`, `max_source`, `quick`, `table_only`
-            (and optionally `backbone_weights`, `pretrain_backbone`).
+            (and optionally `backbone_weights`, `pretrain_backbone`, `force`).
         program: the name progress lines start with.
 
     Attributes:
@@ -158,6 +162,7 @@ class Runner:
             epochs=1 if settings.quick else training.PretrainConfig.epochs,
             tensorboard=False,
             verbose=2,
+            force=getattr(settings, "force", False),
         )
         training.pretrain(config)
 
@@ -187,6 +192,7 @@ class Runner:
                 max_source=settings.max_source,
                 output_dir=directory,
                 progress=False,
+                force=getattr(settings, "force", False),
             )
         )
         return directory
@@ -299,6 +305,7 @@ class ComparisonRunner(Runner):
             export=False,
             tensorboard=False,
             verbose=0,
+            force=getattr(settings, "force", False),
             **data,
             **overrides,
         )

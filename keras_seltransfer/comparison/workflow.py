@@ -7,6 +7,7 @@ from keras_seltransfer.comparison import search
 from keras_seltransfer.comparison import tables
 from keras_seltransfer.comparison.runner import ComparisonRunner
 from keras_seltransfer.comparison.runner import best_baseline
+from keras_seltransfer.utils.run_lock import RunLock
 
 
 def compare(settings, plot=True, program="compare"):
@@ -17,7 +18,9 @@ def compare(settings, plot=True, program="compare"):
     with the best baseline by paired per-seed differences. Writes
     `results_table.md`, `results.json` and (with `plot` and matplotlib
     installed) `accuracy_vs_fraction.png` into `settings.output_dir`, each
-    atomically.
+    atomically. The comparison owns `settings.output_dir` while it runs (its
+    lock file `run.lock`, see `keras_seltransfer.utils.RunLock`), and every
+    run of the cache owns its own directory as `finetune` does.
 
     Args:
         settings: a `ComparisonSettings`.
@@ -34,6 +37,8 @@ def compare(settings, plot=True, program="compare"):
         ValueError: for rows that name unknown methods or fields, a search
             budget smaller than a row's stage 1, or a run cache made with
             other settings.
+        RunLockedError: if another comparison owns `settings.output_dir`,
+            or another run one of the runs' directories.
 
     Example:
 
@@ -46,12 +51,18 @@ def compare(settings, plot=True, program="compare"):
     >>> outputs = compare(settings)  # doctest: +SKIP
     >>> print(outputs["text"])  # doctest: +SKIP
     """
-    from keras_seltransfer import methods
-    from keras_seltransfer import training
-
     search.validate_rows(settings.rows)
     for row in settings.rows:
         search.stage1_trials(row, settings.trials)
+    force = getattr(settings, "force", False)
+    with RunLock(settings.output_dir, force=force, what=f"the comparison {settings.output_dir!r}"):
+        return _compare(settings, plot, program)
+
+
+def _compare(settings, plot, program):
+    from keras_seltransfer import methods
+    from keras_seltransfer import training
+
     # Import every method's code now, so a comparison that runs for hours
     # uses one version of it throughout.
     methods.names()

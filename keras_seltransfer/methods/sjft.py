@@ -209,6 +209,7 @@ def index_config(config, data_channels=None):
         image_size=config.image_size,
         output_dir=config.index_dir,
         progress=config.verbose > 0,
+        force=config.force,
     )
 
 
@@ -221,7 +222,9 @@ def load_neighbours(config, train_ids, data_channels=None):
     its conv bank tapped another network than the run's, and returns the
     rows of the images in `train_ids` (positions in the target's training
     split). `data_channels` are the target images' channels (see
-    `index_config`).
+    `index_config`). Runs that share an index directory and find it
+    missing build it once: the first holds the index's lock, the others
+    wait for it and then read what it built.
 
     Returns:
         `(neighbour_ids, index_config)`: `[len(train_ids), k]` source
@@ -231,7 +234,7 @@ def load_neighbours(config, train_ids, data_channels=None):
     if not os.path.isfile(path):
         if config.verbose:
             print(f"No neighbour index at {path}; building it (see apps.build_index).")
-        workflow.build_neighbours(index_config(config, data_channels))
+        workflow.build_neighbours(index_config(config, data_channels), wait=True)
     target_ids, neighbour_ids, built = workflow.read_neighbours(path)
     if config.index_bank == "conv" and built.bank == "conv":
         network = conv_bank_key(config.backbone, config.backbone_weights, config.image_size)

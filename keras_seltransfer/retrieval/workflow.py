@@ -38,6 +38,7 @@ from keras_seltransfer.utils.io import atomic_write_bytes
 from keras_seltransfer.utils.io import load_npz
 from keras_seltransfer.utils.io import npz_bytes
 from keras_seltransfer.utils.options import option
+from keras_seltransfer.utils.run_lock import RunLock
 from keras_seltransfer.utils.validation import check_choice
 
 
@@ -125,6 +126,15 @@ class IndexConfig:
         "grayscale, RGB and RGBA). Unset: the conv bank's backbone's, or the data's.",
         type=int, choices=(1, 3),
     )
+    force: bool = option(
+        False,
+        "Take over --output_dir (or this shard) although its lock file names another "
+        "command, when you know that command is gone: one on another host, whose process "
+        "cannot be checked from here, or an unreadable lock file. A command that is still "
+        "writing, taken over, mixes its results with this one's. A lock of a process running "
+        "on this host is never taken over; one whose process is gone is taken over without "
+        "--force.",
+    )
 
     def __post_init__(self):
         if self.channels is not None and (
@@ -189,17 +199,71 @@ def make_bank(config):
     return bank, int(backbone.inputs[0].shape[-1])
 
 
-def build_neighbours(config, merge_only=False):
+def index_lock(config, merge_only=False, wait=False):
+    """The lock a command of a retrieval run holds while it writes (a `RunLock`).
+
+    An unsharded run and a merge own the whole run directory
+    (`<output_dir>/run.lock`); a shard of a sharded run owns only its
+    shard (`<output_dir>/shard-<i>-of-<n>.lock`), so the shards of one run
+    can be built at the same time, by processes on one host or on several
+    sharing `output_dir`, while two commands building the same shard get
+    one result and one clear error. (The files every shard writes besides
+    its own, the bin edges, target descriptors, settings record and the
+    final merge, are the same whoever writes them, and each is published
+    atomically.) With `config.force` a lock whose owner cannot be checked is
+    taken over.
+
+    Args:
+        config: an `IndexConfig`.
+        merge_only: the command only merges finished shards.
+        wait: wait for a live owner to finish instead of refusing (how an
+            sjft run building a shared index waits for another building it).
+
+    Returns:
+        A `RunLock` (not yet taken).
+
+    Example:
+
+    >>> index_lock(IndexConfig(num_shards=4, shard_index=2, output_dir="runs/index/x")).path
+    'runs/index/x/shard-2-of-4.lock'
+    """
+    kwargs = dict(
+        force=config.force,
+        timeout=None if wait else 0.0,
+        on_wait=_announce_wait if wait and config.progress else None,
+    )
+    if merge_only or config.num_shards == 1:
+        return RunLock(config.output_dir, what=f"the retrieval run {config.output_dir!r}", **kwargs)
+    shard = f"shard-{config.shard_index}-of-{config.num_shards}"
+    return RunLock(
+        config.output_dir,
+        name=f"{shard}.lock",
+        what=(
+            f"shard {config.shard_index} of {config.num_shards} of the retrieval run "
+            f"{config.output_dir!r}"
+        ),
+        **kwargs,
+    )
+
+
+def _announce_wait(message):
+    print(f"Waiting: {message}", flush=True)
+
+
+def build_neighbours(config, merge_only=False, wait=False):
     """Runs (or continues) a retrieval run; returns the paths written.
 
     The first command of a run records its settings (`RUN_FIELDS`) in
     `<output_dir>/config.json`; a later command with other settings is
     refused. A merge takes the data sets and settings from that record, so
-    it needs only `output_dir` and `num_shards`.
+    it needs only `output_dir` and `num_shards`. The command holds the lock
+    of `index_lock` from before its first write to its end.
 
     Args:
         config: an `IndexConfig`.
         merge_only: only merge the per-shard results of a sharded run.
+        wait: when another live command holds the lock, wait for it to
+            finish (and then reuse what it computed) instead of refusing.
 
     Returns:
         A dict of output names to paths, a `reused` entry naming the stages
@@ -210,6 +274,7 @@ def build_neighbours(config, merge_only=False):
         ValueError: for settings that disagree with the run's record, a
             merge with unfinished shards, or a corrupt file in the run
             (named in the message).
+        RunLockedError: if another command holds the run (or this shard).
 
     Example:
 
@@ -231,6 +296,11 @@ def build_neighbours(config, merge_only=False):
     >>> build_neighbours(config)["reused"]  # a second call recomputes nothing
     'bin_edges, target_descriptors, index, topk'
     """
+    with index_lock(config, merge_only, wait):
+        return _build_neighbours(config, merge_only)
+
+
+def _build_neighbours(config, merge_only):
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
     shard_dirs = [

@@ -43,6 +43,7 @@ from keras_seltransfer import methods
 from keras_seltransfer import evaluation
 from keras_seltransfer.training import defaults
 from keras_seltransfer.training import finetuning
+from keras_seltransfer.training import loop
 from keras_seltransfer.utils.io import atomic_write_text
 from keras_seltransfer.utils.io import load_json_object
 from keras_seltransfer.utils.options import option_info
@@ -52,11 +53,12 @@ from keras_seltransfer.utils.options import option_info
 _FIXED = frozenset({
     "method", "target", "fraction", "per_class", "seed", "test_fraction", "split_seed",
     "val_fraction", "output_dir", "channels", "image_size", "export", "tensorboard", "verbose",
-    "strategy",
+    "strategy", "force",
 })
 
-# Settings that change how a run reports, not what it computes.
-_PRESENTATION = frozenset({"verbose", "tensorboard", "export", "output_dir"})
+# Settings that change how a run reports (or whether it may take over its
+# directory), not what it computes.
+_PRESENTATION = frozenset({"verbose", "tensorboard", "export", "output_dir", "force"})
 
 FOLD_REPORT = "fold_report.json"
 SUMMARY = "auto.json"
@@ -570,6 +572,10 @@ def finetune_auto(config):
     how often a single fold would have chosen the same), also written as
     `auto.json` and as a section of `report.md`.
 
+    The whole run, folds and final training, holds one lock on
+    `config.output_dir` (as `finetune` does); the final run, nested in it,
+    holds it again rather than waiting for itself.
+
     Args:
         config: a `FinetuneConfig` with `method="auto"`.
 
@@ -587,6 +593,11 @@ def finetune_auto(config):
         raise ValueError(
             f"`finetune_auto` runs method={methods.AUTO!r}. Received: method={config.method!r}"
         )
+    with loop.run_directory_lock(config):
+        return _finetune_auto(config)
+
+
+def _finetune_auto(config):
     summary = cross_validate(config)
     chosen = next(
         c for c in parse_candidates(config.auto_candidates, type(config))

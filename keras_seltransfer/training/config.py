@@ -80,6 +80,13 @@ def _shared(**overrides):
         "verbose": (1, dict(
             help="Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",
             lower=0, upper=2)),
+        "force": (False, dict(
+            help="Take over --output_dir although its lock file (run.lock) names another "
+            "run, when you know that run is gone: one on another host, whose process cannot "
+            "be checked from here, or an unreadable lock file. A run that is still writing, "
+            "taken over, mixes its outputs with this run's. A lock of a process running on "
+            "this host is never taken over; one whose process is gone is taken over without "
+            "--force.")),
     }
     fields = []
     for name, (default, kwargs) in specs.items():

@@ -196,11 +196,22 @@ def finetune(config):
     run resumes from `backup/` when rerun with the same output directory.
     Every file is written atomically.
 
+    The run owns `config.output_dir` from start to end: before anything is
+    written it takes the directory's lock file (`run.lock`, see
+    `keras_seltransfer.utils.RunLock`), and a second run of the same
+    directory is refused while this one runs; `config.force` takes over a
+    lock whose owner cannot be checked (another host). The auto mode holds
+    one lock for the whole run, its folds under `<output_dir>/auto/`
+    included.
+
     Args:
         config: a `FinetuneConfig`.
 
     Returns:
         A dict with the report and the paths written.
+
+    Raises:
+        RunLockedError: if another run owns `config.output_dir`.
 
     Example:
 
@@ -213,11 +224,16 @@ def finetune(config):
         raise TypeError(
             f"`config` must be a FinetuneConfig. Received: config of type {type(config).__name__}"
         )
-    if config.method == methods.AUTO:
-        # Imported here: the auto mode runs `finetune` for its candidates.
-        from keras_seltransfer.training import auto
+    with loop.run_directory_lock(config):
+        if config.method == methods.AUTO:
+            # Imported here: the auto mode runs `finetune` for its candidates.
+            from keras_seltransfer.training import auto
 
-        return auto.finetune_auto(config)
+            return auto.finetune_auto(config)
+        return _finetune(config)
+
+
+def _finetune(config):
     _check_backbone_file(config)
     start = time.time()
     strategy, train_full, test, train_ids, val_ids = _start(config)
@@ -244,7 +260,8 @@ def fit_and_score(config, train_ids, val_ids):
     images: the test split is never loaded into the model, nothing is
     exported and no model is saved (one fold of cross-validation; see
     `keras_seltransfer.training.auto`). An interrupted fit resumes from
-    `config.output_dir`'s checkpoint.
+    `config.output_dir`'s checkpoint; the directory is locked for the fit
+    as `finetune` locks its run's.
 
     Args:
         config: a `FinetuneConfig` of a registered method.
@@ -258,6 +275,7 @@ def fit_and_score(config, train_ids, val_ids):
 
     Raises:
         ValueError: if the positions overlap or are out of range.
+        RunLockedError: if another run owns `config.output_dir`.
 
     Example:
 
@@ -267,6 +285,11 @@ def fit_and_score(config, train_ids, val_ids):
     report["balanced_accuracy"]
     ```
     """
+    with loop.run_directory_lock(config):
+        return _fit_and_score(config, train_ids, val_ids)
+
+
+def _fit_and_score(config, train_ids, val_ids):
     _check_backbone_file(config)
     start = time.time()
     strategy, train_full, _, _, _ = _start(config)

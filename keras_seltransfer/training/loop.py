@@ -17,6 +17,7 @@ from keras_seltransfer.callbacks import TrainingCheckpoint
 from keras_seltransfer.callbacks import ValidationCollapseMonitor
 from keras_seltransfer.optimizers import make_optimizer
 from keras_seltransfer.utils.io import atomic_write_text
+from keras_seltransfer.utils.run_lock import RunLock
 
 
 @contextlib.contextmanager
@@ -44,6 +45,39 @@ def dtype_policy(name):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def run_directory_lock(config):
+    """The lock a run holds on `config.output_dir` while it writes there.
+
+    A `RunLock` of `config.output_dir` (with `config.force`) on the chief;
+    on the other workers of a multi-worker strategy a lock that does
+    nothing. Only the chief writes the run directory; a worker writes its
+    throwaway `<output_dir>/.worker_scratch` and must not contend for the
+    chief's lock, which it would find held (on a shared file system) or
+    absent (on its own disk). Workers take no lock of their own: their
+    scratch is never read as a result, and a worker restarted on another
+    host would be refused by the lock its predecessor left.
+
+    Args:
+        config: a `FinetuneConfig` or `PretrainConfig`.
+
+    Returns:
+        A context manager.
+
+    Raises:
+        ValueError: if `TF_CONFIG` is malformed.
+
+    Example:
+
+    ```python
+    with run_directory_lock(config):  # RunLockedError if another run has it
+        summary = fit(model, train_data, val_data, config, config.output_dir, is_chief=True)
+    ```
+    """
+    if not distribute.is_chief():
+        return contextlib.nullcontext()
+    return RunLock(config.output_dir, force=config.force)
 
 
 def classifier_metrics():
@@ -393,4 +427,5 @@ __all__ = [
     "fit",
     "no_fit",
     "optimizer_for",
+    "run_directory_lock",
 ]

@@ -25,12 +25,17 @@ def pretrain(config):
     `load_backbone(path)` cuts it at its `"features"` layer. Writes
     `config.json`, `report.json` / `report.md` (source test accuracy) and
     TensorBoard logs beside it; resumes from `backup/` when interrupted.
+    The run owns `config.output_dir` as `finetune` owns its own (the lock
+    file `run.lock`; `config.force`).
 
     Args:
         config: a `PretrainConfig`.
 
     Returns:
         A dict with the report and the paths written.
+
+    Raises:
+        RunLockedError: if another run owns `config.output_dir`.
 
     Example:
 
@@ -43,6 +48,11 @@ def pretrain(config):
         raise TypeError(
             f"`config` must be a PretrainConfig. Received: config of type {type(config).__name__}"
         )
+    with loop.run_directory_lock(config):
+        return _pretrain(config)
+
+
+def _pretrain(config):
     start = time.time()
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:

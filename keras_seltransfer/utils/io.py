@@ -7,6 +7,7 @@ and `load_json_object` JSON records, both with errors that name the file.
 """
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -110,6 +111,88 @@ def atomic_write_text(path, text, encoding="utf-8"):
     ```
     """
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_create_bytes(path, data):
+    """Publishes `data` at `path` in one step, only if `path` does not exist.
+
+    Like `atomic_write_bytes`, the bytes go to a temporary file beside
+    `path` first; it is then hard-linked to `path` instead of renamed over
+    it. `link` fails when the name exists and is atomic also on NFS, so of
+    processes racing to create `path` exactly one succeeds, and no reader
+    ever sees the file partly written (this is the way `open(2)` recommends
+    for lock files on NFS, including its check of the link count for a
+    reply lost on the way). On a file system without hard links it falls
+    back to `O_CREAT | O_EXCL`, still exclusive but written in place.
+
+    Args:
+        path: destination file. Its parent directory is created if missing.
+        data: the bytes to write.
+
+    Raises:
+        FileExistsError: if `path` exists (nothing is written).
+
+    Example:
+
+    ```python
+    atomic_create_bytes("runs/a/owner.txt", b"me")  # creates the file
+    atomic_create_bytes("runs/a/owner.txt", b"you")  # FileExistsError; still "me"
+    ```
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        default_permissions(tmp)
+        try:
+            os.link(tmp, path)
+        except OSError as error:
+            if os.stat(tmp).st_nlink == 2:
+                return  # linked; only the reply was lost (NFS)
+            if error.errno == errno.EEXIST:
+                raise FileExistsError(f"{path!r} exists.") from None
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            _create_in_place(path, data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _create_in_place(path, data):
+    # No hard links here (FAT, some FUSE and SMB mounts): exclusive, but a
+    # reader may see the file before its bytes.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        raise FileExistsError(f"{path!r} exists.") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_create_text(path, text, encoding="utf-8"):
+    """Creates `path` holding `text`, atomically and only if it does not
+    exist (see `atomic_create_bytes`).
+
+    Raises:
+        FileExistsError: if `path` exists.
+
+    Example:
+
+    ```python
+    atomic_create_text("runs/a/run.lock", json.dumps({"pid": os.getpid()}))
+    ```
+    """
+    atomic_create_bytes(path, text.encode(encoding))
 
 
 @contextlib.contextmanager
@@ -309,6 +392,8 @@ def _npz_reason(path, error):
 
 
 __all__ = [
+    "atomic_create_bytes",
+    "atomic_create_text",
     "atomic_directory",
     "atomic_write_bytes",
     "atomic_write_text",

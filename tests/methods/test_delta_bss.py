@@ -215,12 +215,9 @@ def test_bss_model_adds_and_logs_the_smallest_singular_value():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("delta_bss_world")
-    keras.utils.set_random_seed(0)
-    return {
-        "target": "numpy:" + helpers.write_npz(root / "target.npz", num_per_class=30),
-        "backbone": helpers.saved_backbone(root / "backbone.keras"),
-    }
+    return helpers.method_world(
+        tmp_path_factory.mktemp("delta_bss_world"), num_per_class=30, with_source=False
+    )
 
 
 def _run(world, run_dir, **fields):
