@@ -114,13 +114,15 @@ def start_workers(argvs, log_dir, ports, name="worker", first_index=0):
     return processes
 
 
-def wait_workers(processes, timeout):
+def wait_workers(processes, timeout, grace=0):
     """Waits for worker processes; returns their exit codes.
 
     Polls rather than waiting on each in turn, and stops at the first
     failure: when one worker fails the others may block in their
-    collectives. Workers still running then, or after `timeout` seconds,
-    are killed (exit code -9).
+    collectives. After a failure the others get `grace` more seconds to
+    end on their own (workers that all fail on the same error exit at
+    slightly different times). Workers still running then, or after
+    `timeout` seconds, are killed (exit code -9).
     """
     import time
 
@@ -128,8 +130,12 @@ def wait_workers(processes, timeout):
     try:
         while time.monotonic() < deadline:
             codes = [process.poll() for process in processes]
-            if all(code == 0 for code in codes) or any(codes):
+            if all(code == 0 for code in codes):
                 break
+            if any(codes):
+                deadline = min(deadline, time.monotonic() + grace)
+                if all(code is not None for code in codes) or not grace:
+                    break
             time.sleep(0.2)
     finally:
         for process in processes:

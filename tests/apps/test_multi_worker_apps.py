@@ -346,7 +346,7 @@ def test_workers_resuming_from_different_epochs_refuse_to_train(data, tmp_path):
     shutil.move(scratch, tmp_path / "lost")
 
     processes = helpers.start_workers([argv, argv], tmp_path, helpers.free_ports(2), name="lagging")
-    codes = helpers.wait_workers(processes, _TIMEOUT_S)
+    codes = helpers.wait_workers(processes, _TIMEOUT_S, grace=60)
     for index in range(2):
         log = _log(tmp_path, f"lagging{index}")
         assert codes[index] == 2, log[-3000:]
