@@ -83,6 +83,19 @@ def atomic_write_bytes(path, data):
     ```
     """
     path = os.fspath(path)
+    tmp = _temporary_copy(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _temporary_copy(path, data):
+    """A new hidden file beside `path` holding `data`, synced to disk, with
+    the default permissions: its name is returned (the caller publishes or
+    removes it)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
@@ -94,11 +107,11 @@ def atomic_write_bytes(path, data):
             f.flush()
             os.fsync(f.fileno())
         default_permissions(tmp)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    return tmp
 
 
 def atomic_write_text(path, text, encoding="utf-8"):
@@ -140,17 +153,8 @@ def atomic_create_bytes(path, data):
     ```
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory
-    )
+    tmp = _temporary_copy(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        default_permissions(tmp)
         try:
             os.link(tmp, path)
         except OSError as error:
