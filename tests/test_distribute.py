@@ -296,6 +296,7 @@ def test_multi_worker_fit_matches_single_process(tmp_path):
         np.testing.assert_allclose(result["loss"], reference_loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_joint_pipeline_under_multi_worker(tmp_path):
     """Each worker's replica gets its half/half share of exactly the draws of
     the single-process pipeline, and training stays in sync."""

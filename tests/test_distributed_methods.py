@@ -48,7 +48,9 @@ METHODS = {
 MULTI_WORKER_TOLERANCE = dict(rtol=0.25, atol=0.03)
 # The default run checks these; every method runs with `pytest -m slow`.
 DEFAULT_MIRRORED = ("ktft",)
-DEFAULT_MULTI_WORKER = ("adafilter",)
+# Two-worker runs are covered by tests/test_distribute.py by default; every
+# method's with `pytest -m slow`.
+DEFAULT_MULTI_WORKER = ()
 
 
 @pytest.fixture(scope="module")

@@ -285,6 +285,7 @@ def test_gabor_index_with_builtin_backbone(world, tmp_path):
     assert tuple(model.outputs[0].shape) == (None, 2)
 
 
+@pytest.mark.slow
 def test_interrupted_sjft_run_resumes_to_the_same_result(world, tmp_path, monkeypatch):
     epochs, interrupt_after = 4, 2
     # delta=0 counts every correct image as uncertain, and increments of

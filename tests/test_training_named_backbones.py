@@ -10,7 +10,8 @@ from keras_seltransfer import training
 from tests import helpers
 
 
-@pytest.mark.parametrize("method", ["baseline", pytest.param("l2sp", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["baseline", "l2sp"])
 def test_finetune_a_keras_application_by_name(tmp_path, method):
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=12, seed=1)
     config = helpers.small_run_config(

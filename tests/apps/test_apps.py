@@ -138,6 +138,7 @@ def test_finetune_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path):
         np.testing.assert_array_equal(wa, wb)
 
 
+@pytest.mark.slow
 def test_finetune_sjft_end_to_end(tmp_path):
     source = helpers.write_npz(tmp_path / "source.npz", num_per_class=30, num_classes=3, seed=4)
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=24, seed=1)

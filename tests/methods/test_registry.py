@@ -130,6 +130,7 @@ def _readme_example():
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_walkthrough_adds_a_method_with_one_new_file(tmp_path):
     """Copies the package, adds the README's example module and nothing
     else, and runs the new method from Python and from the app."""

@@ -132,6 +132,7 @@ def test_failure_reason_is_the_last_error_line(tmp_path):
     assert benchmarks.failure_reason(str(tmp_path / "none.log"), 1).startswith("exit 1: no output")
 
 
+@pytest.mark.slow
 def test_a_benchmark_writes_its_figures_as_json(tmp_path):
     """A real, tiny run of the cheapest benchmark."""
     path = tmp_path / "adafilter.json"

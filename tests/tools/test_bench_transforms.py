@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from tests import helpers
 
 
+@pytest.mark.slow
 def test_times_each_transform_per_checkout_and_prints_a_table():
     done = helpers.run_tool(
         "bench_transforms.py",

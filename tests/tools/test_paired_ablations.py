@@ -61,6 +61,7 @@ def test_table_calls_a_difference_real_only_when_its_interval_excludes_zero(tool
     assert "-0.04" in baseline_line and baseline_line.endswith("| real |")
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(_results()))
