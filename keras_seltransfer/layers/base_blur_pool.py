@@ -118,9 +118,10 @@ def padded_blur(x, kernel, filt_size, strides, pad_type):
     """The blur as written: pad every side, then a 'valid' strided depthwise
     convolution.
 
-    The reference for `strided_blur`, and the path for dynamic spatial sizes
-    and unequal strides (TensorFlow's CPU depthwise convolution takes equal
-    strides only, so those run at stride 1 and are subsampled after).
+    Reflect and replicate padding of static maps are built by `pad_spatial`
+    (two concatenations, the gradient folded back in place). Unequal strides
+    run at stride 1 and are subsampled after (TensorFlow's CPU depthwise
+    convolution takes equal strides only).
     """
     stride_h, stride_w = strides
     before, after = blur_padding(filt_size)
@@ -209,19 +210,6 @@ def _gathered_pad(x, padding, pad_type):
     return pad(x)
 
 
-def strided_blur(x, kernel, filt_size, stride, pad_type):
-    """The blur of `padded_blur` at equal strides and static sizes.
-
-    Zero padding that a 'same' convolution reproduces needs no padded copy:
-    one strided depthwise convolution. Reflect and replicate padding are
-    built by `pad_spatial` (two concatenations, the gradient folded back in
-    place).
-    """
-    if pad_type == "zero":
-        return _zero_padded_blur(x, kernel, filt_size, stride)
-    return padded_blur(x, kernel, filt_size, (stride, stride), pad_type)
-
-
 class BaseBlurPool(keras.layers.Layer):
     """Base of the anti-aliasing layers: a fixed binomial blur, then subsampling.
 
@@ -271,8 +259,15 @@ class BaseBlurPool(keras.layers.Layer):
         if self.filt_size == 1:
             return x[:, ::stride_h, ::stride_w, :]
         kernel = ops.cast(self.kernel, x.dtype)
-        if stride_h == stride_w and x.shape[1] is not None and x.shape[2] is not None:
-            return strided_blur(x, kernel, self.filt_size, stride_h, self.pad_type)
+        if (
+            self.pad_type == "zero"
+            and stride_h == stride_w
+            and x.shape[1] is not None
+            and x.shape[2] is not None
+        ):
+            # Zero padding that a 'same' convolution reproduces needs no
+            # padded copy: one strided depthwise convolution.
+            return _zero_padded_blur(x, kernel, self.filt_size, stride_h)
         return padded_blur(x, kernel, self.filt_size, self.strides, self.pad_type)
 
     def blurred_shape(self, input_shape):
