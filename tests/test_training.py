@@ -69,6 +69,7 @@ def test_l2sp_keeps_backbone_near_pretrained_weights(tmp_path):
     assert drift["l2sp"] < 0.5 * drift["baseline"]
 
 
+@pytest.mark.slow
 def test_finetune_under_mirrored_strategy(tmp_path):
     out = training.finetune(_config(tmp_path, strategy="mirrored", export=False))
     assert "2 replicas" in out["report"]["strategy"]
