@@ -58,7 +58,12 @@ def check_pad_type(pad_type):
 
 
 def _static_indices(n, before, after, pad_type):
-    index = np.arange(-before, n + after)
+    return _source_indices(np.arange(-before, n + after), n, pad_type)
+
+
+def _source_indices(index, n, pad_type):
+    """The map sample that each padded position `index` (-1 is the first
+    sample before the map) copies, for an axis of size `n`."""
     if pad_type == "replicate" or n == 1:
         return np.clip(index, 0, n - 1)
     # Reflection about the first and last samples (NumPy's and PyTorch's
@@ -154,11 +159,24 @@ def _zero_padded_blur(x, kernel, filt_size, stride):
     return ops.depthwise_conv(x, kernel, strides=stride, padding="valid")
 
 
+def _add_rows(target, rows, values):
+    """`target[rows] += values` for a 2-D `target` that nothing else reads
+    (a fresh intermediate): in place, where TensorFlow's scatter would copy
+    the whole of `target` first; as a scatter under XLA, which has no
+    in-place kernel and updates in place itself."""
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return tf.tensor_scatter_nd_add(target, rows[:, None], values)
+    return tf.raw_ops.InplaceAdd(x=target, i=rows, v=values)
+
+
 def _fold(gradient, axis, index, start, size):
     """The adjoint of gathering `index` along `axis` when positions
     `[start, start + size)` of `index` are the map itself: the map's slice
-    of `gradient`, plus every padded position's gradient added (in place,
-    one scatter) to the sample it copied."""
+    of `gradient`, plus every padded position's gradient added, in place, to
+    the sample it copied."""
     import tensorflow as tf
 
     inner = [slice(None)] * 4
@@ -170,12 +188,19 @@ def _fold(gradient, axis, index, start, size):
     part = tf.gather(gradient, padded, axis=axis)
     copied = tf.constant([int(index[p]) for p in padded], dtype=tf.int32)
     shape = tf.shape(result)
+    # Rows of the flattened slice that receive the padded positions: the
+    # slice is fresh (a strided copy), so the rows are added in place
+    # (TensorScatterAdd would copy the whole slice first).
     if axis == 1:
-        grid = (tf.range(shape[0]), copied)
+        outer = tf.range(shape[0])[:, None] * shape[1]
+        rows = tf.reshape(outer + copied[None], [-1])
+        flat_shape = [-1, shape[2] * shape[3]]
     else:
-        grid = (tf.range(shape[0]), tf.range(shape[1]), copied)
-    indices = tf.stack(tf.meshgrid(*grid, indexing="ij"), axis=-1)
-    return tf.tensor_scatter_nd_add(result, indices, part)
+        outer = tf.range(shape[0] * shape[1])[:, None] * shape[2]
+        rows = tf.reshape(outer + copied[None], [-1])
+        flat_shape = [-1, shape[3]]
+    flat = _add_rows(tf.reshape(result, flat_shape), rows, tf.reshape(part, flat_shape))
+    return tf.reshape(flat, shape)
 
 
 def _gathered_pad(x, padding, pad_type):
@@ -208,6 +233,162 @@ def _gathered_pad(x, padding, pad_type):
         return y, grad
 
     return pad(x)
+
+
+def _blur_matrix(n, filt_size, stride, pad_type):
+    """The 1-D padded blur of an axis of size n as a `[ceil(n / s), n]` matrix
+    (zero padding: the padded samples are dropped)."""
+    taps = binomial_taps(filt_size)
+    before, _ = blur_padding(filt_size)
+    outputs = -(-n // stride)
+    padded = np.arange(outputs)[:, None] * stride - before + np.arange(filt_size)[None]
+    matrix = np.zeros((outputs, n))
+    inside = (padded >= 0) & (padded < n)
+    if pad_type == "zero":
+        rows, taps_at = np.nonzero(inside)
+        np.add.at(matrix, (rows, padded[inside]), taps[taps_at])
+        return matrix
+    sources = _source_indices(padded.reshape(-1), n, pad_type).reshape(padded.shape)
+    np.add.at(matrix, (np.repeat(np.arange(outputs), filt_size), sources.reshape(-1)),
+              np.tile(taps, outputs))
+    return matrix
+
+
+def _ring_matrix(n, filt_size, stride, pad_type):
+    """What the padded samples alone add to the outputs of one axis.
+
+    Returns `(outputs, sources, matrix)`: the border outputs (whose window
+    reaches beyond the map), the map samples that padded positions copy,
+    and the `[len(outputs), len(sources)]` weights.
+    """
+    taps = binomial_taps(filt_size)
+    before, _ = blur_padding(filt_size)
+    padded = np.arange(-(-n // stride))[:, None] * stride - before + np.arange(filt_size)[None]
+    outside = (padded < 0) | (padded >= n)
+    outputs = np.nonzero(outside.any(axis=1))[0]
+    padded, outside = padded[outputs], outside[outputs]
+    copied = _source_indices(padded[outside], n, pad_type)
+    sources = np.unique(copied)
+    matrix = np.zeros((len(outputs), len(sources)))
+    rows, taps_at = np.nonzero(outside)
+    np.add.at(matrix, (rows, np.searchsorted(sources, copied)), taps[taps_at])
+    return outputs, sources, matrix
+
+
+def _ring_blur(x, kernel, filt_size, stride, pad_type):
+    """The reflect- or replicate-padded blur of a static map at equal strides
+    without a padded copy of the map, or None where it does not apply.
+
+    The padded map is the zero-padded one plus a ring holding the copied
+    samples, so the blur is one 'same' convolution of the map (zero padding,
+    where TensorFlow pads as the blur does: even filter sizes, and odd ones
+    on odd sizes) plus the blur of the ring, which only the border outputs
+    see. The kernel is separable, so the ring's blur is a few small matrix
+    products: its padded rows (whole width, padded across as the map is)
+    are the weighted map rows they copy, blurred along the width; its
+    padded columns beside the map rows are the weighted map columns,
+    blurred along the height with zero padding (the corners belong to the
+    rows). Both are added in place to the convolution's border rows and
+    columns. The gradient is written out the same way: the convolution's
+    input gradient, with the transposed products of the border gradients
+    added in place to the copied rows and columns. So the only full-size
+    tensors are those of the zero-padded blur.
+    """
+    import tensorflow as tf
+
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    if not (_same_matches(height, filt_size, stride) and _same_matches(width, filt_size, stride)):
+        return None
+    out_h, out_w = -(-height // stride), -(-width // stride)
+    strides = [1, stride, stride, 1]
+    row_out, row_src, row_ring = _ring_matrix(height, filt_size, stride, pad_type)
+    col_out, col_src, col_ring = _ring_matrix(width, filt_size, stride, pad_type)
+    has_rows, has_cols = len(row_out) > 0, len(col_out) > 0
+    dtype = x.dtype
+
+    def constant(value, dtype=dtype):
+        return tf.constant(value, dtype=dtype)
+
+    # Each ring part is two small matrix products over a thin slab laid out
+    # [first axis, second axis, batch, channels]: the padded rows weight the
+    # copied rows, then blur them across (padded as the map is); the padded
+    # columns weight the copied columns, then blur them down with zero
+    # padding (the corners belong to the rows).
+    across = _blur_matrix(width, filt_size, stride, pad_type)
+    down = _blur_matrix(height, filt_size, stride, "zero")
+    row_products = (constant(row_ring), constant(across))
+    row_adjoints = (constant(row_ring.T), constant(across.T))
+    col_products = (constant(col_ring), constant(down))
+    col_adjoints = (constant(col_ring.T), constant(down.T))
+
+    def apply(products, slab, perm):
+        # `first` along the slab's first axis, `second` along its second.
+        first, second = products
+        slab = tf.transpose(slab, perm)
+        rest = tf.shape(slab)[2] * channels
+        out = tf.matmul(first, tf.reshape(slab, [first.shape[1], -1]))
+        out = tf.matmul(second, tf.reshape(out, [first.shape[0], second.shape[1], rest]))
+        out = tf.reshape(out, [first.shape[0], second.shape[0], -1, channels])
+        return tf.transpose(out, [2, 0, 1, 3] if perm == [1, 2, 0, 3] else perm)
+
+    row_out, row_src = constant(row_out, tf.int32), constant(row_src, tf.int32)
+    col_out, col_src = constant(col_out, tf.int32), constant(col_src, tf.int32)
+
+    def flat_rows(outer, inner, positions):
+        # Row numbers of `positions` within each of `outer` blocks of `inner`.
+        return tf.reshape(tf.range(outer)[:, None] * inner + positions[None], [-1])
+
+    def add_rows(target, values, positions, size):
+        # target[:, positions] += values, in place ([batch, size, w, C]).
+        shape = tf.shape(target)
+        flat = _add_rows(
+            tf.reshape(target, [-1, shape[2] * channels]),
+            flat_rows(shape[0], size, positions),
+            tf.reshape(values, [-1, shape[2] * channels]),
+        )
+        return tf.reshape(flat, shape)
+
+    def add_cols(target, values, positions, size):
+        # target[:, :, positions] += values, in place.
+        shape = tf.shape(target)
+        flat = _add_rows(
+            tf.reshape(target, [-1, channels]),
+            flat_rows(shape[0] * shape[1], size, positions),
+            tf.reshape(values, [-1, channels]),
+        )
+        return tf.reshape(flat, shape)
+
+    @tf.custom_gradient
+    def blur(x):
+        batch = tf.shape(x)[0]
+        y = tf.nn.depthwise_conv2d(x, kernel, strides, "SAME")
+        if has_rows:
+            # Padded rows: the weighted copied rows, blurred along the width.
+            ring = apply(row_products, tf.gather(x, row_src, axis=1), [1, 2, 0, 3])
+            y = add_rows(y, ring, row_out, out_h)
+        if has_cols:
+            # Padded columns: the copied columns blurred down, then weighted.
+            ring = apply(col_products, tf.gather(x, col_src, axis=2), [2, 1, 0, 3])
+            y = add_cols(y, ring, col_out, out_w)
+
+        def grad(upstream):
+            upstream = tf.convert_to_tensor(upstream)
+            gradient = tf.compat.v1.nn.depthwise_conv2d_native_backprop_input(
+                tf.shape(x), kernel, upstream, strides, "SAME"
+            )
+            if has_rows:
+                part = tf.gather(upstream, row_out, axis=1)
+                part = apply(row_adjoints, part, [1, 2, 0, 3])
+                gradient = add_rows(gradient, part, row_src, height)
+            if has_cols:
+                part = tf.gather(upstream, col_out, axis=2)
+                part = apply(col_adjoints, part, [2, 1, 0, 3])
+                gradient = add_cols(gradient, part, col_src, width)
+            return gradient
+
+        return y, grad
+
+    return blur(x)
 
 
 class BaseBlurPool(keras.layers.Layer):
@@ -257,7 +438,10 @@ class BaseBlurPool(keras.layers.Layer):
         """The anti-aliased subsampling of `x` (channels last)."""
         stride_h, stride_w = self.strides
         if self.filt_size == 1:
-            return x[:, ::stride_h, ::stride_w, :]
+            # Plain subsampling, as a 1x1 average pool: the same values as
+            # `x[:, ::s_h, ::s_w]`, and its gradient is a strided scatter
+            # rather than TensorFlow's several times slower StridedSliceGrad.
+            return ops.average_pool(x, 1, strides=(stride_h, stride_w), padding="valid")
         kernel = ops.cast(self.kernel, x.dtype)
         if (
             self.pad_type == "zero"
@@ -268,6 +452,15 @@ class BaseBlurPool(keras.layers.Layer):
             # Zero padding that a 'same' convolution reproduces needs no
             # padded copy: one strided depthwise convolution.
             return _zero_padded_blur(x, kernel, self.filt_size, stride_h)
+        if (
+            stride_h == stride_w
+            and x.shape[1] is not None
+            and x.shape[2] is not None
+            and keras.backend.backend() == "tensorflow"
+        ):
+            y = _ring_blur(x, kernel, self.filt_size, stride_h, self.pad_type)
+            if y is not None:
+                return y
         return padded_blur(x, kernel, self.filt_size, self.strides, self.pad_type)
 
     def blurred_shape(self, input_shape):

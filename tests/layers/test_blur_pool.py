@@ -129,37 +129,106 @@ def test_values_and_gradients_on_maps_with_separate_borders(pad_type):
                 )
 
 
-def test_static_maps_blur_without_mirror_pad_ops():
-    # The fast paths: 'same' convolution for zero padding (no pad op at
-    # all), concatenations with an in-place folded gradient for reflect and
-    # replicate padding (TensorFlow's MirrorPad and MirrorPadGrad are several
-    # times slower on CPUs).
-    x = tf.constant(_images((2, 32, 32, 8)))
+def _graph_op_types(layer, x):
+    """Op types of the compiled forward and backward pass of `layer` on `x`."""
 
-    def op_types(layer):
+    @tf.function
+    def step(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            loss = tf.reduce_sum(layer(t) ** 2)
+        return tape.gradient(loss, t)
+
+    graph = step.get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph._functions.values():
+        types |= {node.op for node in function.definition.node_def}
+    return types
+
+
+def test_static_maps_blur_without_padded_copies():
+    # The fast paths make no padded copy of the map and no full-size
+    # scatter: a 'same' convolution for zero padding; for reflect and
+    # replicate padding the same convolution plus the ring of copied
+    # samples added in place to the border rows and columns (the padded
+    # copy, two concatenations, and a copying scatter per axis in the
+    # gradient, cost several times the convolution on CPUs).
+    x = tf.constant(_images((2, 32, 32, 8)))
+    copies = {"MirrorPad", "MirrorPadGrad", "Pad", "PadV2", "ConcatV2", "TensorScatterAdd"}
+    for pad_type in ("reflect", "replicate", "zero"):
+        types = _graph_op_types(BlurPool(4, strides=2, pad_type=pad_type), x)
+        assert not types & copies, (pad_type, types & copies)
+    # An odd filter on an even map pads a copy, and folds the gradient of
+    # the padding back in place rather than by a copying scatter.
+    types = _graph_op_types(BlurPool(3, strides=2, pad_type="reflect"), x)
+    assert not types & {"MirrorPad", "MirrorPadGrad", "TensorScatterAdd"}
+    # Plain subsampling has no strided-slice gradient (several times slower).
+    assert "StridedSliceGrad" not in _graph_op_types(BlurPool(1, strides=2), x)
+
+
+def test_in_place_adds_leave_inputs_and_gradients_alone():
+    # The in-place additions only touch intermediates of the blur: the
+    # input, the output gradient handed in, and a second call are intact.
+    for filt_size in (3, 4):
+        layer = BlurPool(filt_size, strides=2, pad_type="reflect")
+        x = tf.constant(_images((2, 12, 12, 3)))
+        kept = x.numpy().copy()
+        upstream = tf.constant(_images((2, 6, 6, 3), 1))
+        upstream_kept = upstream.numpy().copy()
+
         @tf.function
+        def step(t, g):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = layer(t)
+            return y, tape.gradient(y, t, output_gradients=g)
+
+        first = [v.numpy() for v in step(x, upstream)]
+        second = [v.numpy() for v in step(x, upstream)]
+        np.testing.assert_array_equal(x.numpy(), kept)
+        np.testing.assert_array_equal(upstream.numpy(), upstream_kept)
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(
+            first[1],
+            _reference_blur_gradient(kept, upstream_kept, filt_size, (2, 2), "reflect"),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_xla_compiled_blur_matches():
+    # Under XLA (Keras compiles with it by default on GPUs) the in-place
+    # additions become scatters, with the same values and gradients.
+    for filt_size, shape in ((4, (2, 12, 10, 3)), (3, (2, 12, 10, 3))):
+        layer = BlurPool(filt_size, strides=2, pad_type="reflect")
+        x = tf.constant(_images(shape))
+
         def step(t):
             with tf.GradientTape() as tape:
                 tape.watch(t)
                 loss = tf.reduce_sum(layer(t) ** 2)
-            return tape.gradient(loss, t)
+            return layer(t), tape.gradient(loss, t)
 
-        graph = step.get_concrete_function(x).graph
-        types = {op.type for op in graph.get_operations()}
-        for function in graph._functions.values():
-            types |= {node.op for node in function.definition.node_def}
-        return types
-
-    for pad_type in ("reflect", "replicate"):
-        types = op_types(BlurPool(4, strides=2, pad_type=pad_type))
-        assert not types & {"MirrorPad", "MirrorPadGrad"}, pad_type
-    assert not op_types(BlurPool(4, strides=2, pad_type="zero")) & {"Pad", "PadV2", "MirrorPad"}
+        plain = step(x)
+        compiled = tf.function(step, jit_compile=True)(x)
+        for a, b in zip(plain, compiled):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_filt_size_one_is_exact_subsampling():
     x = _images((2, 9, 8, 4))
     np.testing.assert_array_equal(np.asarray(BlurPool(1, strides=2)(x)), x[:, ::2, ::2])
     np.testing.assert_array_equal(np.asarray(BlurPool(1, strides=(3, 1))(x)), x[:, ::3])
+    # Its gradient puts each output's gradient back on the sample it kept.
+    tensor = tf.constant(x)
+    weights = _images((2, 3, 8, 4), 1)
+    with tf.GradientTape() as tape:
+        tape.watch(tensor)
+        loss = tf.reduce_sum(BlurPool(1, strides=(3, 1))(tensor) * weights)
+    expected = np.zeros_like(x)
+    expected[:, ::3] = weights
+    np.testing.assert_array_equal(tape.gradient(loss, tensor).numpy(), expected)
 
 
 def test_reflect_is_not_symmetric_padding():
@@ -270,6 +339,34 @@ def test_mixed_precision_computes_in_float16():
     layer = BlurPool(4, dtype="mixed_float16")
     out = layer(_images((1, 8, 8, 2)))
     assert out.dtype == "float16" and layer.kernel.dtype == "float32"
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_half_precision_blur_and_gradient_match_numpy(policy):
+    # The taps are exact in 16-bit floats: values and gradients of every
+    # padding stay within half-precision rounding of the NumPy blur.
+    x = _images((2, 16, 13, 3))
+    weights = _images((2, 8, 7, 3), 1)
+    tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
+    for pad_type in ("reflect", "replicate", "zero"):
+        layer = BlurPool(4, strides=2, pad_type=pad_type, dtype=policy)
+        tensor = tf.constant(x, dtype=policy.split("_")[1])
+        with tf.GradientTape() as tape:
+            tape.watch(tensor)
+            out = layer(tensor)
+            loss = tf.reduce_sum(tf.cast(out, "float32") * weights)
+        np.testing.assert_allclose(
+            tf.cast(out, "float32").numpy(),
+            _reference_blur(x, 4, (2, 2), pad_type),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+        np.testing.assert_allclose(
+            tf.cast(tape.gradient(loss, tensor), "float32").numpy(),
+            _reference_blur_gradient(x, weights, 4, (2, 2), pad_type),
+            rtol=tolerance,
+            atol=tolerance,
+        )
 
 
 def test_bad_arguments_and_inputs():
