@@ -5,7 +5,10 @@ Fashion-MNIST small_cnn) with a target head, BatchNorm frozen as in
 fine-tuning, is trained side by side with its anti-aliased rebuild
 (`antialias`, --filt_size, --pad_type; "antialiased"), the rebuild that
 keeps the stem convolution strided (`keep_stem=True`, as Zhang's released
-models; "stem_kept") and the knowledge-transfer model of the full rebuild
+models; "stem_kept"), both rebuilt with plain subsampling instead of blurs
+(`filt_size=1`: every strided layer evaluated densely, then subsampled;
+"dense_floor", "stem_kept_dense_floor": what the dense evaluation costs,
+the floor of any blur implementation) and the knowledge-transfer model of the full rebuild
 (student plus frozen teacher, as `--method=ktft` trains), and, unless
 --pad_type is already zero, both rebuilds with zero-padded blurs (what the
 padding mode costs), on the same batch, alternating the variants over
@@ -185,6 +188,12 @@ def _time_steps():
                 original, filt_size=FLAGS.filt_size, pad_type="zero", keep_stem=keep_stem
             )
             set_batchnorm_mode(models[name], "frozen")
+    # The same rebuilds with plain subsampling (filt_size=1): every strided
+    # layer evaluated densely and subsampled, with no blur. What Zhang's
+    # swaps cost before any filtering, the floor of any blur implementation.
+    for name, keep_stem in (("dense_floor", False), ("stem_kept_dense_floor", True)):
+        models[name] = antialias(original, filt_size=1, keep_stem=keep_stem)
+        set_batchnorm_mode(models[name], "frozen")
     models["ktft"] = ktft
     channels = int(original.inputs[0].shape[-1])
     rng = np.random.default_rng(0)
@@ -233,9 +242,21 @@ def _time_steps():
         fastest = min(seconds[name]) / min(seconds["original"])
         ratio = statistics.median(seconds[name]) / base
         flops = _forward_flops(models[name], shape) / original_flops
+        if name.endswith("dense_floor"):
+            print(
+                f"{name} / original step time, medians: {ratio:.3f}, fastest rounds: "
+                f"{fastest:.3f}  (no blur: the dense evaluation alone); forward FLOPs: "
+                f"{flops:.3f}x"
+            )
+            continue
         print(
             f"{name} / original step time, medians: {ratio:.3f}, fastest rounds: "
             f"{fastest:.3f}  (goal <= 1.2); forward FLOPs: {flops:.3f}x"
+        )
+    for name, floor in (("antialiased", "dense_floor"), ("stem_kept", "stem_kept_dense_floor")):
+        print(
+            f"{name} / {floor} step time (what the blurs add), medians: "
+            f"{statistics.median(seconds[name]) / statistics.median(seconds[floor]):.3f}"
         )
 
 
