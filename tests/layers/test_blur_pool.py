@@ -1,3 +1,5 @@
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -99,10 +101,12 @@ def _reference_blur_gradient(x, weights, filt_size, strides, pad_type):
 
 @pytest.mark.parametrize("pad_type", ["reflect", "replicate", "zero"])
 def test_values_and_gradients_on_maps_with_separate_borders(pad_type):
-    # Maps large enough that the blur runs as one 'same' convolution plus
-    # border strips (no padded copy): values and input gradients match the
-    # NumPy blur and its adjoint for every filter size and equal stride.
-    cases = [((2, 16, 13, 3), 0), ((1, 20, 31, 2), 1), ((1, 9, 12, 1), 2)]
+    # Small maps (two matrix products) and maps large enough for the 'same'
+    # convolution plus the ring of copied samples (odd and even sizes, so
+    # odd filters take the padded copy on even ones): values and input
+    # gradients match the NumPy blur and its adjoint for every filter size
+    # and equal stride.
+    cases = [((2, 16, 13, 3), 0), ((1, 9, 12, 1), 2), ((1, 41, 34, 2), 1), ((1, 36, 37, 1), 3)]
     for filt_size in range(2, 8):
         for stride in (1, 2, 3):
             for shape, seed in cases:
@@ -153,15 +157,19 @@ def test_static_maps_blur_without_padded_copies():
     # samples added in place to the border rows and columns (the padded
     # copy, two concatenations, and a copying scatter per axis in the
     # gradient, cost several times the convolution on CPUs).
-    x = tf.constant(_images((2, 32, 32, 8)))
     copies = {"MirrorPad", "MirrorPadGrad", "Pad", "PadV2", "ConcatV2", "TensorScatterAdd"}
-    for pad_type in ("reflect", "replicate", "zero"):
-        types = _graph_op_types(BlurPool(4, strides=2, pad_type=pad_type), x)
-        assert not types & copies, (pad_type, types & copies)
+    # Small maps blur as two matrix products, larger ones by the ring.
+    for size, path in ((16, "BatchMatMulV2"), (48, "InplaceAdd")):
+        x = tf.constant(_images((2, size, size, 8)))
+        for pad_type in ("reflect", "replicate", "zero"):
+            types = _graph_op_types(BlurPool(4, strides=2, pad_type=pad_type), x)
+            assert not types & copies, (size, pad_type, types & copies)
+            assert pad_type == "zero" or path in types, (size, pad_type)
     # An odd filter on an even map pads a copy, and folds the gradient of
     # the padding back in place rather than by a copying scatter.
     types = _graph_op_types(BlurPool(3, strides=2, pad_type="reflect"), x)
     assert not types & {"MirrorPad", "MirrorPadGrad", "TensorScatterAdd"}
+    assert "InplaceAdd" in types
     # Plain subsampling has no strided-slice gradient (several times slower).
     assert "StridedSliceGrad" not in _graph_op_types(BlurPool(1, strides=2), x)
 
@@ -171,9 +179,9 @@ def test_in_place_adds_leave_inputs_and_gradients_alone():
     # input, the output gradient handed in, and a second call are intact.
     for filt_size in (3, 4):
         layer = BlurPool(filt_size, strides=2, pad_type="reflect")
-        x = tf.constant(_images((2, 12, 12, 3)))
+        x = tf.constant(_images((2, 40, 40, 3)))
         kept = x.numpy().copy()
-        upstream = tf.constant(_images((2, 6, 6, 3), 1))
+        upstream = tf.constant(_images((2, 20, 20, 3), 1))
         upstream_kept = upstream.numpy().copy()
 
         @tf.function
@@ -200,7 +208,7 @@ def test_in_place_adds_leave_inputs_and_gradients_alone():
 def test_xla_compiled_blur_matches():
     # Under XLA (Keras compiles with it by default on GPUs) the in-place
     # additions become scatters, with the same values and gradients.
-    for filt_size, shape in ((4, (2, 12, 10, 3)), (3, (2, 12, 10, 3))):
+    for filt_size, shape in ((4, (2, 40, 34, 3)), (3, (2, 40, 34, 3)), (4, (2, 12, 10, 3))):
         layer = BlurPool(filt_size, strides=2, pad_type="reflect")
         x = tf.constant(_images(shape))
 
@@ -345,10 +353,12 @@ def test_mixed_precision_computes_in_float16():
 def test_half_precision_blur_and_gradient_match_numpy(policy):
     # The taps are exact in 16-bit floats: values and gradients of every
     # padding stay within half-precision rounding of the NumPy blur.
-    x = _images((2, 16, 13, 3))
-    weights = _images((2, 8, 7, 3), 1)
     tolerance = 2e-2 if policy == "mixed_bfloat16" else 2e-3
-    for pad_type in ("reflect", "replicate", "zero"):
+    for (x, weights), pad_type in itertools.product(
+        [(_images((2, 16, 13, 3)), _images((2, 8, 7, 3), 1)),
+         (_images((1, 40, 33, 2)), _images((1, 20, 17, 2), 1))],
+        ("reflect", "replicate", "zero"),
+    ):
         layer = BlurPool(4, strides=2, pad_type=pad_type, dtype=policy)
         tensor = tf.constant(x, dtype=policy.split("_")[1])
         with tf.GradientTape() as tape:
