@@ -42,9 +42,8 @@ beside the others on one machine):
 On a tf.data service (for sources too large for one process): describing
 the source images, the costly stage, runs on the service's workers, on any
 number of machines, while the bin edges, the target descriptors and the
-search run in this command; the index is a local build's (up to a filter
-response rounded to the other side of a bin edge), and --data_service
-combines with --num_shards. Start the servers with
+search run in this command; the index is a local build's (bit for bit on
+CPU workers), and --data_service combines with --num_shards. Start the servers with
 apps.data_service:
 
   python -m apps.data_service --role=dispatcher --port=5050        # one

@@ -5,13 +5,13 @@ images on the workers of a tf.data service (`tf.data.experimental.service`,
 part of TensorFlow): start one dispatcher, then any number of workers (one
 per machine or per core group) registered with it. Each runs until it is
 stopped (Ctrl-C, SIGTERM); workers may join or leave between builds, and
-join during one. The descriptors are those of a build in one process, up to
-a filter response rounded to the other side of a bin edge (see
-`keras_seltransfer.retrieval.data_service`).
+join during one. The descriptors are those of a build in one process, bit
+for bit on CPU workers (GPU workers may round a filter response to the
+other side of a bin edge; see `keras_seltransfer.retrieval.data_service`).
 
 Workers run the graph the build command sends them (the filter bank's
-weights frozen into it), so they need TensorFlow (the build's version) but
-no model file; for image-folder sources they need the images at the same
+weights included), so they need TensorFlow (the build's version) but no
+model file; for image-folder sources they need the images at the same
 paths (a shared file system).
 Every worker tells the dispatcher the address clients reach it at:
 --worker_host=localhost serves clients on the worker's own machine only;

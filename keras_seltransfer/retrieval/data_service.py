@@ -6,9 +6,9 @@ runs it on the workers of a tf.data service
 (`tf.data.experimental.service`): a dispatcher hands out batches, any number
 of worker processes (on this machine or others) compute their descriptors,
 and this process gathers them in the source's order. The same batches go
-through the same ops with the same weights as in a local build, so the
-descriptors are the local build's, up to the rounding of filter responses
-(below).
+through the same ops with the same weights as in a local build, so on CPU
+workers the descriptors are the local build's bit for bit (see Rounding
+for other devices).
 
 Why the tf.data service and not Apache Beam (which TensorFlow Datasets uses to
 prepare large data sets): it is part of TensorFlow, so it adds no dependency
@@ -20,10 +20,13 @@ where Beam needs a runner (Dataflow, Flink, Spark) of its own.
 
 How it works:
 
-- The describe function is traced once and its variables (a conv bank's
-  backbone weights) are frozen into constants, so the dataset graph sent to
-  the workers is self-contained: a worker needs no model file, and runs on
-  whatever devices it has.
+- The describe function is traced once; tf.data sends its variables (a
+  conv bank's backbone weights) along with the dataset graph, as their
+  values at registration, so the graph is self-contained: a worker needs no
+  model file, only TensorFlow. The function is called, not inlined, so the
+  workers' runtime optimises it as a local `tf.function` is optimised
+  (Grappler's constant folding changes rounding; inlined into the dataset's
+  graph, the function would run unoptimised).
 - The dataset starts from the batch numbers (`Dataset.range`), and each
   batch number expands into the same images, in the same batch, as a local
   `make_dataset` pipeline of `batch_size`. The service splits the batch
@@ -43,17 +46,19 @@ The dynamic split gives each batch at most once: a worker that dies with
 batches in hand loses them, which is detected (`ConnectionError`) rather
 than leaving holes; building the shard again recomputes it.
 
-Rounding: a filter response can come out one float32 rounding step apart
-on a worker and in a local build. The local `histograms.describe` runs the
-bank in a `tf.function`, whose graph optimiser (constant folding) may
-reorder a constant bank's arithmetic (the Gabor bank's responses moved by
-up to 6e-8), while tf.data runs the workers' graph unoptimised, as eager
-execution does; a worker on other hardware (a GPU) also rounds its own
-way. A response lying exactly on a bin edge then counts in the
-neighbouring bin: in the tests, one response of one channel of one of 33
-Gabor-described images (1/256 of that channel's histogram moved, the
-distances by about 1e-5, the neighbours unchanged). Conv banks of Keras
-models gave bit-identical descriptors in the tests.
+Rounding: descriptors count filter responses between bin edges fitted on
+target responses, so a response lying exactly on an edge (flat image
+regions give many) moves bin if it is rounded one float32 step apart. On
+CPU workers with the build's TensorFlow the ops and their optimisation are
+the local build's, and the descriptors were bit-identical in the tests (60,000
+Fashion-MNIST images through a conv bank, the Gabor bank on image folders).
+Two cases round apart: variables on another device than the registering
+CPU (a GPU), which tf.data cannot send, are frozen into constants, and the
+optimiser then folds them where the local build reads variables; and
+workers on other hardware (GPUs) compute convolutions their own way. Frozen
+into constants, 134 of the 18.4M histogram entries of 6,000 Fashion-MNIST
+images differed from the local build's (single responses moving bin); the
+search's distances move by about 1e-5 for such a response.
 """
 
 import queue
@@ -80,6 +85,10 @@ SERVER_ROLES = ("dispatcher", "worker")
 
 # Seconds `describe_on_service` waits for the next batch before giving up.
 DEFAULT_TIMEOUT = 300.0
+
+# Stateful ops a describe function may hold: variable reads (tf.data sends
+# the variables' values along) and calls of nested functions.
+_SERIALIZABLE_STATE = {"ReadVariableOp", "PartitionedCall", "StatefulPartitionedCall"}
 
 _ADDRESS = re.compile(
     r"^(?:(?P<protocol>[A-Za-z0-9+_-]+)://)?"
@@ -217,9 +226,10 @@ def describe_on_service(
             images `[batch, height, width, channels]` (raw pixels) to
             descriptors `[batch, C, B]`, for example
             `functools.partial(histograms.describe_batch, bank, bin_edges)`.
-            It is traced once; the values of the variables it reads are
-            frozen into the graph the workers run. Stateful ops (random
-            numbers, `tf.py_function`) are refused.
+            It is traced once; the values of the variables it reads go
+            with the graph the workers run (frozen into constants when
+            they live off the CPU). Stateful ops (random numbers,
+            `tf.py_function`) are refused.
         source: an `ImageSource`, every image of which is described.
         image_size: int or `(height, width)` the images are resized to.
         service: the dispatcher's address (see `service_address`).
@@ -280,19 +290,25 @@ def describe_on_service(
             f"Expected `timeout` to be a positive number of seconds. Received: timeout={timeout!r}"
         )
 
-    frozen = _frozen_batch_fn(describe_batch_fn, [None, height, width, channels], descriptor_shape)
-    dataset = _batch_dataset(source, height, width, channels, batch_size, frozen)
+    describe = _traced_batch_fn(
+        describe_batch_fn, [None, height, width, channels], descriptor_shape
+    )
+    dataset = _batch_dataset(source, height, width, channels, batch_size, describe)
     _check_reachable(address, timeout)
     num_batches = -(-len(source) // batch_size)
     positions, descriptors = _gather(dataset, address, num_batches, timeout, progress)
     return _in_source_order(positions, descriptors, len(source), address)
 
 
-def _frozen_batch_fn(describe_batch_fn, input_shape, descriptor_shape):
-    """`describe_batch_fn` traced, with its variables frozen into constants."""
-    traced = tf.function(describe_batch_fn).get_concrete_function(
-        tf.TensorSpec(input_shape, tf.float32)
-    )
+def _traced_batch_fn(describe_batch_fn, input_shape, descriptor_shape):
+    """`describe_batch_fn` traced for the workers: a function of a batch."""
+    # Not inlined into the dataset's graph: a function call is optimised by
+    # Grappler as a `tf.function` called here is, so a worker computes what
+    # `histograms.describe` computes locally (tf.data leaves inlined code
+    # unoptimised, and constant folding moves rounding).
+    traced = tf.function(
+        describe_batch_fn, experimental_attributes={"_noinline": True}
+    ).get_concrete_function(tf.TensorSpec(input_shape, tf.float32))
     outputs = traced.structured_outputs
     if (
         not isinstance(outputs, tf.Tensor)
@@ -308,10 +324,29 @@ def _frozen_batch_fn(describe_batch_fn, input_shape, descriptor_shape):
             f"Expected `describe_batch_fn` to give descriptors of shape {tuple(descriptor_shape)}. "
             f"Received: descriptors of shape {tuple(outputs.shape[1:].as_list())}"
         )
-    return convert_variables_to_constants_v2(traced)
+    stateful = sorted(
+        {op.type for op in traced.graph.get_operations() if op.op_def.is_stateful}
+        - _SERIALIZABLE_STATE
+    )
+    if stateful:
+        raise ValueError(
+            "Expected `describe_batch_fn` to be a function of the images alone: its graph "
+            "runs in other processes, where state of this one (random generators, Python "
+            f"callbacks) does not exist. Received: a function with the stateful ops {stateful}"
+        )
+    if not any(_device_type(v.device) not in (None, "CPU") for v in traced.variables):
+        return traced
+    # tf.data sends a variable to the workers as its value only from the
+    # registering device (the CPU), so variables elsewhere become constants.
+    frozen = convert_variables_to_constants_v2(traced)
+    return lambda images: frozen(images)[0]
 
 
-def _batch_dataset(source, height, width, channels, batch_size, frozen):
+def _device_type(device):
+    return tf.DeviceSpec.from_string(device).device_type if device else None
+
+
+def _batch_dataset(source, height, width, channels, batch_size, describe):
     """The dataset the workers run: batch numbers to `(positions, descriptors)`."""
     size = len(source)
     items = tf.constant(source.images if source.in_memory else source.paths)
@@ -330,14 +365,13 @@ def _batch_dataset(source, height, width, channels, batch_size, frozen):
 
     dataset = tf.data.Dataset.range(-(-size // batch_size)).flat_map(batch)
     dataset = dataset.map(
-        lambda images, ids: (ids, tf.cast(frozen(images)[0], tf.float32)),
+        lambda images, ids: (ids, tf.cast(describe(images), tf.float32)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     options = tf.data.Options()
-    # The graph goes to other processes: anything that reads state of this
-    # one (a variable left unfrozen, a Python callback) is refused at
-    # registration instead of misbehaving on the workers.
-    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.FAIL
+    # Variables are serialised with the dataset as their current values, the
+    # weights the workers should use; other state was refused when tracing.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return dataset.with_options(options)
 
 
@@ -364,19 +398,12 @@ def _gather(dataset, address, num_batches, timeout, progress):
 
     def produce():
         try:
-            try:
-                distributed = dataset.apply(
-                    tf.data.experimental.service.distribute(
-                        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
-                        service=address,
-                    )
+            distributed = dataset.apply(
+                tf.data.experimental.service.distribute(
+                    processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+                    service=address,
                 )
-            except tf.errors.FailedPreconditionError as e:
-                raise ValueError(
-                    "Expected `describe_batch_fn` to be a function of the images alone: its "
-                    "graph goes to other processes, where state of this one (stateful ops, "
-                    f"Python callbacks) does not exist. Received: {e.message}"
-                ) from e
+            )
             received = 0
             for element in distributed.as_numpy_iterator():
                 results.put(("batch", element))

@@ -10,8 +10,7 @@ indexes are saved, then either merged into one index or searched one by
 one with the per-shard results combined by `topk.merge_topk`. Both
 give exactly the neighbours of an unsharded index. `build_on_service`
 describes the images on the workers of a tf.data service instead of in
-this process, with the same result up to float rounding of the filter
-responses.
+this process, with the same result.
 
 Reference:
     Ge and Yu, "Borrowing Treasures from the Wealthy: Deep Transfer Learning
@@ -253,19 +252,18 @@ class SourceIndex:
         machine or others) make the shard's batches and their descriptors;
         this process gathers them in id order. The shard, its batches and
         the ops are those of `build`, so the index is `build`'s (and that
-        of a merge of `build`'s shards), up to a filter response that the
-        workers and a local `tf.function` round to either side of a bin
-        edge (a single count moving bin; conv banks matched bit for bit in
-        the tests). `keras_seltransfer.retrieval.data_service` explains
-        how, and why the tf.data service.
+        of a merge of `build`'s shards), bit for bit on CPU workers; on
+        GPUs a filter response rounded to the other side of a bin edge
+        moves a single count. `keras_seltransfer.retrieval.data_service`
+        explains how, and why the tf.data service.
 
         Args:
             describe_batch_fn: a TensorFlow function of one batch of float32
                 images `[batch, height, width, channels]` (raw pixels) to
                 descriptors `[batch, C, B]` computed with `bin_edges`, for
                 example `functools.partial(histograms.describe_batch, bank,
-                bin_edges)`. Traced once, with the values of the variables
-                it reads frozen into the graph the workers run.
+                bin_edges)`. Traced once; the values of the variables it
+                reads go with the graph the workers run.
             source: the source `ImageSource` (all of it: sharding happens
                 here). File sources must be readable at the same paths on
                 every worker.

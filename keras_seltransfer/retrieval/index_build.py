@@ -81,8 +81,8 @@ def describe_shard_on_service(
     The work of `SourceIndex.build_on_service`, which documents the
     arguments. The shard's descriptors are computed by
     `data_service.describe_on_service` in the batches the local build
-    forms, so the result is `describe_shard`'s (up to filter responses
-    rounded apart on a bin edge; see `data_service`).
+    forms, so the result is `describe_shard`'s (bit for bit on CPU workers;
+    see `data_service` for other devices).
 
     Returns:
         The dict of `SourceIndex` arguments `describe_shard` returns.

@@ -131,9 +131,9 @@ class IndexConfig:
         None,
         "Describe the source images on a tf.data service: its dispatcher's address, "
         "grpc://host:port (start the dispatcher and its workers with python -m "
-        "apps.data_service). The descriptors are those of a build in this process (up to "
-        "a filter response rounded to the other side of a bin edge); the bin edges, the "
-        "target and the search stay here. Unset: describe here.",
+        "apps.data_service). The descriptors are those of a build in this process (bit "
+        "for bit on CPU workers); the bin edges, the target and the search stay here. "
+        "Unset: describe here.",
     )
     data_service_timeout: float = option(
         DEFAULT_TIMEOUT,

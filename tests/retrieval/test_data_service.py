@@ -88,19 +88,18 @@ def _build(source, bank, edges, service=None, **kwargs):
     )
 
 
-def _assert_same_index(a, b, positions=None):
-    """`a` equals `b`; with `positions` (responses per channel histogram),
-    descriptors may differ by responses lying exactly on a bin edge that
-    the two builds rounded to either side (see `data_service`): single
-    counts, in under 1% of the histograms."""
+def _assert_same_index(a, b, rounded=False):
+    """`a` equals `b`; when `rounded`, descriptors may differ by responses
+    lying on a bin edge that the two builds rounded to either side (see
+    `data_service`): in under 1% of the channel histograms, by a few
+    responses (total variation under 0.1)."""
     for name in ("descriptors", "labels", "ids", "bin_edges", "channel_weights"):
-        if name != "descriptors" or positions is None:
+        if name != "descriptors" or not rounded:
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
         assert getattr(a, name).dtype == getattr(b, name).dtype, name
-    if positions is not None:
-        moved = np.abs(a.descriptors.astype(np.float64) - b.descriptors) * positions
-        np.testing.assert_allclose(moved, np.round(moved), atol=1e-3)
-        assert moved.max() <= 1 and np.mean(moved.max(axis=-1) > 0) < 0.01, moved.max()
+    if rounded:
+        variation = 0.5 * np.abs(a.descriptors.astype(np.float64) - b.descriptors).sum(axis=-1)
+        assert np.mean(variation > 0) < 0.01 and variation.max() < 0.1, variation.max()
     assert (a.bank_config, a.metadata) == (b.bank_config, b.metadata)
     assert (a.num_shards, a.shard_index) == (b.num_shards, b.shard_index)
 
@@ -137,7 +136,20 @@ def test_image_folder_source_on_service(service, tmp_path):
     )
     local = _build(source, bank, edges, channels=1)
     on_service = _build(source, bank, edges, service, channels=1)
-    _assert_same_index(on_service, local, positions=SIZE * SIZE)
+    _assert_same_index(on_service, local)
+
+
+def test_variables_off_the_cpu_are_frozen_into_the_graph(world, service, monkeypatch):
+    """Variables on another device than the registering CPU (a GPU) go to
+    the workers as constants, which the workers' graph optimiser folds
+    otherwise than a local `tf.function` folds variable reads: equal up to
+    responses rounded to the other side of a bin edge."""
+    source, bank, edges = world
+    devices = []
+    monkeypatch.setattr(data_service, "_device_type", lambda device: devices.append(device) or "GPU")
+    on_service = _build(source, bank, edges, service)
+    assert devices and "CPU" in devices[0]  # the bank's variables live on the CPU here
+    _assert_same_index(on_service, _build(source, bank, edges), rounded=True)
 
 
 def test_bad_inputs_are_clear_errors(world, service):
@@ -211,17 +223,10 @@ def _index_config(root, out, **fields):
 
 
 def _assert_same_run(out, reference):
-    """The runs' neighbours and indexes agree; the Gabor bank's responses may
-    round apart (one response of one channel of one image moves bin here,
-    see `data_service`), which moves a distance by about 1e-5."""
     with np.load(out / "neighbours.npz") as a, np.load(reference / "neighbours.npz") as b:
-        for name in ("target_ids", "neighbour_ids", "neighbour_labels"):
+        for name in ("target_ids", "neighbour_ids", "neighbour_labels", "distances"):
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-        np.testing.assert_allclose(a["distances"], b["distances"], rtol=0, atol=1e-4)
-    _assert_same_index(
-        SourceIndex.load(out / "index"), SourceIndex.load(reference / "index"),
-        positions=SIZE * SIZE,
-    )
+    _assert_same_index(SourceIndex.load(out / "index"), SourceIndex.load(reference / "index"))
 
 
 @pytest.fixture
