@@ -430,7 +430,7 @@ def _gather(dataset, address, num_batches, timeout, progress):
                 f"({len(positions)} of {num_batches} batches received in "
                 f"{time.monotonic() - started:.0f} s). Check that its workers are running, "
                 "registered with this dispatcher and able to read the source images, or "
-                "allow more time (--data_service_timeout)."
+                "allow more time (`timeout`; apps.build_index --data_service_timeout)."
             ) from None
         if kind == "error":
             raise value
