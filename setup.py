@@ -12,7 +12,7 @@ with open(os.path.join(here, "keras_seltransfer", "__init__.py")) as f:
 with open(os.path.join(here, "README.md")) as f:
     long_description = f.read()
 
-APPS = ("pretrain", "finetune", "evaluate", "export", "build_index", "compare")
+APPS = ("pretrain", "finetune", "evaluate", "export", "build_index", "compare", "data_service")
 
 setup(
     name="keras_seltransfer",

@@ -944,6 +944,24 @@ APP_CASES = [
             match=r"Cannot merge: 2 of 2 shards are not finished: .*shard-0-of-2, .*shard-1-of-2"),
     AppCase("build_index-channels-two", "build_index", ("--channels=2",), rc=1,
             match=USAGE + r"--channels=2: value should be one of <1\|3>"),
+    # The tf.data service: addresses that are not one, a dispatcher not there.
+    AppCase("build_index-data-service-not-an-address", "build_index", ("--data_service=localhost",),
+            match=r"Expected `service` to be the address of a tf\.data service dispatcher, "
+                  r"'grpc://host:port' or 'host:port'.*Received: service='localhost'"),
+    AppCase("build_index-data-service-unreachable", "build_index",
+            (*_IX, _T, "--output_dir={d}/index_service", "--data_service=localhost:1",
+             "--data_service_timeout=5"),
+            match=r"Cannot reach the tf\.data service dispatcher at grpc://localhost:1 \(.*\)\. "
+                  r"Start it \(python -m apps\.data_service --role=dispatcher"),
+    AppCase("data_service-role-missing", "data_service", ("--port=5050",), rc=1,
+            match=USAGE + r"--role=None: Flag --role must have a value other than None"),
+    AppCase("data_service-port-out-of-range", "data_service", ("--role=dispatcher", "--port=70000"),
+            rc=1, match=USAGE + r"--port=70000: 70000 is not an integer in the range \[0, 65535\]"),
+    AppCase("data_service-worker-without-dispatcher", "data_service", ("--role=worker",),
+            match=r"A worker needs --dispatcher_address, the dispatcher's host:port\."),
+    AppCase("data_service-worker-dispatcher-not-grpc", "data_service",
+            ("--role=worker", "--dispatcher_address=http://hostA:5050"),
+            match=r"Expected `service` to use the grpc protocol.*Received: service='http://hostA:5050'"),
     # Run directories owned by another run: refused, the owner's lock left as it was.
     AppCase("finetune-output-dir-locked-on-another-host", "finetune",
             (_T, _B, "--output_dir={d}/run_locked", *_FT), watch=("run_locked/run.lock",),
@@ -1160,5 +1178,5 @@ def test_every_entry_point_is_fed_hostile_input():
     entries = {case.entry for case in LOADER_CASES} | {f"apps.{case.app}" for case in APP_CASES}
     assert entries == {
         "apps.pretrain", "apps.finetune", "apps.build_index", "apps.evaluate", "apps.export",
-        FOLDER, NUMPY, SPEC, SPLITS, BACKBONE, INDEX, NEIGHBOURS, BUILD,
+        "apps.data_service", FOLDER, NUMPY, SPEC, SPLITS, BACKBONE, INDEX, NEIGHBOURS, BUILD,
     }

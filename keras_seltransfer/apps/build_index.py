@@ -39,6 +39,18 @@ beside the others on one machine):
   python -m apps.build_index --num_shards=4 --shard_index=0   # ... 1, 2, 3
   python -m apps.build_index --num_shards=4 --merge           # merge the parts
 
+On a tf.data service (for sources too large for one process): describing
+the source images, the costly stage, runs on the service's workers, on any
+number of machines, while the bin edges, the target descriptors and the
+search run in this command; the index is a local build's (bit for bit on
+CPU workers), and --data_service combines with --num_shards. Start the servers with
+apps.data_service:
+
+  python -m apps.data_service --role=dispatcher --port=5050        # one
+  python -m apps.data_service --role=worker --dispatcher_address=hostA:5050 \
+      --worker_host=$(hostname)                                     # each worker
+  python -m apps.build_index --data_service=grpc://hostA:5050 ...
+
 Example:
 
   python -m apps.build_index --source=fashion_mnist --target=elpv --bank=conv

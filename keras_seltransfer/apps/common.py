@@ -154,6 +154,15 @@ def fail(program, error):
     sys.exit(2)
 
 
-# Errors the library raises on bad input: shown as one clear line, without a
-# traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+# Errors the library raises on bad input or an unusable environment (a
+# tf.data service that cannot be reached or sends nothing): shown as one clear
+# line, without a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+    ConnectionError,
+    TimeoutError,
+)

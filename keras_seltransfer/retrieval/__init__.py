@@ -14,6 +14,8 @@ smallest weighted symmetric KL divergence.
   `keras_seltransfer.utils.divergence`.
 - `index`: `SourceIndex` (build, shard, merge, atomic save/load, query).
 - `workflow`: `IndexConfig`, `build_neighbours` (what `apps.build_index` runs).
+- `data_service`: describing the source on a tf.data service's workers
+  (`SourceIndex.build_on_service`, `apps.build_index --data_service`).
 """
 
 from keras_seltransfer.retrieval.conv_bank import ConvBank

@@ -8,7 +8,9 @@ sources are described in shards (example `i` belongs to shard
 `i % num_shards`), on several machines or processes if need be; the shard
 indexes are saved, then either merged into one index or searched one by
 one with the per-shard results combined by `topk.merge_topk`. Both
-give exactly the neighbours of an unsharded index.
+give exactly the neighbours of an unsharded index. `build_on_service`
+describes the images on the workers of a tf.data service instead of in
+this process, with the same result.
 
 Reference:
     Ge and Yu, "Borrowing Treasures from the Wealthy: Deep Transfer Learning
@@ -20,7 +22,9 @@ import os
 
 import numpy as np
 
+from keras_seltransfer.retrieval.data_service import DEFAULT_TIMEOUT
 from keras_seltransfer.retrieval.index_build import describe_shard
+from keras_seltransfer.retrieval.index_build import describe_shard_on_service
 from keras_seltransfer.retrieval.index_files import ARRAY_NAMES
 from keras_seltransfer.retrieval.index_files import read_index_directory
 from keras_seltransfer.retrieval.index_files import write_index_directory
@@ -216,6 +220,103 @@ class SourceIndex:
                 num_shards=num_shards,
                 shard_index=shard_index,
                 bin_edges=bin_edges,
+                progress=progress,
+                metadata=metadata,
+            ),
+            channel_weights=channel_weights,
+            bank_config=bank_config,
+        )
+
+    @classmethod
+    def build_on_service(
+        cls,
+        describe_batch_fn,
+        source,
+        image_size,
+        service,
+        batch_size=64,
+        channels=None,
+        num_shards=1,
+        shard_index=0,
+        bin_edges=None,
+        channel_weights=None,
+        bank_config=None,
+        timeout=DEFAULT_TIMEOUT,
+        progress=True,
+        metadata=None,
+    ):
+        """`build`, with the images described by the workers of a tf.data service.
+
+        For sources too large to describe in one process: a dispatcher and
+        any number of workers (`python -m apps.data_service`, on this
+        machine or others) make the shard's batches and their descriptors;
+        this process gathers them in id order. The shard, its batches and
+        the ops are those of `build`, so the index is `build`'s (and that
+        of a merge of `build`'s shards), bit for bit on CPU workers; on
+        GPUs a filter response rounded to the other side of a bin edge
+        moves a single count. `keras_seltransfer.retrieval.data_service`
+        explains how, and why the tf.data service.
+
+        Args:
+            describe_batch_fn: a TensorFlow function of one batch of float32
+                images `[batch, height, width, channels]` (raw pixels) to
+                descriptors `[batch, C, B]` computed with `bin_edges`, for
+                example `functools.partial(histograms.describe_batch, bank,
+                bin_edges)`. Traced once; the values of the variables it
+                reads go with the graph the workers run.
+            source: the source `ImageSource` (all of it: sharding happens
+                here). File sources must be readable at the same paths on
+                every worker.
+            image_size: int or `(height, width)` the images are resized to.
+            service: the dispatcher's address, `"grpc://host:port"`.
+            batch_size: images per batch (one batch is a worker's unit of work).
+            channels: None (the source's), 1 or 3; see `make_dataset`.
+            num_shards: number of shards, >= 1.
+            shard_index: the shard to describe, in `[0, num_shards)`.
+            bin_edges: the `[C, B + 1]` edges `describe_batch_fn` uses.
+                Required.
+            channel_weights: `[C]` distance weights; None gives `1 / C`.
+            bank_config: JSON-serialisable dict describing the filter bank.
+            timeout: seconds to wait for the dispatcher and then for each
+                next batch before giving up.
+            progress: show a progress bar over the batches.
+            metadata: JSON-serialisable dict added to the recorded metadata.
+
+        Returns:
+            A `SourceIndex` of the shard, ids ascending.
+
+        Raises:
+            ValueError: for bad arguments (an address that is not
+                `host:port` among them), or if `describe_batch_fn` does not
+                give one valid descriptor per image or holds state.
+            ConnectionError: if nothing accepts connections at `service`, or
+                a worker lost batches during the job.
+            TimeoutError: if no batch arrives for `timeout` seconds (no
+                workers, or workers that cannot read the images).
+
+        Example:
+
+        ```python
+        # python -m apps.data_service --role=dispatcher --port=5050, and workers:
+        # python -m apps.data_service --role=worker --dispatcher_address=localhost:5050
+        index = SourceIndex.build_on_service(
+            functools.partial(histograms.describe_batch, bank, edges),
+            source, 64, "grpc://localhost:5050", bin_edges=edges,
+        )
+        ```
+        """
+        return cls(
+            **describe_shard_on_service(
+                describe_batch_fn,
+                source,
+                image_size,
+                service,
+                batch_size=batch_size,
+                channels=channels,
+                num_shards=num_shards,
+                shard_index=shard_index,
+                bin_edges=bin_edges,
+                timeout=timeout,
                 progress=progress,
                 metadata=metadata,
             ),

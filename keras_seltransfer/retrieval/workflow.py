@@ -23,6 +23,8 @@ from keras_seltransfer.data.protocol import load_train_test
 from keras_seltransfer.models import backbones
 from keras_seltransfer.models.backbones import DEFAULT_BACKBONE
 from keras_seltransfer.retrieval.conv_bank import ConvBank
+from keras_seltransfer.retrieval.data_service import DEFAULT_TIMEOUT
+from keras_seltransfer.retrieval.data_service import service_address
 from keras_seltransfer.retrieval.filter_banks import BANKS
 from keras_seltransfer.retrieval.gabor_bank import GaborBank
 from keras_seltransfer.retrieval.index import SourceIndex
@@ -54,9 +56,16 @@ class IndexConfig:
     input channel count of a built-in conv-bank backbone (`small_cnn`); None
     takes the conv bank's backbone's channel count, or each data set's own.
 
+    `data_service` describes the source images on the workers of a
+    tf.data service (`SourceIndex.build_on_service`) instead of in this
+    process; like the batch size it changes how, not what, so it is not
+    part of a run's recorded settings, and shards described either way
+    merge.
+
     Raises:
         ValueError: for a `channels`, `bank`, `search_mode`, `shard_index`
-            or `target_fraction` out of range, or a `k_max` below 1.
+            or `target_fraction` out of range, a `k_max` below 1, or a
+            `data_service` that is not a `host:port` address.
 
     Example:
 
@@ -118,6 +127,20 @@ class IndexConfig:
     )
     num_shards: int = option(1, "Split the source into this many shards.", lower=1)
     shard_index: int = option(0, "Which shard this process describes.", lower=0)
+    data_service: str = option(
+        None,
+        "Describe the source images on a tf.data service: its dispatcher's address, "
+        "grpc://host:port (start the dispatcher and its workers with python -m "
+        "apps.data_service). The descriptors are those of a build in this process (bit "
+        "for bit on CPU workers); the bin edges, the target and the search stay here. "
+        "Unset: describe here.",
+    )
+    data_service_timeout: float = option(
+        DEFAULT_TIMEOUT,
+        "Seconds to wait for the --data_service dispatcher to answer, and then for each "
+        "next batch, before giving up (a service without workers waits forever).",
+        above=0.0,
+    )
     output_dir: str = option(os.path.join("runs", "index", "default"), "Output directory.")
     progress: bool = option(True, "Show progress bars.")
     channels: int = option(
@@ -145,6 +168,13 @@ class IndexConfig:
             )
         check_choice(self.bank, "bank", BANKS)
         check_choice(self.search_mode, "search_mode", SEARCH_MODES)
+        if self.data_service is not None:
+            self.data_service = service_address(self.data_service)
+        if not self.data_service_timeout > 0:
+            raise ValueError(
+                "`data_service_timeout` must be > 0. "
+                f"Received: data_service_timeout={self.data_service_timeout}"
+            )
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(
                 f"`shard_index` must be in [0, num_shards={self.num_shards}). "
@@ -499,10 +529,7 @@ def _describe_and_search(config, shard_dir):
         reused.append("index")
     else:
         source = source_training_images(config, channels=channels)
-        index = SourceIndex.build(
-            functools.partial(histograms.describe, bank, edges, progress=config.progress),
-            source,
-            config.image_size,
+        common = dict(
             batch_size=config.batch_size,
             channels=channels,
             num_shards=config.num_shards,
@@ -512,6 +539,22 @@ def _describe_and_search(config, shard_dir):
             bank_config=json.loads(bank_config),
             progress=config.progress,
         )
+        if config.data_service is None:
+            index = SourceIndex.build(
+                functools.partial(histograms.describe, bank, edges, progress=config.progress),
+                source,
+                config.image_size,
+                **common,
+            )
+        else:
+            index = SourceIndex.build_on_service(
+                functools.partial(histograms.describe_batch, bank, edges),
+                source,
+                config.image_size,
+                config.data_service,
+                timeout=config.data_service_timeout,
+                **common,
+            )
         index.save(shard_dir)
     outputs["index"] = shard_dir
 
