@@ -156,11 +156,39 @@ def _min_positive(array):
     return float(positive.min()) if positive.size else math.inf
 
 
+def _numpy_distances(target, target_logs, block, rows, columns, half_weights, eps, threads):
+    """The NumPy path: `weighted_symmetric_kl` over chunks of the pairs
+    `(target[rows[i]], block[columns[i]])`, the chunks spread over `threads`."""
+    used, inverse = np.unique(columns, return_inverse=True)
+    # Float32 to float64 is exact, so converting only the re-scored rows
+    # gives the values `symmetric_kl` sees. The logarithms are taken once
+    # per source row, in place.
+    sources = np.asarray(block[used], dtype=np.float64)
+    source_logs = sources + eps
+    np.log(source_logs, out=source_logs)
+    distances = np.empty(rows.shape[0])
+    chunk = max(1, NUMPY_CHUNK_VALUES // (sources.shape[1] * sources.shape[2]))
+
+    def run(start, stop):
+        for low in range(start, stop, chunk):
+            high = min(low + chunk, stop)
+            r, c = rows[low:high], inverse[low:high]
+            distances[low:high] = weighted_symmetric_kl(
+                target[r], target_logs[r], sources[c], source_logs[c], half_weights
+            )
+
+    # Threads only pay off on many pairs: each range holds many chunks.
+    _run_ranges(run, rows.shape[0], chunk * 64, threads)
+    return distances
+
+
 class PairRescorer:
     """Exact float64 distances of (target row, source row) pairs.
 
-    Holds one search's targets, their logarithms and the half channel
-    weights; `rescore` takes a source block and pairs into it. Results are
+    Holds one search's targets and half channel weights, and the targets'
+    logarithms as each path needs them (NumPy arrays, or the kernel's
+    TensorFlow copies: about `2 * T * channels * bins` float64 values);
+    `rescore` takes a source block and pairs into it. Results are
     bit-identical to `weighted_symmetric_kl` (hence to `symmetric_kl`) on
     the same rows, whatever the path, chunking or thread count.
 
@@ -188,11 +216,13 @@ class PairRescorer:
 
     def __init__(self, target, eps, half_weights, threads=None, kernel=None, source_rows=None):
         if kernel not in (None, True, False):
-            raise ValueError(f"Expected `kernel` to be None, True or False. Received: kernel={kernel!r}")
+            raise ValueError(
+                f"Expected `kernel` to be None, True or False. Received: kernel={kernel!r}"
+            )
         self.target = target
         self.eps = eps
         self.half_weights = np.asarray(half_weights, np.float64)
-        self.target_logs = np.log(target + eps)
+        self._target_logs = None
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"Expected `threads` >= 1. Received: threads={threads!r}")
@@ -237,50 +267,35 @@ class PairRescorer:
         if not self._target_fits_kernel:
             return False
         # Float32 values are 0 or >= 2**-149: only float64 blocks need a look.
-        return block.dtype == np.float32 or _min_positive(np.asarray(block)) >= _KERNEL_MIN_VALUE
+        return (
+            block.dtype == np.float32
+            or _min_positive(np.asarray(block)) >= _KERNEL_MIN_VALUE
+        )
 
     def _rescore_numpy(self, block, rows, columns):
-        used, inverse = np.unique(columns, return_inverse=True)
-        # Float32 to float64 is exact, so converting only the re-scored rows
-        # gives the values `symmetric_kl` sees. The logarithms are taken once
-        # per source row, in place.
-        sources = np.asarray(block[used], dtype=np.float64)
-        source_logs = sources + self.eps
-        np.log(source_logs, out=source_logs)
-        distances = np.empty(rows.shape[0])
-        chunk = max(1, NUMPY_CHUNK_VALUES // (sources.shape[1] * sources.shape[2]))
-
-        def run(start, stop):
-            for low in range(start, stop, chunk):
-                high = min(low + chunk, stop)
-                r, c = rows[low:high], inverse[low:high]
-                distances[low:high] = weighted_symmetric_kl(
-                    self.target[r], self.target_logs[r], sources[c], source_logs[c],
-                    self.half_weights,
-                )
-
-        # Threads only pay off on many pairs: each range holds many chunks.
-        _run_ranges(run, rows.shape[0], chunk * 64, self.threads)
-        return distances
+        if self._target_logs is None:
+            self._target_logs = np.log(self.target + self.eps)
+        return _numpy_distances(
+            self.target, self._target_logs, block, rows, columns, self.half_weights,
+            self.eps, self.threads,
+        )
 
     def _rescore_kernel(self, block, rows, columns):
         if self._kernel_inputs is None:
+            # The NumPy path's logarithms when it has them, else made for
+            # the kernel only (not kept: the spot checks take their rows').
+            logs = self._target_logs
+            if logs is None:
+                logs = np.log(self.target + self.eps)
             self._kernel_inputs = (
                 tf.constant(self.target),
-                tf.constant(self.target_logs),
+                tf.constant(logs),
                 tf.constant(self.half_weights),
                 tf.constant(0.0, tf.float64),
             )
+            del logs
         target, target_logs, half_weights, zero = self._kernel_inputs
-        sources = np.asarray(block, dtype=np.float64)
-        if self.source_rows is not None and sources.shape[0] < self.source_rows:
-            padded = np.zeros((self.source_rows,) + sources.shape[1:])
-            padded[: sources.shape[0]] = sources
-            sources = padded
-        source_logs = sources + self.eps
-        np.log(source_logs, out=source_logs)
-        sources = tf.constant(sources)
-        source_logs = tf.constant(source_logs)
+        sources, source_logs = _kernel_sources(block, self.eps, self.source_rows)
         rows32 = rows.astype(np.int32)
         columns32 = columns.astype(np.int32)
         distances = np.empty(rows.shape[0])
@@ -302,11 +317,18 @@ class PairRescorer:
         # for a new shape once, before the workers call it.
         first = min(count, KERNEL_CHUNK_PAIRS)
         run(0, first)
-        _run_ranges(lambda a, b: run(first + a, first + b), count - first, KERNEL_CHUNK_PAIRS, self.threads)
+        _run_ranges(
+            lambda a, b: run(first + a, first + b), count - first, KERNEL_CHUNK_PAIRS,
+            self.threads,
+        )
         # `np.sum` adds its sum to the initial 0, turning -0.0 into +0.0.
         np.add(distances, 0.0, out=distances)
         check = np.unique(np.linspace(0, count - 1, _SPOT_CHECK_PAIRS).astype(np.int64))
-        expected = self._rescore_numpy(block, rows[check], columns[check])
+        checked_targets = self.target[rows[check]]
+        expected = _numpy_distances(
+            checked_targets, np.log(checked_targets + self.eps), block,
+            np.arange(check.shape[0]), columns[check], self.half_weights, self.eps, 1,
+        )
         if not (
             np.array_equal(distances[check], expected)
             and np.array_equal(np.signbit(distances[check]), np.signbit(expected))
@@ -325,6 +347,23 @@ class PairRescorer:
         return distances
 
 
+def _kernel_sources(block, eps, source_rows):
+    """A block's float64 values and logarithms as tensors, padded with empty
+    rows to `source_rows` (None: not padded)."""
+    num_rows = block.shape[0]
+    if source_rows is None or num_rows >= source_rows:
+        values = np.asarray(block, dtype=np.float64)
+    else:
+        values = np.zeros((source_rows,) + tuple(block.shape[1:]))
+        values[:num_rows] = block
+    logs = values + eps
+    np.log(logs, out=logs)
+    # One NumPy copy less at a time: the values go first.
+    values_tensor = tf.constant(values)
+    del values
+    return values_tensor, tf.constant(logs)
+
+
 def _run_ranges(run, count, grain, threads):
     """Calls `run(start, stop)` over `[0, count)` cut into about `2 * threads`
     ranges of whole `grain`s, on a thread pool when there is more than one."""
@@ -341,4 +380,10 @@ def _run_ranges(run, count, grain, threads):
             future.result()
 
 
-__all__ = ["KERNEL_CHUNK_PAIRS", "KERNEL_MIN_PAIRS", "PairRescorer", "default_threads", "numpy_pairwise_sum"]
+__all__ = [
+    "KERNEL_CHUNK_PAIRS",
+    "KERNEL_MIN_PAIRS",
+    "PairRescorer",
+    "default_threads",
+    "numpy_pairwise_sum",
+]

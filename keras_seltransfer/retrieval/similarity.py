@@ -17,12 +17,13 @@ search modes. "exact" keeps a running top-k per target and re-scores the few
 candidates near the k-th distance exactly in float64 (see its docstring),
 so its results are exactly those of a double loop over `symmetric_kl`
 (`keras_seltransfer.utils.divergence`, with the shared argument checks).
-Both modes re-score through `rescore.PairRescorer`: NumPy's arithmetic, run
-by an XLA kernel over a thread pool for large pair sets, bit-identical. "fast" keeps the `k + margin` nearest by float32 GEMM
-distance (`tf.math.top_k` per block, merged across blocks) and re-scores only
-those survivors, so its cost is the GEMMs; it may miss a neighbour whose
-float32 distance ranks beyond `k + margin`. "auto" picks fast from
-`AUTO_FAST_MIN_SOURCES` sources.
+"fast" keeps the `k + margin` nearest by float32 GEMM distance
+(`tf.math.top_k` per block, merged across blocks) and re-scores only those
+survivors, so its cost is the GEMMs; it may miss a neighbour whose float32
+distance ranks beyond `k + margin`. "auto" picks fast from
+`AUTO_FAST_MIN_SOURCES` sources. Both modes re-score through
+`rescore.PairRescorer`: NumPy's float64 arithmetic, run by an XLA kernel
+over a thread pool for large pair sets, with bit-identical results.
 
 Reference:
     Ge and Yu, "Borrowing Treasures from the Wealthy: Deep Transfer Learning

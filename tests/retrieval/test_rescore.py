@@ -132,7 +132,9 @@ def test_kernel_is_skipped_where_subnormals_could_be_flushed(monkeypatch):
     # Tiny weights alone, and a float64 block alone, also keep it out.
     safe = _histograms(rng, 8, 3, 8)
     tiny_weights = np.array([0.5, 1e-150, 0.25])
-    found = PairRescorer(safe, EPS, tiny_weights, kernel=True).rescore(block[2:], rows, columns % 18)
+    found = PairRescorer(safe, EPS, tiny_weights, kernel=True).rescore(
+        block[2:], rows, columns % 18
+    )
     _assert_bit_identical(found, _reference(safe, block[2:], rows, columns % 18, tiny_weights))
     found = PairRescorer(safe, EPS, half_weights, kernel=True).rescore(block, rows, columns)
     _assert_bit_identical(found, _reference(safe, block, rows, columns, half_weights))
