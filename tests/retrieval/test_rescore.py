@@ -176,6 +176,7 @@ def test_searches_through_the_kernel_equal_searches_through_numpy(mode, monkeypa
     # Every re-scoring through the kernel, in chunks over two threads; the
     # last block (188 rows) is padded to the block size.
     monkeypatch.setattr(rescore, "KERNEL_MIN_PAIRS", 0)
+    monkeypatch.setattr(rescore, "KERNEL_MIN_PAIRS_PER_ROW", 0)
     monkeypatch.setattr(rescore, "KERNEL_CHUNK_PAIRS", 256)
     monkeypatch.setattr(rescore, "default_threads", lambda: 2)
     calls = []
