@@ -12,6 +12,8 @@ smallest weighted symmetric KL divergence.
 - `similarity`: `nearest_sources` (blocked GEMMs, streaming top-k),
   `pairwise_distances`, `merge_topk`; `symmetric_kl` from
   `keras_seltransfer.utils.divergence`.
+- `rescore`: `PairRescorer`, the exact re-scoring both search modes finish
+  with (NumPy or an XLA kernel over threads, bit-identical to `symmetric_kl`).
 - `index`: `SourceIndex` (build, shard, merge, atomic save/load, query).
 - `workflow`: `IndexConfig`, `build_neighbours` (what `apps.build_index` runs).
 - `data_service`: describing the source on a tf.data service's workers

@@ -14,14 +14,16 @@ every target to a block of source images cost two GEMMs (`tf.matmul`, on
 whatever device TensorFlow places them) plus row and column terms.
 `nearest_sources` streams the source in blocks through that GEMM and has two
 search modes. "exact" keeps a running top-k per target and re-scores the few
-candidates near the k-th distance exactly in NumPy float64 (see its
-docstring), so its results are exactly those of a double loop over
-`symmetric_kl` (`keras_seltransfer.utils.divergence`, with the shared
-argument checks). "fast" keeps the `k + margin` nearest by float32 GEMM
-distance (`tf.math.top_k` per block, merged across blocks) and re-scores only
-those survivors, so its cost is the GEMMs; it may miss a neighbour whose
-float32 distance ranks beyond `k + margin`. "auto" picks fast from
-`AUTO_FAST_MIN_SOURCES` sources.
+candidates near the k-th distance exactly in float64 (see its docstring),
+so its results are exactly those of a double loop over `symmetric_kl`
+(`keras_seltransfer.utils.divergence`, with the shared argument checks).
+"fast" keeps the `k + margin` nearest by float32 GEMM distance
+(`tf.math.top_k` per block, merged across blocks) and re-scores only those
+survivors, so its cost is the GEMMs; it may miss a neighbour whose float32
+distance ranks beyond `k + margin`. "auto" picks fast from
+`AUTO_FAST_MIN_SOURCES` sources. Both modes re-score through
+`rescore.PairRescorer`: NumPy's float64 arithmetic, run by an XLA kernel
+over a thread pool for large pair sets, with bit-identical results.
 
 Reference:
     Ge and Yu, "Borrowing Treasures from the Wealthy: Deep Transfer Learning
@@ -34,13 +36,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_seltransfer.retrieval.rescore import PairRescorer
 from keras_seltransfer.retrieval.topk import top_k_rows
 from keras_seltransfer.utils.divergence import as_histograms
 from keras_seltransfer.utils.divergence import check_channel_weights
 from keras_seltransfer.utils.divergence import check_eps
 from keras_seltransfer.utils.divergence import check_histograms
 from keras_seltransfer.utils.divergence import DEFAULT_EPS
-from keras_seltransfer.utils.divergence import weighted_symmetric_kl
 from keras_seltransfer.utils.validation import check_choice
 from keras_seltransfer.utils.validation import check_int
 
@@ -62,12 +64,6 @@ AUTO_FAST_MIN_SOURCES = 100_000
 # Extra survivors per target the fast mode re-scores beyond `k` (see
 # `nearest_sources`).
 DEFAULT_MARGIN = 32
-
-# Descriptor values gathered per chunk of re-scored pairs (512 KiB of float64).
-_RESCORE_CHUNK_VALUES = 1 << 16
-# The fast mode re-scores many pairs per block; chunks of 128 KiB of float64
-# re-scored them about 25% faster on two CPU cores.
-_FAST_RESCORE_CHUNK_VALUES = 1 << 14
 
 # Marks the empty slots of a running top-k before enough sources were seen:
 # an infinite distance sorts after every real one, the largest index after
@@ -151,8 +147,9 @@ def nearest_sources(
     that could swap near-equal neighbours or split exact ties. Candidates
     are therefore taken from the GEMM with a margin: every source whose GEMM
     distance lies within a worst-case bound on that rounding of a target's
-    current k-th distance is re-scored exactly, in NumPy float64, with the
-    same arithmetic as `symmetric_kl`. The result is then exactly what a
+    current k-th distance is re-scored exactly in float64 with the
+    arithmetic of `symmetric_kl` (`rescore.PairRescorer`: bit-identical
+    results, in NumPy or an XLA kernel spread over threads). The result is then exactly what a
     double loop over `symmetric_kl` gives (same indices, same order, same
     distances), whatever the block size or device, and the distance of a
     pair does not depend on the other rows in its block, so searching
@@ -268,8 +265,9 @@ def nearest_sources(
     if num_targets == 0:
         return best_indices, best_distances
 
-    half_weights = 0.5 * weights
-    target_logs = np.log(target + eps)
+    rescorer = PairRescorer(
+        target, eps, 0.5 * weights, source_rows=min(block_size, num_sources)
+    )
     target_terms = _weighted_terms(_gemm_terms(target, eps, dtype), weights)
     margin_scale = _margin_scale(target.shape[1], target.shape[2], weights, dtype)
     num_blocks = math.ceil(num_sources / block_size)
@@ -286,9 +284,7 @@ def nearest_sources(
         )
         if pairs.shape[0]:
             rows, columns = pairs[:, 0], pairs[:, 1]
-            distances = _rescore_pairs(
-                target, target_logs, block, rows, columns, half_weights, eps
-            )
+            distances = rescorer.rescore(block, rows, columns)
             _merge_candidates(
                 best_indices, best_distances, rows, columns + start, distances, k
             )
@@ -351,10 +347,14 @@ def _fast_search(
     """The fast mode of `nearest_sources` (arguments checked there).
 
     First pass: GEMM distances per block and a running `tf.math.top_k` of
-    the `k + margin` nearest per target. Second pass: the survivors are
-    re-scored exactly, block by block (only blocks holding survivors are
-    read again, and only their survivor rows converted), so any source that
-    supports row slicing works and memory stays bounded by a block.
+    the `k + margin` nearest per target. Once a target holds `k + margin`
+    survivors, only a block's sources scoring above its last survivor can
+    enter, so each block's `top_k` takes just as many as the target with the
+    most such sources needs (counted with the scores): few, once many blocks
+    were seen. Second pass: the survivors are re-scored exactly, block by
+    block (only blocks holding survivors are read again), by a
+    `PairRescorer`, so any source that supports row slicing works and
+    memory stays bounded by a block.
     """
     num_targets = target.shape[0]
     if num_targets == 0:
@@ -373,24 +373,32 @@ def _fast_search(
     # New blocks are appended after them, so `top_k`'s rule (equal values:
     # the lower position first) breaks ties to the lower source index.
     running_scores = running_indices = None
+    no_floor = tf.fill([num_targets], tf.constant(-np.inf, target_self.dtype))
     for block_index, start in enumerate(range(0, num_sources, block_size)):
         stop = min(start + block_size, num_sources)
         block = _read_block(source_descriptors, start, stop, target.shape)
         source_terms = _gemm_terms(block, eps, term_dtype, bounds=False)
-        scores = block_scores(
+        # A block source enters a full survivor list only by scoring above
+        # its last survivor: one that ties it comes later, so loses the tie.
+        full = running_scores is not None and running_scores.shape[1] == keep
+        floor = running_scores[:, -1] if full else no_floor
+        scores, entering = block_scores(
             target_operand,
             _fast_operands(source_terms, dtype, "source"),
             target_self,
             tf.linalg.matvec(source_terms["channel_self"], target_terms["weights"]),
+            floor,
         )
-        scores, columns = tf.math.top_k(scores, k=min(keep, stop - start))
-        indices = tf.cast(columns, tf.int64) + start
-        if running_scores is not None:
-            scores = tf.concat([running_scores, scores], axis=1)
-            indices = tf.concat([running_indices, indices], axis=1)
-            scores, positions = tf.math.top_k(scores, k=min(keep, stop))
-            indices = tf.gather(indices, positions, batch_dims=1)
-        running_scores, running_indices = scores, indices
+        take = min(keep, stop - start, int(entering))
+        if take:
+            scores, columns = tf.math.top_k(scores, k=take)
+            indices = tf.cast(columns, tf.int64) + start
+            if running_scores is not None:
+                scores = tf.concat([running_scores, scores], axis=1)
+                indices = tf.concat([running_indices, indices], axis=1)
+                scores, positions = tf.math.top_k(scores, k=min(keep, scores.shape[1]))
+                indices = tf.gather(indices, positions, batch_dims=1)
+            running_scores, running_indices = scores, indices
         if progbar is not None:
             progbar.update(block_index + 1)
 
@@ -400,8 +408,7 @@ def _fast_search(
     order = np.argsort(flat, kind="stable")
     rows = np.repeat(np.arange(num_targets), keep)[order]
     sorted_indices = flat[order]
-    half_weights = 0.5 * weights
-    target_logs = np.log(target + eps)
+    rescorer = PairRescorer(target, eps, 0.5 * weights, source_rows=min(block_size, num_sources))
     bounds = np.searchsorted(
         sorted_indices, np.arange(0, num_sources + block_size, block_size)
     )
@@ -410,13 +417,10 @@ def _fast_search(
         if low == high:
             continue
         stop = min(start + block_size, num_sources)
-        # Checked in the first pass; `_rescore_pairs` converts only the
-        # survivor rows of the block.
+        # Checked in the first pass.
         block = np.asarray(source_descriptors[start:stop])
-        flat_distances[order[low:high]] = _rescore_pairs(
-            target, target_logs, block, rows[low:high],
-            sorted_indices[low:high] - start, half_weights, eps,
-            chunk_values=_FAST_RESCORE_CHUNK_VALUES,
+        flat_distances[order[low:high]] = rescorer.rescore(
+            block, rows[low:high], sorted_indices[low:high] - start
         )
     return top_k_rows(survivors, flat_distances.reshape(survivors.shape), k)
 
@@ -438,33 +442,6 @@ def _merge_candidates(best_indices, best_distances, rows, indices, distances, k)
         k,
     )
     best_indices[touched], best_distances[touched] = merged
-
-
-def _rescore_pairs(
-    target, target_logs, block, rows, columns, half_weights, eps,
-    chunk_values=_RESCORE_CHUNK_VALUES,
-):
-    """Exact distances of the `(rows[i], columns[i])` target/block pairs."""
-    used, inverse = np.unique(columns, return_inverse=True)
-    # Float32 to float64 is exact, so converting only the re-scored rows
-    # gives the values `symmetric_kl` sees.
-    sources = block[used].astype(np.float64)
-    # One logarithm per re-scored source row, not per pair, computed in
-    # place: a fresh block-sized temporary costs as much again in page faults.
-    source_logs = sources + eps
-    np.log(source_logs, out=source_logs)
-    distances = np.empty(rows.shape[0])
-    # Gathered pairs take `C * B` values each: small chunks keep the
-    # temporaries in cache (several times faster than block-sized ones) and
-    # the memory bounded even when many candidates tie.
-    chunk = max(1, chunk_values // (target.shape[1] * target.shape[2]))
-    for start in range(0, rows.shape[0], chunk):
-        r = rows[start : start + chunk]
-        c = inverse[start : start + chunk]
-        distances[start : start + chunk] = weighted_symmetric_kl(
-            target[r], target_logs[r], sources[c], source_logs[c], half_weights
-        )
-    return distances
 
 
 def _gemm_terms(descriptors, eps, dtype, bounds=True):
@@ -641,19 +618,28 @@ def fast_gemm_dtype():
 
 
 @tf.function(jit_compile=True)
-def _bfloat16_scores(target_operand, source_operand, target_self, source_self):
+def _bfloat16_scores(target_operand, source_operand, target_self, source_self, floor):
+    """Negated GEMM distances `[T, N]` of the fast mode, and the largest
+    number of them above `floor` `[T]` in any row."""
     # bfloat16 x bfloat16 products summed in float32, as XLA compiles them
     # (TensorFlow's own kernels return bfloat16 sums, too coarse to rank).
     cross = tf.raw_ops.BatchMatMulV3(
         x=target_operand, y=source_operand, Tout=tf.float32, adj_y=True
     )
-    return -0.5 * (target_self[:, None] + source_self[None, :] - cross)
+    return _scores_and_entering(cross, target_self, source_self, floor)
 
 
 @tf.function
-def _float_scores(target_operand, source_operand, target_self, source_self):
+def _float_scores(target_operand, source_operand, target_self, source_self, floor):
+    """`_bfloat16_scores` for float32 and float64 operands."""
     cross = tf.matmul(target_operand, source_operand, transpose_b=True)
-    return -0.5 * (target_self[:, None] + source_self[None, :] - cross)
+    return _scores_and_entering(cross, target_self, source_self, floor)
+
+
+def _scores_and_entering(cross, target_self, source_self, floor):
+    scores = -0.5 * (target_self[:, None] + source_self[None, :] - cross)
+    entering = tf.reduce_sum(tf.cast(scores > floor[:, None], tf.int32), axis=1)
+    return scores, tf.reduce_max(entering)
 
 
 def _fast_operands(terms, dtype, side):
