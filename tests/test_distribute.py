@@ -355,6 +355,7 @@ def test_mirrored_reduce_still_averages_even_nests():
     np.testing.assert_allclose(scalar, 1.5)
 
 
+@pytest.mark.slow
 def test_multi_worker_evaluate_and_predict_count_every_example_once(tmp_path):
     """Two workers evaluate and predict sets whose batches split unevenly
     (or leave a worker empty); every worker gets the single-process

@@ -485,6 +485,7 @@ def test_rounds_restart_the_learning_rate_at_each_round():
     assert float(schedule(30)) == pytest.approx(0.05, rel=1e-3)  # half-way through one cycle
 
 
+@pytest.mark.slow
 def test_controls_that_isolate_selection(world, tmp_path):
     # Random neighbour lists, grown and sampled as sjft's; and sjft with
     # uniform target draws at single-task steps per epoch.

@@ -146,7 +146,14 @@ _KERNEL_LOCK = threading.Lock()
 
 def default_threads():
     """Threads `PairRescorer` uses by default: TensorFlow's intra-op setting
-    when one was made, else the CPUs this process may run on (at most 8)."""
+    when one was made, else the CPUs this process may run on (at most 8).
+
+    Example:
+
+    >>> from keras_seltransfer.retrieval.rescore import default_threads
+    >>> 1 <= default_threads()
+    True
+    """
     configured = tf.config.threading.get_intra_op_parallelism_threads()
     if configured:
         return configured

@@ -73,6 +73,7 @@ def test_pretrain_finetune_evaluate_export_end_to_end(tmp_path):
     assert again.returncode == 2 and "Refusing to overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_finetune_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path):
     """SIGKILL in the middle of an epoch, rerun the same command: the run resumes
     from its last checkpoint and, with op determinism, ends with exactly the

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from scipy import stats as scipy_stats
 
 from tests import helpers
@@ -30,6 +31,7 @@ def _drive(cases, work):
     return {r["id"]: r for r in json.loads((work / "out.json").read_text())}
 
 
+@pytest.mark.slow
 def test_compare_runs_tabulates_resumes_and_rejects_bad_flags(tmp_path):
     target = helpers.write_npz(tmp_path / "target.npz", num_per_class=20)
     backbone = helpers.saved_backbone(tmp_path / "backbone.keras")

@@ -140,6 +140,7 @@ def test_descriptors_of_another_target_subset_are_refused(specs, tmp_path):
         build_neighbours(_config(specs, tmp_path / "run", bank="gabor", target_fraction=0.5))
 
 
+@pytest.mark.slow
 def test_build_index_app(specs, tmp_path):
     source, target, _ = specs
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
@@ -174,6 +175,7 @@ def _shard_files(out, shard, names=("arrays.npz", "index.json", "topk.npz")):
     return {name: os.stat(directory / name).st_mtime_ns for name in names}
 
 
+@pytest.mark.slow
 def test_shards_built_by_concurrent_processes_merge_to_the_single_process_index(specs, tmp_path):
     """`--shard_index=0` and `=1` run at the same time as two processes into
     one directory; a merge given only the directory and shard count (as
