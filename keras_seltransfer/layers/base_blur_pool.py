@@ -358,15 +358,22 @@ def _ring_blur(x, kernel, filt_size, stride, pad_type):
     col_products = (constant(col_ring), constant(down))
     col_adjoints = (constant(col_ring.T), constant(down.T))
 
-    def apply(products, slab, perm):
-        # `first` along the slab's first axis, `second` along its second.
+    # Slab layouts: row slabs [batch, rows, width, C] are multiplied as
+    # [rows, width, batch, C], column slabs [batch, height, cols, C] as
+    # [cols, height, batch, C]; each layout with its way back.
+    by_rows = ([1, 2, 0, 3], [2, 0, 1, 3])
+    by_cols = ([2, 1, 0, 3], [2, 1, 0, 3])
+
+    def apply(products, slab, layout):
+        # `first` along the laid-out slab's first axis, `second` along its second.
         first, second = products
-        slab = tf.transpose(slab, perm)
+        to_layout, back = layout
+        slab = tf.transpose(slab, to_layout)
         rest = tf.shape(slab)[2] * channels
         out = tf.matmul(first, tf.reshape(slab, [first.shape[1], -1]))
         out = tf.matmul(second, tf.reshape(out, [first.shape[0], second.shape[1], rest]))
         out = tf.reshape(out, [first.shape[0], second.shape[0], -1, channels])
-        return tf.transpose(out, [2, 0, 1, 3] if perm == [1, 2, 0, 3] else perm)
+        return tf.transpose(out, back)
 
     row_out, row_src = constant(row_out, tf.int32), constant(row_src, tf.int32)
     col_out, col_src = constant(col_out, tf.int32), constant(col_src, tf.int32)
@@ -401,11 +408,11 @@ def _ring_blur(x, kernel, filt_size, stride, pad_type):
         y = tf.nn.depthwise_conv2d(x, kernel, strides, "SAME")
         if has_rows:
             # Padded rows: the weighted copied rows, blurred along the width.
-            ring = apply(row_products, tf.gather(x, row_src, axis=1), [1, 2, 0, 3])
+            ring = apply(row_products, tf.gather(x, row_src, axis=1), by_rows)
             y = add_rows(y, ring, row_out, out_h)
         if has_cols:
             # Padded columns: the copied columns blurred down, then weighted.
-            ring = apply(col_products, tf.gather(x, col_src, axis=2), [2, 1, 0, 3])
+            ring = apply(col_products, tf.gather(x, col_src, axis=2), by_cols)
             y = add_cols(y, ring, col_out, out_w)
 
         def grad(upstream):
@@ -415,11 +422,11 @@ def _ring_blur(x, kernel, filt_size, stride, pad_type):
             )
             if has_rows:
                 part = tf.gather(upstream, row_out, axis=1)
-                part = apply(row_adjoints, part, [1, 2, 0, 3])
+                part = apply(row_adjoints, part, by_rows)
                 gradient = add_rows(gradient, part, row_src, height)
             if has_cols:
                 part = tf.gather(upstream, col_out, axis=2)
-                part = apply(col_adjoints, part, [2, 1, 0, 3])
+                part = apply(col_adjoints, part, by_cols)
                 gradient = add_cols(gradient, part, col_src, width)
             return gradient
 
