@@ -8,8 +8,9 @@ and ktft both ways on --target at --fraction for every seed (the settings of
 docs/results/results.json: Adam with cosine decay, batch 32, 20 epochs
 keeping the best validation epoch, each method's learning rate chosen there
 on validation), and reports for each on the fixed test split accuracy,
-balanced accuracy and Zhang's shift consistency (two random shifts of up to
---max_shift pixels, --num_pairs pairs per image), with the paired
+balanced accuracy and Zhang's shift consistency (two random shifts of up
+to --max_shift pixels, --num_pairs pairs per image), beside the kept
+epoch's validation cross-entropy and accuracy, with the paired
 differences (stem kept minus stem blurred) over seeds and their 95% Student-t
 intervals. A difference is real only when its interval excludes zero.
 
@@ -38,7 +39,7 @@ from keras_seltransfer.utils.io import atomic_write_text  # noqa: E402
 
 # Learning rates chosen on validation for docs/results/results.json.
 LEARNING_RATES = {"antialias_ft": 3e-4, "ktft": 1e-3}
-METRICS = ("accuracy", "balanced_accuracy", "consistency")
+METRICS = ("val_crossentropy", "val_accuracy", "accuracy", "balanced_accuracy", "consistency")
 
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds.")
 flags.DEFINE_list("methods", list(LEARNING_RATES), "Methods compared.")
@@ -90,7 +91,12 @@ def _run(method, seed, keep_stem):
     consistency = evaluation.shift_consistency(
         model, images, max_shift=FLAGS.max_shift, num_pairs=FLAGS.num_pairs, seed=seed
     )
+    # The validation figures of the kept (lowest validation cross-entropy) epoch.
+    history = report["history"]
+    best = int(np.argmin(history["val_crossentropy"]))
     return {
+        "val_crossentropy": float(report["best_val_crossentropy"]),
+        "val_accuracy": float(history["val_accuracy"][best]),
         "accuracy": report["accuracy"],
         "balanced_accuracy": report["balanced_accuracy"],
         "consistency": float(consistency),
@@ -105,7 +111,10 @@ def _summary(runs):
     for method in FLAGS.methods:
         seeds = sorted(
             s for s in runs.get(method, {})
-            if {"stem_kept", "stem_blurred"} <= set(runs[method][s])
+            if all(
+                set(METRICS) <= set(runs[method][s].get(label, {}))
+                for label in ("stem_kept", "stem_blurred")
+            )
         )
         if not seeds:
             continue
@@ -157,7 +166,7 @@ def main(argv):
         for method in FLAGS.methods:
             for keep_stem in (False, True):
                 label = "stem_kept" if keep_stem else "stem_blurred"
-                if label in runs.get(method, {}).get(str(seed), {}):
+                if set(METRICS) <= set(runs.get(method, {}).get(str(seed), {}).get(label, {})):
                     continue
                 print(f"{method}, seed {seed}, {label} ...", flush=True)
                 figures = _run(method, seed, keep_stem)
