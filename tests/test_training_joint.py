@@ -369,6 +369,7 @@ def test_joint_config_errors(overrides, message):
         training.FinetuneConfig(method="sjft", **overrides)
 
 
+@pytest.mark.slow
 def test_sjft_builds_a_conv_index_from_a_named_backbone(world, tmp_path, monkeypatch):
     # No saved backbone: the conv bank taps the network the run fine-tunes,
     # built from its name; the default index directory names that network.

@@ -37,6 +37,7 @@ def _layer_types(path):
     return {type(layer) for layer in model.layers}
 
 
+@pytest.mark.slow
 def test_sjft_on_an_adafilter_backbone(tmp_path):
     out = training.finetune(_config(tmp_path, method="sjft_nogrowth", compose="adafilter"))
     history = out["report"]["history"]
