@@ -346,34 +346,20 @@ def _ring_blur(x, kernel, filt_size, stride, pad_type):
     def constant(value, dtype=dtype):
         return tf.constant(value, dtype=dtype)
 
-    # Each ring part is two small matrix products over a thin slab laid out
-    # [first axis, second axis, batch, channels]: the padded rows weight the
-    # copied rows, then blur them across (padded as the map is); the padded
-    # columns weight the copied columns, then blur them down with zero
-    # padding (the corners belong to the rows).
+    # Each ring part is two small matrix products over a thin slab, each a
+    # (broadcast) batched product whose contracted axis is the slab's middle
+    # one, so no slab is ever transposed: the padded rows weight the copied
+    # rows and blur them across (padded as the map is); the padded columns
+    # weight the copied columns and blur them down with zero padding (the
+    # corners belong to the rows).
     across = _blur_matrix(width, filt_size, stride, pad_type)
     down = _blur_matrix(height, filt_size, stride, "zero")
-    row_products = (constant(row_ring), constant(across))
-    row_adjoints = (constant(row_ring.T), constant(across.T))
-    col_products = (constant(col_ring), constant(down))
-    col_adjoints = (constant(col_ring.T), constant(down.T))
-
-    # Slab layouts: row slabs [batch, rows, width, C] are multiplied as
-    # [rows, width, batch, C], column slabs [batch, height, cols, C] as
-    # [cols, height, batch, C]; each layout with its way back.
-    by_rows = ([1, 2, 0, 3], [2, 0, 1, 3])
-    by_cols = ([2, 1, 0, 3], [2, 1, 0, 3])
-
-    def apply(products, slab, layout):
-        # `first` along the laid-out slab's first axis, `second` along its second.
-        first, second = products
-        to_layout, back = layout
-        slab = tf.transpose(slab, to_layout)
-        rest = tf.shape(slab)[2] * channels
-        out = tf.matmul(first, tf.reshape(slab, [first.shape[1], -1]))
-        out = tf.matmul(second, tf.reshape(out, [first.shape[0], second.shape[1], rest]))
-        out = tf.reshape(out, [first.shape[0], second.shape[0], -1, channels])
-        return tf.transpose(out, back)
+    row_ring_t, col_ring_t = constant(row_ring.T), constant(col_ring.T)
+    row_ring, col_ring = constant(row_ring), constant(col_ring)
+    across_t, down_t = constant(across.T), constant(down.T)
+    across, down = constant(across), constant(down)
+    num_row_out, num_row_src = row_ring.shape
+    num_col_out, num_col_src = col_ring.shape
 
     row_out, row_src = constant(row_out, tf.int32), constant(row_src, tf.int32)
     col_out, col_src = constant(col_out, tf.int32), constant(col_src, tf.int32)
@@ -407,13 +393,17 @@ def _ring_blur(x, kernel, filt_size, stride, pad_type):
         batch = tf.shape(x)[0]
         y = tf.nn.depthwise_conv2d(x, kernel, strides, "SAME")
         if has_rows:
-            # Padded rows: the weighted copied rows, blurred along the width.
-            ring = apply(row_products, tf.gather(x, row_src, axis=1), by_rows)
-            y = add_rows(y, ring, row_out, out_h)
+            # Padded rows: the copied rows [b, r, w, C], blurred across,
+            # then weighted.
+            ring = tf.reshape(tf.gather(x, row_src, axis=1), [-1, width, channels])
+            ring = tf.reshape(tf.matmul(across, ring), [batch, num_row_src, -1])
+            y = add_rows(y, tf.matmul(row_ring, ring), row_out, out_h)
         if has_cols:
-            # Padded columns: the copied columns blurred down, then weighted.
-            ring = apply(col_products, tf.gather(x, col_src, axis=2), by_cols)
-            y = add_cols(y, ring, col_out, out_w)
+            # Padded columns: the copied columns [b, h, c, C], blurred down,
+            # then weighted.
+            ring = tf.reshape(tf.gather(x, col_src, axis=2), [batch, height, -1])
+            ring = tf.reshape(tf.matmul(down, ring), [-1, num_col_src, channels])
+            y = add_cols(y, tf.matmul(col_ring, ring), col_out, out_w)
 
         def grad(upstream):
             upstream = tf.convert_to_tensor(upstream)
@@ -421,13 +411,13 @@ def _ring_blur(x, kernel, filt_size, stride, pad_type):
                 tf.shape(x), kernel, upstream, strides, "SAME"
             )
             if has_rows:
-                part = tf.gather(upstream, row_out, axis=1)
-                part = apply(row_adjoints, part, by_rows)
-                gradient = add_rows(gradient, part, row_src, height)
+                part = tf.reshape(tf.gather(upstream, row_out, axis=1), [batch, num_row_out, -1])
+                part = tf.reshape(tf.matmul(row_ring_t, part), [-1, out_w, channels])
+                gradient = add_rows(gradient, tf.matmul(across_t, part), row_src, height)
             if has_cols:
-                part = tf.gather(upstream, col_out, axis=2)
-                part = apply(col_adjoints, part, by_cols)
-                gradient = add_cols(gradient, part, col_src, width)
+                part = tf.reshape(tf.gather(upstream, col_out, axis=2), [-1, num_col_out, channels])
+                part = tf.reshape(tf.matmul(col_ring_t, part), [batch, out_h, -1])
+                gradient = add_cols(gradient, tf.matmul(down_t, part), col_src, width)
             return gradient
 
         return y, grad
