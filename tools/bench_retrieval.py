@@ -148,7 +148,8 @@ def _scale_point(similarity, weights, rng, channels, bins, size, targets):
     sources (generated in float32 chunks), and the plain float32 `tf.matmul`
     of the same shapes: `[targets, 2 * C * B]` against every block's
     `[rows, 2 * C * B]` (one random operand per block shape, reused). Each is
-    timed once after nothing is left to compile but the search's last block."""
+    timed once; the search's time includes compiling its kernels for this
+    many targets (seconds, against minutes of search at scale)."""
     import collections
 
     import tensorflow as tf
@@ -158,7 +159,7 @@ def _scale_point(similarity, weights, rng, channels, bins, size, targets):
     for start in range(0, size, chunk):
         source[start:start + chunk] = _histograms(rng, min(chunk, size - start), channels, bins)
     target = _histograms(rng, targets, channels, bins)
-    # Compiles the search's kernels for these shapes on a small slice first.
+    # Compiles what does not depend on the target count on a small slice first.
     similarity.nearest_sources(
         target[:64], source[:2 * FLAGS.block_size], FLAGS.k, channel_weights=weights,
         block_size=FLAGS.block_size, **_mode_kwargs("fast"),
@@ -187,7 +188,7 @@ def _scale_point(similarity, weights, rng, channels, bins, size, targets):
         "seconds": seconds,
         "float32_matmul_seconds": matmul_seconds,
         "float32_matmul_fraction": matmul_seconds / seconds,
-        # Pairs scale with the sources only when `targets` is 10k.
+        # Scaled by pairs, in both sizes (none when they are 1.28M and 10k).
         "scaled_seconds_1.28M_x_10k": seconds * (FULL_SOURCES / size) * (FULL_TARGETS / targets),
     }
 
